@@ -1,0 +1,67 @@
+// Command outbox-relay publishes the rows inserted into a Postgres outbox table to NATS
+// JetStream, reading them from logical replication (pgoutput) and confirming the WAL position
+// to Postgres only after JetStream stored every event up to it.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/rs/zerolog"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() { os.Exit(realMain()) }
+
+func realMain() int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	zerolog.ErrorFieldName = "err"
+	err := dispatch(ctx, os.Args[1:], os.Stdout, os.Stderr, os.LookupEnv)
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.As(err, new(usageError)):
+		fmt.Fprintln(os.Stderr, "outbox-relay:", err)
+		return 2
+	default:
+		fmt.Fprintln(os.Stderr, "outbox-relay:", err)
+		return 1
+	}
+}
+
+type usageError struct{ error }
+
+const commands = `commands:
+  run       relay outbox inserts to JetStream
+  migrate   create the outbox table and its publication (idempotent)
+  version   print the version`
+
+func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) (string, bool)) error {
+	if len(args) == 0 {
+		return usageError{fmt.Errorf("no command\n%s", commands)}
+	}
+	switch args[0] {
+	case "run":
+		return cmdRun(ctx, args[1:], stderr, env)
+	case "migrate":
+		return cmdMigrate(ctx, args[1:], stdout, stderr, env)
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, "outbox-relay", version)
+		return nil
+	case "help", "-h", "--help":
+		fmt.Fprintln(stdout, commands)
+		return nil
+	}
+	return usageError{fmt.Errorf("unknown command %q\n%s", args[0], commands)}
+}

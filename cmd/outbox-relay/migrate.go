@@ -1,0 +1,68 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) (string, bool)) error {
+	fs := newFlagSet("migrate", "Create the outbox table and a publication of its inserts. Safe to run again.", stderr)
+	var (
+		lf                        logFlags
+		pgURL, table, publication string
+	)
+	fs.StringVar(&pgURL, "pg-url", "", "Postgres connection URL or DSN (required)")
+	fs.StringVar(&table, "table", "public.outbox", "outbox table, schema.table")
+	fs.StringVar(&publication, "publication", "outbox_pub", "publication to create")
+	lf.register(fs)
+	if err := parseFlags(fs, args, env); err != nil {
+		return usageError{err}
+	}
+	log, err := lf.logger(stderr)
+	if err != nil {
+		return usageError{err}
+	}
+	if pgURL == "" {
+		return usageError{fmt.Errorf("--pg-url is required (or %s)", envName("pg-url"))}
+	}
+	schema, tbl, err := splitTable(table)
+	if err != nil {
+		return usageError{err}
+	}
+	conn, err := connectPG(ctx, pgURL)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	res, err := migrations.Apply(ctx, conn, migrations.Options{Schema: schema, Table: tbl, Publication: publication})
+	if err != nil {
+		return err
+	}
+	log.Info().Str("table", schema+"."+tbl).Bool("created_table", res.CreatedTable).
+		Str("publication", publication).Bool("created_publication", res.CreatedPublication).
+		Bool("added_to_publication", res.AddedToPublication).Msg("migrated")
+	fmt.Fprintf(stdout, "table %s.%s and publication %s are in place\n", schema, tbl, publication)
+	return nil
+}
+
+// connectPG opens a normal (non-replication) connection for queries.
+func connectPG(ctx context.Context, url string) (*pgx.Conn, error) {
+	cfg, err := pgx.ParseConfig(url)
+	if err != nil {
+		return nil, usageError{fmt.Errorf("parse --pg-url %s: %w", sink.RedactURL(url), err)}
+	}
+	if cfg.RuntimeParams["application_name"] == "" {
+		cfg.RuntimeParams["application_name"] = "outbox-relay"
+	}
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect to Postgres at %s:%d: %w", cfg.Host, cfg.Port, err)
+	}
+	return conn, nil
+}

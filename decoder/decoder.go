@@ -1,0 +1,445 @@
+// Package decoder turns pgoutput logical replication messages (protocol version 1) into outbox
+// events.
+//
+// A Decoder is fed the payload of every XLogData message in order. It keeps the relation cache
+// (Relation messages carry the column layout of a table, found again by name each time so that
+// added or reordered columns keep working) and the position of the current transaction. Only
+// INSERTs into the configured outbox table become events; UPDATE, DELETE and TRUNCATE are
+// ignored, and so are rows of other tables.
+//
+// Protocol reference: https://www.postgresql.org/docs/15/protocol-logicalrep-message-formats.html
+package decoder
+
+import (
+	"bytes"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+)
+
+// Columns names the outbox table's columns that carry the event. ID, AggregateType,
+// AggregateID, EventType and Payload are required; Headers and CreatedAt are optional (empty
+// name: not used).
+type Columns struct {
+	ID            string
+	AggregateType string
+	AggregateID   string
+	EventType     string
+	Payload       string
+	Headers       string
+	CreatedAt     string
+}
+
+// DefaultColumns is the layout of the table created by migrations.
+var DefaultColumns = Columns{
+	ID:            "id",
+	AggregateType: "aggregate_type",
+	AggregateID:   "aggregate_id",
+	EventType:     "event_type",
+	Payload:       "payload",
+	Headers:       "headers",
+	CreatedAt:     "created_at",
+}
+
+// Config selects the outbox table and how its rows become events.
+type Config struct {
+	// Schema and Table name the outbox table (default public.outbox).
+	Schema, Table string
+	// Columns maps the table's columns; zero value means DefaultColumns.
+	Columns Columns
+	// SubjectPrefix is the first subject token (default "outbox").
+	SubjectPrefix string
+}
+
+// Event is one outbox row. Every byte slice aliases either the message passed to Decode or the
+// Decoder's scratch space: it is valid only until the next call to Decode. Whoever keeps an
+// event past that copies it.
+type Event struct {
+	ID            []byte
+	AggregateType []byte
+	AggregateID   []byte
+	EventType     []byte
+	Subject       []byte // <prefix>.<aggregate_type>.<event_type>, tokens sanitized
+	Payload       []byte // the payload column exactly as Postgres sent it
+	CreatedAt     []byte // RFC 3339, empty when the table has no created_at column or it is NULL
+	Headers       []Header
+	// CommitLSN is the start of the transaction's commit record (BeginMessage.FinalLSN); it is
+	// the same for every event of a transaction and orders transactions.
+	CommitLSN pglogrepl.LSN
+	// TxIndex is the 0-based position of the event among the transaction's events.
+	TxIndex int
+}
+
+// Header is one string entry of the headers JSON column.
+type Header struct {
+	Key, Value string
+}
+
+// Kind says what a decoded message means to the relay.
+type Kind uint8
+
+const (
+	// Skip: nothing for the relay (relation, type, origin, ignored rows).
+	Skip Kind = iota
+	// Begin: a transaction opened.
+	Begin
+	// Insert: Change.Event holds an outbox event.
+	Insert
+	// Commit: the transaction ended at Change.CommitEnd.
+	Commit
+)
+
+// Change is the meaning of one pgoutput message.
+type Change struct {
+	Kind  Kind
+	Event *Event // Insert only; points into the Decoder, valid until the next Decode
+	// CommitEnd is CommitMessage.TransactionEndLSN (Commit only): the position to confirm once
+	// every event of the transaction, and of all earlier ones, is stored by the broker.
+	CommitEnd pglogrepl.LSN
+}
+
+// ErrPoison marks a row that cannot be turned into an event (NULL id, invalid headers...).
+// The relay fails closed on it: nothing after it is confirmed.
+var ErrPoison = errors.New("outbox row cannot become an event")
+
+// Decoder holds the relation cache and the current transaction. It is not safe for concurrent
+// use: one replication loop owns it.
+type Decoder struct {
+	cfg       Config
+	relations map[uint32]*relation
+
+	inTx      bool
+	commitLSN pglogrepl.LSN
+	txIndex   int
+
+	ev       Event
+	cols     []column
+	subject  []byte
+	created  []byte
+	payload  []byte
+	Ignored  int // rows of the outbox table that were not inserts (UPDATE/DELETE/TRUNCATE)
+	Messages int // logical decoding messages seen (ignored in table mode)
+}
+
+type relation struct {
+	id        uint32
+	namespace string
+	name      string
+	outbox    bool
+	// indexes into the tuple; -1 when the optional column is absent
+	idCol, aggType, aggID, evType, payload, headers, createdAt int
+	payloadType                                              uint32
+	ncols                                                    int
+}
+
+// New returns a Decoder for cfg, filling defaults.
+func New(cfg Config) *Decoder {
+	if cfg.Schema == "" {
+		cfg.Schema = "public"
+	}
+	if cfg.Table == "" {
+		cfg.Table = "outbox"
+	}
+	if cfg.Columns == (Columns{}) {
+		cfg.Columns = DefaultColumns
+	}
+	if cfg.SubjectPrefix == "" {
+		cfg.SubjectPrefix = "outbox"
+	}
+	return &Decoder{cfg: cfg, relations: make(map[uint32]*relation)}
+}
+
+// InTransaction reports whether a Begin was decoded without its Commit yet.
+func (d *Decoder) InTransaction() bool { return d.inTx }
+
+// Reset forgets the current transaction (after a reconnect the server resends it whole). The
+// relation cache is dropped too: the server sends Relation messages again on a new session.
+func (d *Decoder) Reset() {
+	d.inTx = false
+	d.txIndex = 0
+	clear(d.relations)
+}
+
+// Decode interprets one pgoutput message (the WALData of an XLogData).
+func (d *Decoder) Decode(data []byte) (Change, error) {
+	if len(data) == 0 {
+		return Change{}, errors.New("empty pgoutput message")
+	}
+	r := reader{buf: data, off: 1}
+	switch data[0] {
+	case tagBegin:
+		final := pglogrepl.LSN(r.u64())
+		r.u64() // commit time
+		r.u32() // xid
+		if r.err != nil {
+			return Change{}, fmt.Errorf("decode Begin: %w", r.err)
+		}
+		if d.inTx {
+			return Change{}, fmt.Errorf("Begin of transaction %s inside open transaction %s", final, d.commitLSN)
+		}
+		d.inTx, d.commitLSN, d.txIndex = true, final, 0
+		return Change{Kind: Begin}, nil
+	case tagCommit:
+		r.u8() // flags
+		commit := pglogrepl.LSN(r.u64())
+		end := pglogrepl.LSN(r.u64())
+		r.u64() // commit time
+		if r.err != nil {
+			return Change{}, fmt.Errorf("decode Commit: %w", r.err)
+		}
+		if !d.inTx {
+			return Change{}, fmt.Errorf("Commit %s without Begin", commit)
+		}
+		if commit != d.commitLSN {
+			return Change{}, fmt.Errorf("out of order commit %s, expected %s", commit, d.commitLSN)
+		}
+		d.inTx = false
+		return Change{Kind: Commit, CommitEnd: end}, nil
+	case tagRelation:
+		return Change{}, d.decodeRelation(&r)
+	case tagInsert:
+		return d.decodeInsert(&r)
+	case tagUpdate, tagDelete, tagTruncate:
+		d.Ignored++
+		return Change{}, nil
+	case tagMessage:
+		d.Messages++
+		return Change{}, nil
+	case tagType, tagOrigin:
+		return Change{}, nil
+	default:
+		// Stream Start/Stop/Commit/Abort and two-phase messages only appear when the relay
+		// asks for them (it does not): treat them as a protocol error rather than guess.
+		return Change{}, fmt.Errorf("unexpected pgoutput message %q", data[0])
+	}
+}
+
+func (d *Decoder) decodeRelation(r *reader) error {
+	rel := &relation{id: r.u32()}
+	rel.namespace = string(r.cstring())
+	rel.name = string(r.cstring())
+	r.u8() // replica identity
+	n := int(r.u16())
+	if r.err != nil {
+		return fmt.Errorf("decode Relation: %w", r.err)
+	}
+	rel.ncols = n
+	rel.outbox = rel.namespace == d.cfg.Schema && rel.name == d.cfg.Table
+	rel.idCol, rel.aggType, rel.aggID, rel.evType, rel.payload, rel.headers, rel.createdAt = -1, -1, -1, -1, -1, -1, -1
+	c := d.cfg.Columns
+	for i := 0; i < n; i++ {
+		r.u8() // flags
+		name := r.cstring()
+		typ := r.u32()
+		r.u32() // type modifier
+		if r.err != nil {
+			return fmt.Errorf("decode Relation %s.%s column %d: %w", rel.namespace, rel.name, i, r.err)
+		}
+		if !rel.outbox {
+			continue
+		}
+		switch string(name) {
+		case c.ID:
+			rel.idCol = i
+		case c.AggregateType:
+			rel.aggType = i
+		case c.AggregateID:
+			rel.aggID = i
+		case c.EventType:
+			rel.evType = i
+		case c.Payload:
+			rel.payload, rel.payloadType = i, typ
+		}
+		// Optional columns may share a name with nothing above; check separately so an empty
+		// optional name never matches.
+		if c.Headers != "" && string(name) == c.Headers {
+			rel.headers = i
+		}
+		if c.CreatedAt != "" && string(name) == c.CreatedAt {
+			rel.createdAt = i
+		}
+	}
+	if rel.outbox {
+		for _, req := range []struct {
+			idx  int
+			name string
+		}{{rel.idCol, c.ID}, {rel.aggType, c.AggregateType}, {rel.aggID, c.AggregateID}, {rel.evType, c.EventType}, {rel.payload, c.Payload}} {
+			if req.idx < 0 {
+				return fmt.Errorf("outbox table %s.%s has no column %q (map it with the --column-* flags or add it)", rel.namespace, rel.name, req.name)
+			}
+		}
+		switch rel.payloadType {
+		case oidText, oidVarchar, oidJSON, oidJSONB, oidBytea:
+		default:
+			return fmt.Errorf("outbox column %s.%s.%s has type oid %d; use text, json, jsonb or bytea", rel.namespace, rel.name, c.Payload, rel.payloadType)
+		}
+	}
+	d.relations[rel.id] = rel
+	return nil
+}
+
+// Type OIDs the payload column may have.
+const (
+	oidBytea   = 17
+	oidText    = 25
+	oidJSON    = 114
+	oidVarchar = 1043
+	oidJSONB   = 3802
+)
+
+func (d *Decoder) decodeInsert(r *reader) (Change, error) {
+	relID := r.u32()
+	if r.u8() != 'N' && r.err == nil {
+		return Change{}, errors.New("decode Insert: missing new tuple marker")
+	}
+	if r.err != nil {
+		return Change{}, fmt.Errorf("decode Insert: %w", r.err)
+	}
+	rel, ok := d.relations[relID]
+	if !ok {
+		return Change{}, fmt.Errorf("Insert for relation %d before its Relation message", relID)
+	}
+	if !d.inTx {
+		return Change{}, fmt.Errorf("Insert into %s.%s outside a transaction", rel.namespace, rel.name)
+	}
+	if !rel.outbox {
+		return Change{}, nil
+	}
+	n := int(r.u16())
+	if r.err == nil && n != rel.ncols {
+		return Change{}, fmt.Errorf("Insert into %s.%s has %d columns, Relation said %d", rel.namespace, rel.name, n, rel.ncols)
+	}
+	d.cols = d.cols[:0]
+	for i := 0; i < n && r.err == nil; i++ {
+		col := column{kind: r.u8()}
+		switch col.kind {
+		case 'n', 'u':
+		case 't', 'b':
+			col.data = r.bytes(int(int32(r.u32())))
+		default:
+			if r.err == nil {
+				return Change{}, fmt.Errorf("decode Insert: unknown tuple kind %q", col.kind)
+			}
+		}
+		d.cols = append(d.cols, col)
+	}
+	if r.err != nil {
+		return Change{}, fmt.Errorf("decode Insert into %s.%s: %w", rel.namespace, rel.name, r.err)
+	}
+	idx := d.txIndex
+	d.txIndex++
+	ev := &d.ev
+	*ev = Event{CommitLSN: d.commitLSN, TxIndex: idx, Headers: ev.Headers[:0]}
+	poison := func(format string, args ...any) (Change, error) {
+		return Change{}, fmt.Errorf("%w: row %d of transaction committed at %s (id %q): %s",
+			ErrPoison, idx, d.commitLSN, ev.ID, fmt.Sprintf(format, args...))
+	}
+	c := d.cfg.Columns
+	get := func(i int) column { return d.cols[i] }
+	for _, f := range []struct {
+		dst  *[]byte
+		idx  int
+		name string
+	}{{&ev.ID, rel.idCol, c.ID}, {&ev.AggregateType, rel.aggType, c.AggregateType}, {&ev.AggregateID, rel.aggID, c.AggregateID}, {&ev.EventType, rel.evType, c.EventType}} {
+		col := get(f.idx)
+		if col.kind == 'u' {
+			return poison("column %s is an unchanged TOAST value in an INSERT", f.name)
+		}
+		*f.dst = col.data
+		if col.kind == 'n' || len(col.data) == 0 {
+			return poison("column %s is NULL or empty", f.name)
+		}
+	}
+	pc := get(rel.payload)
+	switch {
+	case pc.kind == 'n':
+		return poison("column %s is NULL", c.Payload)
+	case pc.kind == 'u':
+		return poison("column %s is an unchanged TOAST value in an INSERT", c.Payload)
+	case rel.payloadType == oidBytea:
+		p, err := decodeByteaHex(d.payload[:0], pc.data)
+		if err != nil {
+			return poison("column %s: %v", c.Payload, err)
+		}
+		d.payload, ev.Payload = p, p
+	default:
+		ev.Payload = pc.data
+	}
+	if rel.headers >= 0 {
+		if hc := get(rel.headers); hc.kind == 't' && len(hc.data) > 0 {
+			h, err := parseHeaders(ev.Headers, hc.data)
+			if err != nil {
+				return poison("column %s is not a JSON object: %v", c.Headers, err)
+			}
+			ev.Headers = h
+		}
+	}
+	if rel.createdAt >= 0 {
+		if cc := get(rel.createdAt); cc.kind == 't' {
+			t, err := toRFC3339(d.created[:0], cc.data)
+			if err != nil {
+				return poison("column %s: %v", c.CreatedAt, err)
+			}
+			d.created, ev.CreatedAt = t, t
+		}
+	}
+	d.subject = AppendSubject(d.subject[:0], d.cfg.SubjectPrefix, ev.AggregateType, ev.EventType)
+	ev.Subject = d.subject
+	return Change{Kind: Insert, Event: ev}, nil
+}
+
+// decodeByteaHex decodes Postgres' hex bytea output (\x...) into dst.
+func decodeByteaHex(dst, src []byte) ([]byte, error) {
+	if !bytes.HasPrefix(src, []byte(`\x`)) {
+		return nil, errors.New("bytea value is not in hex format (set bytea_output = 'hex')")
+	}
+	src = src[2:]
+	n := hex.DecodedLen(len(src))
+	if cap(dst) < n {
+		dst = make([]byte, n)
+	}
+	dst = dst[:n]
+	if _, err := hex.Decode(dst, src); err != nil {
+		return nil, err
+	}
+	return dst, nil
+}
+
+// parseHeaders appends every top-level string entry of a JSON object. Other value types are
+// skipped (headers are strings); anything but an object is an error.
+func parseHeaders(dst []Header, raw []byte) ([]Header, error) {
+	if bytes.Equal(bytes.TrimSpace(raw), []byte("null")) {
+		return dst, nil
+	}
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return dst, err
+	}
+	for k, v := range m {
+		if len(v) == 0 || v[0] != '"' {
+			continue
+		}
+		var s string
+		if err := json.Unmarshal(v, &s); err != nil {
+			return dst, err
+		}
+		dst = append(dst, Header{Key: k, Value: s})
+	}
+	return dst, nil
+}
+
+// toRFC3339 converts Postgres' ISO timestamp output ("2026-11-26 13:50:57.123456+00", or
+// without offset for timestamp without time zone, read as UTC) to RFC 3339.
+func toRFC3339(dst, src []byte) ([]byte, error) {
+	s := string(src)
+	for _, layout := range []string{"2006-01-02 15:04:05.999999999Z07:00:00", "2006-01-02 15:04:05.999999999Z07:00", "2006-01-02 15:04:05.999999999Z07", "2006-01-02 15:04:05.999999999"} {
+		if t, err := time.Parse(layout, s); err == nil {
+			return t.UTC().AppendFormat(dst, time.RFC3339Nano), nil
+		}
+	}
+	return dst, fmt.Errorf("unrecognised timestamp %q (the replication connection uses DateStyle ISO)", s)
+}

@@ -1,0 +1,10 @@
+-- The outbox table. {{table}} and {{publication}} are replaced by quoted identifiers.
+CREATE TABLE IF NOT EXISTS {{table}} (
+    id             uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    aggregate_type text        NOT NULL,
+    aggregate_id   text        NOT NULL,
+    event_type     text        NOT NULL,
+    payload        jsonb       NOT NULL,
+    headers        jsonb,
+    created_at     timestamptz NOT NULL DEFAULT now()
+);

@@ -1,0 +1,112 @@
+// Package migrations creates the outbox table and its publication. The SQL files are embedded
+// into the binary and applied by `outbox-relay migrate`; every statement is idempotent, so
+// running migrate again changes nothing.
+package migrations
+
+import (
+	"context"
+	"embed"
+	"fmt"
+	"io/fs"
+	"sort"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+)
+
+//go:embed *.sql
+var files embed.FS
+
+// Options name the objects to create.
+type Options struct {
+	Schema, Table string // default public.outbox
+	Publication   string // default outbox_pub
+}
+
+func (o *Options) fill() {
+	if o.Schema == "" {
+		o.Schema = "public"
+	}
+	if o.Table == "" {
+		o.Table = "outbox"
+	}
+	if o.Publication == "" {
+		o.Publication = "outbox_pub"
+	}
+}
+
+// Result says what Apply changed.
+type Result struct {
+	CreatedTable       bool
+	CreatedPublication bool
+	AddedToPublication bool
+}
+
+// Apply creates the table (if missing) and a publication of its INSERTs (if missing, or adds
+// the table to an existing publication). It runs in one transaction under an advisory lock, so
+// concurrent runs do not race.
+func Apply(ctx context.Context, conn *pgx.Conn, o Options) (Result, error) {
+	o.fill()
+	var res Result
+	table := pgx.Identifier{o.Schema, o.Table}.Sanitize()
+	pub := pgx.Identifier{o.Publication}.Sanitize()
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return res, fmt.Errorf("begin migration: %w", err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // no-op after commit
+	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('outbox-relay migrate'))`); err != nil {
+		return res, fmt.Errorf("take migration lock: %w", err)
+	}
+	var exists bool
+	if err := tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, table).Scan(&exists); err != nil {
+		return res, fmt.Errorf("look up table %s: %w", table, err)
+	}
+	names, err := fs.Glob(files, "*.sql")
+	if err != nil {
+		return res, err
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		b, err := files.ReadFile(name)
+		if err != nil {
+			return res, err
+		}
+		sql := strings.NewReplacer("{{table}}", table, "{{publication}}", pub).Replace(string(b))
+		if _, err := tx.Exec(ctx, sql); err != nil {
+			return res, fmt.Errorf("apply migration %s: %w", name, err)
+		}
+	}
+	res.CreatedTable = !exists
+
+	var pubExists, pubHasTable bool
+	err = tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
+		EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)`,
+		o.Publication, o.Schema, o.Table).Scan(&pubExists, &pubHasTable)
+	if err != nil {
+		return res, fmt.Errorf("look up publication %s: %w", pub, err)
+	}
+	switch {
+	case !pubExists:
+		if _, err := tx.Exec(ctx, fmt.Sprintf(`CREATE PUBLICATION %s FOR TABLE %s WITH (publish = 'insert')`, pub, table)); err != nil {
+			return res, fmt.Errorf("create publication %s: %w", pub, err)
+		}
+		res.CreatedPublication = true
+	case !pubHasTable:
+		if _, err := tx.Exec(ctx, fmt.Sprintf(`ALTER PUBLICATION %s ADD TABLE %s`, pub, table)); err != nil {
+			return res, fmt.Errorf("add %s to publication %s: %w", table, pub, err)
+		}
+		res.AddedToPublication = true
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return res, fmt.Errorf("commit migration: %w", err)
+	}
+	return res, nil
+}
+
+// PublicationSQL is the statement that creates the publication the relay reads.
+func PublicationSQL(o Options) string {
+	o.fill()
+	return fmt.Sprintf(`CREATE PUBLICATION %s FOR TABLE %s WITH (publish = 'insert');`,
+		pgx.Identifier{o.Publication}.Sanitize(), pgx.Identifier{o.Schema, o.Table}.Sanitize())
+}

@@ -1,0 +1,400 @@
+package sink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"github.com/outbox-relay/outbox-relay/checkpoint"
+	"github.com/outbox-relay/outbox-relay/decoder"
+)
+
+// ErrPoison marks an event the broker will never store as it is (too large for the server's
+// max_payload or the stream's max_msg_size). Retrying cannot help; the relay stops.
+var ErrPoison = errors.New("event cannot be published")
+
+// JetStream publishes events with a bounded, gap-free in-flight window (see the package doc).
+//
+// Goroutines: Wait and Publish are called by one goroutine (the replication loop); Run is the
+// ack loop in its own goroutine. confirm is called from Run, once per published event, after
+// JetStream stored it (or reported it a duplicate of a stored one).
+type JetStream struct {
+	js      jetstream.JetStream
+	cfg     Config
+	log     zerolog.Logger
+	confirm func(checkpoint.Ticket)
+
+	sem  chan struct{} // one token per event in flight
+	held bool          // the publishing goroutine holds a token (Wait succeeded)
+
+	mu         sync.Mutex
+	q          []*entry // in publish order; q[0] is the oldest unconfirmed event
+	lastID     string   // Nats-Msg-Id of the newest message sent; "" after a resync
+	recovering bool     // the chain is broken: Publish only queues, Run re-publishes
+	notify     chan struct{}
+
+	stats Stats
+}
+
+// Stats are counters of the sink, read with (*JetStream).Stats.
+type Stats struct {
+	Published  uint64 // events stored (new or duplicate)
+	Duplicates uint64 // acks with Duplicate: true
+	Retries    uint64 // re-publishes after a failure
+	Errors     uint64 // failed publish attempts
+}
+
+type entry struct {
+	msg    *nats.Msg
+	id     string
+	ticket checkpoint.Ticket
+	fut    jetstream.PubAckFuture // nil: not sent (yet) in the current chain
+	sent   time.Time
+	done   bool // stored; confirm was called
+	failed error
+}
+
+// NewJetStream returns a sink publishing through js. confirm receives the ticket of every
+// stored event.
+func NewJetStream(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ticket), log zerolog.Logger) *JetStream {
+	cfg.fill()
+	return &JetStream{
+		js:      js,
+		cfg:     cfg,
+		log:     log.With().Str("component", "sink").Logger(),
+		confirm: confirm,
+		sem:     make(chan struct{}, cfg.Window),
+		notify:  make(chan struct{}, 1),
+	}
+}
+
+// NewJetStreamContext returns the jetstream API handle the sink needs from nc, with the publish
+// ack timeout and pending limit set from cfg.
+func NewJetStreamContext(nc *nats.Conn, cfg Config) (jetstream.JetStream, error) {
+	cfg.fill()
+	return jetstream.New(nc,
+		jetstream.WithPublishAsyncTimeout(cfg.AckTimeout),
+		jetstream.WithPublishAsyncMaxPending(2*cfg.Window+16))
+}
+
+// Wait blocks until Publish can take one more event without blocking, or ctx ends.
+func (j *JetStream) Wait(ctx context.Context) error {
+	if j.held {
+		return nil
+	}
+	select {
+	case j.sem <- struct{}{}:
+		j.held = true
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Full reports whether the in-flight window is full (Publish would block).
+func (j *JetStream) Full() bool { return !j.held && len(j.sem) == cap(j.sem) }
+
+// InFlight returns the number of events published and not yet confirmed.
+func (j *JetStream) InFlight() int { return len(j.sem) }
+
+// Stats returns a snapshot of the counters.
+func (j *JetStream) Stats() Stats {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.stats
+}
+
+// Publish copies ev into a message and sends it. It returns without waiting for the ack; it
+// blocks only when called without a successful Wait and the window is full. An error is
+// returned only for an event that can never be published (ErrPoison) or when ctx ends; a
+// broker failure is handled by Run, which re-publishes.
+func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoint.Ticket) error {
+	if err := j.Wait(ctx); err != nil {
+		return err
+	}
+	j.held = false
+	e := &entry{msg: buildMsg(ev), id: string(ev.ID), ticket: tk}
+	if max := j.maxPayload(); max > 0 && msgSize(e.msg) > max {
+		<-j.sem
+		return fmt.Errorf("%w: event %s (transaction committed at %s) is %d bytes with headers, over the server's max_payload of %d",
+			ErrPoison, e.id, ev.CommitLSN, msgSize(e.msg), max)
+	}
+	j.mu.Lock()
+	j.q = append(j.q, e)
+	if !j.recovering {
+		j.send(e)
+	}
+	j.mu.Unlock()
+	select {
+	case j.notify <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+func (j *JetStream) maxPayload() int {
+	nc := j.js.Conn()
+	if nc == nil {
+		return 0
+	}
+	return int(nc.MaxPayload())
+}
+
+func msgSize(m *nats.Msg) int {
+	n := len(m.Data) + len(m.Subject)
+	for k, vs := range m.Header {
+		for _, v := range vs {
+			n += len(k) + len(v) + 4
+		}
+	}
+	return n + 12 // "NATS/1.0\r\n" + final CRLF
+}
+
+// send publishes e as the next link of the chain. j.mu is held.
+func (j *JetStream) send(e *entry) {
+	opts := []jetstream.PublishOpt{jetstream.WithMsgID(e.id), jetstream.WithExpectStream(j.cfg.Stream)}
+	if j.lastID != "" {
+		opts = append(opts, jetstream.WithExpectLastMsgID(j.lastID))
+	}
+	// PublishMsgAsync adds the option headers to the message; start from a clean header set
+	// each time (a re-publish must not keep a stale expectation).
+	delete(e.msg.Header, jetstream.ExpectedLastMsgIDHeader)
+	fut, err := j.js.PublishMsgAsync(e.msg, opts...)
+	e.sent = time.Now()
+	if err != nil {
+		// Disconnected (no reconnect buffer), stalled or closed: the chain is broken here;
+		// Run re-publishes from this entry once what is in flight has resolved.
+		e.fut, e.failed = nil, err
+		j.recovering = true
+		j.stats.Errors++
+		return
+	}
+	e.fut, e.failed = fut, nil
+	j.lastID = e.id
+}
+
+// Run resolves acks in publish order, confirms stored events and re-publishes after failures.
+// It returns when ctx ends (events still in flight stay unconfirmed: Postgres re-sends them) or
+// on an error that retrying cannot fix.
+func (j *JetStream) Run(ctx context.Context) error {
+	backoff := newBackoff(100*time.Millisecond, 10*time.Second)
+	for {
+		j.mu.Lock()
+		var e *entry
+		if len(j.q) > 0 {
+			e = j.q[0]
+		}
+		j.mu.Unlock()
+		if e == nil {
+			select {
+			case <-j.notify:
+				continue
+			case <-ctx.Done():
+				return nil
+			}
+		}
+		if e.fut == nil {
+			if err := j.recover(ctx, backoff); err != nil {
+				return err
+			}
+			continue
+		}
+		select {
+		case ack := <-e.fut.Ok():
+			if err := j.checkAck(e, ack); err != nil {
+				return err
+			}
+			j.pop(e)
+			backoff.reset()
+		case err := <-e.fut.Err():
+			if err := j.failed(e, err); err != nil {
+				return err
+			}
+			if err := j.recover(ctx, backoff); err != nil {
+				return err
+			}
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+func (j *JetStream) checkAck(e *entry, ack *jetstream.PubAck) error {
+	if ack.Stream != j.cfg.Stream {
+		return fmt.Errorf("event %s was stored in stream %q, not %q: two streams take subject %s; fix the stream subjects", e.id, ack.Stream, j.cfg.Stream, e.msg.Subject)
+	}
+	j.mu.Lock()
+	j.stats.Published++
+	if ack.Duplicate {
+		j.stats.Duplicates++
+	}
+	j.mu.Unlock()
+	return nil
+}
+
+// pop confirms the oldest entry e (stored) and releases its window slot.
+func (j *JetStream) pop(e *entry) {
+	j.mu.Lock()
+	j.q[0] = nil
+	j.q = j.q[1:]
+	if len(j.q) == 0 {
+		j.q = j.q[:0:0]
+	}
+	j.mu.Unlock()
+	if !e.done {
+		e.done = true
+		j.confirm(e.ticket)
+	}
+	<-j.sem
+}
+
+// failed classifies a publish error: permanent ones end the relay, others are retried.
+func (j *JetStream) failed(e *entry, err error) error {
+	j.mu.Lock()
+	j.stats.Errors++
+	j.mu.Unlock()
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamMessageExceedsMaximum {
+		return fmt.Errorf("%w: event %s is larger than stream %s allows (max_msg_size): %v", ErrPoison, e.id, j.cfg.Stream, err)
+	}
+	if errors.Is(err, nats.ErrMaxPayload) {
+		return fmt.Errorf("%w: event %s: %v", ErrPoison, e.id, err)
+	}
+	e.failed = err
+	return nil
+}
+
+// recover restores the chain after a failed publish: wait until every message in flight has
+// an outcome, then re-publish, in order, everything not known to be stored.
+func (j *JetStream) recover(ctx context.Context, backoff *backoff) error {
+	j.mu.Lock()
+	j.recovering = true
+	q := append([]*entry(nil), j.q...)
+	j.mu.Unlock()
+
+	var first error
+	for _, e := range q {
+		if e.fut == nil {
+			if first == nil {
+				first = e.failed
+			}
+			continue
+		}
+		select {
+		case ack := <-e.fut.Ok():
+			if err := j.checkAck(e, ack); err != nil {
+				return err
+			}
+			e.done = true
+			j.confirm(e.ticket)
+		case err := <-e.fut.Err():
+			if err := j.failed(e, err); err != nil {
+				return err
+			}
+			if first == nil {
+				first = err
+			}
+		case <-ctx.Done():
+			return nil
+		}
+		e.fut = nil
+	}
+	// Pop stored entries off the front.
+	for {
+		j.mu.Lock()
+		if len(j.q) == 0 || !j.q[0].done {
+			j.mu.Unlock()
+			break
+		}
+		e := j.q[0]
+		j.mu.Unlock()
+		j.pop(e)
+	}
+	wait := backoff.next()
+	j.log.Warn().Err(first).Int("in_flight", len(q)).Dur("retry_in", wait).
+		Msg("publish failed; re-publishing from the first event not stored, in order")
+	select {
+	case <-time.After(wait):
+	case <-ctx.Done():
+		return nil
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.lastID = ""
+	j.recovering = false
+	for _, e := range j.q {
+		if e.done {
+			// Stored after an entry whose outcome was unknown but which was stored too (it
+			// is its predecessor in the chain): keep the chain's view of the stream's tail.
+			j.lastID = e.id
+			continue
+		}
+		j.stats.Retries++
+		j.send(e)
+		if j.recovering {
+			break // the broker is still unreachable; Run comes back here
+		}
+	}
+	return nil
+}
+
+// buildMsg copies the event into a NATS message: the payload bytes as Postgres sent them and
+// the relay's headers, then the string entries of the headers column. A headers-column key that
+// names a relay header or starts with "Nats-" (JetStream's control headers) is skipped.
+func buildMsg(ev *decoder.Event) *nats.Msg {
+	h := make(nats.Header, 8+len(ev.Headers))
+	for _, kv := range ev.Headers {
+		if reservedHeader(kv.Key) {
+			continue
+		}
+		h[kv.Key] = []string{kv.Value}
+	}
+	h[HeaderMsgID] = []string{string(ev.ID)}
+	h[HeaderAggregateType] = []string{string(ev.AggregateType)}
+	h[HeaderAggregateID] = []string{string(ev.AggregateID)}
+	h[HeaderEventType] = []string{string(ev.EventType)}
+	if len(ev.CreatedAt) > 0 {
+		h[HeaderCreatedAt] = []string{string(ev.CreatedAt)}
+	}
+	h[HeaderCommitLSN] = []string{ev.CommitLSN.String()}
+	h[HeaderTxIndex] = []string{itoa(ev.TxIndex)}
+	return &nats.Msg{
+		Subject: string(ev.Subject),
+		Data:    append([]byte(nil), ev.Payload...),
+		Header:  h,
+	}
+}
+
+func reservedHeader(k string) bool {
+	if len(k) >= 5 && (k[:5] == "Nats-" || k[:5] == "nats-" || k[:5] == "NATS-") {
+		return true
+	}
+	switch k {
+	case HeaderAggregateType, HeaderAggregateID, HeaderEventType, HeaderCreatedAt, HeaderCommitLSN, HeaderTxIndex:
+		return true
+	}
+	return false
+}
+
+type backoff struct {
+	min, max, cur time.Duration
+}
+
+func newBackoff(min, max time.Duration) *backoff { return &backoff{min: min, max: max} }
+
+func (b *backoff) next() time.Duration {
+	if b.cur == 0 {
+		b.cur = b.min
+	} else if b.cur *= 2; b.cur > b.max {
+		b.cur = b.max
+	}
+	return b.cur
+}
+
+func (b *backoff) reset() { b.cur = 0 }

@@ -1,0 +1,211 @@
+// Package sink publishes outbox events to NATS JetStream and reports which ones the broker
+// stored.
+//
+// Publishing is pipelined: up to Config.Window events are in flight at once, each carrying its
+// event id as Nats-Msg-Id so that JetStream drops a re-published copy. A plain async window can
+// reorder when one publish is lost while later ones are stored (nats.go says so in the
+// PublishMsgAsync doc), so the window is gap-free: every message carries
+// Nats-Expected-Last-Msg-Id with the id of the message published just before it. If one message
+// is not stored, every later one in the window is refused by the server too; the sink then
+// waits for all outstanding acks, and re-publishes from the first unstored message, in order,
+// with backoff. Re-published copies of stored messages come back as duplicates. The chain
+// assumes this relay is the only publisher on the stream; another publisher only costs a
+// resync (the chain restarts without an expectation), never order within this relay's events.
+package sink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+// Defaults for Config.
+const (
+	DefaultStream          = "OUTBOX"
+	DefaultSubjectPrefix   = "outbox"
+	DefaultDuplicateWindow = 20 * time.Minute
+	DefaultWindow          = 1024
+	DefaultAckTimeout      = 5 * time.Second
+	// MinSafeDuplicateWindow: a shorter window is shorter than a plain Postgres restart's
+	// replay horizon; the relay warns about it.
+	MinSafeDuplicateWindow = 2 * time.Minute
+)
+
+// Message headers set on every event.
+const (
+	HeaderMsgID         = "Nats-Msg-Id"
+	HeaderAggregateType = "Outbox-Aggregate-Type"
+	HeaderAggregateID   = "Outbox-Aggregate-Id"
+	HeaderEventType     = "Outbox-Event-Type"
+	HeaderCreatedAt     = "Outbox-Created-At"
+	HeaderCommitLSN     = "Outbox-Commit-Lsn"
+	HeaderTxIndex       = "Outbox-Tx-Index"
+)
+
+// Config of the JetStream sink.
+type Config struct {
+	// Stream is the JetStream stream the events go to (default OUTBOX).
+	Stream string
+	// SubjectPrefix: the stream must cover <SubjectPrefix>.> (default outbox).
+	SubjectPrefix string
+	// DuplicateWindow of a stream the relay creates (default 20m). JetStream's own default of
+	// 2 minutes is shorter than the replay after a Postgres restart can be.
+	DuplicateWindow time.Duration
+	// Window is the number of events in flight (published, ack not yet received); default 1024.
+	Window int
+	// AckTimeout: a publish without an ack after this long is treated as not stored and
+	// re-published (default 5s).
+	AckTimeout time.Duration
+}
+
+func (c *Config) fill() {
+	if c.Stream == "" {
+		c.Stream = DefaultStream
+	}
+	if c.SubjectPrefix == "" {
+		c.SubjectPrefix = DefaultSubjectPrefix
+	}
+	if c.DuplicateWindow == 0 {
+		c.DuplicateWindow = DefaultDuplicateWindow
+	}
+	if c.Window <= 0 {
+		c.Window = DefaultWindow
+	}
+	if c.AckTimeout <= 0 {
+		c.AckTimeout = DefaultAckTimeout
+	}
+}
+
+// Connect opens a NATS connection with the settings the relay's guarantees need: reconnect
+// forever, no reconnect buffer (a publish while disconnected fails at once instead of being
+// replayed late, after the relay already re-published it), and a short ping interval so a dead
+// connection is noticed in seconds.
+func Connect(url string, opts ...nats.Option) (*nats.Conn, error) {
+	base := []nats.Option{
+		nats.Name("outbox-relay"),
+		nats.MaxReconnects(-1),
+		nats.ReconnectBufSize(-1),
+		nats.ReconnectWait(500 * time.Millisecond),
+		nats.PingInterval(5 * time.Second),
+		nats.MaxPingsOutstanding(2),
+		nats.Timeout(5 * time.Second),
+	}
+	nc, err := nats.Connect(url, append(base, opts...)...)
+	if err != nil {
+		return nil, fmt.Errorf("connect to NATS at %s: %w (is nats-server running with JetStream? set --nats-url)", RedactURL(url), err)
+	}
+	return nc, nil
+}
+
+// EnsureStream checks that cfg.Stream exists and takes the relay's subjects, creating it (file
+// storage, subjects <prefix>.>, cfg.DuplicateWindow) when it is missing.
+func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log zerolog.Logger) (*jetstream.StreamInfo, error) {
+	cfg.fill()
+	want := cfg.SubjectPrefix + ".>"
+	s, err := js.Stream(ctx, cfg.Stream)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		s, err = js.CreateStream(ctx, jetstream.StreamConfig{
+			Name:       cfg.Stream,
+			Subjects:   []string{want},
+			Storage:    jetstream.FileStorage,
+			Duplicates: cfg.DuplicateWindow,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("create stream %s for subjects %s: %w", cfg.Stream, want, err)
+		}
+		log.Info().Str("stream", cfg.Stream).Str("subjects", want).Dur("duplicate_window", cfg.DuplicateWindow).Msg("created stream")
+	} else if err != nil {
+		if errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) {
+			return nil, fmt.Errorf("look up stream %s: %w (start nats-server with -js)", cfg.Stream, err)
+		}
+		return nil, fmt.Errorf("look up stream %s: %w", cfg.Stream, err)
+	}
+	info := s.CachedInfo()
+	covered := false
+	for _, subj := range info.Config.Subjects {
+		if SubjectCovers(subj, want) {
+			covered = true
+			break
+		}
+	}
+	if !covered {
+		return nil, fmt.Errorf("stream %s takes subjects %v, which do not cover %s: add it (nats stream edit %s --subjects '%s') or choose another --stream / --subject-prefix",
+			cfg.Stream, info.Config.Subjects, want, cfg.Stream, want)
+	}
+	if d := info.Config.Duplicates; d < MinSafeDuplicateWindow {
+		log.Warn().Str("stream", cfg.Stream).Dur("duplicate_window", d).
+			Msg("stream duplicate window is under 2 minutes: events re-sent after a relay or Postgres restart may be stored twice; raise it (nats stream edit --dupe-window 20m)")
+	}
+	return info, nil
+}
+
+// SubjectCovers reports whether every subject matching pattern also matches filter.
+func SubjectCovers(filter, pattern string) bool {
+	f, p := splitTokens(filter), splitTokens(pattern)
+	for i, ft := range f {
+		if ft == ">" {
+			return i < len(p)
+		}
+		if i >= len(p) {
+			return false
+		}
+		pt := p[i]
+		switch {
+		case ft == "*":
+			if pt == ">" {
+				return false
+			}
+		case ft != pt:
+			return false
+		}
+	}
+	return len(f) == len(p)
+}
+
+func splitTokens(s string) []string {
+	var out []string
+	start := 0
+	for i := 0; i <= len(s); i++ {
+		if i == len(s) || s[i] == '.' {
+			out = append(out, s[start:i])
+			start = i + 1
+		}
+	}
+	return out
+}
+
+// RedactURL hides a password in a URL-like string.
+func RedactURL(s string) string {
+	at := -1
+	for i := len(s) - 1; i >= 0; i-- {
+		if s[i] == '@' {
+			at = i
+			break
+		}
+	}
+	scheme := 0
+	for i := 0; i+2 < len(s); i++ {
+		if s[i] == ':' && s[i+1] == '/' && s[i+2] == '/' {
+			scheme = i + 3
+			break
+		}
+	}
+	if at < 0 || at < scheme {
+		return s
+	}
+	userinfo := s[scheme:at]
+	for i := 0; i < len(userinfo); i++ {
+		if userinfo[i] == ':' {
+			return s[:scheme] + userinfo[:i] + ":xxxxx" + s[at:]
+		}
+	}
+	return s
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }
