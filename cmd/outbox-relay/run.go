@@ -111,7 +111,9 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 	}
 	nc, err := sink.Connect(cfg.natsURL,
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
-			log.Warn().Err(err).Msg("disconnected from NATS; reconnecting")
+			if err != nil {
+				log.Warn().Err(err).Msg("disconnected from NATS; reconnecting")
+			}
 		}),
 		nats.ReconnectHandler(func(c *nats.Conn) {
 			log.Info().Str("url", c.ConnectedUrlRedacted()).Msg("reconnected to NATS")
@@ -293,7 +295,11 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 			}
 		}()
 		if err != nil || ctx.Err() == nil {
-			return err // connection failure, or the sink failed (its error wins in g.Wait)
+			// Connection failure, or the sink failed (its error wins in g.Wait). Give acks
+			// already on their way a moment to land, so the next session resumes as far
+			// as possible and re-sends less.
+			settle(trk, sinkDone, 2*time.Second)
+			return err
 		}
 		// Graceful stop: wait (bounded) for in-flight acks, then confirm the final position.
 		dctx, dcancel := context.WithTimeout(context.Background(), cfg.drainTimeout)
@@ -311,7 +317,23 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	if lsn, _ := trk.Flushed(); lsn > *resume {
 		*resume = lsn
 	}
+	stats := pub.Stats()
+	log.Info().Uint64("published", stats.Published).Uint64("duplicates", stats.Duplicates).
+		Uint64("retries", stats.Retries).Uint64("publish_errors", stats.Errors).Stringer("lsn", *resume).
+		Msg("replication session ended")
 	return err
+}
+
+// settle waits until no event is in flight, the sink stopped, or max elapsed.
+func settle(trk *checkpoint.Tracker, sinkDone <-chan struct{}, max time.Duration) {
+	deadline := time.Now().Add(max)
+	for trk.Pending() > 0 && time.Now().Before(deadline) {
+		select {
+		case <-sinkDone:
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // pipeline is the replication handler: decode, track, publish.

@@ -1,0 +1,415 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// env is one test's Postgres database (migrated) and JetStream server.
+type env struct {
+	pg   *testenv.PG
+	nats *testenv.NATS
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	e := &env{pg: testenv.Postgres(t), nats: testenv.JetStream(t)}
+	e.migrate(t)
+	return e
+}
+
+func (e *env) migrate(t *testing.T) {
+	t.Helper()
+	var out bytes.Buffer
+	require.NoError(t, dispatch(context.Background(), []string{"migrate", "--pg-url", e.pg.URL, "--log-level", "warn"}, &out, &out, noEnv))
+}
+
+// createSlot creates the relay's slot before anything is written.
+func (e *env) createSlot(t *testing.T) {
+	t.Helper()
+	e.pg.Exec(t, `SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')`)
+}
+
+func noEnv(string) (string, bool) { return "", false }
+
+func (e *env) args(extra ...string) []string {
+	return append([]string{"run", "--pg-url", e.pg.URL, "--nats-url", e.nats.URL, "--create-slot", "--log-format", "json", "--log-level", "debug"}, extra...)
+}
+
+// testLog collects a relay's log and shows it when the test fails.
+type testLog struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *testLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *testLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+func dumpOnFailure(t *testing.T, name string, l fmt.Stringer) {
+	t.Cleanup(func() {
+		if t.Failed() {
+			s := l.String()
+			if len(s) > 20000 {
+				s = "...\n" + s[len(s)-20000:]
+			}
+			t.Logf("%s log:\n%s", name, s)
+		}
+	})
+}
+
+// inProcess runs the relay in this process until stop is called; stop returns its error.
+func inProcess(t *testing.T, args []string) (stop func() error, log *testLog) {
+	t.Helper()
+	log = &testLog{}
+	dumpOnFailure(t, "relay", log)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- dispatch(ctx, args, log, log, noEnv) }()
+	var once sync.Once
+	var err error
+	stop = func() error {
+		once.Do(func() {
+			cancel()
+			select {
+			case err = <-done:
+			case <-time.After(30 * time.Second):
+				err = fmt.Errorf("relay did not stop within 30s")
+			}
+		})
+		return err
+	}
+	t.Cleanup(func() { _ = stop() })
+	return stop, log
+}
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// relayBinary builds the relay once per test binary, for tests that kill it.
+func relayBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "outbox-relay-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "outbox-relay")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	require.NoError(t, buildErr)
+	return binPath
+}
+
+// proc is the relay binary running as a child process.
+type proc struct {
+	cmd  *exec.Cmd
+	log  *testLog
+	done chan struct{}
+	err  error
+}
+
+func startProc(t *testing.T, args []string, env ...string) *proc {
+	t.Helper()
+	p := &proc{log: &testLog{}, done: make(chan struct{})}
+	p.cmd = exec.Command(relayBinary(t), args...)
+	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
+	p.cmd.Env = append(os.Environ(), env...)
+	require.NoError(t, p.cmd.Start())
+	dumpOnFailure(t, fmt.Sprintf("relay pid %d", p.cmd.Process.Pid), p.log)
+	go func() { p.err = p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() { p.kill() })
+	return p
+}
+
+func (p *proc) kill() {
+	_ = p.cmd.Process.Signal(syscall.SIGKILL)
+	<-p.done
+}
+
+// wait returns the exit code once the process ended.
+func (p *proc) wait(t *testing.T, timeout time.Duration) int {
+	t.Helper()
+	select {
+	case <-p.done:
+	case <-time.After(timeout):
+		t.Fatalf("relay still running after %s", timeout)
+	}
+	return p.cmd.ProcessState.ExitCode()
+}
+
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// record is one message read back from the stream.
+type record struct {
+	Seq     uint64
+	Subject string
+	Data    []byte
+	Header  nats.Header
+}
+
+// readStream returns every message of the stream in stream order.
+func readStream(t *testing.T, url, stream string) []record {
+	t.Helper()
+	nc, err := nats.Connect(url)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	s, err := js.Stream(ctx, stream)
+	require.NoError(t, err)
+	info, err := s.Info(ctx)
+	require.NoError(t, err)
+	var out []record
+	if info.State.Msgs == 0 {
+		return out
+	}
+	c, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	require.NoError(t, err)
+	for uint64(len(out)) < info.State.Msgs {
+		batch, err := c.Fetch(1000, jetstream.FetchMaxWait(5*time.Second))
+		require.NoError(t, err)
+		n := 0
+		for m := range batch.Messages() {
+			md, err := m.Metadata()
+			require.NoError(t, err)
+			out = append(out, record{Seq: md.Sequence.Stream, Subject: m.Subject(), Data: m.Data(), Header: m.Headers()})
+			n++
+		}
+		require.NoError(t, batch.Error())
+		require.NotZero(t, n, "stream stopped yielding messages at %d of %d", len(out), info.State.Msgs)
+	}
+	return out
+}
+
+// streamMsgs returns the number of messages stored in the stream (0 if it does not exist).
+func streamMsgs(t *testing.T, url, stream string) uint64 {
+	t.Helper()
+	nc, err := nats.Connect(url)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return 0
+	}
+	info, err := s.Info(ctx)
+	require.NoError(t, err)
+	return info.State.Msgs
+}
+
+func waitStream(t *testing.T, url string, atLeast uint64, timeout time.Duration) {
+	t.Helper()
+	require.Eventually(t, func() bool { return streamMsgs(t, url, sink.DefaultStream) >= atLeast },
+		timeout, 50*time.Millisecond, "stream never reached %d messages", atLeast)
+}
+
+// waitStreaming waits until a relay holds the slot, so that what is committed from now on is
+// decoded (a slot being created skips transactions committed before its consistent point).
+func waitStreaming(t *testing.T, pg *testenv.PG, slot string) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		var active bool
+		err := pg.QueryRow(t, `SELECT active FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&active)
+		return err == nil && active
+	}, 30*time.Second, 20*time.Millisecond, "slot %s never became active", slot)
+}
+
+// confirmedFlush reads the slot's confirmed_flush_lsn.
+func confirmedFlush(t *testing.T, pg *testenv.PG, slot string) pglogrepl.LSN {
+	t.Helper()
+	var s string
+	require.NoError(t, pg.QueryRow(t, `SELECT coalesce(confirmed_flush_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&s))
+	lsn, err := pglogrepl.ParseLSN(s)
+	require.NoError(t, err)
+	return lsn
+}
+
+// workload writes events for many aggregates in transactions of mixed sizes. Every aggregate
+// belongs to one writer and carries its own sequence number in the payload, so the order of an
+// aggregate's events in the stream must follow seq.
+type workload struct {
+	Writers, Aggregates, Txs, MaxTx int
+	Seed                            uint64
+}
+
+func (w workload) run(t *testing.T, pg *testenv.PG) int {
+	t.Helper()
+	var total int
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	errs := make(chan error, w.Writers)
+	for wr := 0; wr < w.Writers; wr++ {
+		wg.Add(1)
+		go func(wr int) {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(w.Seed, uint64(wr)))
+			ctx := context.Background()
+			conn, err := pgx.Connect(ctx, pg.URL)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer conn.Close(ctx)
+			seq := make([]int, w.Aggregates)
+			for i := 0; i < w.Txs; i++ {
+				n := 1 + r.IntN(w.MaxTx)
+				err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+					b := &pgx.Batch{}
+					for j := 0; j < n; j++ {
+						a := r.IntN(w.Aggregates)
+						seq[a]++
+						agg := fmt.Sprintf("s%d-w%d-a%d", w.Seed, wr, a)
+						payload := fmt.Sprintf(`{"agg": %q, "seq": %d, "pad": %q}`, agg, seq[a], "x")
+						b.Queue(`INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers) VALUES ('order', $1, 'Order.Updated', $2, $3)`,
+							agg, payload, `{"traceparent": "00-`+agg+`-01", "n": 1}`)
+					}
+					return tx.SendBatch(ctx, b).Close()
+				})
+				if err != nil {
+					errs <- err
+					return
+				}
+				mu.Lock()
+				total += n
+				mu.Unlock()
+			}
+		}(wr)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	return total
+}
+
+// row is an outbox row as Postgres returns it.
+type row struct {
+	ID, AggregateType, AggregateID, EventType, Payload, CreatedAt string
+	Seq                                                           int
+}
+
+func outboxRows(t *testing.T, pg *testenv.PG) map[string]row {
+	t.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, pg.URL)
+	require.NoError(t, err)
+	defer conn.Close(ctx)
+	rows, err := conn.Query(ctx, `SELECT id::text, aggregate_type, aggregate_id, event_type, payload::text,
+		to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), coalesce((payload->>'seq')::int, 0) FROM outbox`)
+	require.NoError(t, err)
+	out := map[string]row{}
+	for rows.Next() {
+		var r row
+		require.NoError(t, rows.Scan(&r.ID, &r.AggregateType, &r.AggregateID, &r.EventType, &r.Payload, &r.CreatedAt, &r.Seq))
+		out[r.ID] = r
+	}
+	require.NoError(t, rows.Err())
+	return out
+}
+
+// verdict compares the stream with the committed rows, as a Jepsen queue checker does.
+type verdict struct {
+	Committed, Read       int
+	Lost, Dup, Unexpected []string
+	OutOfOrder            []string
+}
+
+func check(t *testing.T, committed map[string]row, recs []record) verdict {
+	t.Helper()
+	v := verdict{Committed: len(committed), Read: len(recs)}
+	seen := map[string]bool{}
+	lastSeq := map[string]int{}
+	for _, r := range recs {
+		id := r.Header.Get(sink.HeaderMsgID)
+		if seen[id] {
+			v.Dup = append(v.Dup, id)
+			continue
+		}
+		seen[id] = true
+		row, ok := committed[id]
+		if !ok {
+			v.Unexpected = append(v.Unexpected, id)
+			continue
+		}
+		if row.Seq > 0 {
+			if row.Seq <= lastSeq[row.AggregateID] {
+				v.OutOfOrder = append(v.OutOfOrder, fmt.Sprintf("%s seq %d after %d", row.AggregateID, row.Seq, lastSeq[row.AggregateID]))
+			}
+			lastSeq[row.AggregateID] = row.Seq
+		}
+	}
+	for id := range committed {
+		if !seen[id] {
+			v.Lost = append(v.Lost, id)
+		}
+	}
+	sort.Strings(v.Lost)
+	return v
+}
+
+func requireClean(t *testing.T, v verdict) {
+	t.Helper()
+	short := func(s []string) []string {
+		if len(s) > 5 {
+			return append(s[:5:5], fmt.Sprintf("... %d in all", len(s)))
+		}
+		return s
+	}
+	require.Empty(t, v.Lost, "lost events: %v", short(v.Lost))
+	require.Empty(t, v.Dup, "duplicated events: %v", short(v.Dup))
+	require.Empty(t, v.Unexpected, "events not committed: %v", short(v.Unexpected))
+	require.Empty(t, v.OutOfOrder, "per-aggregate order broken: %v", short(v.OutOfOrder))
+	require.Equal(t, v.Committed, v.Read)
+}
+
+func itoa(i int) string { return fmt.Sprint(i) }
