@@ -132,8 +132,8 @@ type relation struct {
 	outbox    bool
 	// indexes into the tuple; -1 when the optional column is absent
 	idCol, aggType, aggID, evType, payload, headers, createdAt int
-	payloadType                                              uint32
-	ncols                                                    int
+	payloadType                                                uint32
+	ncols                                                      int
 }
 
 // New returns a Decoder for cfg, filling defaults.
@@ -438,7 +438,7 @@ func toRFC3339(dst, src []byte) ([]byte, error) {
 	s := string(src)
 	for _, layout := range []string{"2006-01-02 15:04:05.999999999Z07:00:00", "2006-01-02 15:04:05.999999999Z07:00", "2006-01-02 15:04:05.999999999Z07", "2006-01-02 15:04:05.999999999"} {
 		if t, err := time.Parse(layout, s); err == nil {
-			return t.UTC().AppendFormat(dst, time.RFC3339Nano), nil
+			return t.UTC().AppendFormat(dst, "2006-01-02T15:04:05.000000Z07:00"), nil
 		}
 	}
 	return dst, fmt.Errorf("unrecognised timestamp %q (the replication connection uses DateStyle ISO)", s)

@@ -93,7 +93,7 @@ func TestDecode_InsertBecomesEvent(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 1, ch.Event.TxIndex)
 	require.Empty(t, ch.Event.Headers)
-	require.Equal(t, "2026-11-26T13:50:57Z", string(ch.Event.CreatedAt))
+	require.Equal(t, "2026-11-26T13:50:57.000000Z", string(ch.Event.CreatedAt))
 
 	ch, err = d.Decode(commit(0x100, 0x180))
 	require.NoError(t, err)

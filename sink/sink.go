@@ -119,7 +119,7 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 		if err != nil {
 			return nil, fmt.Errorf("create stream %s for subjects %s: %w", cfg.Stream, want, err)
 		}
-		log.Info().Str("stream", cfg.Stream).Str("subjects", want).Dur("duplicate_window", cfg.DuplicateWindow).Msg("created stream")
+		log.Info().Str("stream", cfg.Stream).Str("subjects", want).Stringer("duplicate_window", cfg.DuplicateWindow).Msg("created stream")
 	} else if err != nil {
 		if errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) {
 			return nil, fmt.Errorf("look up stream %s: %w (start nats-server with -js)", cfg.Stream, err)
@@ -139,7 +139,7 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 			cfg.Stream, info.Config.Subjects, want, cfg.Stream, want)
 	}
 	if d := info.Config.Duplicates; d < MinSafeDuplicateWindow {
-		log.Warn().Str("stream", cfg.Stream).Dur("duplicate_window", d).
+		log.Warn().Str("stream", cfg.Stream).Stringer("duplicate_window", d).
 			Msg("stream duplicate window is under 2 minutes: events re-sent after a relay or Postgres restart may be stored twice; raise it (nats stream edit --dupe-window 20m)")
 	}
 	return info, nil
