@@ -1,0 +1,179 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/outbox-relay/outbox-relay/checkpoint"
+	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/replication"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// session is one replication connection: it runs until the connection fails, a fatal error, or
+// ctx ends (then it drains in-flight acks and confirms the final position).
+func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume *pglogrepl.LSN, log zerolog.Logger) error {
+	conn, err := replication.Connect(ctx, cfg.pgURL)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+
+	qconn, err := connectPG(ctx, cfg.pgURL)
+	if err != nil {
+		return err
+	}
+	slot, err := replication.GetSlot(ctx, qconn, cfg.slot)
+	qconn.Close(context.Background())
+	if err != nil {
+		return err
+	}
+	if slot.WALStatus == "lost" {
+		return fmt.Errorf("%w: slot %q has wal_status lost", replication.ErrSlotInvalidated, cfg.slot)
+	}
+	// Start from the slot's position, or from our own higher one: after a Postgres restart the
+	// slot may report an older position than the relay confirmed, and starting from ours
+	// avoids re-sending what is already stored.
+	start := slot.ConfirmedFlush
+	if *resume > start {
+		start = *resume
+	}
+	st, err := replication.Start(ctx, conn, cfg.repl, start, log)
+	if err != nil {
+		return err
+	}
+
+	trk := checkpoint.New(start)
+	dec := decoder.New(decoder.Config{Schema: cfg.schema, Table: cfg.table, SubjectPrefix: cfg.sink.SubjectPrefix})
+	confirm := trk.Confirm
+	if n, ok := failpointN(cfg.failpoint, "kill_after_acks"); ok {
+		var acks atomic.Int64
+		confirm = func(t checkpoint.Ticket) {
+			if acks.Add(1) == n {
+				// Test hook: die after JetStream stored n events, before their position is
+				// confirmed to Postgres.
+				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			}
+			trk.Confirm(t)
+		}
+	}
+	pub := sink.NewJetStream(js, cfg.sink, confirm, log)
+	p := &pipeline{dec: dec, trk: trk, pub: pub, log: log}
+
+	sinkCtx, stopSink := context.WithCancel(context.Background())
+	defer stopSink()
+	g, gctx := errgroup.WithContext(ctx)
+	sinkDone := make(chan struct{})
+	g.Go(func() error {
+		defer close(sinkDone)
+		return pub.Run(sinkCtx)
+	})
+	g.Go(func() error {
+		defer stopSink()
+		// The sink ending (an error) must stop reading too.
+		rctx, cancel := context.WithCancel(gctx)
+		defer cancel()
+		go func() {
+			select {
+			case <-sinkDone:
+				cancel()
+			case <-rctx.Done():
+			}
+		}()
+		err := st.Run(rctx, p, trk)
+		defer func() {
+			lsn, _ := trk.Flushed()
+			if lsn > *resume {
+				*resume = lsn
+			}
+		}()
+		if err != nil || ctx.Err() == nil {
+			// Connection failure, or the sink failed (its error wins in g.Wait). Give acks
+			// already on their way a moment to land, so the next session resumes as far
+			// as possible and re-sends less.
+			settle(trk, sinkDone, 2*time.Second)
+			return err
+		}
+		// Graceful stop: wait (bounded) for in-flight acks, then confirm the final position.
+		dctx, dcancel := context.WithTimeout(context.Background(), cfg.drainTimeout)
+		defer dcancel()
+		go func() {
+			select {
+			case <-sinkDone:
+				dcancel()
+			case <-dctx.Done():
+			}
+		}()
+		return st.Drain(dctx, trk)
+	})
+	err = g.Wait()
+	if lsn, _ := trk.Flushed(); lsn > *resume {
+		*resume = lsn
+	}
+	stats := pub.Stats()
+	log.Info().Uint64("published", stats.Published).Uint64("duplicates", stats.Duplicates).
+		Uint64("retries", stats.Retries).Uint64("publish_errors", stats.Errors).Stringer("lsn", *resume).
+		Msg("replication session ended")
+	return err
+}
+
+// settle waits until no event is in flight, the sink stopped, or max elapsed.
+func settle(trk *checkpoint.Tracker, sinkDone <-chan struct{}, max time.Duration) {
+	deadline := time.Now().Add(max)
+	for trk.Pending() > 0 && time.Now().Before(deadline) {
+		select {
+		case <-sinkDone:
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// pipeline is the replication handler: decode, track, publish.
+type pipeline struct {
+	dec *decoder.Decoder
+	trk *checkpoint.Tracker
+	pub *sink.JetStream
+	log zerolog.Logger
+}
+
+func (p *pipeline) Ready() bool                    { return !p.pub.Full() }
+func (p *pipeline) Wait(ctx context.Context) error { return p.pub.Wait(ctx) }
+func (p *pipeline) Keepalive(walEnd pglogrepl.LSN) { p.trk.Keepalive(walEnd) }
+
+func (p *pipeline) Handle(ctx context.Context, data []byte) error {
+	ch, err := p.dec.Decode(data)
+	if err != nil {
+		return fatalError{fmt.Errorf("decode: %w", err)}
+	}
+	switch ch.Kind {
+	case decoder.Begin:
+		p.trk.Begin()
+	case decoder.Insert:
+		return p.pub.Publish(ctx, ch.Event, p.trk.Add())
+	case decoder.Commit:
+		p.trk.Commit(ch.CommitEnd)
+	}
+	return nil
+}
+
+// failpointN parses "name:N" from the OUTBOX_RELAY_FAILPOINT test hook.
+func failpointN(fp, name string) (int64, bool) {
+	v, ok := strings.CutPrefix(fp, name+":")
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	return n, err == nil && n > 0
+}
