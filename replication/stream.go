@@ -219,8 +219,11 @@ func (s *Stream) Run(ctx context.Context, h Handler, flush FlushSource) error {
 		}
 		if !h.Ready() {
 			wctx, cancel := context.WithDeadline(ctx, wake)
+			blocked := time.Now()
 			err := h.Wait(wctx)
 			cancel()
+			// Time spent not reading is not Postgres' silence.
+			lastMsg = lastMsg.Add(time.Since(blocked))
 			if err != nil {
 				if errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
 					continue
@@ -261,6 +264,9 @@ func (s *Stream) Run(ctx context.Context, h Handler, flush FlushSource) error {
 					return fmt.Errorf("parse XLogData: %w", err)
 				}
 				if err := h.Handle(ctx, xld.WALData); err != nil {
+					if ctx.Err() != nil {
+						return nil // stopping: the message is re-sent after a restart
+					}
 					return err
 				}
 			}

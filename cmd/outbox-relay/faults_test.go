@@ -63,7 +63,9 @@ func TestRelay_PostgresRestartLeavesNoDuplicate(t *testing.T) {
 // does not drop it.
 func TestRelay_ConfirmedFlushHoldsWhileBrokerDownAndWalsenderSurvives(t *testing.T) {
 	e := newEnv(t)
-	stop, _ := inProcess(t, e.args("--max-in-flight", "4", "--ack-timeout", "1s", "--status-interval", "2s"))
+	// A 2s idle timeout: the outage (15s) is far longer, and the relay, blocked on a full
+	// window, must not mistake its own not-reading for a dead connection.
+	stop, log := inProcess(t, e.args("--max-in-flight", "4", "--ack-timeout", "1s", "--status-interval", "2s", "--pg-idle-timeout", "2s"))
 	waitStreaming(t, e.pg, "outbox_relay")
 	e.pg.Exec(t, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('a', '0', 'Before', '{}')`)
 	waitStream(t, e.nats.URL, 1, 30*time.Second)
@@ -85,6 +87,7 @@ func TestRelay_ConfirmedFlushHoldsWhileBrokerDownAndWalsenderSurvives(t *testing
 	require.NoError(t, e.pg.QueryRow(t, `SELECT coalesce(active_pid, 0) FROM pg_replication_slots WHERE slot_name = 'outbox_relay'`).Scan(&pid))
 	require.Equal(t, walsender, pid, "the walsender survived the outage (status updates kept flowing)")
 	require.NotContains(t, e.pg.Cluster.Log(), "terminating walsender process due to replication timeout")
+	require.NotContains(t, log.String(), "presumed dead")
 
 	e.nats.Restart(t)
 	waitStream(t, e.nats.URL, 11, 60*time.Second)

@@ -161,6 +161,10 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 	case decoder.Begin:
 		p.trk.Begin()
 	case decoder.Insert:
+		// Take the window slot first: a ticket must only exist for an event that is sent.
+		if err := p.pub.Wait(ctx); err != nil {
+			return err
+		}
 		return p.pub.Publish(ctx, ch.Event, p.trk.Add())
 	case decoder.Commit:
 		p.trk.Commit(ch.CommitEnd)
