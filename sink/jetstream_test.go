@@ -1,0 +1,160 @@
+package sink_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outbox-relay/outbox-relay/checkpoint"
+	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+func event(i int) *decoder.Event {
+	return &decoder.Event{
+		ID:            []byte(fmt.Sprintf("id-%05d", i)),
+		AggregateType: []byte("order"),
+		AggregateID:   []byte("1"),
+		EventType:     []byte("Created"),
+		Subject:       []byte("outbox.order.Created"),
+		Payload:       []byte(fmt.Sprintf(`{"n": %d}`, i)),
+		CommitLSN:     0x100,
+		TxIndex:       i,
+	}
+}
+
+func setup(t *testing.T, cfg sink.Config) (jetstream.JetStream, *sink.JetStream, *confirms) {
+	t.Helper()
+	srv := testenv.JetStream(t)
+	nc, err := sink.Connect(srv.URL)
+	require.NoError(t, err)
+	t.Cleanup(nc.Close)
+	js, err := sink.NewJetStreamContext(nc, cfg)
+	require.NoError(t, err)
+	_, err = sink.EnsureStream(context.Background(), js, cfg, zerolog.Nop())
+	require.NoError(t, err)
+	c := &confirms{}
+	return js, sink.NewJetStream(js, cfg, c.confirm, zerolog.Nop()), c
+}
+
+type confirms struct {
+	mu      sync.Mutex
+	tickets []checkpoint.Ticket
+}
+
+func (c *confirms) confirm(t checkpoint.Ticket) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.tickets = append(c.tickets, t)
+}
+
+func (c *confirms) n() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.tickets)
+}
+
+func streamMsgs(t *testing.T, js jetstream.JetStream) uint64 {
+	t.Helper()
+	s, err := js.Stream(context.Background(), sink.DefaultStream)
+	require.NoError(t, err)
+	info, err := s.Info(context.Background())
+	require.NoError(t, err)
+	return info.State.Msgs
+}
+
+// Publishing is pipelined: a whole window goes out before any ack is looked at, and nothing is
+// confirmed until the ack loop saw the broker's acks.
+func TestJetStream_PipelinesAWindowAndConfirmsOnlyAfterAcks(t *testing.T) {
+	js, pub, c := setup(t, sink.Config{Window: 50})
+	ctx := context.Background()
+	for i := 0; i < 50; i++ {
+		require.NoError(t, pub.Publish(ctx, event(i), checkpoint.Ticket(i)))
+	}
+	require.True(t, pub.Full(), "the window is full: the 51st publish would block")
+	require.Equal(t, 50, pub.InFlight())
+	require.Eventually(t, func() bool { return streamMsgs(t, js) == 50 }, 5*time.Second, 10*time.Millisecond)
+	require.Zero(t, c.n(), "stored, but the ack loop has not run: nothing confirmed yet")
+
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- pub.Run(runCtx) }()
+	require.Eventually(t, func() bool { return c.n() == 50 }, 5*time.Second, 10*time.Millisecond)
+	for i, tk := range c.tickets {
+		require.Equal(t, checkpoint.Ticket(i), tk, "confirmed in publish order")
+	}
+	require.False(t, pub.Full())
+	cancel()
+	require.NoError(t, <-done)
+}
+
+// A re-published event (same Nats-Msg-Id) is acknowledged as a duplicate, counted as stored,
+// and not stored twice.
+func TestJetStream_DuplicateAckCountsAsStored(t *testing.T) {
+	js, pub, c := setup(t, sink.Config{Window: 8})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = pub.Run(ctx) }()
+	for i := 0; i < 3; i++ {
+		require.NoError(t, pub.Publish(ctx, event(i), checkpoint.Ticket(i)))
+	}
+	for i := 0; i < 3; i++ {
+		require.NoError(t, pub.Publish(ctx, event(i), checkpoint.Ticket(10+i)))
+	}
+	require.Eventually(t, func() bool { return c.n() == 6 }, 5*time.Second, 10*time.Millisecond)
+	require.Equal(t, uint64(3), streamMsgs(t, js))
+	require.Equal(t, uint64(3), pub.Stats().Duplicates)
+}
+
+func TestEnsureStream_RefusesAStreamThatDoesNotCoverThePrefix(t *testing.T) {
+	srv := testenv.JetStream(t)
+	nc, err := sink.Connect(srv.URL)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: "OUTBOX", Subjects: []string{"orders.>"}})
+	require.NoError(t, err)
+	_, err = sink.EnsureStream(context.Background(), js, sink.Config{}, zerolog.Nop())
+	require.ErrorContains(t, err, "do not cover outbox.>")
+	require.ErrorContains(t, err, "--subject-prefix")
+}
+
+func TestEnsureStream_WarnsAboutAShortDuplicateWindow(t *testing.T) {
+	srv := testenv.JetStream(t)
+	nc, err := sink.Connect(srv.URL)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: "OUTBOX", Subjects: []string{"outbox.>"}, Duplicates: 30 * time.Second})
+	require.NoError(t, err)
+	var log bytes.Buffer
+	_, err = sink.EnsureStream(context.Background(), js, sink.Config{}, zerolog.New(&log))
+	require.NoError(t, err)
+	require.Contains(t, log.String(), "duplicate window is under 2 minutes")
+}
+
+func TestEnsureStream_CreatesAFileStreamWithTheConfiguredWindow(t *testing.T) {
+	srv := testenv.JetStream(t)
+	nc, err := sink.Connect(srv.URL)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	info, err := sink.EnsureStream(context.Background(), js, sink.Config{SubjectPrefix: "acme.outbox", DuplicateWindow: time.Hour}, zerolog.Nop())
+	require.NoError(t, err)
+	require.Equal(t, []string{"acme.outbox.>"}, info.Config.Subjects)
+	require.Equal(t, jetstream.FileStorage, info.Config.Storage)
+	require.Equal(t, time.Hour, info.Config.Duplicates)
+}
