@@ -6,10 +6,17 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 UNIT_PKGS := ./checkpoint/... ./decoder/... ./sink/... ./migrations/...
 
-.PHONY: build test vet fmt-check unit integration clean
+.PHONY: build demo test vet fmt-check unit integration clean
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/outbox-relay
+
+# Everything on this machine, no Docker: throwaway Postgres (apt-get install postgresql-15 when
+# missing and run as root), the relay with embedded NATS JetStream, an example producer and
+# consumer. Ctrl-C stops and removes it all.
+demo:
+	$(GO) build -o bin/ ./cmd/outbox-relay ./cmd/outbox-demo ./examples/producer ./examples/consumer
+	./bin/outbox-demo --bin-dir bin
 
 vet:
 	$(GO) vet ./...

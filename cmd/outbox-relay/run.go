@@ -27,6 +27,7 @@ type runConfig struct {
 	drainTimeout               time.Duration
 	reconnectMin, reconnectMax time.Duration
 	failpoint                  string
+	embedded                   embeddedNATS
 }
 
 func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(string) (string, bool)) error {
@@ -50,6 +51,9 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.DurationVar(&cfg.repl.StatusInterval, "status-interval", replication.DefaultStatusInterval, "longest time between two standby status updates to Postgres")
 	fs.DurationVar(&cfg.repl.IdleTimeout, "pg-idle-timeout", replication.DefaultIdleTimeout, "no message from Postgres for this long while reading: probe the connection, and reconnect if another period passes silently")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", 10*time.Second, "on SIGINT/SIGTERM, how long to wait for in-flight acks before the final status update")
+	fs.BoolVar(&cfg.embedded.enabled, "embedded-nats", false, "run a NATS JetStream server inside the relay (development, demo) instead of connecting to --nats-url")
+	fs.StringVar(&cfg.embedded.dir, "embedded-nats-dir", "", "JetStream store directory of the embedded server (default: a temporary directory deleted at exit)")
+	fs.StringVar(&cfg.embedded.listen, "embedded-nats-listen", "127.0.0.1:4222", "host:port the embedded server listens on (port 0: a free port)")
 	lf.register(fs)
 	if err := parseFlags(fs, args, env); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -76,6 +80,14 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	cfg.repl.Slot, cfg.repl.Publication = cfg.slot, cfg.publication
 	cfg.reconnectMin, cfg.reconnectMax = 200*time.Millisecond, 15*time.Second
 	cfg.failpoint, _ = env("OUTBOX_RELAY_FAILPOINT")
+	if cfg.embedded.enabled {
+		url, stop, err := cfg.embedded.start(log)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		cfg.natsURL = url
+	}
 	return relay(ctx, cfg, log)
 }
 
