@@ -53,6 +53,10 @@ type Config struct {
 	Columns Columns
 	// SubjectPrefix is the first subject token (default "outbox").
 	SubjectPrefix string
+	// MessagePrefix, when set, turns transactional logical decoding messages
+	// (pg_logical_emit_message(true, MessagePrefix, json)) into events too; the replication
+	// stream must be started with messages 'true'. See decodeMessage for the content.
+	MessagePrefix string
 }
 
 // Event is one outbox row. Every byte slice aliases either the message passed to Decode or the
@@ -91,6 +95,10 @@ const (
 	Insert
 	// Commit: the transaction ended at Change.CommitEnd.
 	Commit
+	// NonTransactional: a non-transactional logical decoding message with the configured
+	// prefix. It is not part of any transaction (it is decoded when written, even if its
+	// transaction later rolls back), so it is not published; the relay warns.
+	NonTransactional
 )
 
 // Change is the meaning of one pgoutput message.
@@ -122,7 +130,8 @@ type Decoder struct {
 	created  []byte
 	payload  []byte
 	Ignored  int // rows of the outbox table that were not inserts (UPDATE/DELETE/TRUNCATE)
-	Messages int // logical decoding messages seen (ignored in table mode)
+	Messages int // logical decoding messages seen (events only with Config.MessagePrefix)
+	msg      messageContent
 }
 
 type relation struct {
@@ -208,7 +217,7 @@ func (d *Decoder) Decode(data []byte) (Change, error) {
 		return Change{}, nil
 	case tagMessage:
 		d.Messages++
-		return Change{}, nil
+		return d.decodeMessage(&r)
 	case tagType, tagOrigin:
 		return Change{}, nil
 	default:

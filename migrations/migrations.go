@@ -1,6 +1,7 @@
-// Package migrations creates the outbox table and its publication. The SQL files are embedded
-// into the binary and applied by `outbox-relay migrate`; every statement is idempotent, so
-// running migrate again changes nothing.
+// Package migrations creates the outbox table and its publication, and the outbox_emit
+// function of table-less mode. The SQL files are embedded into the binary and applied by
+// `outbox-relay migrate`; every statement is idempotent, so running migrate again changes
+// nothing.
 package migrations
 
 import (
@@ -21,6 +22,9 @@ var files embed.FS
 type Options struct {
 	Schema, Table string // default public.outbox
 	Publication   string // default outbox_pub
+	// Messages: table-less mode. Create only the outbox_emit function (in Schema) and, if
+	// missing, a publication without tables (pgoutput needs one to start); no table.
+	Messages bool
 }
 
 func (o *Options) fill() {
@@ -42,6 +46,9 @@ type Result struct {
 	AddedToPublication bool
 }
 
+// emitFile creates the outbox_emit function; the table migrations are the 0*.sql files.
+const emitFile = "emit.sql"
+
 // Apply creates the table (if missing) and a publication of its INSERTs (if missing, or adds
 // the table to an existing publication). It runs in one transaction under an advisory lock, so
 // concurrent runs do not race.
@@ -58,24 +65,45 @@ func Apply(ctx context.Context, conn *pgx.Conn, o Options) (Result, error) {
 	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('outbox-relay migrate'))`); err != nil {
 		return res, fmt.Errorf("take migration lock: %w", err)
 	}
-	var exists bool
-	if err := tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, table).Scan(&exists); err != nil {
-		return res, fmt.Errorf("look up table %s: %w", table, err)
-	}
-	names, err := fs.Glob(files, "*.sql")
+	names, err := fs.Glob(files, "0*.sql")
 	if err != nil {
 		return res, err
 	}
 	sort.Strings(names)
+	if o.Messages {
+		names = nil
+	}
+	names = append(names, emitFile)
+	var exists bool
+	if err := tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, table).Scan(&exists); err != nil {
+		return res, fmt.Errorf("look up table %s: %w", table, err)
+	}
+	repl := strings.NewReplacer("{{table}}", table, "{{publication}}", pub, "{{schema}}", pgx.Identifier{o.Schema}.Sanitize())
 	for _, name := range names {
 		b, err := files.ReadFile(name)
 		if err != nil {
 			return res, err
 		}
-		sql := strings.NewReplacer("{{table}}", table, "{{publication}}", pub).Replace(string(b))
-		if _, err := tx.Exec(ctx, sql); err != nil {
+		if _, err := tx.Exec(ctx, repl.Replace(string(b))); err != nil {
 			return res, fmt.Errorf("apply migration %s: %w", name, err)
 		}
+	}
+	if o.Messages {
+		var pubExists bool
+		if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, o.Publication).Scan(&pubExists); err != nil {
+			return res, fmt.Errorf("look up publication %s: %w", pub, err)
+		}
+		if !pubExists {
+			// pgoutput sends logical decoding messages whatever the publication holds.
+			if _, err := tx.Exec(ctx, fmt.Sprintf(`CREATE PUBLICATION %s`, pub)); err != nil {
+				return res, fmt.Errorf("create publication %s: %w", pub, err)
+			}
+			res.CreatedPublication = true
+		}
+		if err := tx.Commit(ctx); err != nil {
+			return res, fmt.Errorf("commit migration: %w", err)
+		}
+		return res, nil
 	}
 	res.CreatedTable = !exists
 

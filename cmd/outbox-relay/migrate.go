@@ -14,12 +14,13 @@ import (
 func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) (string, bool)) error {
 	fs := newFlagSet("migrate", "Create the outbox table and a publication of its inserts. Safe to run again.", stderr)
 	var (
-		lf                        logFlags
-		pgURL, table, publication string
+		lf                                logFlags
+		pgURL, table, publication, source string
 	)
 	fs.StringVar(&pgURL, "pg-url", "", "Postgres connection URL or DSN (required)")
 	fs.StringVar(&table, "table", "public.outbox", "outbox table, schema.table")
 	fs.StringVar(&publication, "publication", "outbox_pub", "publication to create")
+	fs.StringVar(&source, "source", "table", "table: the outbox table, its publication and outbox_emit; messages (table-less): outbox_emit and a publication without tables")
 	lf.register(fs)
 	if err := parseFlags(fs, args, env); err != nil {
 		return usageError{err}
@@ -35,14 +36,23 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 	if err != nil {
 		return usageError{err}
 	}
+	if source != "table" && source != "messages" {
+		return usageError{fmt.Errorf("--source %q: use table or messages", source)}
+	}
 	conn, err := connectPG(ctx, pgURL)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.Background())
-	res, err := migrations.Apply(ctx, conn, migrations.Options{Schema: schema, Table: tbl, Publication: publication})
+	res, err := migrations.Apply(ctx, conn, migrations.Options{Schema: schema, Table: tbl, Publication: publication, Messages: source == "messages"})
 	if err != nil {
 		return err
+	}
+	if source == "messages" {
+		log.Info().Str("function", schema+".outbox_emit").Str("publication", publication).
+			Bool("created_publication", res.CreatedPublication).Msg("migrated (table-less)")
+		fmt.Fprintf(stdout, "function %s.outbox_emit and publication %s are in place\n", schema, publication)
+		return nil
 	}
 	log.Info().Str("table", schema+"."+tbl).Bool("created_table", res.CreatedTable).
 		Str("publication", publication).Bool("created_publication", res.CreatedPublication).

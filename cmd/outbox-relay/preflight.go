@@ -36,7 +36,15 @@ func preflight(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 	if !pubExists {
 		return fatalError{fmt.Errorf("publication %q does not exist: run outbox-relay migrate, or: %s", cfg.publication, migrations.PublicationSQL(mo))}
 	}
-	if !pubHasTable {
+	if cfg.source == "messages" {
+		var version int
+		if err := conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&version); err != nil {
+			return fmt.Errorf("read server_version_num: %w", err)
+		}
+		if version < 140000 {
+			return fatalError{fmt.Errorf("--source messages needs PostgreSQL 14 or later (pgoutput's messages option); this server is %d: use --source table", version)}
+		}
+	} else if !pubHasTable {
 		return fatalError{fmt.Errorf("publication %q does not include %s.%s: run ALTER PUBLICATION %q ADD TABLE %s.%s;", cfg.publication, cfg.schema, cfg.table, cfg.publication, cfg.schema, cfg.table)}
 	}
 	slot, err := replication.GetSlot(ctx, conn, cfg.slot)

@@ -28,6 +28,8 @@ type runConfig struct {
 	reconnectMin, reconnectMax time.Duration
 	failpoint                  string
 	embedded                   embeddedNATS
+	source                     string // "table" or "messages"
+	messagePrefix              string // messages: the pg_logical_emit_message prefix
 }
 
 func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(string) (string, bool)) error {
@@ -51,6 +53,8 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.DurationVar(&cfg.repl.StatusInterval, "status-interval", replication.DefaultStatusInterval, "longest time between two standby status updates to Postgres")
 	fs.DurationVar(&cfg.repl.IdleTimeout, "pg-idle-timeout", replication.DefaultIdleTimeout, "no message from Postgres for this long while reading: probe the connection, and reconnect if another period passes silently")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", 10*time.Second, "on SIGINT/SIGTERM, how long to wait for in-flight acks before the final status update")
+	fs.StringVar(&cfg.source, "source", "table", "where events come from: table (rows inserted into --table) or messages (pg_logical_emit_message, table-less)")
+	fs.StringVar(&cfg.messagePrefix, "message-prefix", "outbox", "with --source messages: prefix of the transactional logical decoding messages that are events")
 	fs.BoolVar(&cfg.embedded.enabled, "embedded-nats", false, "run a NATS JetStream server inside the relay (development, demo) instead of connecting to --nats-url")
 	fs.StringVar(&cfg.embedded.dir, "embedded-nats-dir", "", "JetStream store directory of the embedded server (default: a temporary directory deleted at exit)")
 	fs.StringVar(&cfg.embedded.listen, "embedded-nats-listen", "127.0.0.1:4222", "host:port the embedded server listens on (port 0: a free port)")
@@ -76,6 +80,17 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	}
 	if cfg.sink.Window < 1 {
 		return usageError{fmt.Errorf("--max-in-flight must be at least 1")}
+	}
+	switch cfg.source {
+	case "table":
+		cfg.messagePrefix = ""
+	case "messages":
+		if cfg.messagePrefix == "" {
+			return usageError{fmt.Errorf("--message-prefix must not be empty with --source messages")}
+		}
+		cfg.repl.Messages = true
+	default:
+		return usageError{fmt.Errorf("--source %q: use table or messages", cfg.source)}
 	}
 	cfg.repl.Slot, cfg.repl.Publication = cfg.slot, cfg.publication
 	cfg.reconnectMin, cfg.reconnectMax = 200*time.Millisecond, 15*time.Second

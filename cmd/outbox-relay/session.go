@@ -55,7 +55,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	}
 
 	trk := checkpoint.New(start)
-	dec := decoder.New(decoder.Config{Schema: cfg.schema, Table: cfg.table, SubjectPrefix: cfg.sink.SubjectPrefix})
+	dec := decoder.New(decoder.Config{Schema: cfg.schema, Table: cfg.table, SubjectPrefix: cfg.sink.SubjectPrefix, MessagePrefix: cfg.messagePrefix})
 	confirm := trk.Confirm
 	if n, ok := failpointN(cfg.failpoint, "kill_after_acks"); ok {
 		var acks atomic.Int64
@@ -168,6 +168,8 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 		return p.pub.Publish(ctx, ch.Event, p.trk.Add())
 	case decoder.Commit:
 		p.trk.Commit(ch.CommitEnd)
+	case decoder.NonTransactional:
+		p.log.Warn().Msg("ignored a non-transactional logical decoding message with the event prefix: it is not tied to a commit (it is decoded even if its transaction rolls back), so it is not published; emit events with pg_logical_emit_message(true, ...) or outbox_emit")
 	}
 	return nil
 }
