@@ -45,6 +45,7 @@ type usageError struct{ error }
 const commands = `commands:
   run       relay outbox inserts to JetStream
   migrate   create the outbox table and its publication (idempotent)
+  prune     delete published outbox rows older than --older-than, in batches
   version   print the version`
 
 func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) (string, bool)) error {
@@ -56,6 +57,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 		return cmdRun(ctx, args[1:], stderr, env)
 	case "migrate":
 		return cmdMigrate(ctx, args[1:], stdout, stderr, env)
+	case "prune":
+		return cmdPrune(ctx, args[1:], stdout, stderr, env)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "outbox-relay", version)
 		return nil
