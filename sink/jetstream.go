@@ -120,6 +120,9 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 	}
 	j.held = false
 	e := &entry{msg: buildMsg(ev), id: string(ev.ID), ticket: tk}
+	if j.cfg.CloudEvents {
+		addCloudEvents(e.msg.Header, ev, j.cfg.CloudEventsSource)
+	}
 	if max := j.maxPayload(); max > 0 && msgSize(e.msg) > max {
 		<-j.sem
 		return fmt.Errorf("%w: event %s (transaction committed at %s) is %d bytes with headers, over the server's max_payload of %d",

@@ -62,6 +62,11 @@ type Config struct {
 	// AckTimeout: a publish without an ack after this long is treated as not stored and
 	// re-published (default 5s).
 	AckTimeout time.Duration
+	// CloudEvents adds CloudEvents binary-mode headers (ce-id, ce-type, ce-source, ce-time,
+	// ce-specversion, ce-subject, content-type) to the relay's own.
+	CloudEvents bool
+	// CloudEventsSource is ce-source (default DefaultCloudEventsSource).
+	CloudEventsSource string
 }
 
 func (c *Config) fill() {

@@ -68,6 +68,7 @@ func requirePublished(t *testing.T, url string, want []outbox.Event) {
 		require.JSONEq(t, string(e.Payload), string(r.Data))
 		require.NotEmpty(t, r.Header.Get(sink.HeaderCreatedAt))
 		require.NotContains(t, string(r.Data), "rolled-back")
+		require.Empty(t, r.Header.Get("ce-id"), "no CloudEvents headers without --headers cloudevents")
 		if i == 20 {
 			require.Equal(t, testTraceparent, r.Header.Get("traceparent"))
 		} else {
@@ -129,4 +130,30 @@ func TestMessageMode_OutboxEmitFromSQL(t *testing.T) {
 	require.Equal(t, "v", recs[1].Header.Get("k"))
 	require.Equal(t, recs[0].Header.Get(sink.HeaderCommitLSN), recs[1].Header.Get(sink.HeaderCommitLSN))
 	require.Error(t, pg.QueryRow(t, `SELECT outbox_emit('invoice', '7', 'X', NULL)`).Scan(new(string)), "a NULL payload is refused")
+}
+
+func TestRelay_CloudEventsHeaders(t *testing.T) {
+	e := newEnv(t)
+	stop, _ := inProcess(t, e.args("--headers", "cloudevents", "--cloudevents-source", "/shop/orders"))
+	waitStreaming(t, e.pg, "outbox_relay")
+	e.pg.Exec(t, `INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers)
+		VALUES ('00000000-0000-4000-8000-0000000000ce', 'order', '42', 'OrderCreated', '{"total": 10}', '{"ce-type": "spoofed"}')`)
+	waitStream(t, e.nats.URL, 1, 30*time.Second)
+	require.NoError(t, stop())
+	r := readStream(t, e.nats.URL, sink.DefaultStream)[0]
+	require.Equal(t, "1.0", r.Header.Get("ce-specversion"))
+	require.Equal(t, "00000000-0000-4000-8000-0000000000ce", r.Header.Get("ce-id"))
+	require.Equal(t, "OrderCreated", r.Header.Get("ce-type"), "the relay's attribute wins over the headers column")
+	require.Equal(t, "/shop/orders", r.Header.Get("ce-source"))
+	require.Equal(t, "42", r.Header.Get("ce-subject"))
+	require.Equal(t, r.Header.Get(sink.HeaderCreatedAt), r.Header.Get("ce-time"))
+	_, err := time.Parse(time.RFC3339Nano, r.Header.Get("ce-time"))
+	require.NoError(t, err)
+	require.Equal(t, "application/json", r.Header.Get("content-type"))
+	require.Equal(t, "00000000-0000-4000-8000-0000000000ce", r.Header.Get(sink.HeaderMsgID))
+	require.Equal(t, `{"total": 10}`, string(r.Data))
+
+	// An unknown value is a usage error.
+	var out bytes.Buffer
+	require.ErrorContains(t, dispatch(context.Background(), e.args("--headers", "xml"), &out, &out, noEnv), "--headers")
 }

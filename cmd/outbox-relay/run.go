@@ -58,6 +58,8 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.BoolVar(&cfg.embedded.enabled, "embedded-nats", false, "run a NATS JetStream server inside the relay (development, demo) instead of connecting to --nats-url")
 	fs.StringVar(&cfg.embedded.dir, "embedded-nats-dir", "", "JetStream store directory of the embedded server (default: a temporary directory deleted at exit)")
 	fs.StringVar(&cfg.embedded.listen, "embedded-nats-listen", "127.0.0.1:4222", "host:port the embedded server listens on (port 0: a free port)")
+	headers := fs.String("headers", "outbox", "message headers: outbox (Nats-Msg-Id, Outbox-*, the headers column) or cloudevents (the same plus CloudEvents binary-mode ce-* headers)")
+	fs.StringVar(&cfg.sink.CloudEventsSource, "cloudevents-source", sink.DefaultCloudEventsSource, "with --headers cloudevents: the ce-source attribute")
 	lf.register(fs)
 	if err := parseFlags(fs, args, env); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -80,6 +82,13 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	}
 	if cfg.sink.Window < 1 {
 		return usageError{fmt.Errorf("--max-in-flight must be at least 1")}
+	}
+	switch *headers {
+	case "outbox":
+	case "cloudevents":
+		cfg.sink.CloudEvents = true
+	default:
+		return usageError{fmt.Errorf("--headers %q: use outbox or cloudevents", *headers)}
 	}
 	switch cfg.source {
 	case "table":
