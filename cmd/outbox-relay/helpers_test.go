@@ -212,7 +212,9 @@ func readStream(t *testing.T, url, stream string) []record {
 	c, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
 	require.NoError(t, err)
 	for uint64(len(out)) < info.State.Msgs {
-		batch, err := c.Fetch(1000, jetstream.FetchMaxWait(5*time.Second))
+		// Ask for exactly what is left, so the last batch does not wait out FetchMaxWait.
+		want := min(1000, int(info.State.Msgs)-len(out))
+		batch, err := c.Fetch(want, jetstream.FetchMaxWait(5*time.Second))
 		require.NoError(t, err)
 		n := 0
 		for m := range batch.Messages() {
