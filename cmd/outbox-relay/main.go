@@ -46,6 +46,7 @@ const commands = `commands:
   run       relay outbox inserts to JetStream
   migrate   create the outbox table and its publication (idempotent)
   prune     delete published outbox rows older than --older-than, in batches
+  slot      create, drop or list replication slots
   version   print the version`
 
 func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) (string, bool)) error {
@@ -59,6 +60,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 		return cmdMigrate(ctx, args[1:], stdout, stderr, env)
 	case "prune":
 		return cmdPrune(ctx, args[1:], stdout, stderr, env)
+	case "slot":
+		return cmdSlot(ctx, args[1:], stdout, stderr, env)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "outbox-relay", version)
 		return nil
