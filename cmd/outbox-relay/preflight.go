@@ -4,71 +4,337 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/replication"
+	"github.com/outbox-relay/outbox-relay/sink"
 )
 
-// preflight checks what a session needs and names the fix for what is missing.
-func preflight(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
+// preflightReport collects every problem found before the relay starts, so that an operator
+// fixes them in one go instead of one restart per problem.
+type preflightReport struct {
+	problems []string
+	warnings []string
+}
+
+func (r *preflightReport) fail(format string, args ...any) {
+	r.problems = append(r.problems, fmt.Sprintf(format, args...))
+}
+
+func (r *preflightReport) warn(format string, args ...any) {
+	r.warnings = append(r.warnings, fmt.Sprintf(format, args...))
+}
+
+// PreflightError lists every problem found at start-up, each with its fix.
+type PreflightError struct{ Problems []string }
+
+func (e *PreflightError) Error() string {
+	var b strings.Builder
+	if len(e.Problems) == 1 {
+		b.WriteString("preflight check failed, the relay did not start:")
+	} else {
+		fmt.Fprintf(&b, "preflight found %d problems, the relay did not start:", len(e.Problems))
+	}
+	for i, p := range e.Problems {
+		fmt.Fprintf(&b, "\n  %d. %s", i+1, strings.ReplaceAll(p, "\n", "\n     "))
+	}
+	return b.String()
+}
+
+// broker is the NATS connection preflight opened and checked.
+type broker struct {
+	nc *nats.Conn
+	js jetstream.JetStream
+}
+
+// preflight checks everything a session needs, Postgres and NATS alike, and returns one
+// error listing every problem with its fix. Warnings are logged. When nothing is wrong it
+// creates the slot if asked to, and returns the connected broker.
+func preflight(ctx context.Context, cfg runConfig, log zerolog.Logger, natsOpts ...nats.Option) (*broker, error) {
+	var r preflightReport
+	createSlot := checkPostgres(ctx, cfg, &r)
+	b := checkBroker(ctx, cfg, &r, log, natsOpts...)
+	for _, w := range r.warnings {
+		log.Warn().Msg(w)
+	}
+	if len(r.problems) == 0 && createSlot {
+		if err := doCreateSlot(ctx, cfg, log); err != nil {
+			r.fail("%v", err)
+		}
+	}
+	if len(r.problems) > 0 {
+		if b != nil {
+			b.nc.Close()
+		}
+		return nil, fatalError{&PreflightError{Problems: r.problems}}
+	}
+	return b, nil
+}
+
+func doCreateSlot(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 	conn, err := connectPG(ctx, cfg.pgURL)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.Background())
-	var walLevel string
-	if err := conn.QueryRow(ctx, `SHOW wal_level`).Scan(&walLevel); err != nil {
-		return fmt.Errorf("read wal_level: %w", err)
-	}
-	if walLevel != "logical" {
-		return fatalError{fmt.Errorf("wal_level is %q, logical replication needs 'logical': run ALTER SYSTEM SET wal_level = logical; and restart Postgres", walLevel)}
-	}
-	var pubExists, pubHasTable bool
-	err = conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
-		EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)`,
-		cfg.publication, cfg.schema, cfg.table).Scan(&pubExists, &pubHasTable)
+	lsn, err := replication.CreateSlot(ctx, conn, cfg.slot)
 	if err != nil {
-		return fmt.Errorf("look up publication %q: %w", cfg.publication, err)
+		return err
 	}
-	mo := migrations.Options{Schema: cfg.schema, Table: cfg.table, Publication: cfg.publication}
-	if !pubExists {
-		return fatalError{fmt.Errorf("publication %q does not exist: run outbox-relay migrate, or: %s", cfg.publication, migrations.PublicationSQL(mo))}
+	log.Info().Stringer("lsn", lsn).Msg("created replication slot")
+	return nil
+}
+
+// checkPostgres records the Postgres problems and reports whether the slot must be created.
+func checkPostgres(ctx context.Context, cfg runConfig, r *preflightReport) (createSlot bool) {
+	conn, err := connectPG(ctx, cfg.pgURL)
+	if err != nil {
+		r.fail("%v: is Postgres running and is --pg-url right?", err)
+		return false
 	}
+	defer conn.Close(context.Background())
+	q := func(what, sql string, dest ...any) bool {
+		if err := conn.QueryRow(ctx, sql).Scan(dest...); err != nil {
+			r.fail("read %s: %v", what, err)
+			return false
+		}
+		return true
+	}
+
+	var walLevel, keepSize string
+	if q("wal_level", `SHOW wal_level`, &walLevel) && walLevel != "logical" {
+		r.fail("wal_level is %q; logical replication needs 'logical'. Fix: run ALTER SYSTEM SET wal_level = logical; as a superuser and restart Postgres (on a managed service, set the parameter group's wal_level / rds.logical_replication)", walLevel)
+	}
+	if q("max_slot_wal_keep_size", `SHOW max_slot_wal_keep_size`, &keepSize) && keepSize == "-1" {
+		r.warn("max_slot_wal_keep_size is unlimited (-1): if the relay stops for long, its slot keeps WAL until the disk is full and Postgres stops. Consider a limit (ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT pg_reload_conf();) and alert on slot lag; see README, Operating the slot")
+	}
+
+	var user string
+	var super, repl bool
+	if q("role attributes", `SELECT current_user::text, rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user`, &user, &super, &repl) && !super && !repl {
+		r.fail("role %q lacks the REPLICATION attribute, which a logical replication connection needs. Fix, as a superuser: ALTER ROLE %s REPLICATION;", user, pgx.Identifier{user}.Sanitize())
+	}
+
+	table := pgx.Identifier{cfg.schema, cfg.table}.Sanitize()
+	owner, tableOK := "", false
 	if cfg.source == "messages" {
 		var version int
-		if err := conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&version); err != nil {
-			return fmt.Errorf("read server_version_num: %w", err)
+		if q("server_version_num", `SELECT current_setting('server_version_num')::int`, &version) && version < 140000 {
+			r.fail("--source messages needs PostgreSQL 14 or later (pgoutput's messages option); this server is %d: use --source table", version)
 		}
-		if version < 140000 {
-			return fatalError{fmt.Errorf("--source messages needs PostgreSQL 14 or later (pgoutput's messages option); this server is %d: use --source table", version)}
+	} else {
+		owner, tableOK = checkTable(ctx, conn, cfg, r)
+	}
+
+	var pubExists, pubInsert, pubHasTable bool
+	err = conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
+		coalesce((SELECT pubinsert FROM pg_publication WHERE pubname = $1), false),
+		EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)`,
+		cfg.publication, cfg.schema, cfg.table).Scan(&pubExists, &pubInsert, &pubHasTable)
+	asOwner := ""
+	if owner != "" && owner != user {
+		asOwner = fmt.Sprintf(" as the table's owner %q (or a superuser)", owner)
+	}
+	switch {
+	case err != nil:
+		r.fail("look up publication %q: %v", cfg.publication, err)
+	case !pubExists:
+		r.fail("publication %q does not exist. Fix: run outbox-relay publication create (or migrate for the default table), or%s:\n%s", cfg.publication, asOwner,
+			migrations.PublicationSQL(migrations.Options{Schema: cfg.schema, Table: cfg.table, Publication: cfg.publication}))
+	case !pubHasTable && tableOK && cfg.source != "messages":
+		r.fail("publication %q does not include %s. Fix: run outbox-relay publication create, or%s:\nALTER PUBLICATION %s ADD TABLE %s;", cfg.publication, table, asOwner, pgx.Identifier{cfg.publication}.Sanitize(), table)
+	case !pubInsert && cfg.source != "messages":
+		r.fail("publication %q does not publish INSERTs. Fix:\nALTER PUBLICATION %s SET (publish = 'insert');", cfg.publication, pgx.Identifier{cfg.publication}.Sanitize())
+	}
+
+	if cfg.temporarySlot {
+		if s, err := replication.GetSlot(ctx, conn, cfg.slot); err == nil {
+			r.fail("--temporary-slot: a slot named %q already exists (%s, active %v); choose another --slot for the temporary one, or run without --temporary-slot to use it", cfg.slot, s.Plugin, s.Active)
 		}
-	} else if !pubHasTable {
-		return fatalError{fmt.Errorf("publication %q does not include %s.%s: run ALTER PUBLICATION %q ADD TABLE %s.%s;", cfg.publication, cfg.schema, cfg.table, cfg.publication, cfg.schema, cfg.table)}
+		return false
 	}
 	slot, err := replication.GetSlot(ctx, conn, cfg.slot)
 	if errors.Is(err, replication.ErrSlotMissing) {
 		if !cfg.createSlot {
-			return fatalError{fmt.Errorf("replication slot %q does not exist: pass --create-slot to create it", cfg.slot)}
+			r.fail("replication slot %q does not exist. Fix: pass --create-slot (or run outbox-relay slot create --slot %s); for throwaway development use --temporary-slot", cfg.slot, cfg.slot)
+			return false
 		}
-		lsn, err := replication.CreateSlot(ctx, conn, cfg.slot)
-		if err != nil {
-			return err
-		}
-		log.Info().Stringer("lsn", lsn).Msg("created replication slot")
-		return nil
+		return walLevel == "logical"
 	}
 	if err != nil {
-		return err
+		r.fail("%v", err)
+		return false
 	}
+	if m := slotMismatch(slot); m != "" {
+		r.fail("replication slot %q %s. Fix: choose another --slot (with --create-slot), or drop this one if nothing else uses it", cfg.slot, m)
+		return false
+	}
+	switch slot.WALStatus {
+	case "lost":
+		r.fail("%s", lostSlotMessage(cfg, slot))
+		return false
+	case "unreserved":
+		r.warn("replication slot %q has wal_status unreserved: it is past max_slot_wal_keep_size and will be invalidated at the next checkpoint unless the relay catches up at once", cfg.slot)
+	}
+	if slot.Active && !cfg.standby {
+		r.fail("replication slot %q is active: another process (pid %d%s) is reading it. Fix: stop that relay, or pass --standby to wait and take over when it releases the slot (active/passive HA)", cfg.slot, slot.ActivePID, holderInfo(ctx, conn, slot.ActivePID))
+	}
+	if cfg.startLSN != 0 && cfg.startLSN < slot.ConfirmedFlush {
+		r.fail("--start-lsn %s is behind the slot's confirmed_flush_lsn %s: Postgres no longer has the WAL before it for this slot, so the relay cannot start there. Fix: pass --start-lsn %s or later, or leave it out", cfg.startLSN, slot.ConfirmedFlush, slot.ConfirmedFlush)
+	}
+	return false
+}
+
+// lostSlotMessage explains an invalidated slot: what was lost and how to recover.
+func lostSlotMessage(cfg runConfig, s replication.Slot) string {
+	createdAt := "created_at"
+	if cfg.columns.CreatedAt != "" {
+		createdAt = cfg.columns.CreatedAt
+	}
+	table := pgx.Identifier{cfg.schema, cfg.table}.Sanitize()
+	return fmt.Sprintf(`replication slot %q is invalidated (wal_status = lost): Postgres removed WAL the slot still needed (it fell more than max_slot_wal_keep_size behind), so the events committed after its confirmed_flush_lsn %s can no longer be decoded and will never be relayed from this slot. Recovery:
+(a) note the time of the last event in the stream (header Outbox-Created-At of the stream's last message; nats stream info / nats stream get %s --last-for '%s.>');
+(b) drop and recreate the slot: outbox-relay slot drop --slot %s --force && outbox-relay slot create --slot %s;
+(c) start the relay, then republish the gap from the table, e.g. the rows with %s >= that time minus a safety margin: SELECT * FROM %s WHERE %s >= '<time>' ORDER BY %s; re-inserting them (same id) publishes them again, and JetStream drops the ones it still has within its duplicate window.
+To stop it from happening again, alert on the slot lag (outbox_relay_slot_lag_bytes) well before max_slot_wal_keep_size.`,
+		cfg.slot, s.ConfirmedFlush, cfg.sink.Stream, cfg.sink.SubjectPrefix, cfg.slot, cfg.slot, createdAt, table, pgx.Identifier{createdAt}.Sanitize(), pgx.Identifier{createdAt}.Sanitize())
+}
+
+// holderInfo describes the backend holding a slot, for the error naming it.
+func holderInfo(ctx context.Context, conn *pgx.Conn, pid int32) string {
+	var app, addr string
+	err := conn.QueryRow(ctx, `SELECT coalesce(application_name, ''), coalesce(host(client_addr), 'local') FROM pg_stat_activity WHERE pid = $1`, pid).Scan(&app, &addr)
+	if err != nil {
+		return ""
+	}
+	return fmt.Sprintf(", application_name %q, client %s", app, addr)
+}
+
+// Types a mapped column may have.
+var (
+	payloadTypes   = []string{"text", "character varying", "json", "jsonb", "bytea"}
+	headersTypes   = []string{"json", "jsonb", "text", "character varying"}
+	createdAtTypes = []string{"timestamp with time zone", "timestamp without time zone"}
+)
+
+// checkTable records problems with the outbox table and its mapped columns; it returns the
+// table's owner and whether it exists.
+func checkTable(ctx context.Context, conn *pgx.Conn, cfg runConfig, r *preflightReport) (owner string, ok bool) {
+	table := pgx.Identifier{cfg.schema, cfg.table}.Sanitize()
+	var oid uint32
+	err := conn.QueryRow(ctx, `SELECT c.oid, pg_get_userbyid(c.relowner)::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')`, cfg.schema, cfg.table).Scan(&oid, &owner)
+	if errors.Is(err, pgx.ErrNoRows) {
+		r.fail("table %s does not exist. Fix: run outbox-relay migrate to create the default outbox table, or point --table at your table (and map its columns with --column-*)", table)
+		return "", false
+	}
+	if err != nil {
+		r.fail("look up table %s: %v", table, err)
+		return "", false
+	}
+	rows, err := conn.Query(ctx, `SELECT attname::text, format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped`, oid)
+	if err != nil {
+		r.fail("read the columns of %s: %v", table, err)
+		return owner, true
+	}
+	types := map[string]string{}
+	for rows.Next() {
+		var name, typ string
+		if err := rows.Scan(&name, &typ); err == nil {
+			types[name] = typ
+		}
+	}
+	rows.Close()
+	cols := cfg.columns
+	if cols == (decoder.Columns{}) {
+		cols = decoder.DefaultColumns
+	}
+	check := func(flag, name string, required bool, allowed []string) {
+		if name == "" {
+			return
+		}
+		typ, found := types[name]
+		switch {
+		case !found && required:
+			r.fail("table %s has no column %q (the event's %s). Fix: map the right column with --%s, or add it", table, name, strings.TrimPrefix(flag, "column-"), flag)
+		case !found:
+			r.warn("table %s has no column %q; events carry no %s (map one with --%s)", table, name, strings.TrimPrefix(flag, "column-"), flag)
+		case allowed != nil && !contains(allowed, typ):
+			r.fail("column %s.%s has type %s, which the relay cannot use as the %s. Fix: use one of %s (ALTER TABLE %s ALTER COLUMN %s TYPE ...), or map another column with --%s",
+				table, pgx.Identifier{name}.Sanitize(), typ, strings.TrimPrefix(flag, "column-"), strings.Join(allowed, ", "), table, pgx.Identifier{name}.Sanitize(), flag)
+		}
+	}
+	check("column-id", cols.ID, true, nil)
+	check("column-aggregate-type", cols.AggregateType, true, nil)
+	check("column-aggregate-id", cols.AggregateID, true, nil)
+	check("column-event-type", cols.EventType, true, nil)
+	check("column-payload", cols.Payload, true, payloadTypes)
+	check("column-headers", cols.Headers, false, headersTypes)
+	check("column-created-at", cols.CreatedAt, false, createdAtTypes)
+	return owner, true
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
+
+// checkBroker connects to NATS and checks the stream; it records the problems and returns the
+// connection when it is usable.
+func checkBroker(ctx context.Context, cfg runConfig, r *preflightReport, log zerolog.Logger, opts ...nats.Option) *broker {
+	nc, err := sink.Connect(cfg.natsURL, opts...)
+	if err != nil {
+		if errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthRevoked) ||
+			strings.Contains(strings.ToLower(err.Error()), "authorization") {
+			r.fail("NATS refused the credentials (%v). Fix: put the right user:password or token in --nats-url (nats://user:pass@host:4222)", err)
+		} else {
+			r.fail("%v", err)
+		}
+		return nil
+	}
+	js, err := sink.NewJetStreamContext(nc, cfg.sink)
+	if err != nil {
+		nc.Close()
+		r.fail("JetStream: %v", err)
+		return nil
+	}
+	info, err := sink.EnsureStream(ctx, js, cfg.sink, log)
+	if err != nil {
+		r.fail("%v", err)
+		return &broker{nc: nc, js: js}
+	}
+	c := info.Config
 	switch {
-	case slot.SlotType != "logical" || slot.Plugin != "pgoutput":
-		return fatalError{fmt.Errorf("replication slot %q uses plugin %q (%s), the relay needs a logical pgoutput slot: choose another --slot", cfg.slot, slot.Plugin, slot.SlotType)}
-	case !slot.CurrentDatabase:
-		return fatalError{fmt.Errorf("replication slot %q belongs to database %q, not the one in --pg-url: choose another --slot or connect to %q", cfg.slot, slot.Database, slot.Database)}
-	case slot.WALStatus == "lost":
-		return fatalError{fmt.Errorf("replication slot %q is invalidated (wal_status = lost): the WAL it needed was removed, so events committed while the relay was behind are not in the replication stream any more. Drop and recreate the slot, then republish the rows committed since %s from the table", cfg.slot, slot.ConfirmedFlush)}
+	case c.Mirror != nil:
+		r.fail("stream %s is a mirror of %s and takes no published messages. Fix: choose another --stream", c.Name, c.Mirror.Name)
+	case c.Sealed:
+		r.fail("stream %s is sealed and takes no new messages. Fix: choose another --stream", c.Name)
+	case c.NoAck:
+		r.fail("stream %s has no_ack set: JetStream would store events without acknowledging them, so the relay could never confirm a position. Fix: nats stream edit %s --ack, or choose another --stream", c.Name, c.Name)
 	}
-	return nil
+	return &broker{nc: nc, js: js}
+}
+
+// parseStartLSN parses --start-lsn ("" is none).
+func parseStartLSN(s string) (pglogrepl.LSN, error) {
+	if s == "" {
+		return 0, nil
+	}
+	lsn, err := pglogrepl.ParseLSN(s)
+	if err != nil {
+		return 0, fmt.Errorf("--start-lsn %q: use the X/Y form Postgres prints, e.g. 0/16B3748", s)
+	}
+	return lsn, nil
 }

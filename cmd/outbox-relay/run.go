@@ -22,6 +22,9 @@ type runConfig struct {
 	schema, table              string
 	publication, slot          string
 	createSlot                 bool
+	temporarySlot, standby     bool
+	startLSN                   pglogrepl.LSN
+	columns                    decoder.Columns
 	sink                       sink.Config
 	repl                       replication.Config
 	drainTimeout               time.Duration
@@ -134,10 +137,7 @@ func isFatal(err error) bool {
 // resumes from the highest position confirmed so far.
 func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 	log = log.With().Str("slot", cfg.slot).Logger()
-	if err := preflight(ctx, cfg, log); err != nil {
-		return err
-	}
-	nc, err := sink.Connect(cfg.natsURL,
+	b, err := preflight(ctx, cfg, log,
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
 				log.Warn().Err(err).Msg("disconnected from NATS; reconnecting")
@@ -149,14 +149,8 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	js, err := sink.NewJetStreamContext(nc, cfg.sink)
-	if err != nil {
-		return err
-	}
-	if _, err := sink.EnsureStream(ctx, js, cfg.sink, log); err != nil {
-		return err
-	}
+	defer b.nc.Close()
+	js := b.js
 
 	var resume pglogrepl.LSN
 	wait := cfg.reconnectMin
