@@ -57,6 +57,8 @@ type Config struct {
 	// (pg_logical_emit_message(true, MessagePrefix, json)) into events too; the replication
 	// stream must be started with messages 'true'. See decodeMessage for the content.
 	MessagePrefix string
+	// Subject, when set, builds each subject instead of <prefix>.<aggregate_type>.<event_type>.
+	Subject *SubjectTemplate
 }
 
 // Event is one outbox row. Every byte slice aliases either the message passed to Decode or the
@@ -396,9 +398,18 @@ func (d *Decoder) decodeInsert(r *reader) (Change, error) {
 			d.created, ev.CreatedAt = t, t
 		}
 	}
-	d.subject = AppendSubject(d.subject[:0], d.cfg.SubjectPrefix, ev.AggregateType, ev.EventType)
-	ev.Subject = d.subject
+	d.setSubject(ev)
 	return Change{Kind: Insert, Event: ev}, nil
+}
+
+// setSubject builds ev's subject with the template, or <prefix>.<aggregate_type>.<event_type>.
+func (d *Decoder) setSubject(ev *Event) {
+	if d.cfg.Subject != nil {
+		d.subject = d.cfg.Subject.Append(d.subject[:0], ev)
+	} else {
+		d.subject = AppendSubject(d.subject[:0], d.cfg.SubjectPrefix, ev.AggregateType, ev.EventType)
+	}
+	ev.Subject = d.subject
 }
 
 // decodeByteaHex decodes Postgres' hex bytea output (\x...) into dst.

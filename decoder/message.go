@@ -80,7 +80,6 @@ func (d *Decoder) decodeMessage(r *reader) (Change, error) {
 		d.created = t.UTC().AppendFormat(d.created[:0], "2006-01-02T15:04:05.000000Z07:00")
 		ev.CreatedAt = d.created
 	}
-	d.subject = AppendSubject(d.subject[:0], d.cfg.SubjectPrefix, ev.AggregateType, ev.EventType)
-	ev.Subject = d.subject
+	d.setSubject(ev)
 	return Change{Kind: Insert, Event: ev}, nil
 }

@@ -1,5 +1,7 @@
 package decoder
 
+import "fmt"
+
 // NATS subject tokens may not contain '.', '*', '>', whitespace or control characters, and may
 // not be empty (https://docs.nats.io/nats-concepts/subjects#characters-allowed-and-recommended-for-subject-names).
 // Column values are made into valid tokens deterministically:
@@ -64,4 +66,131 @@ func ValidPrefix(p string) bool {
 		}
 	}
 	return true
+}
+
+// SubjectTemplate is a compiled --subject-template such as
+// "{prefix}.{aggregate_type}.{aggregate_id}.{event_type}". It is parsed once into literal parts
+// and placeholders, so building a subject appends bytes and allocates nothing. Every
+// substituted value is sanitized with AppendToken; {prefix} is replaced by the (validated)
+// subject prefix when the template is parsed.
+type SubjectTemplate struct {
+	parts  []templatePart
+	prefix string // leading literal tokens: the stream must cover <prefix>.>
+}
+
+type templatePart struct {
+	lit   string
+	field templateField
+}
+
+type templateField uint8
+
+const (
+	fieldLiteral templateField = iota
+	fieldAggregateType
+	fieldAggregateID
+	fieldEventType
+)
+
+// DefaultSubjectTemplate gives <prefix>.<aggregate_type>.<event_type>.
+const DefaultSubjectTemplate = "{prefix}.{aggregate_type}.{event_type}"
+
+// ParseSubjectTemplate compiles tmpl. Placeholders: {prefix}, {aggregate_type},
+// {aggregate_id}, {event_type}. The result must be a valid subject whatever the values, and
+// must start with at least one literal token (the stream is bound to it).
+func ParseSubjectTemplate(tmpl, prefix string) (*SubjectTemplate, error) {
+	t := &SubjectTemplate{}
+	var lit []byte
+	flush := func() {
+		if len(lit) > 0 {
+			t.parts = append(t.parts, templatePart{lit: string(lit)})
+			lit = lit[:0]
+		}
+	}
+	sample := make([]byte, 0, len(tmpl))
+	for i := 0; i < len(tmpl); {
+		if tmpl[i] != '{' {
+			lit = append(lit, tmpl[i])
+			sample = append(sample, tmpl[i])
+			i++
+			continue
+		}
+		end := -1
+		for j := i + 1; j < len(tmpl); j++ {
+			if tmpl[j] == '}' {
+				end = j
+				break
+			}
+		}
+		if end < 0 {
+			return nil, fmt.Errorf("subject template %q: unclosed '{'", tmpl)
+		}
+		var f templateField
+		switch name := tmpl[i+1 : end]; name {
+		case "prefix":
+			lit = append(lit, prefix...)
+			sample = append(sample, prefix...)
+			i = end + 1
+			continue
+		case "aggregate_type":
+			f = fieldAggregateType
+		case "aggregate_id":
+			f = fieldAggregateID
+		case "event_type":
+			f = fieldEventType
+		default:
+			return nil, fmt.Errorf("subject template %q: unknown placeholder {%s}; use {prefix}, {aggregate_type}, {aggregate_id} or {event_type}", tmpl, name)
+		}
+		if len(t.parts) == 0 && t.prefix == "" {
+			t.prefix = leadingTokens(string(lit))
+		}
+		flush()
+		t.parts = append(t.parts, templatePart{field: f})
+		sample = append(sample, 'x')
+		i = end + 1
+	}
+	if t.prefix == "" && len(t.parts) == 0 {
+		// No placeholder at all: the stream prefix is everything but the last token.
+		t.prefix = leadingTokens(string(lit))
+	}
+	flush()
+	if !ValidPrefix(string(sample)) {
+		return nil, fmt.Errorf("subject template %q does not give a valid NATS subject (tokens separated by single dots, no spaces, '*' or '>')", tmpl)
+	}
+	if t.prefix == "" {
+		return nil, fmt.Errorf("subject template %q must start with at least one literal token followed by a dot (e.g. {prefix}.): the stream is bound to it", tmpl)
+	}
+	return t, nil
+}
+
+// leadingTokens returns the complete tokens of a literal (everything before its last dot).
+func leadingTokens(lit string) string {
+	for i := len(lit) - 1; i >= 0; i-- {
+		if lit[i] == '.' {
+			return lit[:i]
+		}
+	}
+	return ""
+}
+
+// Prefix returns the template's leading literal tokens: every subject it gives matches
+// <Prefix>.>.
+func (t *SubjectTemplate) Prefix() string { return t.prefix }
+
+// Append appends the subject for ev to dst.
+func (t *SubjectTemplate) Append(dst []byte, ev *Event) []byte {
+	for i := range t.parts {
+		p := &t.parts[i]
+		switch p.field {
+		case fieldLiteral:
+			dst = append(dst, p.lit...)
+		case fieldAggregateType:
+			dst = AppendToken(dst, ev.AggregateType)
+		case fieldAggregateID:
+			dst = AppendToken(dst, ev.AggregateID)
+		case fieldEventType:
+			dst = AppendToken(dst, ev.EventType)
+		}
+	}
+	return dst
 }

@@ -43,11 +43,12 @@ func realMain() int {
 type usageError struct{ error }
 
 const commands = `commands:
-  run       relay outbox inserts to JetStream
-  migrate   create the outbox table and its publication (idempotent)
-  prune     delete published outbox rows older than --older-than, in batches
-  slot      create, drop or list replication slots
-  version   print the version`
+  run          relay outbox inserts to JetStream
+  migrate      create the outbox table and its publication (idempotent)
+  prune        delete published outbox rows older than --older-than, in batches
+  slot         create, drop or list replication slots
+  publication  create, drop or show the publication of a table's inserts
+  version      print the version`
 
 func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) (string, bool)) error {
 	if len(args) == 0 {
@@ -60,6 +61,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 		return cmdMigrate(ctx, args[1:], stdout, stderr, env)
 	case "prune":
 		return cmdPrune(ctx, args[1:], stdout, stderr, env)
+	case "publication":
+		return cmdPublication(ctx, args[1:], stdout, stderr, env)
 	case "slot":
 		return cmdSlot(ctx, args[1:], stdout, stderr, env)
 	case "version", "--version", "-version":

@@ -25,6 +25,7 @@ type runConfig struct {
 	temporarySlot, standby     bool
 	startLSN                   pglogrepl.LSN
 	columns                    decoder.Columns
+	subject                    *decoder.SubjectTemplate
 	sink                       sink.Config
 	repl                       replication.Config
 	drainTimeout               time.Duration
@@ -38,9 +39,9 @@ type runConfig struct {
 func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(string) (string, bool)) error {
 	fs := newFlagSet("run", "Relay every row inserted into the outbox table to NATS JetStream.", stderr)
 	var (
-		cfg   runConfig
-		lf    logFlags
-		table string
+		cfg             runConfig
+		lf              logFlags
+		table, template string
 	)
 	fs.StringVar(&cfg.pgURL, "pg-url", "", "Postgres connection URL or DSN (required); the relay adds replication=database for its replication connection")
 	fs.StringVar(&cfg.natsURL, "nats-url", nats.DefaultURL, "NATS server URL(s), comma separated")
@@ -50,6 +51,8 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.BoolVar(&cfg.createSlot, "create-slot", false, "create the slot if it does not exist")
 	fs.StringVar(&cfg.sink.Stream, "stream", sink.DefaultStream, "JetStream stream; created with subjects <subject-prefix>.> if missing")
 	fs.StringVar(&cfg.sink.SubjectPrefix, "subject-prefix", sink.DefaultSubjectPrefix, "first token(s) of every subject: <prefix>.<aggregate_type>.<event_type>")
+	fs.StringVar(&template, "subject-template", decoder.DefaultSubjectTemplate, "subject of each event; placeholders {prefix}, {aggregate_type}, {aggregate_id}, {event_type} (values sanitized as tokens)")
+	registerColumnFlags(fs, &cfg.columns)
 	fs.DurationVar(&cfg.sink.DuplicateWindow, "duplicate-window", sink.DefaultDuplicateWindow, "duplicate window of a stream the relay creates")
 	fs.IntVar(&cfg.sink.Window, "max-in-flight", sink.DefaultWindow, "events published and not yet acknowledged by JetStream, at most")
 	fs.DurationVar(&cfg.sink.AckTimeout, "ack-timeout", sink.DefaultAckTimeout, "a publish not acknowledged after this long is re-published")
@@ -82,6 +85,14 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	}
 	if !decoder.ValidPrefix(cfg.sink.SubjectPrefix) {
 		return usageError{fmt.Errorf("--subject-prefix %q is not a valid NATS subject prefix (tokens separated by dots, no spaces, '*' or '>')", cfg.sink.SubjectPrefix)}
+	}
+	if cfg.subject, err = decoder.ParseSubjectTemplate(template, cfg.sink.SubjectPrefix); err != nil {
+		return usageError{fmt.Errorf("--subject-template: %w", err)}
+	}
+	// The stream is bound to the template's literal leading tokens.
+	cfg.sink.SubjectPrefix = cfg.subject.Prefix()
+	if err := checkColumns(cfg.columns); err != nil {
+		return usageError{err}
 	}
 	if cfg.sink.Window < 1 {
 		return usageError{fmt.Errorf("--max-in-flight must be at least 1")}
@@ -116,6 +127,28 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 		cfg.natsURL = url
 	}
 	return relay(ctx, cfg, log)
+}
+
+// registerColumnFlags adds the --column-* flags mapping the table's columns to the event.
+func registerColumnFlags(fs *flag.FlagSet, c *decoder.Columns) {
+	d := decoder.DefaultColumns
+	fs.StringVar(&c.ID, "column-id", d.ID, "column holding the event id (Nats-Msg-Id)")
+	fs.StringVar(&c.AggregateType, "column-aggregate-type", d.AggregateType, "column holding the aggregate type")
+	fs.StringVar(&c.AggregateID, "column-aggregate-id", d.AggregateID, "column holding the aggregate id")
+	fs.StringVar(&c.EventType, "column-event-type", d.EventType, "column holding the event type")
+	fs.StringVar(&c.Payload, "column-payload", d.Payload, "column holding the message body: text, json, jsonb or bytea")
+	fs.StringVar(&c.Headers, "column-headers", d.Headers, "JSON object column whose string entries become message headers; empty: none")
+	fs.StringVar(&c.CreatedAt, "column-created-at", d.CreatedAt, "timestamp column sent as Outbox-Created-At; empty: none")
+}
+
+func checkColumns(c decoder.Columns) error {
+	for flag, v := range map[string]string{"column-id": c.ID, "column-aggregate-type": c.AggregateType,
+		"column-aggregate-id": c.AggregateID, "column-event-type": c.EventType, "column-payload": c.Payload} {
+		if v == "" {
+			return fmt.Errorf("--%s must name a column", flag)
+		}
+	}
+	return nil
 }
 
 // fatalError marks errors that reconnecting cannot fix.

@@ -55,7 +55,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	}
 
 	trk := checkpoint.New(start)
-	dec := decoder.New(decoder.Config{Schema: cfg.schema, Table: cfg.table, Columns: cfg.columns, SubjectPrefix: cfg.sink.SubjectPrefix, MessagePrefix: cfg.messagePrefix})
+	dec := decoder.New(decoder.Config{Schema: cfg.schema, Table: cfg.table, Columns: cfg.columns, Subject: cfg.subject, MessagePrefix: cfg.messagePrefix})
 	confirm := trk.Confirm
 	if n, ok := failpointN(cfg.failpoint, "kill_after_acks"); ok {
 		var acks atomic.Int64
