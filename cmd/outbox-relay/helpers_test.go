@@ -54,7 +54,7 @@ func (e *env) createSlot(t *testing.T) {
 func noEnv(string) (string, bool) { return "", false }
 
 func (e *env) args(extra ...string) []string {
-	return append([]string{"run", "--pg-url", e.pg.URL, "--nats-url", e.nats.URL, "--create-slot", "--log-format", "json", "--log-level", "debug"}, extra...)
+	return append([]string{"run", "--pg-url", e.pg.URL, "--nats-url", e.nats.URL, "--create-slot", "--log-format", "json", "--log-level", "debug", "--http-addr", "127.0.0.1:0"}, extra...)
 }
 
 // testLog collects a relay's log and shows it when the test fails.

@@ -39,7 +39,7 @@ func TestRelay_CustomTableColumnsAndSubjectTemplate(t *testing.T) {
 	require.True(t, pv.Insert)
 	require.False(t, pv.Update)
 
-	stop, _ := inProcess(t, []string{"run", "--pg-url", pg.URL, "--nats-url", js.URL, "--create-slot", "--log-format", "json",
+	stop, _ := inProcess(t, []string{"run", "--pg-url", pg.URL, "--nats-url", js.URL, "--create-slot", "--log-format", "json", "--http-addr", "127.0.0.1:0",
 		"--table", "app.domain_events", "--publication", "events_pub", "--slot", "events_slot",
 		"--column-id", "event_uuid", "--column-aggregate-type", "entity", "--column-aggregate-id", "entity_id",
 		"--column-event-type", "kind", "--column-payload", "body", "--column-headers", "meta", "--column-created-at", "happened_at",

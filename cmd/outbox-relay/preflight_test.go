@@ -22,7 +22,7 @@ func runPreflight(t *testing.T, args ...string) (msg, log string) {
 	var out bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	err := dispatch(ctx, append([]string{"run", "--log-format", "json"}, args...), &out, &out, noEnv)
+	err := dispatch(ctx, append([]string{"run", "--http-addr", "off", "--log-format", "json"}, args...), &out, &out, noEnv)
 	var pe *PreflightError
 	require.ErrorAs(t, err, &pe, "log: %s", out.String())
 	require.True(t, isFatal(err))
@@ -168,7 +168,7 @@ func TestPreflight_NATSAuthFailedAndPasswordRedacted(t *testing.T) {
 
 	// The right credentials pass.
 	right := strings.Replace(url, "nats://", "nats://relay:s3cret-pw@", 1)
-	stop, rlog := inProcess(t, []string{"run", "--pg-url", e.pg.URL, "--nats-url", right, "--log-format", "json"})
+	stop, rlog := inProcess(t, []string{"run", "--pg-url", e.pg.URL, "--nats-url", right, "--http-addr", "off", "--log-format", "json"})
 	waitStreaming(t, e.pg, "outbox_relay")
 	require.NoError(t, stop())
 	require.NotContains(t, rlog.String(), "s3cret-pw")

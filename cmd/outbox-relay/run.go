@@ -26,6 +26,10 @@ type runConfig struct {
 	startLSN                   pglogrepl.LSN
 	columns                    decoder.Columns
 	subject                    *decoder.SubjectTemplate
+	httpAddr                   string
+	stallTimeout               time.Duration
+	slotPollInterval           time.Duration
+	obs                        *observer // metrics, readiness, stall detection
 	sink                       sink.Config
 	repl                       replication.Config
 	drainTimeout               time.Duration
@@ -66,6 +70,8 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.StringVar(&cfg.embedded.listen, "embedded-nats-listen", "127.0.0.1:4222", "host:port the embedded server listens on (port 0: a free port)")
 	headers := fs.String("headers", "outbox", "message headers: outbox (Nats-Msg-Id, Outbox-*, the headers column) or cloudevents (the same plus CloudEvents binary-mode ce-* headers)")
 	fs.StringVar(&cfg.sink.CloudEventsSource, "cloudevents-source", sink.DefaultCloudEventsSource, "with --headers cloudevents: the ce-source attribute")
+	fs.StringVar(&cfg.httpAddr, "http-addr", ":9187", `address serving /metrics, /healthz and /readyz; "" or "off" disables it`)
+	fs.DurationVar(&cfg.stallTimeout, "stall-timeout", 60*time.Second, "events pending with nothing acknowledged (or no replication session) for this long turns /readyz to 503 and logs what is stuck; 0 disables")
 	lf.register(fs)
 	if err := parseFlags(fs, args, env); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -117,6 +123,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	}
 	cfg.repl.Slot, cfg.repl.Publication = cfg.slot, cfg.publication
 	cfg.reconnectMin, cfg.reconnectMax = 200*time.Millisecond, 15*time.Second
+	cfg.slotPollInterval = 10 * time.Second
 	cfg.failpoint, _ = env("OUTBOX_RELAY_FAILPOINT")
 	if cfg.embedded.enabled {
 		url, stop, err := cfg.embedded.start(log)
@@ -170,6 +177,8 @@ func isFatal(err error) bool {
 // resumes from the highest position confirmed so far.
 func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 	log = log.With().Str("slot", cfg.slot).Logger()
+	obs := newObserver(cfg.sink.Stream, log)
+	cfg.obs = obs
 	b, err := preflight(ctx, cfg, log,
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
@@ -184,6 +193,18 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 	}
 	defer b.nc.Close()
 	js := b.js
+	obs.nc.Store(b.nc)
+	if cfg.httpAddr != "" && cfg.httpAddr != "off" {
+		stopHTTP, err := obs.serveHTTP(ctx, cfg.httpAddr)
+		if err != nil {
+			return err
+		}
+		defer stopHTTP()
+	}
+	wctx, stopWatch := context.WithCancel(ctx)
+	watched := make(chan struct{})
+	go func() { defer close(watched); obs.watch(wctx, cfg) }()
+	defer func() { stopWatch(); <-watched }()
 
 	var resume pglogrepl.LSN
 	wait := cfg.reconnectMin
@@ -203,6 +224,7 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 		if isFatal(err) {
 			return err
 		}
+		obs.reconnected()
 		if time.Since(started) > time.Minute {
 			wait = cfg.reconnectMin
 		}

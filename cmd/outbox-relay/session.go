@@ -57,7 +57,11 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	trk := checkpoint.New(start)
 	dec := decoder.New(decoder.Config{Schema: cfg.schema, Table: cfg.table, Columns: cfg.columns, Subject: cfg.subject, MessagePrefix: cfg.messagePrefix})
 	confirm := trk.Confirm
+	if cfg.obs != nil {
+		confirm = func(t checkpoint.Ticket) { cfg.obs.stored(); trk.Confirm(t) }
+	}
 	if n, ok := failpointN(cfg.failpoint, "kill_after_acks"); ok {
+		stored := confirm
 		var acks atomic.Int64
 		confirm = func(t checkpoint.Ticket) {
 			if acks.Add(1) == n {
@@ -65,11 +69,13 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 				// confirmed to Postgres.
 				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 			}
-			trk.Confirm(t)
+			stored(t)
 		}
 	}
 	pub := sink.NewJetStream(js, cfg.sink, confirm, log)
-	p := &pipeline{dec: dec, trk: trk, pub: pub, log: log}
+	p := &pipeline{dec: dec, trk: trk, pub: pub, log: log, obs: cfg.obs}
+	cfg.obs.startSession(pub, trk)
+	defer cfg.obs.endSession()
 
 	sinkCtx, stopSink := context.WithCancel(context.Background())
 	defer stopSink()
@@ -146,11 +152,17 @@ type pipeline struct {
 	trk *checkpoint.Tracker
 	pub *sink.JetStream
 	log zerolog.Logger
+	obs *observer // nil: no metrics
+	// commit time of the open transaction (for the commit-to-ack histogram)
+	commit time.Time
 }
 
 func (p *pipeline) Ready() bool                    { return !p.pub.Full() }
 func (p *pipeline) Wait(ctx context.Context) error { return p.pub.Wait(ctx) }
-func (p *pipeline) Keepalive(walEnd pglogrepl.LSN) { p.trk.Keepalive(walEnd) }
+func (p *pipeline) Keepalive(walEnd pglogrepl.LSN) {
+	p.obs.keepalive(walEnd)
+	p.trk.Keepalive(walEnd)
+}
 
 func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 	ch, err := p.dec.Decode(data)
@@ -159,13 +171,23 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 	}
 	switch ch.Kind {
 	case decoder.Begin:
+		if p.obs != nil {
+			p.commit = beginCommitTime(data)
+		}
 		p.trk.Begin()
 	case decoder.Insert:
 		// Take the window slot first: a ticket must only exist for an event that is sent.
 		if err := p.pub.Wait(ctx); err != nil {
 			return err
 		}
-		return p.pub.Publish(ctx, ch.Event, p.trk.Add())
+		if p.obs == nil {
+			return p.pub.Publish(ctx, ch.Event, p.trk.Add())
+		}
+		p.obs.publishing(p.commit)
+		if err := p.pub.Publish(ctx, ch.Event, p.trk.Add()); err != nil {
+			p.obs.publishFailed()
+			return err
+		}
 	case decoder.Commit:
 		p.trk.Commit(ch.CommitEnd)
 	case decoder.NonTransactional:

@@ -1,0 +1,404 @@
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/rs/zerolog"
+
+	"github.com/outbox-relay/outbox-relay/checkpoint"
+	"github.com/outbox-relay/outbox-relay/replication"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// observer holds the relay's metrics, readiness and stall state. Every method is safe on a nil
+// observer (no metrics), and safe for concurrent use.
+type observer struct {
+	reg    *prometheus.Registry
+	stream string
+	log    zerolog.Logger
+
+	ackLatency    prometheus.Histogram
+	commitLatency prometheus.Histogram
+	reconnects    prometheus.Counter
+	lastEvent     prometheus.Gauge
+	slotLag       prometheus.Gauge
+	slotSafeWAL   prometheus.Gauge
+	stalledGauge  prometheus.Gauge
+
+	serverWALEnd atomic.Uint64
+	replicating  atomic.Bool
+	stalled      atomic.Value // string: what is stuck, "" when not stalled
+	nc           atomic.Pointer[nats.Conn]
+
+	mu   sync.Mutex
+	prev sink.Stats // counters of ended sessions
+	pub  *sink.JetStream
+	trk  *checkpoint.Tracker
+	// times of the events published and not yet stored, oldest first (the sink confirms in
+	// publish order, except after a retry where an event stored out of turn is attributed
+	// the time of the oldest one: the histograms are approximate under retries).
+	times []eventTimes
+}
+
+type eventTimes struct{ published, committed time.Time }
+
+func newObserver(stream string, log zerolog.Logger) *observer {
+	o := &observer{reg: prometheus.NewRegistry(), stream: stream, log: log}
+	o.stalled.Store("")
+	f := promauto.With(o.reg)
+	labels := prometheus.Labels{"stream": stream}
+	stats := func(pick func(sink.Stats) uint64) func() float64 {
+		return func() float64 { return float64(pick(o.stats())) }
+	}
+	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_events_published_total", ConstLabels: labels,
+		Help: "Events stored by JetStream (acknowledged), duplicates included."}, stats(func(s sink.Stats) uint64 { return s.Published }))
+	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_events_duplicate_total", ConstLabels: labels,
+		Help: "Acknowledgements JetStream marked duplicate (an event re-sent within the duplicate window)."}, stats(func(s sink.Stats) uint64 { return s.Duplicates }))
+	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_publish_errors_total", ConstLabels: labels,
+		Help: "Failed publish attempts (each is retried)."}, stats(func(s sink.Stats) uint64 { return s.Errors }))
+	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_publish_retries_total", ConstLabels: labels,
+		Help: "Events re-published after a failure."}, stats(func(s sink.Stats) uint64 { return s.Retries }))
+	o.ackLatency = f.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_publish_ack_seconds",
+		Help: "Time from publishing an event to JetStream's acknowledgement, retries included.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)})
+	o.commitLatency = f.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_commit_to_ack_seconds",
+		Help: "Time from the transaction's commit in Postgres to JetStream's acknowledgement of its event.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 18)})
+	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_events_in_flight",
+		Help: "Events received from Postgres and not yet stored by JetStream."}, func() float64 {
+		o.mu.Lock()
+		defer o.mu.Unlock()
+		if o.trk == nil {
+			return 0
+		}
+		return float64(o.trk.Pending())
+	})
+	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_acked_lsn",
+		Help: "WAL position up to which every event is stored by JetStream (what the relay confirms to Postgres), as a number."}, func() float64 {
+		return float64(o.ackedLSN())
+	})
+	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_server_wal_end_lsn",
+		Help: "Server WAL end reported by the last Postgres keepalive, as a number."}, func() float64 {
+		return float64(o.serverWALEnd.Load())
+	})
+	o.slotLag = f.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_slot_lag_bytes",
+		Help: "pg_current_wal_lsn() - confirmed_flush_lsn of the slot: WAL Postgres keeps for the relay (polled)."})
+	o.slotSafeWAL = f.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_slot_safe_wal_size_bytes",
+		Help: "safe_wal_size of the slot: WAL that may still be written before the slot is invalidated; -1 when max_slot_wal_keep_size is unlimited (polled)."})
+	o.reconnects = f.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_replication_reconnects_total",
+		Help: "Replication sessions that ended with an error and were started again."})
+	o.lastEvent = f.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_last_event_timestamp_seconds",
+		Help: "Unix time at which JetStream last stored an event."})
+	o.stalledGauge = f.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_stalled",
+		Help: "1 while the relay is stalled (events pending and nothing acknowledged for --stall-timeout, or no replication session for --stall-timeout)."})
+	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_replicating",
+		Help: "1 while a replication session is streaming from the slot."}, func() float64 { return b2f(o.replicating.Load()) })
+	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_nats_connected",
+		Help: "1 while the NATS connection is up."}, func() float64 {
+		nc := o.nc.Load()
+		return b2f(nc != nil && nc.IsConnected())
+	})
+	o.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return o
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func (o *observer) stats() sink.Stats {
+	o.mu.Lock()
+	s, pub := o.prev, o.pub
+	o.mu.Unlock()
+	if pub != nil {
+		c := pub.Stats()
+		s.Published += c.Published
+		s.Duplicates += c.Duplicates
+		s.Errors += c.Errors
+		s.Retries += c.Retries
+	}
+	return s
+}
+
+func (o *observer) ackedLSN() pglogrepl.LSN {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.trk == nil {
+		return 0
+	}
+	lsn, _ := o.trk.Flushed()
+	return lsn
+}
+
+// startSession is called once a session streams: its sink and tracker feed the metrics.
+func (o *observer) startSession(pub *sink.JetStream, trk *checkpoint.Tracker) {
+	if o == nil {
+		return
+	}
+	o.mu.Lock()
+	o.pub, o.trk, o.times = pub, trk, o.times[:0]
+	o.mu.Unlock()
+	o.replicating.Store(true)
+}
+
+// endSession folds the session's counters into the totals.
+func (o *observer) endSession() {
+	if o == nil {
+		return
+	}
+	o.replicating.Store(false)
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.pub != nil {
+		c := o.pub.Stats()
+		o.prev.Published += c.Published
+		o.prev.Duplicates += c.Duplicates
+		o.prev.Errors += c.Errors
+		o.prev.Retries += c.Retries
+	}
+	o.pub, o.trk, o.times = nil, nil, o.times[:0]
+}
+
+func (o *observer) reconnected() {
+	if o != nil {
+		o.reconnects.Inc()
+	}
+}
+
+func (o *observer) keepalive(walEnd pglogrepl.LSN) {
+	if o != nil {
+		o.serverWALEnd.Store(uint64(walEnd))
+	}
+}
+
+// publishing records an event about to be published; committed is its transaction's commit.
+func (o *observer) publishing(committed time.Time) {
+	if o == nil {
+		return
+	}
+	o.mu.Lock()
+	o.times = append(o.times, eventTimes{published: time.Now(), committed: committed})
+	o.mu.Unlock()
+}
+
+// publishFailed takes back the last publishing call (the event was not published).
+func (o *observer) publishFailed() {
+	if o == nil {
+		return
+	}
+	o.mu.Lock()
+	if n := len(o.times); n > 0 {
+		o.times = o.times[:n-1]
+	}
+	o.mu.Unlock()
+}
+
+// stored records that JetStream stored the oldest event in flight.
+func (o *observer) stored() {
+	if o == nil {
+		return
+	}
+	now := time.Now()
+	o.mu.Lock()
+	var et eventTimes
+	if len(o.times) > 0 {
+		et = o.times[0]
+		o.times = o.times[1:]
+		if len(o.times) == 0 {
+			o.times = o.times[:0:0]
+		}
+	}
+	o.mu.Unlock()
+	if !et.published.IsZero() {
+		o.ackLatency.Observe(now.Sub(et.published).Seconds())
+	}
+	if !et.committed.IsZero() {
+		o.commitLatency.Observe(max(now.Sub(et.committed).Seconds(), 0))
+	}
+	o.lastEvent.Set(float64(now.UnixNano()) / 1e9)
+}
+
+// pgEpoch is the origin of Postgres timestamps in the replication protocol.
+var pgEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// beginCommitTime reads the commit timestamp of a pgoutput Begin message ('B', final LSN,
+// commit time in microseconds since 2000-01-01, xid).
+func beginCommitTime(data []byte) time.Time {
+	if len(data) < 17 || data[0] != 'B' {
+		return time.Time{}
+	}
+	return pgEpoch.Add(time.Duration(int64(binary.BigEndian.Uint64(data[9:17]))) * time.Microsecond)
+}
+
+// ready says whether the relay is replicating with the broker connected and not stalled, and
+// why not.
+func (o *observer) ready() (bool, string) {
+	var why []string
+	if !o.replicating.Load() {
+		why = append(why, "not replicating (connecting to Postgres, or standing by while another relay holds the slot)")
+	}
+	if nc := o.nc.Load(); nc == nil || !nc.IsConnected() {
+		why = append(why, "not connected to NATS")
+	}
+	if s, _ := o.stalled.Load().(string); s != "" {
+		why = append(why, "stalled: "+s)
+	}
+	return len(why) == 0, strings.Join(why, "; ")
+}
+
+// serveHTTP serves /metrics, /healthz and /readyz on addr until ctx ends. It returns once the
+// listener is bound (the address in use is logged) or with the bind error.
+func (o *observer) serveHTTP(ctx context.Context, addr string) (stop func(), err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fatalError{fmt.Errorf("--http-addr %s: %w (choose another address, or --http-addr off)", addr, err)}
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(o.reg, promhttp.HandlerOpts{Registry: o.reg}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		ok, why := o.ready()
+		if !ok {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, why)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			o.log.Error().Err(err).Msg("http server stopped")
+		}
+	}()
+	o.log.Info().Str("addr", ln.Addr().String()).Msg("serving /metrics, /healthz and /readyz")
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+		<-done
+	}, nil
+}
+
+// watch polls the slot for the lag gauges and detects stalls, until ctx ends.
+func (o *observer) watch(ctx context.Context, cfg runConfig) {
+	tick := min(cfg.stallTimeout/4, time.Second)
+	if tick <= 0 {
+		tick = time.Second
+	}
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	var (
+		lastLSN      pglogrepl.LSN
+		lastStored   uint64
+		lastProgress = time.Now()
+		lastPoll     time.Time
+		idleSince    = time.Now()
+	)
+	for first := true; ; first = false {
+		if first {
+			lastPoll = time.Now()
+			o.pollSlot(ctx, cfg)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := time.Now()
+		if now.Sub(lastPoll) >= cfg.slotPollInterval {
+			lastPoll = now
+			o.pollSlot(ctx, cfg)
+		}
+		if cfg.stallTimeout <= 0 {
+			continue
+		}
+		o.mu.Lock()
+		trk := o.trk
+		o.mu.Unlock()
+		pending := 0
+		if trk != nil {
+			pending = trk.Pending()
+		}
+		lsn, stored := o.ackedLSN(), o.stats().Published
+		var stuck string
+		switch {
+		case !o.replicating.Load():
+			if cfg.standby {
+				idleSince = now // waiting for the slot is the job of a standby
+			}
+			if now.Sub(idleSince) >= cfg.stallTimeout {
+				stuck = fmt.Sprintf("no replication session for %s: the Postgres replication connection keeps failing (see the errors above)", now.Sub(idleSince).Round(time.Second))
+			}
+			lastProgress = now
+		case pending == 0 || lsn != lastLSN || stored != lastStored:
+			idleSince, lastProgress = now, now
+		case now.Sub(lastProgress) >= cfg.stallTimeout:
+			idleSince = now
+			nc := o.nc.Load()
+			broker := "NATS connected"
+			if nc == nil || !nc.IsConnected() {
+				broker = "NATS disconnected"
+			}
+			stuck = fmt.Sprintf("%d events waiting for JetStream acknowledgements for %s, acknowledged LSN stuck at %s (%s): check the NATS server, the stream %s and the publish errors above",
+				pending, now.Sub(lastProgress).Round(time.Second), lsn, broker, cfg.sink.Stream)
+		default:
+			idleSince = now
+		}
+		lastLSN, lastStored = lsn, stored
+		was, _ := o.stalled.Load().(string)
+		switch {
+		case stuck != "" && was == "":
+			o.stalled.Store(stuck)
+			o.stalledGauge.Set(1)
+			o.log.Error().Str("stuck", stuck).Stringer("lsn", lsn).Int("pending", pending).Msg("relay stalled")
+		case stuck != "":
+			o.stalled.Store(stuck)
+		case was != "":
+			o.stalled.Store("")
+			o.stalledGauge.Set(0)
+			o.log.Info().Stringer("lsn", lsn).Msg("relay moving again")
+		}
+	}
+}
+
+// pollSlot updates the slot gauges from pg_replication_slots.
+func (o *observer) pollSlot(ctx context.Context, cfg runConfig) {
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	conn, err := connectPG(pctx, cfg.pgURL)
+	if err != nil {
+		return // the session reports Postgres being unreachable
+	}
+	defer conn.Close(context.Background())
+	s, err := replication.GetSlot(pctx, conn, cfg.slot)
+	if err != nil {
+		return
+	}
+	o.slotLag.Set(float64(s.LagBytes))
+	if s.SafeWALSize != nil {
+		o.slotSafeWAL.Set(float64(*s.SafeWALSize))
+	} else {
+		o.slotSafeWAL.Set(-1)
+	}
+}

@@ -1,0 +1,126 @@
+package main
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// httpAddrOf waits for the relay to log the address its HTTP server listens on.
+func httpAddrOf(t *testing.T, log *testLog) string {
+	t.Helper()
+	var addr string
+	require.Eventually(t, func() bool {
+		for _, line := range strings.Split(log.String(), "\n") {
+			if !strings.Contains(line, "serving /metrics") {
+				continue
+			}
+			var v struct{ Addr string }
+			if json.Unmarshal([]byte(line), &v) == nil && v.Addr != "" {
+				addr = v.Addr
+				return true
+			}
+		}
+		return false
+	}, 30*time.Second, 20*time.Millisecond, "relay never logged its http address")
+	return "http://" + addr
+}
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	return resp.StatusCode, string(b)
+}
+
+// metric returns the value of the sample whose name and labels are exactly series
+// (e.g. `outbox_relay_events_published_total{stream="OUTBOX"}`), or -1 when absent.
+func metric(t *testing.T, body, series string) float64 {
+	t.Helper()
+	for _, line := range strings.Split(body, "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			require.NoError(t, err, line)
+			return f
+		}
+	}
+	return -1
+}
+
+func TestHTTP_MetricsCountEveryEventAndReadiness(t *testing.T) {
+	e := newEnv(t)
+	stop, log := inProcess(t, e.args("--max-in-flight", "32"))
+	base := httpAddrOf(t, log)
+	waitStreaming(t, e.pg, "outbox_relay")
+	require.Eventually(t, func() bool { code, _ := get(t, base+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
+	code, body := get(t, base+"/healthz")
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, "ok\n", body)
+
+	n := workload{Writers: 2, Aggregates: 10, Txs: 20, MaxTx: 15, Seed: 3}.run(t, e.pg)
+	waitStream(t, e.nats.URL, uint64(n), 30*time.Second)
+	var m string
+	require.Eventually(t, func() bool {
+		_, m = get(t, base+"/metrics")
+		return metric(t, m, "outbox_relay_events_in_flight") == 0
+	}, 10*time.Second, 20*time.Millisecond)
+	require.Equal(t, float64(n), metric(t, m, `outbox_relay_events_published_total{stream="OUTBOX"}`), "counter equals the events sent")
+	require.Equal(t, float64(n), metric(t, m, "outbox_relay_publish_ack_seconds_count"))
+	require.Equal(t, float64(n), metric(t, m, "outbox_relay_commit_to_ack_seconds_count"))
+	require.Zero(t, metric(t, m, `outbox_relay_events_duplicate_total{stream="OUTBOX"}`))
+	require.Zero(t, metric(t, m, `outbox_relay_publish_errors_total{stream="OUTBOX"}`))
+	require.Zero(t, metric(t, m, "outbox_relay_replication_reconnects_total"))
+	require.Equal(t, 1.0, metric(t, m, "outbox_relay_replicating"))
+	require.Equal(t, 1.0, metric(t, m, "outbox_relay_nats_connected"))
+	require.Zero(t, metric(t, m, "outbox_relay_stalled"))
+	require.InDelta(t, float64(time.Now().Unix()), metric(t, m, "outbox_relay_last_event_timestamp_seconds"), 60)
+	require.Greater(t, metric(t, m, "outbox_relay_acked_lsn"), 0.0)
+	require.GreaterOrEqual(t, metric(t, m, "outbox_relay_slot_lag_bytes"), 0.0)
+	require.Equal(t, -1.0, metric(t, m, "outbox_relay_slot_safe_wal_size_bytes"), "unlimited max_slot_wal_keep_size (polled at start)")
+	require.NotEqual(t, -1.0, metric(t, m, "go_goroutines"))
+	// The slot's confirmed position is what the relay reports as acknowledged (it may be a
+	// keepalive ahead by the time Postgres saved it).
+	require.LessOrEqual(t, metric(t, m, "outbox_relay_acked_lsn"), float64(confirmedFlush(t, e.pg, "outbox_relay"))+float64(1<<20))
+	require.NoError(t, stop())
+}
+
+func TestHTTP_StallTurnsReadyzTo503AndNamesWhatIsStuck(t *testing.T) {
+	e := newEnv(t)
+	stop, log := inProcess(t, e.args("--stall-timeout", "1s", "--ack-timeout", "500ms"))
+	base := httpAddrOf(t, log)
+	waitStreaming(t, e.pg, "outbox_relay")
+	require.Eventually(t, func() bool { code, _ := get(t, base+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
+
+	e.nats.Shutdown()
+	e.pg.Exec(t, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) SELECT 'o', g::text, 'E', '{}' FROM generate_series(1, 5) g`)
+	var body string
+	require.Eventually(t, func() bool {
+		var code int
+		code, body = get(t, base+"/readyz")
+		return code == http.StatusServiceUnavailable && strings.Contains(body, "stalled")
+	}, 20*time.Second, 50*time.Millisecond)
+	require.Contains(t, body, "5 events waiting for JetStream acknowledgements")
+	require.Contains(t, body, "not connected to NATS")
+	_, m := get(t, base+"/metrics")
+	require.Equal(t, 1.0, metric(t, m, "outbox_relay_stalled"))
+	require.Equal(t, 5.0, metric(t, m, "outbox_relay_events_in_flight"))
+	require.Contains(t, log.String(), `"message":"relay stalled"`)
+
+	// The broker comes back: the events are stored and the relay is ready again.
+	e.nats.Restart(t)
+	waitStream(t, e.nats.URL, 5, 30*time.Second)
+	require.Eventually(t, func() bool { code, _ := get(t, base+"/readyz"); return code == http.StatusOK }, 20*time.Second, 50*time.Millisecond)
+	_, m = get(t, base+"/metrics")
+	require.Zero(t, metric(t, m, "outbox_relay_stalled"))
+	require.Contains(t, log.String(), "relay moving again")
+	require.NoError(t, stop())
+}
