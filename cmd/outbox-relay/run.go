@@ -29,7 +29,8 @@ type runConfig struct {
 	httpAddr                   string
 	stallTimeout               time.Duration
 	slotPollInterval           time.Duration
-	obs                        *observer // metrics, readiness, stall detection
+	standbyPoll                time.Duration // how often a standby tries to take the slot
+	obs                        *observer     // metrics, readiness, stall detection
 	sink                       sink.Config
 	repl                       replication.Config
 	drainTimeout               time.Duration
@@ -46,6 +47,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 		cfg             runConfig
 		lf              logFlags
 		table, template string
+		startLSN        string
 	)
 	fs.StringVar(&cfg.pgURL, "pg-url", "", "Postgres connection URL or DSN (required); the relay adds replication=database for its replication connection")
 	fs.StringVar(&cfg.natsURL, "nats-url", nats.DefaultURL, "NATS server URL(s), comma separated")
@@ -53,6 +55,9 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.StringVar(&cfg.publication, "publication", "outbox_pub", "publication of the outbox table's inserts")
 	fs.StringVar(&cfg.slot, "slot", "outbox_relay", "logical replication slot (pgoutput)")
 	fs.BoolVar(&cfg.createSlot, "create-slot", false, "create the slot if it does not exist")
+	fs.BoolVar(&cfg.temporarySlot, "temporary-slot", false, "use a temporary slot that lives only while the relay is connected (development: events committed while it is not connected are never relayed)")
+	fs.BoolVar(&cfg.standby, "standby", false, "when another relay holds the slot, wait and take over once it is released (active/passive HA)")
+	fs.StringVar(&startLSN, "start-lsn", "", "start at this WAL position (X/Y) instead of the slot's confirmed_flush_lsn; refused if behind it; events committed before it are skipped")
 	fs.StringVar(&cfg.sink.Stream, "stream", sink.DefaultStream, "JetStream stream; created with subjects <subject-prefix>.> if missing")
 	fs.StringVar(&cfg.sink.SubjectPrefix, "subject-prefix", sink.DefaultSubjectPrefix, "first token(s) of every subject: <prefix>.<aggregate_type>.<event_type>")
 	fs.StringVar(&template, "subject-template", decoder.DefaultSubjectTemplate, "subject of each event; placeholders {prefix}, {aggregate_type}, {aggregate_id}, {event_type} (values sanitized as tokens)")
@@ -100,6 +105,12 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	if err := checkColumns(cfg.columns); err != nil {
 		return usageError{err}
 	}
+	if cfg.startLSN, err = parseStartLSN(startLSN); err != nil {
+		return usageError{err}
+	}
+	if cfg.temporarySlot && cfg.standby {
+		return usageError{fmt.Errorf("--temporary-slot and --standby exclude each other: a temporary slot belongs to one relay's connection and cannot be taken over")}
+	}
 	if cfg.sink.Window < 1 {
 		return usageError{fmt.Errorf("--max-in-flight must be at least 1")}
 	}
@@ -124,6 +135,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	cfg.repl.Slot, cfg.repl.Publication = cfg.slot, cfg.publication
 	cfg.reconnectMin, cfg.reconnectMax = 200*time.Millisecond, 15*time.Second
 	cfg.slotPollInterval = 10 * time.Second
+	cfg.standbyPoll = time.Second
 	cfg.failpoint, _ = env("OUTBOX_RELAY_FAILPOINT")
 	if cfg.embedded.enabled {
 		url, stop, err := cfg.embedded.start(log)
@@ -206,8 +218,14 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 	go func() { defer close(watched); obs.watch(wctx, cfg) }()
 	defer func() { stopWatch(); <-watched }()
 
-	var resume pglogrepl.LSN
+	// An operator-chosen start (--start-lsn, checked by preflight) is where the first session
+	// starts unless the slot is already further.
+	resume := cfg.startLSN
+	if resume != 0 {
+		log.Warn().Stringer("lsn", resume).Msg("--start-lsn: events committed between the slot's confirmed position and this one are skipped")
+	}
 	wait := cfg.reconnectMin
+	var standbySince, standbyLogged time.Time
 	for {
 		started := time.Now()
 		err := session(ctx, cfg, js, &resume, log)
@@ -223,6 +241,26 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 		}
 		if isFatal(err) {
 			return err
+		}
+		if cfg.standby && errors.Is(err, replication.ErrSlotInUse) {
+			// Another relay holds the slot: poll until it is released, logging once a minute.
+			if standbySince.IsZero() {
+				standbySince = time.Now()
+			}
+			if time.Since(standbyLogged) >= time.Minute {
+				standbyLogged = time.Now()
+				log.Info().Dur("waiting", time.Since(standbySince).Round(time.Second)).
+					Msg("standing by: another relay holds the slot; taking over when it is released")
+			}
+			select {
+			case <-time.After(cfg.standbyPoll):
+			case <-ctx.Done():
+				return nil
+			}
+			continue
+		}
+		if !standbySince.IsZero() {
+			standbySince, standbyLogged = time.Time{}, time.Time{}
 		}
 		obs.reconnected()
 		if time.Since(started) > time.Minute {

@@ -30,22 +30,31 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	}
 	defer conn.Close(context.Background())
 
-	qconn, err := connectPG(ctx, cfg.pgURL)
-	if err != nil {
-		return err
-	}
-	slot, err := replication.GetSlot(ctx, qconn, cfg.slot)
-	qconn.Close(context.Background())
-	if err != nil {
-		return err
-	}
-	if slot.WALStatus == "lost" {
-		return fmt.Errorf("%w: slot %q has wal_status lost", replication.ErrSlotInvalidated, cfg.slot)
+	var start pglogrepl.LSN
+	if cfg.temporarySlot {
+		// Dropped by Postgres when this connection ends.
+		if start, err = replication.CreateTemporarySlot(ctx, conn, cfg.slot); err != nil {
+			return err
+		}
+		log.Info().Stringer("lsn", start).Msg("created temporary replication slot")
+	} else {
+		qconn, err := connectPG(ctx, cfg.pgURL)
+		if err != nil {
+			return err
+		}
+		slot, err := replication.GetSlot(ctx, qconn, cfg.slot)
+		qconn.Close(context.Background())
+		if err != nil {
+			return err
+		}
+		if slot.WALStatus == "lost" {
+			return fmt.Errorf("%w: slot %q has wal_status lost", replication.ErrSlotInvalidated, cfg.slot)
+		}
+		start = slot.ConfirmedFlush
 	}
 	// Start from the slot's position, or from our own higher one: after a Postgres restart the
 	// slot may report an older position than the relay confirmed, and starting from ours
 	// avoids re-sending what is already stored.
-	start := slot.ConfirmedFlush
 	if *resume > start {
 		start = *resume
 	}
