@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -185,8 +186,20 @@ func splitTokens(s string) []string {
 	return out
 }
 
-// RedactURL hides a password in a URL-like string.
+// RedactURL hides a password in a URL-like string: the password of user:password, a bare
+// token in a NATS URL (nats://token@host), each URL of a comma-separated list, and a
+// password=... in a key/value DSN.
 func RedactURL(s string) string {
+	if strings.Count(s, "://") > 1 && strings.Contains(s, ",") {
+		parts := strings.Split(s, ",")
+		for i, p := range parts {
+			parts[i] = RedactURL(p)
+		}
+		return strings.Join(parts, ",")
+	}
+	if !strings.Contains(s, "://") {
+		return redactDSN(s)
+	}
 	at := -1
 	for i := len(s) - 1; i >= 0; i-- {
 		if s[i] == '@' {
@@ -210,7 +223,35 @@ func RedactURL(s string) string {
 			return s[:scheme] + userinfo[:i] + ":xxxxx" + s[at:]
 		}
 	}
+	switch strings.ToLower(strings.TrimSpace(s[:scheme])) {
+	case "nats://", "tls://", "ws://", "wss://":
+		// A NATS URL's bare userinfo is a token.
+		return s[:scheme] + "xxxxx" + s[at:]
+	}
 	return s
+}
+
+// redactDSN hides the value of password=... in a key/value connection string.
+func redactDSN(s string) string {
+	i := strings.Index(s, "password=")
+	if i < 0 || (i > 0 && s[i-1] != ' ') {
+		return s
+	}
+	v := i + len("password=")
+	end := v
+	if end < len(s) && s[end] == '\'' {
+		for end++; end < len(s) && s[end] != '\''; end++ {
+			if s[end] == '\\' {
+				end++
+			}
+		}
+		end++
+	} else {
+		for end < len(s) && s[end] != ' ' {
+			end++
+		}
+	}
+	return s[:v] + "xxxxx" + s[min(end, len(s)):]
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }

@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sort"
 	"strings"
 	"time"
 
 	"github.com/rs/zerolog"
+	"go.yaml.in/yaml/v3"
 )
 
 // envName is the environment variable that may set a flag: OUTBOX_RELAY_<FLAG_IN_UPPER_SNAKE>.
@@ -18,7 +20,8 @@ func envName(flagName string) string {
 }
 
 // parseFlags parses args into fs, then fills every flag not given on the command line from its
-// environment variable. Precedence: flag > environment > default.
+// environment variable, then from the --config file if fs has that flag. Precedence:
+// flag > environment > config file > default.
 func parseFlags(fs *flag.FlagSet, args []string, lookupEnv func(string) (string, bool)) error {
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -39,7 +42,86 @@ func parseFlags(fs *flag.FlagSet, args []string, lookupEnv func(string) (string,
 			}
 		}
 	})
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	if f := fs.Lookup("config"); f != nil && f.Value.String() != "" {
+		for name := range set {
+			set[name] = true
+		}
+		fs.VisitAll(func(f *flag.Flag) {
+			if _, ok := lookupEnv(envName(f.Name)); ok {
+				set[f.Name] = true
+			}
+		})
+		return applyConfigFile(fs, f.Value.String(), set)
+	}
+	return nil
+}
+
+// applyConfigFile sets every flag not in set from the YAML file at path. Keys are flag names
+// (pg-url, or pg_url); lists become comma-separated values. In the run command an unknown key
+// is an error (a typo would otherwise be silently ignored); other commands skip the keys they
+// do not have, so one file serves them all.
+func applyConfigFile(fs *flag.FlagSet, path string, set map[string]bool) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("--config: %w", err)
+	}
+	var m map[string]any
+	if err := yaml.Unmarshal(b, &m); err != nil {
+		return fmt.Errorf("--config %s: not a YAML mapping of flag names to values: %w", path, err)
+	}
+	var errs []error
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, key := range keys {
+		name := strings.ReplaceAll(key, "_", "-")
+		f := fs.Lookup(name)
+		switch {
+		case name == "config":
+			errs = append(errs, fmt.Errorf("--config %s: a config file cannot name another one", path))
+			continue
+		case f == nil && fs.Name() == "run":
+			errs = append(errs, fmt.Errorf("--config %s: unknown key %q (keys are the flag names, e.g. pg-url)", path, key))
+			continue
+		case f == nil || set[name]:
+			continue
+		}
+		v, err := configValue(m[key])
+		if err == nil {
+			err = fs.Set(name, v)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("--config %s: key %s: %w", path, key, err))
+		}
+	}
 	return errors.Join(errs...)
+}
+
+func configValue(v any) (string, error) {
+	switch v := v.(type) {
+	case nil:
+		return "", nil
+	case string:
+		return v, nil
+	case bool, int, int64, uint64, float64:
+		return fmt.Sprint(v), nil
+	case []any:
+		parts := make([]string, 0, len(v))
+		for _, e := range v {
+			s, err := configValue(e)
+			if err != nil {
+				return "", err
+			}
+			parts = append(parts, s)
+		}
+		return strings.Join(parts, ","), nil
+	}
+	return "", fmt.Errorf("value of type %T: use a string, number, boolean or list", v)
 }
 
 func newFlagSet(name, usage string, stderr io.Writer) *flag.FlagSet {
@@ -58,6 +140,7 @@ type logFlags struct {
 }
 
 func (l *logFlags) register(fs *flag.FlagSet) {
+	fs.String("config", "", "YAML file of flag values (keys are flag names); flags and environment variables override it")
 	fs.StringVar(&l.level, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&l.format, "log-format", "console", "log format: json or console")
 }
