@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -87,9 +88,24 @@ func dumpOnFailure(t *testing.T, name string, l fmt.Stringer) {
 	})
 }
 
+// freeHTTPAddr makes a run without --http-addr serve on a free port instead of the fixed
+// default, which tests running in parallel (and other test binaries) would share.
+func freeHTTPAddr(args []string) []string {
+	if len(args) == 0 || args[0] != "run" {
+		return args
+	}
+	for _, a := range args {
+		if a == "--http-addr" || strings.HasPrefix(a, "--http-addr=") {
+			return args
+		}
+	}
+	return append(append([]string(nil), args...), "--http-addr", "127.0.0.1:0")
+}
+
 // inProcess runs the relay in this process until stop is called; stop returns its error.
 func inProcess(t *testing.T, args []string) (stop func() error, log *testLog) {
 	t.Helper()
+	args = freeHTTPAddr(args)
 	log = &testLog{}
 	dumpOnFailure(t, "relay", log)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -148,7 +164,7 @@ type proc struct {
 func startProc(t *testing.T, args []string, env ...string) *proc {
 	t.Helper()
 	p := &proc{log: &testLog{}, done: make(chan struct{})}
-	p.cmd = exec.Command(relayBinary(t), args...)
+	p.cmd = exec.Command(relayBinary(t), freeHTTPAddr(args)...)
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	p.cmd.Env = append(os.Environ(), env...)
 	require.NoError(t, p.cmd.Start())
