@@ -220,3 +220,30 @@ func BenchmarkDecode_Insert(b *testing.B) {
 		}
 	}
 }
+
+// The same insert with a four-part --subject-template: the subject is still built without
+// allocating.
+func BenchmarkDecode_InsertSubjectTemplate(b *testing.B) {
+	tmpl, err := decoder.ParseSubjectTemplate("{prefix}.{aggregate_type}.{aggregate_id}.{event_type}", "outbox")
+	if err != nil {
+		b.Fatal(err)
+	}
+	d := decoder.New(decoder.Config{Subject: tmpl})
+	if _, err := d.Decode(relation(1, "public", "outbox", outboxCols...)); err != nil {
+		b.Fatal(err)
+	}
+	ins := insert(1, s("0b5a4c1e-0000-4000-8000-000000000001"), s("order"), s("12345"), s("OrderCreated"), s(`{"total": 99.5}`), nil, s("2026-11-26 13:50:57.123456+00"))
+	if _, err := d.Decode(begin(1)); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		ch, err := d.Decode(ins)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if string(ch.Event.Subject) != "outbox.order.12345.OrderCreated" {
+			b.Fatalf("subject %q", ch.Event.Subject)
+		}
+	}
+}
