@@ -6,7 +6,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 UNIT_PKGS := ./checkpoint/... ./decoder/... ./sink/... ./migrations/...
 
-.PHONY: build demo test vet fmt-check unit integration clean
+.PHONY: build demo test vet fmt-check unit integration clean bench
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/outbox-relay
@@ -37,3 +37,10 @@ test: fmt-check vet unit integration
 
 clean:
 	rm -rf bin
+
+# The benchmark (bench/README.md): throwaway Postgres + nats-server, the relay as a child
+# process, every figure next to the ceilings measured in the same run. Takes several minutes;
+# BENCH_FLAGS="-repeats 1 -latency-duration 5s" for a quick run.
+BENCH_FLAGS ?=
+bench:
+	$(GO) run ./bench $(BENCH_FLAGS)

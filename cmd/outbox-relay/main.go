@@ -25,7 +25,9 @@ func realMain() int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	zerolog.ErrorFieldName = "err"
+	stopProfiles := startProfiles(os.Getenv("OUTBOX_RELAY_CPUPROFILE"), os.Getenv("OUTBOX_RELAY_MEMPROFILE"))
 	err := dispatch(ctx, os.Args[1:], os.Stdout, os.Stderr, os.LookupEnv)
+	stopProfiles()
 	switch {
 	case err == nil:
 		return 0

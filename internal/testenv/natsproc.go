@@ -168,20 +168,8 @@ func StartNATSProcess(t testing.TB, port int, storeDir string) *NATSProcess {
 	if storeDir == "" {
 		storeDir = t.TempDir()
 	}
-	dir := t.TempDir()
-	p := &NATSProcess{
-		URL:        fmt.Sprintf("nats://127.0.0.1:%d", port),
-		Port:       port,
-		StoreDir:   storeDir,
-		ConfigFile: filepath.Join(dir, "nats-server.conf"),
-		LogFile:    filepath.Join(dir, "nats-server.log"),
-		Binary:     bin,
-	}
-	conf := fmt.Sprintf("listen: \"127.0.0.1:%d\"\njetstream {\n  store_dir: %q\n  sync_interval: always\n}\n", port, storeDir)
-	if err := os.WriteFile(p.ConfigFile, []byte(conf), 0o644); err != nil {
-		t.Fatalf("testenv: write nats-server config: %v", err)
-	}
-	if err := p.Start(); err != nil {
+	p, err := startNATSProcess(bin, port, storeDir, t.TempDir(), true)
+	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
 	t.Cleanup(func() {
@@ -190,6 +178,48 @@ func StartNATSProcess(t testing.TB, port int, storeDir string) *NATSProcess {
 		}
 	})
 	return p
+}
+
+// StartNATSServer is StartNATSProcess for programs that are not tests (the benchmark in
+// bench/): nats-server with JetStream on a free port, storing under dir/jetstream, its config
+// and log in dir. syncAlways sets sync_interval: always (fsync per message); without it
+// JetStream keeps its default (fsync every 2 minutes). The caller stops it with Kill or Stop.
+func StartNATSServer(dir string, syncAlways bool) (*NATSProcess, error) {
+	bin, err := natsServerBinary()
+	if err != nil {
+		return nil, fmt.Errorf("find or build nats-server: %w", err)
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, fmt.Errorf("pick a port: %w", err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	return startNATSProcess(bin, port, filepath.Join(dir, "jetstream"), dir, syncAlways)
+}
+
+func startNATSProcess(bin string, port int, storeDir, dir string, syncAlways bool) (*NATSProcess, error) {
+	p := &NATSProcess{
+		URL:        fmt.Sprintf("nats://127.0.0.1:%d", port),
+		Port:       port,
+		StoreDir:   storeDir,
+		ConfigFile: filepath.Join(dir, "nats-server.conf"),
+		LogFile:    filepath.Join(dir, "nats-server.log"),
+		Binary:     bin,
+	}
+	sync := ""
+	if syncAlways {
+		sync = "  sync_interval: always\n"
+	}
+	conf := fmt.Sprintf("listen: \"127.0.0.1:%d\"\njetstream {\n  store_dir: %q\n%s}\n", port, storeDir, sync)
+	if err := os.WriteFile(p.ConfigFile, []byte(conf), 0o644); err != nil {
+		return nil, fmt.Errorf("write nats-server config: %w", err)
+	}
+	if err := p.Start(); err != nil {
+		return nil, err
+	}
+	return p, nil
 }
 
 var errNotRunning = errors.New("not running")

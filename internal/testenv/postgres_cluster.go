@@ -84,6 +84,29 @@ func NewCluster(t testing.TB, opts ...ClusterOption) *Cluster {
 	return c
 }
 
+// StartCluster is NewCluster for programs that are not tests (the benchmark in bench/): it
+// initialises and starts a private cluster, and the caller removes it with Destroy. Missing
+// binaries are an error naming the fix.
+func StartCluster(opts ...ClusterOption) (*Cluster, error) {
+	env, err := postgresEnv()
+	if err != nil {
+		return nil, err
+	}
+	var cfg clusterConfig
+	for _, opt := range opts {
+		opt(&cfg)
+	}
+	return startCluster(env, cfg)
+}
+
+// Destroy stops a cluster from StartCluster (immediate mode) and removes its directory.
+func (c *Cluster) Destroy() error {
+	if err := c.checkOwnable("destroy postgres"); err != nil {
+		return err
+	}
+	return c.destroy()
+}
+
 // URL returns a libpq URL for database dbname on this cluster as the
 // superuser postgres.
 func (c *Cluster) URL(dbname string) string {
@@ -416,19 +439,28 @@ type pgEnv struct {
 // is missing.
 func requirePostgres(t testing.TB) pgEnv {
 	t.Helper()
+	env, err := postgresEnv()
+	if err != nil {
+		skipOrFatal(t, "%v", err)
+	}
+	return env
+}
+
+// postgresEnv finds the PostgreSQL binaries and, when running as root, the postgres OS user.
+func postgresEnv() (pgEnv, error) {
 	var env pgEnv
 	var err error
 	env.initdb, env.pgCtl, err = findPostgresBinaries()
 	if err != nil {
-		skipOrFatal(t, "%v; install PostgreSQL with: apt-get install postgresql-15", err)
+		return env, fmt.Errorf("%v; install PostgreSQL with: apt-get install postgresql-15", err)
 	}
 	if os.Geteuid() == 0 {
 		env.cred, err = postgresCredential()
 		if err != nil {
-			skipOrFatal(t, "running as root, so postgres must run as OS user postgres: %v; it is created by: apt-get install postgresql-15", err)
+			return env, fmt.Errorf("running as root, so postgres must run as OS user postgres: %v; it is created by: apt-get install postgresql-15", err)
 		}
 	}
-	return env
+	return env, nil
 }
 
 // findPostgresBinaries looks for initdb and pg_ctl on PATH, then in the

@@ -1,0 +1,187 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// drainSlot is the bare pglogrepl loop: it streams slot with pgoutput and calls onInsert for
+// every INSERT (pglogrepl.Parse, no copying beyond what pglogrepl does) until n inserts were
+// seen. It answers keepalives and confirms nothing.
+func drainSlot(ctx context.Context, url, slot string, n int, onInsert func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error) error {
+	conn, err := pgconn.Connect(ctx, url+"&replication=database")
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	err = pglogrepl.StartReplication(ctx, conn, slot, 0, pglogrepl.StartReplicationOptions{
+		PluginArgs: []string{"proto_version '1'", "publication_names 'outbox_pub'"}})
+	if err != nil {
+		return fmt.Errorf("start replication: %w", err)
+	}
+	rels := map[uint32]*pglogrepl.RelationMessage{}
+	seen := 0
+	for seen < n {
+		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		raw, err := conn.ReceiveMessage(rctx)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("receive after %d inserts: %w", seen, err)
+		}
+		cd, ok := raw.(*pgproto3.CopyData)
+		if !ok {
+			if e, ok := raw.(*pgproto3.ErrorResponse); ok {
+				return errors.New(e.Message)
+			}
+			continue
+		}
+		switch cd.Data[0] {
+		case pglogrepl.PrimaryKeepaliveMessageByteID:
+			ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(cd.Data[1:])
+			if err != nil {
+				return err
+			}
+			if ka.ReplyRequested {
+				if err := pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{WALWritePosition: 1, WALFlushPosition: 1, WALApplyPosition: 1}); err != nil {
+					return err
+				}
+			}
+		case pglogrepl.XLogDataByteID:
+			xld, err := pglogrepl.ParseXLogData(cd.Data[1:])
+			if err != nil {
+				return err
+			}
+			m, err := pglogrepl.Parse(xld.WALData)
+			if err != nil {
+				return err
+			}
+			switch m := m.(type) {
+			case *pglogrepl.RelationMessage:
+				rels[m.RelationID] = m
+			case *pglogrepl.InsertMessage:
+				seen++
+				if onInsert != nil {
+					if err := onInsert(rels[m.RelationID], m); err != nil {
+						return err
+					}
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// ceilingA: rows/s of the bare decode loop.
+func ceilingA(ctx context.Context, d *db, slot string, n int) (float64, error) {
+	start := time.Now()
+	if err := drainSlot(ctx, d.url, slot, n, nil); err != nil {
+		return 0, fmt.Errorf("ceiling A: %w", err)
+	}
+	return float64(n) / time.Since(start).Seconds(), nil
+}
+
+// ceilingB: msgs/s of bare JetStream async publish with Nats-Msg-Id, waiting for every ack.
+func (e *env) ceilingB(ctx context.Context, stream, prefix string, n, payloadBytes int) (float64, error) {
+	if _, err := e.newStream(ctx, stream, prefix); err != nil {
+		return 0, err
+	}
+	defer e.js.DeleteStream(context.Background(), stream)
+	payload := make([]byte, payloadBytes)
+	for i := range payload {
+		payload[i] = 'x'
+	}
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("00000000-0000-4000-8000-%012d", i)
+	}
+	subject := prefix + ".order.OrderCreated"
+	js, err := jetstream.New(e.nc)
+	if err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	for i := 0; i < n; i++ {
+		m := nats.NewMsg(subject)
+		m.Data = payload
+		m.Header.Set(jetstream.MsgIDHeader, ids[i])
+		if _, err := js.PublishMsgAsync(m); err != nil {
+			return 0, fmt.Errorf("ceiling B publish: %w", err)
+		}
+	}
+	if err := waitAsync(ctx, js); err != nil {
+		return 0, fmt.Errorf("ceiling B: %w", err)
+	}
+	el := time.Since(start)
+	if got, _ := e.streamMsgs(ctx, stream); got != uint64(n) {
+		return 0, fmt.Errorf("ceiling B: stream has %d of %d messages", got, n)
+	}
+	return float64(n) / el.Seconds(), nil
+}
+
+func waitAsync(ctx context.Context, js jetstream.JetStream) error {
+	select {
+	case <-js.PublishAsyncComplete():
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(2 * time.Minute):
+		return fmt.Errorf("acks still pending after 2 minutes (%d)", js.PublishAsyncPending())
+	}
+}
+
+// ceilingD: the bare pipe. Drain the slot, publish each row's payload with its id as
+// Nats-Msg-Id (async), wait for every ack; no ordering chain, no checkpoint, no headers beyond
+// the id.
+func (e *env) ceilingD(ctx context.Context, d *db, slot, stream, prefix string, n int) (float64, error) {
+	if _, err := e.newStream(ctx, stream, prefix); err != nil {
+		return 0, err
+	}
+	defer e.js.DeleteStream(context.Background(), stream)
+	js, err := jetstream.New(e.nc)
+	if err != nil {
+		return 0, err
+	}
+	idCol, payCol, typCol, evCol := -1, -1, -1, -1
+	start := time.Now()
+	err = drainSlot(ctx, d.url, slot, n, func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error {
+		if idCol < 0 {
+			for i, c := range rel.Columns {
+				switch c.Name {
+				case "id":
+					idCol = i
+				case "payload":
+					payCol = i
+				case "aggregate_type":
+					typCol = i
+				case "event_type":
+					evCol = i
+				}
+			}
+		}
+		cols := ins.Tuple.Columns
+		m := nats.NewMsg(prefix + "." + string(cols[typCol].Data) + "." + string(cols[evCol].Data))
+		m.Data = cols[payCol].Data
+		m.Header.Set(jetstream.MsgIDHeader, string(cols[idCol].Data))
+		_, err := js.PublishMsgAsync(m)
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("ceiling D: %w", err)
+	}
+	if err := waitAsync(ctx, js); err != nil {
+		return 0, fmt.Errorf("ceiling D: %w", err)
+	}
+	el := time.Since(start)
+	if got, _ := e.streamMsgs(ctx, stream); got != uint64(n) {
+		return 0, fmt.Errorf("ceiling D: stream has %d of %d messages", got, n)
+	}
+	return float64(n) / el.Seconds(), nil
+}

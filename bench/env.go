@@ -1,0 +1,313 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/migrations"
+)
+
+// env is the throwaway Postgres cluster, nats-server and relay binary shared by every scenario.
+type env struct {
+	dir      string
+	cluster  *testenv.Cluster
+	nats     *testenv.NATSProcess
+	nc       *nats.Conn
+	js       jetstream.JetStream
+	relayBin string
+	seq      int
+}
+
+func setup(ctx context.Context) (_ *env, err error) {
+	dir, err := os.MkdirTemp("", "outbox-relay-bench-")
+	if err != nil {
+		return nil, err
+	}
+	e := &env{dir: dir}
+	defer func() {
+		if err != nil {
+			e.close()
+		}
+	}()
+	e.relayBin = filepath.Join(dir, "outbox-relay")
+	build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", e.relayBin, "./cmd/outbox-relay")
+	if out, err := build.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("build the relay (run from the module root): %v\n%s", err, out)
+	}
+	// testenv's settings (fsync = off, wal_level = logical) plus room for the big transaction.
+	e.cluster, err = testenv.StartCluster(testenv.WithConfig(
+		"max_wal_size = 4GB", "checkpoint_timeout = 30min", "wal_sender_timeout = 60s",
+		"shared_buffers = 256MB", "max_connections = 100"))
+	if err != nil {
+		return nil, err
+	}
+	e.nats, err = testenv.StartNATSServer(filepath.Join(dir, "nats"), false)
+	if err != nil {
+		return nil, err
+	}
+	e.nc, err = nats.Connect(e.nats.URL, nats.Name("bench"))
+	if err != nil {
+		return nil, err
+	}
+	e.js, err = jetstream.New(e.nc)
+	return e, err
+}
+
+func (e *env) close() {
+	if e.nc != nil {
+		e.nc.Close()
+	}
+	if e.nats != nil {
+		_ = e.nats.Kill()
+	}
+	if e.cluster != nil {
+		if err := e.cluster.Destroy(); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: remove postgres cluster:", err)
+		}
+	}
+	os.RemoveAll(e.dir)
+}
+
+// db is one fresh database with the outbox table and publication.
+type db struct {
+	name string
+	url  string
+	pool *pgxpool.Pool
+}
+
+func (e *env) newDB(ctx context.Context) (*db, error) {
+	e.seq++
+	name := fmt.Sprintf("bench_%d", e.seq)
+	admin, err := pgx.Connect(ctx, e.cluster.URL("postgres"))
+	if err != nil {
+		return nil, err
+	}
+	defer admin.Close(ctx)
+	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		return nil, err
+	}
+	d := &db{name: name, url: e.cluster.URL(name)}
+	conn, err := pgx.Connect(ctx, d.url)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close(ctx)
+	if _, err := migrations.Apply(ctx, conn, migrations.Options{}); err != nil {
+		return nil, err
+	}
+	cfg, err := pgxpool.ParseConfig(d.url)
+	if err != nil {
+		return nil, err
+	}
+	cfg.MaxConns = 8
+	d.pool, err = pgxpool.NewWithConfig(ctx, cfg)
+	return d, err
+}
+
+// drop removes the database and its slots (after every consumer stopped).
+func (e *env) drop(ctx context.Context, d *db) {
+	d.pool.Close()
+	admin, err := pgx.Connect(ctx, e.cluster.URL("postgres"))
+	if err != nil {
+		return
+	}
+	defer admin.Close(ctx)
+	_, _ = admin.Exec(ctx, `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = $1 AND active_pid IS NOT NULL`, d.name)
+	_, _ = admin.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1`, d.name)
+	_, _ = admin.Exec(ctx, "DROP DATABASE IF EXISTS "+d.name+" WITH (FORCE)")
+}
+
+func (d *db) createSlot(ctx context.Context, slot string) error {
+	_, err := d.pool.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, slot)
+	return err
+}
+
+// payloadPad makes the payload column about payloadBytes long: {"n": 123456, "pad": "xxx..."}.
+func payloadPad(payloadBytes int) int { return max(payloadBytes-25, 0) }
+
+const insertSQL = `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+SELECT 'order', (($1::int + g) % 1000)::text, 'OrderCreated', jsonb_build_object('n', $1::int + g, 'pad', repeat('x', $2::int))
+FROM generate_series(1, $3::int) g`
+
+// insert commits total events in transactions of perTx events.
+func (d *db) insert(ctx context.Context, total, perTx, payloadBytes int) error {
+	conn, err := d.pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Release()
+	for n := 0; n < total; n += perTx {
+		k := min(perTx, total-n)
+		if _, err := conn.Exec(ctx, insertSQL, n, payloadPad(payloadBytes), k); err != nil {
+			return fmt.Errorf("insert events: %w", err)
+		}
+	}
+	return nil
+}
+
+// newStream creates an empty stream for one consumer (file storage, 20 minute duplicate
+// window, like the relay's).
+func (e *env) newStream(ctx context.Context, name, prefix string) (jetstream.Stream, error) {
+	_ = e.js.DeleteStream(ctx, name)
+	return e.js.CreateStream(ctx, jetstream.StreamConfig{
+		Name: name, Subjects: []string{prefix + ".>"}, Storage: jetstream.FileStorage, Duplicates: 20 * time.Minute,
+	})
+}
+
+// streamMsgs returns the number of messages in a stream, 0 while it does not exist.
+func (e *env) streamMsgs(ctx context.Context, name string) (uint64, error) {
+	s, err := e.js.Stream(ctx, name)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		return 0, err
+	}
+	return info.State.Msgs, nil
+}
+
+// waitMsgs polls until stream holds at least n messages and returns when that was seen.
+func (e *env) waitMsgs(ctx context.Context, stream string, n uint64, timeout time.Duration) (time.Time, error) {
+	deadline := time.Now().Add(timeout)
+	var got uint64
+	for time.Now().Before(deadline) {
+		var err error
+		if got, err = e.streamMsgs(ctx, stream); err != nil {
+			return time.Time{}, err
+		}
+		if got >= n {
+			return time.Now(), nil
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return time.Time{}, fmt.Errorf("stream %s has %d of %d messages after %s", stream, got, n, timeout)
+}
+
+// relayProc is the relay binary running as a child process.
+type relayProc struct {
+	cmd   *exec.Cmd
+	start time.Time
+	log   bytes.Buffer
+	done  chan struct{}
+}
+
+type usage struct {
+	cpu    time.Duration // user + system
+	maxRSS int64         // bytes (VmHWM)
+}
+
+func (e *env) startRelay(d *db, slot, stream, prefix string, environ ...string) (*relayProc, error) {
+	return e.startRelayArgs(d, []string{"--slot", slot, "--stream", stream, "--subject-prefix", prefix}, environ...)
+}
+
+func (e *env) startRelayArgs(d *db, args []string, environ ...string) (*relayProc, error) {
+	p := &relayProc{done: make(chan struct{})}
+	args = append([]string{"run", "--pg-url", d.url, "--nats-url", e.nats.URL, "--log-level", "warn"}, args...)
+	p.cmd = exec.Command(e.relayBin, args...)
+	p.cmd.Stdout, p.cmd.Stderr = &p.log, &p.log
+	p.cmd.Env = append(os.Environ(), environ...)
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	p.start = time.Now()
+	if err := p.cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() { _ = p.cmd.Wait(); close(p.done) }()
+	return p, nil
+}
+
+// stop sends SIGTERM, waits for the exit and returns the process's CPU time and peak RSS.
+func (p *relayProc) stop() (usage, error) {
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(30 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+		return usage{}, fmt.Errorf("relay did not stop within 30s; log:\n%s", tailLog(p.log.String()))
+	}
+	ru, ok := p.cmd.ProcessState.SysUsage().(*syscall.Rusage)
+	if !ok {
+		return usage{}, errors.New("no rusage")
+	}
+	u := usage{
+		cpu:    time.Duration(ru.Utime.Nano() + ru.Stime.Nano()),
+		maxRSS: ru.Maxrss * 1024,
+	}
+	if code := p.cmd.ProcessState.ExitCode(); code != 0 {
+		return u, fmt.Errorf("relay exited with %d; log:\n%s", code, tailLog(p.log.String()))
+	}
+	return u, nil
+}
+
+// exited reports an early exit of the relay, with its log.
+func (p *relayProc) exited() error {
+	select {
+	case <-p.done:
+		return fmt.Errorf("relay exited early (%s); log:\n%s", p.cmd.ProcessState, tailLog(p.log.String()))
+	default:
+		return nil
+	}
+}
+
+// vmHWM reads the peak RSS of a running process from /proc.
+func vmHWM(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return kb * 1024
+		}
+	}
+	return 0
+}
+
+func tailLog(s string) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > 30 {
+		lines = lines[len(lines)-30:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// waitSlotActive waits until a consumer streams from slot.
+func (d *db) waitSlotActive(ctx context.Context, slot string, p *relayProc) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		var active bool
+		if err := d.pool.QueryRow(ctx, `SELECT active FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&active); err != nil {
+			return err
+		}
+		if active {
+			return nil
+		}
+		if p != nil {
+			if err := p.exited(); err != nil {
+				return err
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return fmt.Errorf("slot %s not active after 30s", slot)
+}

@@ -1,0 +1,464 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// figures of one scenario run, by figure name.
+type figures map[string]float64
+
+const mib = 1 << 20
+
+func addUsage(f figures, prefix string, u usage, events int) {
+	f[prefix+" relay CPU s"] = u.cpu.Seconds()
+	if events > 0 {
+		f[prefix+" relay CPU s per 100k events"] = u.cpu.Seconds() * 100000 / float64(events)
+	}
+	f[prefix+" relay peak RSS MiB"] = float64(u.maxRSS) / mib
+}
+
+// runDrain measures ceilings A, B, D and the relay's drain on the same 200,000 committed
+// events: three slots are created before the events are inserted, one for each consumer.
+func (e *env) runDrain(ctx context.Context, o opts, rep int) (figures, error) {
+	d, err := e.newDB(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer e.drop(context.Background(), d)
+	for _, s := range []string{"ceil_a", "ceil_d", "relay"} {
+		if err := d.createSlot(ctx, s); err != nil {
+			return nil, err
+		}
+	}
+	if err := d.insert(ctx, o.events, 100, o.payload); err != nil {
+		return nil, err
+	}
+	f := figures{}
+	if f["ceiling A: decode, rows/s"], err = ceilingA(ctx, d, "ceil_a", o.events); err != nil {
+		return nil, err
+	}
+	if f["ceiling B: publish, msgs/s"], err = e.ceilingB(ctx, "CEIL_B", "ceilb", o.events, o.payload); err != nil {
+		return nil, err
+	}
+	if f["ceiling D: bare pipe, rows/s"], err = e.ceilingD(ctx, d, "ceil_d", "CEIL_D", "ceild", o.events); err != nil {
+		return nil, err
+	}
+	rate, u, err := e.relayDrain(ctx, d, "relay", "DRAIN", "drain", o.events, o.profileEnv("drain", rep))
+	if err != nil {
+		return nil, err
+	}
+	f["drain: relay, events/s"] = rate
+	f["drain: relay / D"] = rate / f["ceiling D: bare pipe, rows/s"]
+	addUsage(f, "drain:", u, o.events)
+	return f, nil
+}
+
+// relayDrain starts the relay on a slot holding n events and returns events/s from the start
+// of the process until the stream holds all of them.
+func (e *env) relayDrain(ctx context.Context, d *db, slot, stream, prefix string, n int, environ []string, extra ...string) (float64, usage, error) {
+	if _, err := e.newStream(ctx, stream, prefix); err != nil {
+		return 0, usage{}, err
+	}
+	defer e.js.DeleteStream(context.Background(), stream)
+	p, err := e.startRelayArgs(d, append([]string{"--slot", slot, "--stream", stream, "--subject-prefix", prefix}, extra...), environ...)
+	if err != nil {
+		return 0, usage{}, err
+	}
+	end, werr := e.waitMsgs(ctx, stream, uint64(n), 5*time.Minute)
+	u, err := p.stop()
+	if werr != nil {
+		return 0, u, fmt.Errorf("%w; relay log:\n%s", werr, tailLog(p.log.String()))
+	}
+	if err != nil {
+		return 0, u, err
+	}
+	if got, _ := e.streamMsgs(ctx, stream); got != uint64(n) {
+		return 0, u, fmt.Errorf("stream %s has %d messages, want %d", stream, got, n)
+	}
+	return float64(n) / end.Sub(p.start).Seconds(), u, nil
+}
+
+// runLive: 4 producers insert one event per transaction as fast as Postgres accepts while the
+// relay runs; the backlog is what the stream lacks when the producers stop.
+func (e *env) runLive(ctx context.Context, o opts, _ int) (figures, error) {
+	d, err := e.newDB(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer e.drop(context.Background(), d)
+	if err := d.createSlot(ctx, "relay"); err != nil {
+		return nil, err
+	}
+	if _, err := e.newStream(ctx, "LIVE", "live"); err != nil {
+		return nil, err
+	}
+	defer e.js.DeleteStream(context.Background(), "LIVE")
+	p, err := e.startRelay(d, "relay", "LIVE", "live")
+	if err != nil {
+		return nil, err
+	}
+	defer p.stop() //nolint:errcheck // stopped below; a second stop is a no-op
+	if err := d.waitSlotActive(ctx, "relay", p); err != nil {
+		return nil, err
+	}
+	var produced atomic.Int64
+	pctx, cancel := context.WithTimeout(ctx, o.liveDuration)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	start := time.Now()
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := produce(pctx, d.pool, w, &produced); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	el := time.Since(start)
+	close(errs)
+	for err := range errs {
+		return nil, err
+	}
+	n := produced.Load()
+	stored, err := e.streamMsgs(ctx, "LIVE")
+	if err != nil {
+		return nil, err
+	}
+	caught, err := e.waitMsgs(ctx, "LIVE", uint64(n), 2*time.Minute)
+	if err != nil {
+		return nil, err
+	}
+	u, err := p.stop()
+	if err != nil {
+		return nil, err
+	}
+	f := figures{
+		"live: producers, events/s":     float64(n) / el.Seconds(),
+		"live: backlog at end, events":  float64(n - int64(stored)),
+		"live: backlog drained in, ms":  float64(caught.Sub(start.Add(el)).Microseconds()) / 1000,
+		"live: relay, events/s overall": float64(n) / caught.Sub(start).Seconds(),
+	}
+	addUsage(f, "live:", u, int(n))
+	return f, nil
+}
+
+// produce inserts one event per transaction until ctx ends.
+func produce(ctx context.Context, pool *pgxpool.Pool, w int, n *atomic.Int64) error {
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Release()
+	pad := strings.Repeat("x", payloadPad(400))
+	for i := 0; ; i++ {
+		_, err := conn.Exec(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', $1, 'OrderCreated', jsonb_build_object('n', $2::int, 'pad', $3::text))`,
+			fmt.Sprint(w*1000000+i%1000), i, pad)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		n.Add(1)
+	}
+}
+
+// latencyRun inserts rate events/s, one per transaction, for dur, while a JetStream ordered
+// consumer on stream records when each arrives. Latency is arrival minus the moment the
+// INSERT's commit returned to the producer.
+func (e *env) latencyRun(ctx context.Context, d *db, stream string, rate int, dur time.Duration) ([]time.Duration, error) {
+	s, err := e.js.Stream(ctx, stream)
+	if err != nil {
+		return nil, err
+	}
+	c, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverNewPolicy})
+	if err != nil {
+		return nil, err
+	}
+	var mu sync.Mutex
+	recv := make(map[string]time.Time, rate*int(dur.Seconds()+1))
+	cc, err := c.Consume(func(m jetstream.Msg) {
+		t := time.Now()
+		id := m.Headers().Get(jetstream.MsgIDHeader)
+		mu.Lock()
+		recv[id] = t
+		mu.Unlock()
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer cc.Stop()
+	conn, err := d.pool.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Release()
+	pad := strings.Repeat("x", payloadPad(400))
+	total := rate * int(dur/time.Second)
+	committed := make(map[string]time.Time, total)
+	interval := time.Second / time.Duration(rate)
+	start := time.Now()
+	for i := 0; i < total; i++ {
+		if wait := time.Until(start.Add(time.Duration(i) * interval)); wait > 0 {
+			time.Sleep(wait)
+		}
+		var id string
+		err := conn.QueryRow(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', $1, 'OrderCreated', jsonb_build_object('n', $2::int, 'pad', $3::text)) RETURNING id::text`,
+			fmt.Sprint(i%1000), i, pad).Scan(&id)
+		if err != nil {
+			return nil, err
+		}
+		committed[id] = time.Now()
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		mu.Lock()
+		got := len(recv)
+		mu.Unlock()
+		if got >= total {
+			break
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("latency: received %d of %d events", got, total)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	lat := make([]time.Duration, 0, total)
+	for id, t := range committed {
+		r, ok := recv[id]
+		if !ok {
+			return nil, fmt.Errorf("latency: event %s never arrived", id)
+		}
+		lat = append(lat, max(r.Sub(t), 0))
+	}
+	slices.Sort(lat)
+	return lat, nil
+}
+
+func quantile(sorted []time.Duration, q float64) float64 {
+	i := int(q * float64(len(sorted)-1))
+	return float64(sorted[i].Microseconds()) / 1000
+}
+
+func latencyFigures(f figures, prefix string, lat []time.Duration, all bool) {
+	f[prefix+" p50 ms"] = quantile(lat, 0.50)
+	f[prefix+" p99 ms"] = quantile(lat, 0.99)
+	if all {
+		f[prefix+" p99.9 ms"] = quantile(lat, 0.999)
+		f[prefix+" max ms"] = quantile(lat, 1)
+	}
+}
+
+func (e *env) runLatency(ctx context.Context, o opts, _ int) (figures, error) {
+	d, err := e.newDB(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer e.drop(context.Background(), d)
+	if err := d.createSlot(ctx, "relay"); err != nil {
+		return nil, err
+	}
+	if _, err := e.newStream(ctx, "LAT", "lat"); err != nil {
+		return nil, err
+	}
+	defer e.js.DeleteStream(context.Background(), "LAT")
+	p, err := e.startRelay(d, "relay", "LAT", "lat")
+	if err != nil {
+		return nil, err
+	}
+	defer p.stop() //nolint:errcheck
+	if err := d.waitSlotActive(ctx, "relay", p); err != nil {
+		return nil, err
+	}
+	lat, err := e.latencyRun(ctx, d, "LAT", o.rate, o.latencyDuration)
+	if err != nil {
+		return nil, err
+	}
+	u, err := p.stop()
+	if err != nil {
+		return nil, err
+	}
+	f := figures{}
+	latencyFigures(f, "latency: relay", lat, true)
+	addUsage(f, "latency:", u, len(lat))
+	return f, nil
+}
+
+// runBigTx: one transaction of o.bigEvents events, committed while the relay runs; time from
+// the commit returning until the stream holds every event, and the relay's peak RSS.
+func (e *env) runBigTx(ctx context.Context, o opts, _ int) (figures, error) {
+	d, err := e.newDB(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer e.drop(context.Background(), d)
+	if err := d.createSlot(ctx, "relay"); err != nil {
+		return nil, err
+	}
+	if _, err := e.newStream(ctx, "BIG", "big"); err != nil {
+		return nil, err
+	}
+	defer e.js.DeleteStream(context.Background(), "BIG")
+	p, err := e.startRelay(d, "relay", "BIG", "big")
+	if err != nil {
+		return nil, err
+	}
+	defer p.stop() //nolint:errcheck
+	if err := d.waitSlotActive(ctx, "relay", p); err != nil {
+		return nil, err
+	}
+	if err := d.insert(ctx, o.bigEvents, o.bigEvents, o.payload); err != nil {
+		return nil, err
+	}
+	committed := time.Now()
+	end, err := e.waitMsgs(ctx, "BIG", uint64(o.bigEvents), 10*time.Minute)
+	if err != nil {
+		return nil, err
+	}
+	u, err := p.stop()
+	if err != nil {
+		return nil, err
+	}
+	el := end.Sub(committed).Seconds()
+	f := figures{
+		"big-tx: commit to last ack, s": el,
+		"big-tx: events/s":              float64(o.bigEvents) / el,
+	}
+	addUsage(f, "big-tx:", u, o.bigEvents)
+	return f, nil
+}
+
+// runPolling measures the polling baseline: drain of o.events pre-committed events, latency
+// at o.rate events/s, and statements/s on an idle outbox; and the relay's statements/s on an
+// idle outbox for comparison.
+func (e *env) runPolling(ctx context.Context, o opts, _ int) (figures, error) {
+	f := figures{}
+	// Drain.
+	d, err := e.newDB(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer e.drop(context.Background(), d)
+	if _, err := d.pool.Exec(ctx, pollingSchema); err != nil {
+		return nil, err
+	}
+	if err := d.insert(ctx, o.events, 100, o.payload); err != nil {
+		return nil, err
+	}
+	if _, err := d.pool.Exec(ctx, "VACUUM ANALYZE outbox"); err != nil {
+		return nil, err
+	}
+	if _, err := e.newStream(ctx, "POLL", "poll"); err != nil {
+		return nil, err
+	}
+	defer e.js.DeleteStream(context.Background(), "POLL")
+	pl, err := newPoller(d.pool, e.nc, "poll")
+	if err != nil {
+		return nil, err
+	}
+	pctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() { done <- pl.run(pctx) }()
+	end, werr := e.waitMsgs(ctx, "POLL", uint64(o.events), 5*time.Minute)
+	stop()
+	if err := <-done; err != nil {
+		return nil, err
+	}
+	if werr != nil {
+		return nil, werr
+	}
+	f["polling: drain, events/s"] = float64(o.events) / end.Sub(start).Seconds()
+
+	// Idle: the table is now fully published.
+	pctx, stop = context.WithCancel(ctx)
+	go func() { done <- pl.run(pctx) }()
+	time.Sleep(500 * time.Millisecond)
+	s0, t0 := pl.statements.Load(), time.Now()
+	time.Sleep(o.idleDuration)
+	f["polling: idle outbox, statements/s"] = float64(pl.statements.Load()-s0) / time.Since(t0).Seconds()
+
+	// Latency, with the poller still running.
+	lat, err := e.latencyRun(ctx, d, "POLL", o.rate, o.latencyDuration)
+	stop()
+	if err2 := <-done; err == nil {
+		err = err2
+	}
+	if err != nil {
+		return nil, err
+	}
+	latencyFigures(f, "polling: latency", lat, false)
+
+	// The relay on an idle outbox: SQL transactions it causes in its database.
+	if err := d.createSlot(ctx, "relay"); err != nil {
+		return nil, err
+	}
+	if _, err := e.newStream(ctx, "IDLE", "idle"); err != nil {
+		return nil, err
+	}
+	defer e.js.DeleteStream(context.Background(), "IDLE")
+	d.pool.Reset()
+	p, err := e.startRelay(d, "relay", "IDLE", "idle")
+	if err != nil {
+		return nil, err
+	}
+	defer p.stop() //nolint:errcheck
+	if err := d.waitSlotActive(ctx, "relay", p); err != nil {
+		return nil, err
+	}
+	time.Sleep(time.Second)
+	x0, err := e.xacts(ctx, d.name)
+	if err != nil {
+		return nil, err
+	}
+	t0 = time.Now()
+	time.Sleep(o.idleDuration)
+	time.Sleep(time.Second) // statistics are flushed about once a second
+	x1, err := e.xacts(ctx, d.name)
+	if err != nil {
+		return nil, err
+	}
+	f["relay: idle outbox, SQL transactions/s"] = float64(x1-x0) / time.Since(t0).Seconds()
+	if _, err := p.stop(); err != nil {
+		return nil, err
+	}
+	return f, nil
+}
+
+// xacts returns committed plus rolled back transactions of database name, read from another
+// database so the reading does not count.
+func (e *env) xacts(ctx context.Context, name string) (int64, error) {
+	admin, err := pgxpool.New(ctx, e.cluster.URL("postgres"))
+	if err != nil {
+		return 0, err
+	}
+	defer admin.Close()
+	var n int64
+	err = admin.QueryRow(ctx, `SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1`, name).Scan(&n)
+	return n, err
+}
+
+func (o opts) profileEnv(scenario string, rep int) []string {
+	if o.profileDir == "" || rep != 0 {
+		return nil
+	}
+	return []string{
+		"OUTBOX_RELAY_CPUPROFILE=" + filepath.Join(o.profileDir, scenario+"-cpu.pprof"),
+		"OUTBOX_RELAY_MEMPROFILE=" + filepath.Join(o.profileDir, scenario+"-allocs.pprof"),
+	}
+}
