@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
@@ -40,6 +42,12 @@ type JetStream struct {
 	notify     chan struct{}
 
 	stats Stats
+
+	// Publish-goroutine scratch: header values of one event are built in one buffer and
+	// converted to one string; the subject string is reused while it does not change.
+	scratch     []byte
+	subject     string
+	streamValue []string // the Nats-Expected-Stream header value, shared read-only by every message
 }
 
 // Stats are counters of the sink, read with (*JetStream).Stats.
@@ -51,7 +59,8 @@ type Stats struct {
 }
 
 type entry struct {
-	msg    *nats.Msg
+	msg    nats.Msg
+	vals   [8]string // backing array of msg.Header's values (one allocation for all)
 	id     string
 	ticket checkpoint.Ticket
 	fut    jetstream.PubAckFuture // nil: not sent (yet) in the current chain
@@ -71,6 +80,8 @@ func NewJetStream(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ti
 		confirm: confirm,
 		sem:     make(chan struct{}, cfg.Window),
 		notify:  make(chan struct{}, 1),
+
+		streamValue: []string{cfg.Stream},
 	}
 }
 
@@ -119,14 +130,16 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		return err
 	}
 	j.held = false
-	e := &entry{msg: buildMsg(ev), id: string(ev.ID), ticket: tk}
+	e := &entry{ticket: tk}
+	size := j.buildMsg(e, ev)
 	if j.cfg.CloudEvents {
 		addCloudEvents(e.msg.Header, ev, j.cfg.CloudEventsSource)
+		size = msgSize(&e.msg)
 	}
-	if max := j.maxPayload(); max > 0 && msgSize(e.msg) > max {
+	if max := j.maxPayload(); max > 0 && size > max {
 		<-j.sem
 		return fmt.Errorf("%w: event %s (transaction committed at %s) is %d bytes with headers, over the server's max_payload of %d",
-			ErrPoison, e.id, ev.CommitLSN, msgSize(e.msg), max)
+			ErrPoison, e.id, ev.CommitLSN, size, max)
 	}
 	j.mu.Lock()
 	j.q = append(j.q, e)
@@ -149,6 +162,8 @@ func (j *JetStream) maxPayload() int {
 	return int(nc.MaxPayload())
 }
 
+// msgSize is the size max_payload applies to, for a message whose headers were changed after
+// buildMsg (CloudEvents attributes).
 func msgSize(m *nats.Msg) int {
 	n := len(m.Data) + len(m.Subject)
 	for k, vs := range m.Header {
@@ -161,14 +176,18 @@ func msgSize(m *nats.Msg) int {
 
 // send publishes e as the next link of the chain. j.mu is held.
 func (j *JetStream) send(e *entry) {
-	opts := []jetstream.PublishOpt{jetstream.WithMsgID(e.id), jetstream.WithExpectStream(j.cfg.Stream)}
+	// The control headers are set directly rather than through PublishOpts (WithMsgID,
+	// WithExpectStream, WithExpectLastMsgID), which cost an option slice, closures and a
+	// Header.Set each per message. Nats-Msg-Id is set by buildMsg. A re-publish replaces the
+	// expectation, or removes it when the chain restarts.
+	e.msg.Header[jetstream.ExpectedStreamHeader] = j.streamValue
 	if j.lastID != "" {
-		opts = append(opts, jetstream.WithExpectLastMsgID(j.lastID))
+		e.vals[len(e.vals)-1] = j.lastID
+		e.msg.Header[jetstream.ExpectedLastMsgIDHeader] = e.vals[len(e.vals)-1:]
+	} else {
+		delete(e.msg.Header, jetstream.ExpectedLastMsgIDHeader)
 	}
-	// PublishMsgAsync adds the option headers to the message; start from a clean header set
-	// each time (a re-publish must not keep a stale expectation).
-	delete(e.msg.Header, jetstream.ExpectedLastMsgIDHeader)
-	fut, err := j.js.PublishMsgAsync(e.msg, opts...)
+	fut, err := j.js.PublishMsgAsync(&e.msg)
 	e.sent = time.Now()
 	if err != nil {
 		// Disconnected (no reconnect buffer), stalled or closed: the chain is broken here;
@@ -347,31 +366,88 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff) error {
 	return nil
 }
 
-// buildMsg copies the event into a NATS message: the payload bytes as Postgres sent them and
-// the relay's headers, then the string entries of the headers column. A headers-column key that
-// names a relay header or starts with "Nats-" (JetStream's control headers) is skipped.
-func buildMsg(ev *decoder.Event) *nats.Msg {
-	h := make(nats.Header, 8+len(ev.Headers))
+// buildMsg copies the event into e.msg: the payload bytes as Postgres sent them and the relay's
+// headers, then the string entries of the headers column. A headers-column key that names a
+// relay header or starts with "Nats-" (JetStream's control headers) is skipped. It returns the
+// message size the server's max_payload applies to (without the control headers).
+//
+// This runs once per event on the publishing goroutine, so it allocates little: the relay's
+// header values share one string (built in j.scratch) and one []string backing array
+// (e.vals), the map is sized for every header up front, and the subject string is reused
+// while consecutive events share it.
+func (j *JetStream) buildMsg(e *entry, ev *decoder.Event) int {
+	b := j.scratch[:0]
+	var ends [7]int
+	b = append(b, ev.ID...)
+	ends[0] = len(b)
+	b = append(b, ev.AggregateType...)
+	ends[1] = len(b)
+	b = append(b, ev.AggregateID...)
+	ends[2] = len(b)
+	b = append(b, ev.EventType...)
+	ends[3] = len(b)
+	b = append(b, ev.CreatedAt...)
+	ends[4] = len(b)
+	b = appendLSN(b, ev.CommitLSN)
+	ends[5] = len(b)
+	b = strconv.AppendInt(b, int64(ev.TxIndex), 10)
+	ends[6] = len(b)
+	j.scratch = b
+	all := string(b)
+	start := 0
+	for i, end := range ends {
+		e.vals[i] = all[start:end]
+		start = end
+	}
+	e.id = e.vals[0]
+
+	h := make(nats.Header, 10+len(ev.Headers))
+	size := 12 // "NATS/1.0\r\n" + final CRLF
 	for _, kv := range ev.Headers {
 		if reservedHeader(kv.Key) {
 			continue
 		}
 		h[kv.Key] = []string{kv.Value}
+		size += len(kv.Key) + len(kv.Value) + 4
 	}
-	h[HeaderMsgID] = []string{string(ev.ID)}
-	h[HeaderAggregateType] = []string{string(ev.AggregateType)}
-	h[HeaderAggregateID] = []string{string(ev.AggregateID)}
-	h[HeaderEventType] = []string{string(ev.EventType)}
-	if len(ev.CreatedAt) > 0 {
-		h[HeaderCreatedAt] = []string{string(ev.CreatedAt)}
+	for i, k := range [7]string{HeaderMsgID, HeaderAggregateType, HeaderAggregateID, HeaderEventType, HeaderCreatedAt, HeaderCommitLSN, HeaderTxIndex} {
+		if i == 4 && len(ev.CreatedAt) == 0 {
+			continue
+		}
+		h[k] = e.vals[i : i+1 : i+1]
+		size += len(k) + len(e.vals[i]) + 4
 	}
-	h[HeaderCommitLSN] = []string{ev.CommitLSN.String()}
-	h[HeaderTxIndex] = []string{itoa(ev.TxIndex)}
-	return &nats.Msg{
-		Subject: string(ev.Subject),
+	if string(ev.Subject) != j.subject {
+		j.subject = string(ev.Subject)
+	}
+	e.msg = nats.Msg{
+		Subject: j.subject,
 		Data:    append([]byte(nil), ev.Payload...),
 		Header:  h,
 	}
+	return size + len(e.msg.Data) + len(e.msg.Subject)
+}
+
+// appendLSN appends lsn as pglogrepl.LSN.String does ("16/B374D848"), without fmt.
+func appendLSN(b []byte, lsn pglogrepl.LSN) []byte {
+	b = appendHexUpper(b, uint32(lsn>>32))
+	b = append(b, '/')
+	return appendHexUpper(b, uint32(lsn))
+}
+
+func appendHexUpper(b []byte, v uint32) []byte {
+	const digits = "0123456789ABCDEF"
+	var buf [8]byte
+	i := len(buf)
+	for {
+		i--
+		buf[i] = digits[v&0xF]
+		v >>= 4
+		if v == 0 {
+			break
+		}
+	}
+	return append(b, buf[i:]...)
 }
 
 func reservedHeader(k string) bool {

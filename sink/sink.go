@@ -17,7 +17,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"strings"
 	"time"
 
@@ -253,5 +252,3 @@ func redactDSN(s string) string {
 	}
 	return s[:v] + "xxxxx" + s[min(end, len(s)):]
 }
-
-func itoa(i int) string { return strconv.Itoa(i) }
