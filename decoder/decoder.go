@@ -459,7 +459,7 @@ func parseHeaders(dst []Header, raw []byte) ([]Header, error) {
 // goes through time.Parse.
 func toRFC3339(dst, src []byte) ([]byte, error) {
 	if t, ok := parseISOTimestamp(src); ok {
-		return t.AppendFormat(dst, rfc3339Micro), nil
+		return appendRFC3339Micro(dst, t), nil
 	}
 	s := string(src)
 	for _, layout := range []string{"2006-01-02 15:04:05.999999999Z07:00:00", "2006-01-02 15:04:05.999999999Z07:00", "2006-01-02 15:04:05.999999999Z07", "2006-01-02 15:04:05.999999999"} {
@@ -471,6 +471,40 @@ func toRFC3339(dst, src []byte) ([]byte, error) {
 }
 
 const rfc3339Micro = "2006-01-02T15:04:05.000000Z07:00"
+
+// appendRFC3339Micro is t.AppendFormat(dst, rfc3339Micro) for a UTC time with a 4-digit year,
+// written digit by digit (AppendFormat interprets the layout on every call).
+func appendRFC3339Micro(dst []byte, t time.Time) []byte {
+	year, month, day := t.Date()
+	if year < 1 || year > 9999 {
+		return t.AppendFormat(dst, rfc3339Micro)
+	}
+	hour, minute, sec := t.Clock()
+	dst = appendDigits(dst, year, 4)
+	dst = append(dst, '-')
+	dst = appendDigits(dst, int(month), 2)
+	dst = append(dst, '-')
+	dst = appendDigits(dst, day, 2)
+	dst = append(dst, 'T')
+	dst = appendDigits(dst, hour, 2)
+	dst = append(dst, ':')
+	dst = appendDigits(dst, minute, 2)
+	dst = append(dst, ':')
+	dst = appendDigits(dst, sec, 2)
+	dst = append(dst, '.')
+	dst = appendDigits(dst, t.Nanosecond()/1000, 6)
+	return append(dst, 'Z')
+}
+
+// appendDigits appends v zero-padded to n digits (v < 10^n).
+func appendDigits(dst []byte, v, n int) []byte {
+	var buf [9]byte
+	for i := n - 1; i >= 0; i-- {
+		buf[i] = byte('0' + v%10)
+		v /= 10
+	}
+	return append(dst, buf[:n]...)
+}
 
 // parseISOTimestamp parses "YYYY-MM-DD HH:MM:SS[.f{1,9}][(+|-)HH[:MM]]" and returns it in UTC.
 // ok is false for any other shape, and for out-of-range fields (left to time.Parse, which
