@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -140,7 +141,12 @@ func waitAsync(ctx context.Context, js jetstream.JetStream) error {
 // ceilingD: the bare pipe. Drain the slot, publish each row's payload with its id as
 // Nats-Msg-Id (async), wait for every ack; no ordering chain, no checkpoint, no headers beyond
 // the id.
-func (e *env) ceilingD(ctx context.Context, d *db, slot, stream, prefix string, n int) (float64, error) {
+//
+// With relayHeaders the loop sends the same headers as the relay (its seven Outbox-* and
+// Nats-Msg-Id headers plus Nats-Expected-Stream and Nats-Expected-Last-Msg-Id): a diagnostic
+// that separates the cost of the message format (bytes on the wire, the server's header checks)
+// from the cost of the relay's pipeline.
+func (e *env) ceilingD(ctx context.Context, d *db, slot, stream, prefix string, n int, relayHeaders bool) (float64, error) {
 	if _, err := e.newStream(ctx, stream, prefix); err != nil {
 		return 0, err
 	}
@@ -149,7 +155,9 @@ func (e *env) ceilingD(ctx context.Context, d *db, slot, stream, prefix string, 
 	if err != nil {
 		return 0, err
 	}
-	idCol, payCol, typCol, evCol := -1, -1, -1, -1
+	idCol, payCol, typCol, evCol, aggCol, createdCol := -1, -1, -1, -1, -1, -1
+	var lastID string
+	txIndex := 0
 	start := time.Now()
 	err = drainSlot(ctx, d.url, slot, n, func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error {
 		if idCol < 0 {
@@ -163,13 +171,32 @@ func (e *env) ceilingD(ctx context.Context, d *db, slot, stream, prefix string, 
 					typCol = i
 				case "event_type":
 					evCol = i
+				case "aggregate_id":
+					aggCol = i
+				case "created_at":
+					createdCol = i
 				}
 			}
 		}
 		cols := ins.Tuple.Columns
 		m := nats.NewMsg(prefix + "." + string(cols[typCol].Data) + "." + string(cols[evCol].Data))
 		m.Data = cols[payCol].Data
-		m.Header.Set(jetstream.MsgIDHeader, string(cols[idCol].Data))
+		id := string(cols[idCol].Data)
+		m.Header.Set(jetstream.MsgIDHeader, id)
+		if relayHeaders {
+			m.Header.Set("Outbox-Aggregate-Type", string(cols[typCol].Data))
+			m.Header.Set("Outbox-Aggregate-Id", string(cols[aggCol].Data))
+			m.Header.Set("Outbox-Event-Type", string(cols[evCol].Data))
+			m.Header.Set("Outbox-Created-At", string(cols[createdCol].Data))
+			m.Header.Set("Outbox-Commit-Lsn", "0/16B3F48")
+			m.Header.Set("Outbox-Tx-Index", strconv.Itoa(txIndex%100))
+			m.Header.Set(jetstream.ExpectedStreamHeader, stream)
+			if lastID != "" {
+				m.Header.Set(jetstream.ExpectedLastMsgIDHeader, lastID)
+			}
+			lastID = id
+			txIndex++
+		}
 		_, err := js.PublishMsgAsync(m)
 		return err
 	})

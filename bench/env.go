@@ -311,3 +311,12 @@ func (d *db) waitSlotActive(ctx context.Context, slot string, p *relayProc) erro
 	}
 	return fmt.Errorf("slot %s not active after 30s", slot)
 }
+
+// selfCPU is this process's user + system CPU time so far.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}

@@ -32,6 +32,8 @@ type opts struct {
 	scenarios       string
 	profileDir      string
 	partitions      int
+	relayArgs       []string
+	relayEnv        []string
 }
 
 func main() {
@@ -48,7 +50,11 @@ func main() {
 	flag.StringVar(&o.scenarios, "scenarios", "drain,live,latency,big-tx,polling,scale", "comma-separated scenarios to run")
 	flag.StringVar(&o.profileDir, "profile", "", "write CPU and allocation profiles of the relay's first drain run to this directory")
 	flag.IntVar(&o.partitions, "partitions", 2, "relays in the scale scenario (compared with 1)")
+	relayArgs := flag.String("relay-args", "", "extra flags for the relay in the drain scenario, space separated (e.g. \"--max-in-flight 4096\")")
+	relayEnv := flag.String("relay-env", "", "extra environment for the relay in the drain scenario, space separated (e.g. GOGC=200)")
 	flag.Parse()
+	o.relayEnv = strings.Fields(*relayEnv)
+	o.relayArgs = strings.Fields(*relayArgs)
 	if o.bigRepeats == 0 {
 		o.bigRepeats = o.repeats
 	}

@@ -35,7 +35,7 @@ func (e *env) runDrain(ctx context.Context, o opts, rep int) (figures, error) {
 		return nil, err
 	}
 	defer e.drop(context.Background(), d)
-	for _, s := range []string{"ceil_a", "ceil_d", "relay"} {
+	for _, s := range []string{"ceil_a", "ceil_d", "ceil_dh", "relay"} {
 		if err := d.createSlot(ctx, s); err != nil {
 			return nil, err
 		}
@@ -50,15 +50,21 @@ func (e *env) runDrain(ctx context.Context, o opts, rep int) (figures, error) {
 	if f["ceiling B: publish, msgs/s"], err = e.ceilingB(ctx, "CEIL_B", "ceilb", o.events, o.payload); err != nil {
 		return nil, err
 	}
-	if f["ceiling D: bare pipe, rows/s"], err = e.ceilingD(ctx, d, "ceil_d", "CEIL_D", "ceild", o.events); err != nil {
+	cpu0 := selfCPU()
+	if f["ceiling D: bare pipe, rows/s"], err = e.ceilingD(ctx, d, "ceil_d", "CEIL_D", "ceild", o.events, false); err != nil {
 		return nil, err
 	}
-	rate, u, err := e.relayDrain(ctx, d, "relay", "DRAIN", "drain", o.events, o.profileEnv("drain", rep))
+	f["ceiling D: CPU s per 100k rows (bench process)"] = (selfCPU() - cpu0).Seconds() * 100000 / float64(o.events)
+	if f["diagnostic D+h: bare pipe with the relay's headers, rows/s"], err = e.ceilingD(ctx, d, "ceil_dh", "CEIL_DH", "ceildh", o.events, true); err != nil {
+		return nil, err
+	}
+	rate, u, err := e.relayDrain(ctx, d, "relay", "DRAIN", "drain", o.events, append(o.profileEnv("drain", rep), o.relayEnv...), o.relayArgs...)
 	if err != nil {
 		return nil, err
 	}
 	f["drain: relay, events/s"] = rate
 	f["drain: relay / D"] = rate / f["ceiling D: bare pipe, rows/s"]
+	f["drain: relay / D+h"] = rate / f["diagnostic D+h: bare pipe with the relay's headers, rows/s"]
 	addUsage(f, "drain:", u, o.events)
 	return f, nil
 }
