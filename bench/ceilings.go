@@ -151,14 +151,30 @@ func (e *env) ceilingD(ctx context.Context, d *db, slot, stream, prefix string, 
 		return 0, err
 	}
 	defer e.js.DeleteStream(context.Background(), stream)
+	start := time.Now()
+	if err := e.barePipeHeaders(ctx, d, slot, stream, prefix, n, relayHeaders); err != nil {
+		return 0, fmt.Errorf("ceiling D: %w", err)
+	}
+	el := time.Since(start)
+	if got, _ := e.streamMsgs(ctx, stream); got != uint64(n) {
+		return 0, fmt.Errorf("ceiling D: stream has %d of %d messages", got, n)
+	}
+	return float64(n) / el.Seconds(), nil
+}
+
+// barePipe is ceiling D's loop: drain n inserts from slot, publish each, wait for every ack.
+func (e *env) barePipe(ctx context.Context, d *db, slot, stream, prefix string, n int) error {
+	return e.barePipeHeaders(ctx, d, slot, stream, prefix, n, false)
+}
+
+func (e *env) barePipeHeaders(ctx context.Context, d *db, slot, stream, prefix string, n int, relayHeaders bool) error {
 	js, err := jetstream.New(e.nc)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	idCol, payCol, typCol, evCol, aggCol, createdCol := -1, -1, -1, -1, -1, -1
 	var lastID string
 	txIndex := 0
-	start := time.Now()
 	err = drainSlot(ctx, d.url, slot, n, func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error {
 		if idCol < 0 {
 			for i, c := range rel.Columns {
@@ -201,14 +217,7 @@ func (e *env) ceilingD(ctx context.Context, d *db, slot, stream, prefix string, 
 		return err
 	})
 	if err != nil {
-		return 0, fmt.Errorf("ceiling D: %w", err)
+		return err
 	}
-	if err := waitAsync(ctx, js); err != nil {
-		return 0, fmt.Errorf("ceiling D: %w", err)
-	}
-	el := time.Since(start)
-	if got, _ := e.streamMsgs(ctx, stream); got != uint64(n) {
-		return 0, fmt.Errorf("ceiling D: stream has %d of %d messages", got, n)
-	}
-	return float64(n) / el.Seconds(), nil
+	return waitAsync(ctx, js)
 }

@@ -270,20 +270,47 @@ func latencyFigures(f figures, prefix string, lat []time.Duration, all bool) {
 	}
 }
 
-func (e *env) runLatency(ctx context.Context, o opts, _ int) (figures, error) {
+func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) {
+	f := figures{}
+	// The same harness on the bare pipe (ceiling D's loop), in the same run: the latency this
+	// machine gives a loop with no bookkeeping at all.
 	d, err := e.newDB(ctx)
 	if err != nil {
 		return nil, err
 	}
 	defer e.drop(context.Background(), d)
-	if err := d.createSlot(ctx, "relay"); err != nil {
+	for _, s := range []string{"relay", "bare"} {
+		if err := d.createSlot(ctx, s); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := e.newStream(ctx, "LATD", "latd"); err != nil {
 		return nil, err
 	}
+	defer e.js.DeleteStream(context.Background(), "LATD")
+	total := o.rate * int(o.latencyDuration/time.Second)
+	bctx, stop := context.WithCancel(ctx)
+	bare := make(chan error, 1)
+	go func() { bare <- e.barePipe(bctx, d, "bare", "LATD", "latd", total) }()
+	if err := d.waitSlotActive(ctx, "bare", nil); err != nil {
+		stop()
+		return nil, err
+	}
+	lat, err := e.latencyRun(ctx, d, "LATD", o.rate, o.latencyDuration)
+	stop()
+	if berr := <-bare; err == nil && berr != nil && ctx.Err() == nil {
+		err = berr
+	}
+	if err != nil {
+		return nil, err
+	}
+	latencyFigures(f, "latency: bare pipe (D's loop)", lat, true)
+
 	if _, err := e.newStream(ctx, "LAT", "lat"); err != nil {
 		return nil, err
 	}
 	defer e.js.DeleteStream(context.Background(), "LAT")
-	p, err := e.startRelay(d, "relay", "LAT", "lat")
+	p, err := e.startRelay(d, "relay", "LAT", "lat", o.profileEnv("latency", rep)...)
 	if err != nil {
 		return nil, err
 	}
@@ -291,7 +318,11 @@ func (e *env) runLatency(ctx context.Context, o opts, _ int) (figures, error) {
 	if err := d.waitSlotActive(ctx, "relay", p); err != nil {
 		return nil, err
 	}
-	lat, err := e.latencyRun(ctx, d, "LAT", o.rate, o.latencyDuration)
+	// The relay's slot also holds the bare pipe's events: wait until they are through.
+	if _, err := e.waitMsgs(ctx, "LAT", uint64(total), time.Minute); err != nil {
+		return nil, err
+	}
+	lat, err = e.latencyRun(ctx, d, "LAT", o.rate, o.latencyDuration)
 	if err != nil {
 		return nil, err
 	}
@@ -299,7 +330,6 @@ func (e *env) runLatency(ctx context.Context, o opts, _ int) (figures, error) {
 	if err != nil {
 		return nil, err
 	}
-	f := figures{}
 	latencyFigures(f, "latency: relay", lat, true)
 	addUsage(f, "latency:", u, len(lat))
 	return f, nil
