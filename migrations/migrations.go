@@ -25,6 +25,22 @@ type Options struct {
 	// Messages: table-less mode. Create only the outbox_emit function (in Schema) and, if
 	// missing, a publication without tables (pgoutput needs one to start); no table.
 	Messages bool
+	// Partitions > 1 also creates that many publications for horizontal scale-out, one per
+	// relay: PartitionPublication(Publication, i, Partitions) with the row filter
+	// PartitionFilter(Partitions, i), so that every row is in exactly one of them and all of
+	// an aggregate's rows are in the same one (Postgres 15 or later).
+	Partitions int
+}
+
+// PartitionPublication names partition i of n of publication pub: outbox_pub_p0of2.
+func PartitionPublication(pub string, i, n int) string { return fmt.Sprintf("%s_p%dof%d", pub, i, n) }
+
+// PartitionFilter is the row filter of partition i of n: a hash of aggregate_id modulo n.
+// hashtext is an immutable built-in, as row filters require. The sign bit is masked rather
+// than taking abs(): abs(hashtext(x)) fails with "integer out of range" for the one hash
+// value -2147483648, which would stop replication at that row.
+func PartitionFilter(n, i int) string {
+	return fmt.Sprintf("(hashtext(aggregate_id) & 2147483647) %% %d = %d", n, i)
 }
 
 func (o *Options) fill() {
@@ -44,6 +60,8 @@ type Result struct {
 	CreatedTable       bool
 	CreatedPublication bool
 	AddedToPublication bool
+	// CreatedPartitions lists the partition publications created (Options.Partitions > 1).
+	CreatedPartitions []string
 }
 
 // emitFile creates the outbox_emit function; the table migrations are the 0*.sql files.
@@ -126,10 +144,52 @@ func Apply(ctx context.Context, conn *pgx.Conn, o Options) (Result, error) {
 		}
 		res.AddedToPublication = true
 	}
+	if o.Partitions > 1 {
+		if res.CreatedPartitions, err = createPartitions(ctx, tx, o, table); err != nil {
+			return res, err
+		}
+	}
 	if err := tx.Commit(ctx); err != nil {
 		return res, fmt.Errorf("commit migration: %w", err)
 	}
 	return res, nil
+}
+
+// createPartitions creates the missing partition publications. An existing one must publish
+// the table with a row filter; its filter is not compared (changing the number of partitions
+// means new publication names, see PartitionPublication).
+func createPartitions(ctx context.Context, tx pgx.Tx, o Options, table string) ([]string, error) {
+	var version int
+	if err := tx.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&version); err != nil {
+		return nil, fmt.Errorf("read server version: %w", err)
+	}
+	if version < 150000 {
+		return nil, fmt.Errorf("--partitions needs publication row filters, which Postgres %d.%d lacks: upgrade to Postgres 15 or later, or run one relay", version/10000, version%10000/100)
+	}
+	var created []string
+	for i := 0; i < o.Partitions; i++ {
+		name := PartitionPublication(o.Publication, i, o.Partitions)
+		var exists, filtered bool
+		err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
+			EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3 AND rowfilter IS NOT NULL)`,
+			name, o.Schema, o.Table).Scan(&exists, &filtered)
+		if err != nil {
+			return nil, fmt.Errorf("look up publication %s: %w", name, err)
+		}
+		switch {
+		case exists && filtered:
+			continue
+		case exists:
+			return nil, fmt.Errorf("publication %s exists but does not publish %s with a row filter: drop it (DROP PUBLICATION %s) and run migrate again", name, table, pgx.Identifier{name}.Sanitize())
+		}
+		sql := fmt.Sprintf(`CREATE PUBLICATION %s FOR TABLE %s WHERE (%s) WITH (publish = 'insert')`,
+			pgx.Identifier{name}.Sanitize(), table, PartitionFilter(o.Partitions, i))
+		if _, err := tx.Exec(ctx, sql); err != nil {
+			return nil, fmt.Errorf("create publication %s: %w", name, err)
+		}
+		created = append(created, name)
+	}
+	return created, nil
 }
 
 // PublicationSQL is the statement that creates the publication the relay reads.

@@ -16,11 +16,13 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 	var (
 		lf                                logFlags
 		pgURL, table, publication, source string
+		partitions                        int
 	)
 	fs.StringVar(&pgURL, "pg-url", "", "Postgres connection URL or DSN (required)")
 	fs.StringVar(&table, "table", "public.outbox", "outbox table, schema.table")
 	fs.StringVar(&publication, "publication", "outbox_pub", "publication to create")
 	fs.StringVar(&source, "source", "table", "table: the outbox table, its publication and outbox_emit; messages (table-less): outbox_emit and a publication without tables")
+	fs.IntVar(&partitions, "partitions", 1, "also create this many row-filtered publications <publication>_p<i>of<N>, one per relay, partitioned by a hash of aggregate_id (Postgres 15+)")
 	lf.register(fs)
 	if err := parseFlags(fs, args, env); err != nil {
 		return usageError{err}
@@ -31,6 +33,12 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 	}
 	if pgURL == "" {
 		return usageError{fmt.Errorf("--pg-url is required (or %s)", envName("pg-url"))}
+	}
+	if partitions < 1 {
+		return usageError{fmt.Errorf("--partitions must be at least 1")}
+	}
+	if partitions > 1 && source == "messages" {
+		return usageError{fmt.Errorf("--partitions filters the outbox table's rows; it does not apply to --source messages")}
 	}
 	schema, tbl, err := splitTable(table)
 	if err != nil {
@@ -44,7 +52,7 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 		return err
 	}
 	defer conn.Close(context.Background())
-	res, err := migrations.Apply(ctx, conn, migrations.Options{Schema: schema, Table: tbl, Publication: publication, Messages: source == "messages"})
+	res, err := migrations.Apply(ctx, conn, migrations.Options{Schema: schema, Table: tbl, Publication: publication, Messages: source == "messages", Partitions: partitions})
 	if err != nil {
 		return err
 	}
@@ -58,6 +66,14 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 		Str("publication", publication).Bool("created_publication", res.CreatedPublication).
 		Bool("added_to_publication", res.AddedToPublication).Msg("migrated")
 	fmt.Fprintf(stdout, "table %s.%s and publication %s are in place\n", schema, tbl, publication)
+	if partitions > 1 {
+		log.Info().Strs("created_partitions", res.CreatedPartitions).Msg("partition publications in place")
+		fmt.Fprintf(stdout, "%d partition publications are in place; run one relay per partition, each with its own slot and stream:\n", partitions)
+		for i := 0; i < partitions; i++ {
+			fmt.Fprintf(stdout, "  outbox-relay run --publication %s --slot outbox_relay_p%d --stream OUTBOX_P%d --subject-prefix outbox.p%d --create-slot ...\n",
+				migrations.PartitionPublication(publication, i, partitions), i, i, i)
+		}
+	}
 	return nil
 }
 
