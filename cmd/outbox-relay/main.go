@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
 	"github.com/rs/zerolog"
@@ -25,6 +26,13 @@ func realMain() int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	zerolog.ErrorFieldName = "err"
+	if _, set := os.LookupEnv("GOGC"); !set {
+		// The live heap is small and bounded by --max-in-flight (a few MB), while the
+		// garbage per event is not: collecting at 4x the live heap instead of 2x cuts the
+		// relay's CPU per event by about a fifth (bench/README.md) for a few MB of RSS.
+		// GOGC in the environment still wins.
+		debug.SetGCPercent(400)
+	}
 	stopProfiles := startProfiles(os.Getenv("OUTBOX_RELAY_CPUPROFILE"), os.Getenv("OUTBOX_RELAY_MEMPROFILE"))
 	err := dispatch(ctx, os.Args[1:], os.Stdout, os.Stderr, os.LookupEnv)
 	stopProfiles()
