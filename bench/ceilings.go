@@ -113,7 +113,7 @@ func (e *env) ceilingB(ctx context.Context, stream, prefix string, n, payloadByt
 		m := nats.NewMsg(subject)
 		m.Data = payload
 		m.Header.Set(jetstream.MsgIDHeader, ids[i])
-		if _, err := js.PublishMsgAsync(m); err != nil {
+		if _, err := publishAsync(js, m); err != nil {
 			return 0, fmt.Errorf("ceiling B publish: %w", err)
 		}
 	}
@@ -125,6 +125,17 @@ func (e *env) ceilingB(ctx context.Context, stream, prefix string, n, payloadByt
 		return 0, fmt.Errorf("ceiling B: stream has %d of %d messages", got, n)
 	}
 	return float64(n) / el.Seconds(), nil
+}
+
+// publishAsync is PublishMsgAsync that waits while too many acks are outstanding (nats.go
+// gives up after 200 ms by default, which a loaded machine exceeds).
+func publishAsync(js jetstream.JetStream, m *nats.Msg) (jetstream.PubAckFuture, error) {
+	for {
+		f, err := js.PublishMsgAsync(m)
+		if !errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
+			return f, err
+		}
+	}
 }
 
 func waitAsync(ctx context.Context, js jetstream.JetStream) error {
@@ -213,7 +224,7 @@ func (e *env) barePipeHeaders(ctx context.Context, d *db, slot, stream, prefix s
 			lastID = id
 			txIndex++
 		}
-		_, err := js.PublishMsgAsync(m)
+		_, err := publishAsync(js, m)
 		return err
 	})
 	if err != nil {

@@ -82,7 +82,7 @@ func (p *poller) poll(ctx context.Context) (int, error) {
 		m := nats.NewMsg(p.prefix + "." + typ + "." + ev)
 		m.Data = []byte(payload)
 		m.Header.Set(jetstream.MsgIDHeader, id)
-		f, err := p.js.PublishMsgAsync(m)
+		f, err := publishAsync(p.js, m)
 		if err != nil {
 			return 0, err
 		}
