@@ -102,8 +102,10 @@ func (e *env) runLive(ctx context.Context, o opts, _ int) (figures, error) {
 		return nil, err
 	}
 	defer e.drop(context.Background(), d)
-	if err := d.createSlot(ctx, "relay"); err != nil {
-		return nil, err
+	for _, s := range []string{"relay", "bare"} {
+		if err := d.createSlot(ctx, s); err != nil {
+			return nil, err
+		}
 	}
 	if _, err := e.newStream(ctx, "LIVE", "live"); err != nil {
 		return nil, err
@@ -158,6 +160,18 @@ func (e *env) runLive(ctx context.Context, o opts, _ int) (figures, error) {
 		"live: relay, events/s overall": float64(n) / caught.Sub(start).Seconds(),
 	}
 	addUsage(f, "live:", u, int(n))
+	// Reference: D's bare loop drains the same one-event transactions afterwards (from its own
+	// slot, created with the relay's), which says whether one-event transactions, rather than
+	// the relay, limit the rate.
+	if _, err := e.newStream(ctx, "LIVED", "lived"); err != nil {
+		return nil, err
+	}
+	defer e.js.DeleteStream(context.Background(), "LIVED")
+	t0 := time.Now()
+	if err := e.barePipe(ctx, d, "bare", "LIVED", "lived", int(n)); err != nil {
+		return nil, err
+	}
+	f["live: D's loop draining the same events afterwards, rows/s"] = float64(n) / time.Since(t0).Seconds()
 	return f, nil
 }
 
