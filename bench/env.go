@@ -221,7 +221,7 @@ func (e *env) startRelay(d *db, slot, stream, prefix string, environ ...string) 
 
 func (e *env) startRelayArgs(d *db, args []string, environ ...string) (*relayProc, error) {
 	p := &relayProc{done: make(chan struct{})}
-	args = append([]string{"run", "--pg-url", d.url, "--nats-url", e.nats.URL, "--log-level", "warn"}, args...)
+	args = append([]string{"run", "--pg-url", d.url, "--nats-url", e.nats.URL, "--log-level", "warn", "--http-addr", "off"}, args...)
 	p.cmd = exec.Command(e.relayBin, args...)
 	p.cmd.Stdout, p.cmd.Stderr = &p.log, &p.log
 	p.cmd.Env = append(os.Environ(), environ...)
