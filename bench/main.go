@@ -98,6 +98,7 @@ func run(ctx context.Context, o opts) error {
 			t0 := time.Now()
 			f, err := s.run(ctx, o, r)
 			if err != nil {
+				printTable(o, started, order, res)
 				return fmt.Errorf("%s run %d: %w", s.name, r+1, err)
 			}
 			keys := make([]string, 0, len(f))
@@ -114,6 +115,11 @@ func run(ctx context.Context, o opts) error {
 			fmt.Fprintf(os.Stderr, "bench: %s run %d/%d done in %s (load average %s)\n", s.name, r+1, s.repeats, time.Since(t0).Round(time.Millisecond), loadavg())
 		}
 	}
+	printTable(o, started, order, res)
+	return nil
+}
+
+func printTable(o opts, started time.Time, order []string, res map[string][]float64) {
 	fmt.Printf("\noutbox-relay bench, %s, %d CPUs (%s), Go %s, %d events of %d bytes, %d repeats; took %s; load average at end %s\n\n",
 		time.Now().Format("2006-01-02 15:04"), runtime.NumCPU(), cpuModel(), runtime.Version(), o.events, o.payload, o.repeats,
 		time.Since(started).Round(time.Second), loadavg())
@@ -124,7 +130,6 @@ func run(ctx context.Context, o opts) error {
 		slices.Sort(v)
 		fmt.Printf("| %s | %s | %s - %s | %d |\n", k, num(v[len(v)/2]), num(v[0]), num(v[len(v)-1]), len(v))
 	}
-	return nil
 }
 
 func num(v float64) string {
