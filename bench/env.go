@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -216,6 +217,7 @@ type relayProc struct {
 	start time.Time
 	log   bytes.Buffer
 	done  chan struct{}
+	hwm   atomic.Int64 // peak RSS in bytes (VmHWM), sampled
 }
 
 type usage struct {
@@ -239,11 +241,31 @@ func (e *env) startRelayArgs(d *db, args []string, environ ...string) (*relayPro
 		return nil, err
 	}
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
+	// Peak RSS is VmHWM of the relay's own address space, sampled while it runs: the rusage
+	// of a child (ru_maxrss) starts from the parent's RSS at fork on Linux, so it would report
+	// this bench process's size whenever that is larger.
+	go func() {
+		t := time.NewTicker(20 * time.Millisecond)
+		defer t.Stop()
+		for {
+			if v := vmHWM(p.cmd.Process.Pid); v > p.hwm.Load() {
+				p.hwm.Store(v)
+			}
+			select {
+			case <-p.done:
+				return
+			case <-t.C:
+			}
+		}
+	}()
 	return p, nil
 }
 
 // stop sends SIGTERM, waits for the exit and returns the process's CPU time and peak RSS.
 func (p *relayProc) stop() (usage, error) {
+	if v := vmHWM(p.cmd.Process.Pid); v > p.hwm.Load() {
+		p.hwm.Store(v)
+	}
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
@@ -258,7 +280,7 @@ func (p *relayProc) stop() (usage, error) {
 	}
 	u := usage{
 		cpu:    time.Duration(ru.Utime.Nano() + ru.Stime.Nano()),
-		maxRSS: ru.Maxrss * 1024,
+		maxRSS: p.hwm.Load(),
 	}
 	if code := p.cmd.ProcessState.ExitCode(); code != 0 {
 		return u, fmt.Errorf("relay exited with %d; log:\n%s", code, tailLog(p.log.String()))
