@@ -181,7 +181,7 @@ func (j *JetStream) send(e *entry) {
 	// Header.Set each per message. Nats-Msg-Id is set by buildMsg. A re-publish replaces the
 	// expectation, or removes it when the chain restarts.
 	e.msg.Header[jetstream.ExpectedStreamHeader] = j.streamValue
-	if j.lastID != "" {
+	if j.lastID != "" && !j.cfg.unchained {
 		e.vals[len(e.vals)-1] = j.lastID
 		e.msg.Header[jetstream.ExpectedLastMsgIDHeader] = e.vals[len(e.vals)-1:]
 	} else {
@@ -238,6 +238,8 @@ func (j *JetStream) Run(ctx context.Context) error {
 			if err := j.failed(e, err); err != nil {
 				return err
 			}
+			// The future's one outcome is consumed: recover must not wait on it again.
+			e.fut = nil
 			if err := j.recover(ctx, backoff); err != nil {
 				return err
 			}

@@ -67,6 +67,10 @@ type Config struct {
 	CloudEvents bool
 	// CloudEventsSource is ce-source (default DefaultCloudEventsSource).
 	CloudEventsSource string
+
+	// unchained leaves out Nats-Expected-Last-Msg-Id (tests only: shows what the chain
+	// prevents).
+	unchained bool
 }
 
 func (c *Config) fill() {

@@ -1,0 +1,189 @@
+package sink
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outbox-relay/outbox-relay/checkpoint"
+	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/internal/faultproxy"
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+)
+
+// sinkRig is a sink publishing to an embedded JetStream through a fault proxy.
+type sinkRig struct {
+	nats  *testenv.NATS
+	proxy *faultproxy.Proxy
+	js    jetstream.JetStream
+	sink  *JetStream
+
+	mu        sync.Mutex
+	confirmed []checkpoint.Ticket
+}
+
+func newSinkRig(t *testing.T, cfg Config) *sinkRig {
+	t.Helper()
+	r := &sinkRig{nats: testenv.JetStream(t)}
+	var err error
+	r.proxy, err = faultproxy.StartNATS(fmt.Sprintf("127.0.0.1:%d", r.nats.Port))
+	require.NoError(t, err)
+	t.Cleanup(r.proxy.Close)
+	nc, err := Connect("nats://" + r.proxy.Addr())
+	require.NoError(t, err)
+	t.Cleanup(nc.Close)
+	r.js, err = NewJetStreamContext(nc, cfg)
+	require.NoError(t, err)
+	ctx := context.Background()
+	_, err = EnsureStream(ctx, r.js, cfg, zerolog.Nop())
+	require.NoError(t, err)
+	r.sink = NewJetStream(r.js, cfg, func(tk checkpoint.Ticket) {
+		r.mu.Lock()
+		r.confirmed = append(r.confirmed, tk)
+		r.mu.Unlock()
+	}, zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel))
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- r.sink.Run(runCtx) }()
+	t.Cleanup(func() { cancel(); require.NoError(t, <-done) })
+	return r
+}
+
+func (r *sinkRig) publish(t *testing.T, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("ev-%05d", i)
+		ev := &decoder.Event{ID: []byte(id), AggregateType: []byte("a"), AggregateID: []byte("1"), EventType: []byte("E"),
+			Subject: []byte("outbox.a.E"), Payload: []byte(`{"i":` + fmt.Sprint(i) + `}`), TxIndex: i}
+		require.NoError(t, r.sink.Publish(context.Background(), ev, checkpoint.Ticket(i)))
+	}
+}
+
+func (r *sinkRig) waitConfirmed(t *testing.T, n int) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return len(r.confirmed) == n
+	}, 30*time.Second, 20*time.Millisecond)
+}
+
+// streamIDs returns the Nats-Msg-Id of every stored message, in stream order.
+func streamIDs(t *testing.T, url string) []string {
+	t.Helper()
+	nc, err := nats.Connect(url)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	s, err := js.Stream(context.Background(), DefaultStream)
+	require.NoError(t, err)
+	info, err := s.Info(context.Background())
+	require.NoError(t, err)
+	var ids []string
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		m, err := s.GetMsg(context.Background(), seq)
+		require.NoError(t, err)
+		ids = append(ids, m.Header.Get(HeaderMsgID))
+	}
+	return ids
+}
+
+// dropOnce drops the first publish frame carrying id, once.
+func dropOnce(id string) func(string, []byte) bool {
+	done := false
+	return func(_ string, hdr []byte) bool {
+		if done || !containsMsgID(hdr, id) {
+			return false
+		}
+		done = true
+		return true
+	}
+}
+
+func containsMsgID(hdr []byte, id string) bool {
+	return len(hdr) > 0 && contains(string(hdr), HeaderMsgID+": "+id+"\r\n")
+}
+
+func contains(s, sub string) bool {
+	for i := 0; i+len(sub) <= len(s); i++ {
+		if s[i:i+len(sub)] == sub {
+			return true
+		}
+	}
+	return false
+}
+
+// A publish lost in the middle of the window while the following ones reach the server is the
+// case a plain async window reorders. The proxy drops one message silently (no connection
+// error); its ack times out, and the sink re-publishes. With the expectation chain the stream
+// holds the events in publish order, once each; without it (negative control) the re-published
+// event lands after its successors.
+func TestJetStream_LostPublishMidWindowKeepsOrder(t *testing.T) {
+	const n = 200
+	for _, c := range []struct {
+		name      string
+		unchained bool
+	}{{"chained", false}, {"unchained", true}} {
+		t.Run(c.name, func(t *testing.T) {
+			r := newSinkRig(t, Config{Window: 64, AckTimeout: 500 * time.Millisecond, unchained: c.unchained})
+			r.proxy.DropNATSPublish(dropOnce("ev-00050"))
+			r.publish(t, n)
+			r.waitConfirmed(t, n)
+			_, dropped := r.proxy.Stats()
+			require.Equal(t, 1, dropped, "the fault was injected")
+			ids := streamIDs(t, r.nats.URL)
+			require.Len(t, ids, n, "every event stored once")
+			inOrder := true
+			for i, id := range ids {
+				if id != fmt.Sprintf("ev-%05d", i) {
+					inOrder = false
+				}
+			}
+			if c.unchained {
+				require.False(t, inOrder, "without the chain the re-published event lands after later ones")
+				return
+			}
+			require.True(t, inOrder, "stream order is publish order: %v", ids[45:60])
+			require.NotZero(t, r.sink.Stats().Retries)
+		})
+	}
+}
+
+// Connection resets and a cut in the middle of a message, repeatedly, under a full window:
+// every event stored once, in order.
+func TestJetStream_ResetsAndCutsMidWindowKeepOrder(t *testing.T) {
+	const n = 3000
+	r := newSinkRig(t, Config{Window: 128, AckTimeout: time.Second})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 6; i++ {
+			time.Sleep(60 * time.Millisecond)
+			if i%2 == 0 {
+				r.proxy.Reset()
+			} else {
+				r.proxy.CutAfter(5000)
+				time.Sleep(60 * time.Millisecond)
+				r.proxy.Pass()
+			}
+		}
+	}()
+	r.publish(t, n)
+	<-done
+	r.waitConfirmed(t, n)
+	ids := streamIDs(t, r.nats.URL)
+	require.Len(t, ids, n)
+	for i, id := range ids {
+		require.Equal(t, fmt.Sprintf("ev-%05d", i), id)
+	}
+	accepted, _ := r.proxy.Stats()
+	require.Greater(t, accepted, 1, "the client reconnected")
+}
