@@ -56,12 +56,14 @@ type Stats struct {
 	Duplicates uint64 // acks with Duplicate: true
 	Retries    uint64 // re-publishes after a failure
 	Errors     uint64 // failed publish attempts
+	Skipped    uint64 // re-publishes skipped: the stream already held the event (LastStored)
 }
 
 type entry struct {
 	msg    nats.Msg
 	vals   [8]string // backing array of msg.Header's values (one allocation for all)
 	id     string
+	pos    Position
 	ticket checkpoint.Ticket
 	fut    jetstream.PubAckFuture // nil: not sent (yet) in the current chain
 	sent   time.Time
@@ -132,6 +134,7 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 	j.held = false
 	e := &entry{ticket: tk}
 	size := j.buildMsg(e, ev)
+	e.pos = Position{ev.CommitLSN, ev.TxIndex}
 	if j.cfg.CloudEvents {
 		addCloudEvents(e.msg.Header, ev, j.cfg.CloudEventsSource)
 		size = msgSize(&e.msg)
@@ -348,6 +351,22 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff) error {
 	case <-ctx.Done():
 		return nil
 	}
+	// The outcome of a failed publish is unknown (a lost ack, a reset connection), and the
+	// outage may have outlasted the duplicate window: ask the stream how far it got, and
+	// do not re-publish what it holds. Without an answer, retry later.
+	lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
+	last, ok, err := LastStored(lctx, j.js, j.cfg)
+	cancel()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		j.log.Warn().Err(err).Msg("cannot read the stream's last stored event; retrying")
+		return nil
+	}
+	if ok {
+		j.skipStored(last)
+	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	j.lastID = ""
@@ -366,6 +385,36 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff) error {
 		}
 	}
 	return nil
+}
+
+// skipStored confirms the queued events at or before last, which the stream holds.
+func (j *JetStream) skipStored(last Position) {
+	j.mu.Lock()
+	var stored []*entry
+	for _, e := range j.q {
+		if !e.pos.AtOrBefore(last) {
+			break
+		}
+		if !e.done {
+			stored = append(stored, e)
+			j.stats.Skipped++
+		}
+	}
+	j.mu.Unlock()
+	for _, e := range stored {
+		e.done = true
+		j.confirm(e.ticket)
+	}
+	for {
+		j.mu.Lock()
+		if len(j.q) == 0 || !j.q[0].done {
+			j.mu.Unlock()
+			return
+		}
+		e := j.q[0]
+		j.mu.Unlock()
+		j.pop(e)
+	}
 }
 
 // buildMsg copies the event into e.msg: the payload bytes as Postgres sent them and the relay's

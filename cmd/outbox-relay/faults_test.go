@@ -31,6 +31,26 @@ func sessionStats(t *testing.T, log string) (sessions int, published, duplicates
 	return
 }
 
+// sessionSkips sums published, duplicate acks and skipped_stored over the session lines.
+func sessionSkips(t *testing.T, log string) (published, duplicates, skipped uint64) {
+	t.Helper()
+	for _, line := range strings.Split(log, "\n") {
+		if !strings.Contains(line, "replication session ended") {
+			continue
+		}
+		var v struct {
+			Published  uint64 `json:"published"`
+			Duplicates uint64 `json:"duplicates"`
+			Skipped    uint64 `json:"skipped_stored"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(line), &v))
+		published += v.Published
+		duplicates += v.Duplicates
+		skipped += v.Skipped
+	}
+	return
+}
+
 // On Postgres 15 even a clean restart sends back transactions the relay already confirmed
 // (confirmed_flush is saved only at checkpoints). The relay resumes from its own higher
 // position, so nothing is re-sent at all, and the stream holds each event once.

@@ -423,10 +423,10 @@ func requireClean(t *testing.T, v verdict) {
 		}
 		return s
 	}
-	require.Empty(t, v.Lost, "lost events: %v", short(v.Lost))
-	require.Empty(t, v.Dup, "duplicated events: %v", short(v.Dup))
-	require.Empty(t, v.Unexpected, "events not committed: %v", short(v.Unexpected))
-	require.Empty(t, v.OutOfOrder, "per-aggregate order broken: %v", short(v.OutOfOrder))
+	require.Empty(t, short(v.Lost), "lost events: %v", short(v.Lost))
+	require.Empty(t, short(v.Dup), "duplicated events: %v", short(v.Dup))
+	require.Empty(t, short(v.Unexpected), "events not committed: %v", short(v.Unexpected))
+	require.Empty(t, short(v.OutOfOrder), "per-aggregate order broken: %v", short(v.OutOfOrder))
 	require.Equal(t, v.Committed, v.Read)
 }
 

@@ -178,3 +178,28 @@ func TestMigrate_IsIdempotent(t *testing.T) {
 	require.NoError(t, e.pg.QueryRow(t, `SELECT count(*) FROM pg_publication_tables WHERE pubname = 'outbox_pub' AND tablename = 'outbox'`).Scan(&n))
 	require.Equal(t, 1, n)
 }
+
+// Exactly once into the stream past the duplicate window: the relay is killed after JetStream
+// stored events whose position Postgres never got, and restarts after the stream's 1 s
+// duplicate window expired. Postgres re-sends those events; the relay skips the ones the stream
+// already holds (read from its last message's Outbox-Commit-Lsn/Outbox-Tx-Index), so JetStream
+// dedup is not needed.
+func TestRelay_KillAndRestartAfterDuplicateWindowStoresNoDuplicate(t *testing.T) {
+	e := newEnv(t)
+	e.createSlot(t)
+	n := workload{Writers: 3, Aggregates: 20, Txs: 40, MaxTx: 30, Seed: 14}.run(t, e.pg)
+	args := e.args("--duplicate-window", "1s", "--status-interval", "1h")
+	p := startProc(t, args, "OUTBOX_RELAY_FAILPOINT=kill_after_acks:500")
+	require.Equal(t, -1, p.wait(t, 60*time.Second), "the failpoint kills the relay")
+	stored := streamMsgs(t, e.nats.URL, sink.DefaultStream)
+	require.GreaterOrEqual(t, stored, uint64(500))
+	time.Sleep(1500 * time.Millisecond) // the duplicate window expires
+
+	p = startProc(t, args)
+	waitStream(t, e.nats.URL, uint64(n), 60*time.Second)
+	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+	require.Equal(t, 0, p.wait(t, 30*time.Second))
+	requireClean(t, check(t, outboxRows(t, e.pg), readStream(t, e.nats.URL, sink.DefaultStream)))
+	_, _, skipped := sessionSkips(t, p.log.String())
+	require.NotZero(t, skipped, "replayed events were skipped, not left to JetStream dedup")
+}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -63,6 +64,21 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		return err
 	}
 
+	// Events already in the stream are skipped, not re-published: after an outage longer than
+	// the stream's duplicate window, JetStream would store them again.
+	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	last, haveLast, err := sink.LastStored(lctx, js, cfg.sink)
+	cancel()
+	if errors.Is(err, sink.ErrForeignPublisher) {
+		return fatalError{err}
+	}
+	if err != nil {
+		return err
+	}
+	if haveLast {
+		log.Info().Stringer("position", last).Msg("stream holds events up to this position; replayed events up to it are skipped")
+	}
+
 	trk := checkpoint.New(start)
 	dec := decoder.New(decoder.Config{Schema: cfg.schema, Table: cfg.table, Columns: cfg.columns, Subject: cfg.subject, MessagePrefix: cfg.messagePrefix})
 	confirm := trk.Confirm
@@ -82,7 +98,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		}
 	}
 	pub := sink.NewJetStream(js, cfg.sink, confirm, log)
-	p := &pipeline{dec: dec, trk: trk, pub: pub, log: log, obs: cfg.obs}
+	p := &pipeline{dec: dec, trk: trk, pub: pub, log: log, obs: cfg.obs, last: last, haveLast: haveLast}
 	cfg.obs.startSession(pub, trk)
 	defer cfg.obs.endSession()
 
@@ -138,7 +154,8 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	}
 	stats := pub.Stats()
 	log.Info().Uint64("published", stats.Published).Uint64("duplicates", stats.Duplicates).
-		Uint64("retries", stats.Retries).Uint64("publish_errors", stats.Errors).Stringer("lsn", *resume).
+		Uint64("retries", stats.Retries).Uint64("publish_errors", stats.Errors).
+		Uint64("skipped_stored", p.skipped+stats.Skipped).Stringer("lsn", *resume).
 		Msg("replication session ended")
 	return err
 }
@@ -164,6 +181,12 @@ type pipeline struct {
 	obs *observer // nil: no metrics
 	// commit time of the open transaction (for the commit-to-ack histogram)
 	commit time.Time
+
+	// last is the stream's newest event when the session started (haveLast); replayed events
+	// at or before it are already stored and counted in skipped.
+	last     sink.Position
+	haveLast bool
+	skipped  uint64
 }
 
 func (p *pipeline) Ready() bool                    { return !p.pub.Full() }
@@ -185,6 +208,13 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 		}
 		p.trk.Begin()
 	case decoder.Insert:
+		if p.haveLast {
+			if (sink.Position{CommitLSN: ch.Event.CommitLSN, TxIndex: ch.Event.TxIndex}).AtOrBefore(p.last) {
+				p.skipped++ // stored: nothing to wait for, the transaction's entry stays confirmable
+				return nil
+			}
+			p.haveLast = false // positions only grow from here
+		}
 		// Take the window slot first: a ticket must only exist for an event that is sent.
 		if err := p.pub.Wait(ctx); err != nil {
 			return err

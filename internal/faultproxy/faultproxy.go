@@ -24,6 +24,7 @@ type Proxy struct {
 	mu        sync.Mutex
 	cond      *sync.Cond
 	blackhole bool
+	holdDown  bool // server to client held: requests arrive, replies do not
 	refuse    bool
 	cutAfter  int64 // > 0: reset each connection once this many more client bytes passed
 	drop      func(subject string, header []byte) bool
@@ -75,7 +76,7 @@ func (p *Proxy) Port() int { return p.ln.Addr().(*net.TCPAddr).Port }
 func (p *Proxy) Close() {
 	p.mu.Lock()
 	p.closed = true
-	p.blackhole = false
+	p.blackhole, p.holdDown = false, false
 	p.cond.Broadcast()
 	p.mu.Unlock()
 	p.ln.Close()
@@ -86,7 +87,7 @@ func (p *Proxy) Close() {
 // are delivered, as after a healed partition).
 func (p *Proxy) Pass() {
 	p.mu.Lock()
-	p.blackhole, p.refuse, p.cutAfter = false, false, 0
+	p.blackhole, p.holdDown, p.refuse, p.cutAfter = false, false, false, 0
 	p.cond.Broadcast()
 	p.mu.Unlock()
 }
@@ -97,6 +98,14 @@ func (p *Proxy) Pass() {
 func (p *Proxy) Blackhole() {
 	p.mu.Lock()
 	p.blackhole = true
+	p.mu.Unlock()
+}
+
+// HoldReplies stops forwarding from server to client only: the server gets every request and
+// stores every publish, the client sees no ack (a lost ack). Pass delivers what was held.
+func (p *Proxy) HoldReplies() {
+	p.mu.Lock()
+	p.holdDown = true
 	p.mu.Unlock()
 }
 
@@ -227,7 +236,7 @@ func (p *Proxy) pump(l *link, up bool) {
 // forward writes chunk to dst unless a fault says otherwise; false ends the link.
 func (p *Proxy) forward(l *link, up bool, dst io.Writer, chunk []byte, framed bool) bool {
 	p.mu.Lock()
-	for p.blackhole && !p.closed {
+	for (p.blackhole || (!up && p.holdDown)) && !p.closed {
 		p.cond.Wait()
 	}
 	if p.closed {
