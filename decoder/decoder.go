@@ -101,6 +101,9 @@ const (
 	// prefix. It is not part of any transaction (it is decoded when written, even if its
 	// transaction later rolls back), so it is not published; the relay warns.
 	NonTransactional
+	// Poison: returned with an ErrPoison error for an outbox row that cannot become an event;
+	// Change.Event holds what could be read (CommitLSN and TxIndex always, ID if any).
+	Poison
 )
 
 // Change is the meaning of one pgoutput message.
@@ -346,7 +349,12 @@ func (d *Decoder) decodeInsert(r *reader) (Change, error) {
 	ev := &d.ev
 	*ev = Event{CommitLSN: d.commitLSN, TxIndex: idx, Headers: ev.Headers[:0]}
 	poison := func(format string, args ...any) (Change, error) {
-		return Change{}, fmt.Errorf("%w: row %d of transaction committed at %s (id %q): %s",
+		// The row is consumed (the decoder stays in step); what is known of it goes back
+		// with the error so a dead-letter policy can publish it.
+		if pc := d.cols[rel.payload]; pc.kind == 't' && ev.Payload == nil {
+			ev.Payload = pc.data
+		}
+		return Change{Kind: Poison, Event: ev}, fmt.Errorf("%w: row %d of transaction committed at %s (id %q): %s",
 			ErrPoison, idx, d.commitLSN, ev.ID, fmt.Sprintf(format, args...))
 	}
 	c := d.cfg.Columns

@@ -57,6 +57,7 @@ type Stats struct {
 	Retries    uint64 // re-publishes after a failure
 	Errors     uint64 // failed publish attempts
 	Skipped    uint64 // re-publishes skipped: the stream already held the event (LastStored)
+	DeadLetter uint64 // events replaced by a dead-letter message
 }
 
 type entry struct {
@@ -139,10 +140,18 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		addCloudEvents(e.msg.Header, ev, j.cfg.CloudEventsSource)
 		size = msgSize(&e.msg)
 	}
+	var reason string
 	if max := j.maxPayload(); max > 0 && size > max {
-		<-j.sem
-		return fmt.Errorf("%w: event %s (transaction committed at %s) is %d bytes with headers, over the server's max_payload of %d",
-			ErrPoison, e.id, ev.CommitLSN, size, max)
+		reason = fmt.Sprintf("event is %d bytes with headers, over the server's max_payload of %d", size, max)
+	} else if len(e.msg.Subject) > MaxSubjectLen {
+		reason = fmt.Sprintf("subject is %d bytes, over the %d the relay allows (the server's max_control_line is 4096)", len(e.msg.Subject), MaxSubjectLen)
+	}
+	if reason != "" {
+		if !j.cfg.DeadLetter {
+			<-j.sem
+			return fmt.Errorf("%w: event %s (position %s, transaction committed at %s): %s", ErrPoison, e.id, e.pos, ev.CommitLSN, reason)
+		}
+		j.deadLetter(e, reason, false)
 	}
 	j.mu.Lock()
 	j.q = append(j.q, e)
@@ -155,6 +164,86 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 	default:
 	}
 	return nil
+}
+
+// PublishDeadLetter publishes what is known of an outbox row that cannot become an event (a
+// decoder.ErrPoison) to <prefix>.dead-letter, with reason, in its place in the order. Its
+// Nats-Msg-Id is the row's id, or dead-letter:<commit LSN>:<tx index> when it has none.
+func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, reason string, tk checkpoint.Ticket) error {
+	if err := j.Wait(ctx); err != nil {
+		return err
+	}
+	j.held = false
+	e := &entry{ticket: tk, pos: Position{ev.CommitLSN, ev.TxIndex}}
+	j.buildMsg(e, ev)
+	if e.id == "" {
+		e.id = fmt.Sprintf("dead-letter:%s:%d", ev.CommitLSN, ev.TxIndex)
+	}
+	j.deadLetter(e, reason, true)
+	j.mu.Lock()
+	j.q = append(j.q, e)
+	if !j.recovering {
+		j.send(e)
+	}
+	j.mu.Unlock()
+	select {
+	case j.notify <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// MaxSubjectLen is the longest subject the relay publishes; a longer one is poison (the
+// server would close the connection over its max_control_line).
+const MaxSubjectLen = 3072
+
+// deadLetter turns e's message into its dead-letter message. The payload is kept only when
+// keepPayload and the message still fits the server's max_payload.
+func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool) {
+	m := e.msg
+	orig := m.Subject
+	if len(orig) > 256 {
+		orig = orig[:256]
+	}
+	h := make(nats.Header, len(m.Header)+2)
+	for k, v := range m.Header {
+		if len(k) >= 5 && (k[:5] == "Nats-" || k[:5] == "NATS-") {
+			continue
+		}
+		if len(v) > 0 && len(v[0]) > 1024 {
+			v = []string{v[0][:1024]}
+		}
+		h[k] = v
+	}
+	h[HeaderMsgID] = []string{e.id}
+	h[HeaderPoisonReason] = []string{headerSafe(reason)}
+	h[HeaderOriginalSubject] = []string{headerSafe(orig)}
+	dl := &nats.Msg{Subject: j.cfg.SubjectPrefix + "." + DeadLetterToken, Header: h}
+	if keepPayload {
+		dl.Data = m.Data
+		if max := j.maxPayload(); max > 0 && msgSize(dl) > max {
+			dl.Data = nil
+		}
+	}
+	e.msg = *dl
+	j.mu.Lock()
+	j.stats.DeadLetter++
+	j.mu.Unlock()
+	j.log.Warn().Str("event_id", e.id).Stringer("position", e.pos).Str("reason", reason).
+		Str("subject", dl.Subject).Msg("poison event sent to the dead-letter subject")
+}
+
+func headerSafe(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if c == '\r' || c == '\n' {
+			b[i] = ' '
+		}
+	}
+	if len(b) > 1024 {
+		b = b[:1024]
+	}
+	return string(b)
 }
 
 func (j *JetStream) maxPayload() int {
@@ -287,11 +376,19 @@ func (j *JetStream) failed(e *entry, err error) error {
 	j.stats.Errors++
 	j.mu.Unlock()
 	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamMessageExceedsMaximum {
-		return fmt.Errorf("%w: event %s is larger than stream %s allows (max_msg_size): %v", ErrPoison, e.id, j.cfg.Stream, err)
+	var reason string
+	switch {
+	case errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamMessageExceedsMaximum:
+		reason = fmt.Sprintf("larger than stream %s allows (max_msg_size): %v", j.cfg.Stream, err)
+	case errors.Is(err, nats.ErrMaxPayload):
+		reason = err.Error()
 	}
-	if errors.Is(err, nats.ErrMaxPayload) {
-		return fmt.Errorf("%w: event %s: %v", ErrPoison, e.id, err)
+	if reason != "" {
+		if !j.cfg.DeadLetter || e.msg.Subject == j.cfg.SubjectPrefix+"."+DeadLetterToken && e.msg.Data == nil {
+			return fmt.Errorf("%w: event %s (position %s, transaction committed at %s) rejected by the stream: %s", ErrPoison, e.id, e.pos, e.pos.CommitLSN, reason)
+		}
+		// Re-published from here in order, as the dead-letter message.
+		j.deadLetter(e, "stream rejected the event: "+reason, false)
 	}
 	e.failed = err
 	return nil

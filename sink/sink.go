@@ -46,7 +46,15 @@ const (
 	HeaderCreatedAt     = "Outbox-Created-At"
 	HeaderCommitLSN     = "Outbox-Commit-Lsn"
 	HeaderTxIndex       = "Outbox-Tx-Index"
+	// HeaderPoisonReason is set on dead-letter messages: why the event could not be published.
+	HeaderPoisonReason = "Outbox-Poison-Reason"
+	// HeaderOriginalSubject is set on dead-letter messages: the subject the event was meant for.
+	HeaderOriginalSubject = "Outbox-Original-Subject"
 )
+
+// DeadLetterToken is the subject token after the prefix that dead-letter messages use:
+// <prefix>.dead-letter.
+const DeadLetterToken = "dead-letter"
 
 // Config of the JetStream sink.
 type Config struct {
@@ -67,6 +75,12 @@ type Config struct {
 	CloudEvents bool
 	// CloudEventsSource is ce-source (default DefaultCloudEventsSource).
 	CloudEventsSource string
+
+	// DeadLetter: an event the broker will never store as it is (too big for max_payload or
+	// the stream's max_msg_size, subject over the protocol limit) is replaced by a
+	// metadata-only message to <SubjectPrefix>.dead-letter with the reason in a header, in its
+	// place in the order. Otherwise such an event stops the relay (ErrPoison).
+	DeadLetter bool
 
 	// unchained leaves out Nats-Expected-Last-Msg-Id (tests only: shows what the chain
 	// prevents).

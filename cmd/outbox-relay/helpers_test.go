@@ -78,7 +78,7 @@ func (l *testLog) String() string {
 
 func dumpOnFailure(t *testing.T, name string, l fmt.Stringer) {
 	t.Cleanup(func() {
-		if t.Failed() {
+		if t.Failed() || os.Getenv("OUTBOX_RELAY_TEST_LOGS") != "" {
 			s := l.String()
 			if len(s) > 20000 {
 				s = "...\n" + s[len(s)-20000:]

@@ -98,7 +98,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		}
 	}
 	pub := sink.NewJetStream(js, cfg.sink, confirm, log)
-	p := &pipeline{dec: dec, trk: trk, pub: pub, log: log, obs: cfg.obs, last: last, haveLast: haveLast}
+	p := &pipeline{dec: dec, trk: trk, pub: pub, log: log, obs: cfg.obs, last: last, haveLast: haveLast, deadLetter: cfg.sink.DeadLetter}
 	cfg.obs.startSession(pub, trk)
 	defer cfg.obs.endSession()
 
@@ -149,13 +149,17 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		return st.Drain(dctx, trk)
 	})
 	err = g.Wait()
+	if errors.Is(err, decoder.ErrPoison) || errors.Is(err, sink.ErrPoison) {
+		err = fmt.Errorf("%w. Nothing from this event on is confirmed; the relay stops. Way out: remove the cause and restart, or restart with --on-poison dead-letter to publish the event (or its metadata) to %s.%s and go on",
+			err, cfg.sink.SubjectPrefix, sink.DeadLetterToken)
+	}
 	if lsn, _ := trk.Flushed(); lsn > *resume {
 		*resume = lsn
 	}
 	stats := pub.Stats()
 	log.Info().Uint64("published", stats.Published).Uint64("duplicates", stats.Duplicates).
 		Uint64("retries", stats.Retries).Uint64("publish_errors", stats.Errors).
-		Uint64("skipped_stored", p.skipped+stats.Skipped).Stringer("lsn", *resume).
+		Uint64("skipped_stored", p.skipped+stats.Skipped).Uint64("dead_letter", stats.DeadLetter).Stringer("lsn", *resume).
 		Msg("replication session ended")
 	return err
 }
@@ -187,6 +191,8 @@ type pipeline struct {
 	last     sink.Position
 	haveLast bool
 	skipped  uint64
+
+	deadLetter bool // --on-poison dead-letter
 }
 
 func (p *pipeline) Ready() bool                    { return !p.pub.Full() }
@@ -199,6 +205,15 @@ func (p *pipeline) Keepalive(walEnd pglogrepl.LSN) {
 func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 	ch, err := p.dec.Decode(data)
 	if err != nil {
+		if ch.Kind == decoder.Poison && p.deadLetter {
+			if p.stored(ch.Event) {
+				return nil
+			}
+			if err := p.pub.Wait(ctx); err != nil {
+				return err
+			}
+			return p.pub.PublishDeadLetter(ctx, ch.Event, err.Error(), p.trk.Add())
+		}
 		return fatalError{fmt.Errorf("decode: %w", err)}
 	}
 	switch ch.Kind {
@@ -208,12 +223,8 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 		}
 		p.trk.Begin()
 	case decoder.Insert:
-		if p.haveLast {
-			if (sink.Position{CommitLSN: ch.Event.CommitLSN, TxIndex: ch.Event.TxIndex}).AtOrBefore(p.last) {
-				p.skipped++ // stored: nothing to wait for, the transaction's entry stays confirmable
-				return nil
-			}
-			p.haveLast = false // positions only grow from here
+		if p.stored(ch.Event) {
+			return nil
 		}
 		// Take the window slot first: a ticket must only exist for an event that is sent.
 		if err := p.pub.Wait(ctx); err != nil {
@@ -233,6 +244,20 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 		p.log.Warn().Msg("ignored a non-transactional logical decoding message with the event prefix: it is not tied to a commit (it is decoded even if its transaction rolls back), so it is not published; emit events with pg_logical_emit_message(true, ...) or outbox_emit")
 	}
 	return nil
+}
+
+// stored reports (and counts) a replayed event the stream already holds: nothing to publish or
+// wait for, its transaction's entry stays confirmable.
+func (p *pipeline) stored(ev *decoder.Event) bool {
+	if !p.haveLast {
+		return false
+	}
+	if (sink.Position{CommitLSN: ev.CommitLSN, TxIndex: ev.TxIndex}).AtOrBefore(p.last) {
+		p.skipped++
+		return true
+	}
+	p.haveLast = false // positions only grow from here
+	return false
 }
 
 // failpointN parses "name:N" from the OUTBOX_RELAY_FAILPOINT test hook.

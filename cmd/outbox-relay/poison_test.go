@@ -1,0 +1,92 @@
+package main
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// Poison events: an outbox row the relay cannot publish as it is. With --on-poison stop (the
+// default) the relay halts with an error naming the event and the way out, confirming nothing
+// from it on; restarted with --on-poison dead-letter it publishes the row (or only its
+// metadata) to outbox.dead-letter in its place in the order and goes on. The table has text
+// columns so that the database lets the bad rows in.
+func TestRelay_PoisonEventsStopOrGoToDeadLetter(t *testing.T) {
+	for _, c := range []struct {
+		name        string
+		insert      string // the poison row's VALUES
+		maxPayload  int32
+		maxMsgSize  int32
+		wantErr     string // in the stop error
+		wantReason  string // in the dead-letter reason header
+		keepPayload bool
+	}{
+		{name: "null id", insert: `(NULL, 'order', 'p', 'Bad', '{"p": 1}', NULL)`, wantErr: `(id ""): column id is NULL or empty`, wantReason: "column id is NULL or empty", keepPayload: true},
+		{name: "empty id", insert: `('', 'order', 'p', 'Bad', '{"p": 1}', NULL)`, wantErr: `column id is NULL or empty`, wantReason: "column id is NULL or empty", keepPayload: true},
+		{name: "invalid headers json", insert: `('p1', 'order', 'p', 'Bad', '{"p": 1}', '{bad')`, wantErr: `(id "p1"): column headers is not a JSON object`, wantReason: "column headers is not a JSON object", keepPayload: true},
+		{name: "payload over max_payload", insert: `('p1', 'order', 'p', 'Big', repeat('x', 20000), NULL)`, maxPayload: 8192, wantErr: "over the server's max_payload of 8192", wantReason: "max_payload"},
+		{name: "subject over the protocol limit", insert: `('p1', repeat('a', 4000), 'p', 'Long', '{}', NULL)`, wantErr: "subject is 4012 bytes", wantReason: "subject is 4012 bytes"},
+		{name: "stream rejects the message", insert: `('p1', 'order', 'p', 'Big', repeat('x', 6000), NULL)`, maxMsgSize: 4096, wantErr: "rejected by the stream", wantReason: "max_msg_size"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			pg := testenv.Postgres(t)
+			var opts []testenv.NATSOption
+			if c.maxPayload > 0 {
+				opts = append(opts, testenv.WithMaxPayload(c.maxPayload))
+			}
+			ns := testenv.JetStream(t, opts...)
+			if c.maxMsgSize > 0 {
+				js, err := jetstream.New(ns.Connect(t))
+				require.NoError(t, err)
+				_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: sink.DefaultStream, Subjects: []string{"outbox.>"}, MaxMsgSize: c.maxMsgSize, Duplicates: 20 * time.Minute})
+				require.NoError(t, err)
+			}
+			pg.Exec(t, `CREATE TABLE loose_outbox (id text, aggregate_type text NOT NULL, aggregate_id text NOT NULL, event_type text NOT NULL,
+				payload text NOT NULL, headers text, created_at timestamptz NOT NULL DEFAULT now())`)
+			pg.Exec(t, `CREATE PUBLICATION outbox_pub FOR TABLE loose_outbox WITH (publish = 'insert')`)
+			pg.Exec(t, `SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')`)
+			ins := `INSERT INTO loose_outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) VALUES `
+			pg.Exec(t, ins+`('g1', 'order', 'g', 'Good', '{"n": 1}', NULL)`)
+			pg.Exec(t, ins+c.insert)
+			pg.Exec(t, ins+`('g2', 'order', 'g', 'Good', '{"n": 2}', NULL)`)
+			args := []string{"run", "--pg-url", pg.URL, "--nats-url", ns.URL, "--table", "public.loose_outbox", "--log-format", "json"}
+
+			log := &testLog{}
+			dumpOnFailure(t, "relay", log)
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			err := dispatch(ctx, args, log, log, noEnv)
+			require.Error(t, err, "the default policy stops the relay")
+			require.ErrorContains(t, err, c.wantErr)
+			require.ErrorContains(t, err, "--on-poison dead-letter")
+			require.Contains(t, err.Error(), "committed at")
+			recs := readStream(t, ns.URL, sink.DefaultStream)
+			require.Len(t, recs, 1, "nothing after the poison event is published")
+
+			stop, _ := inProcess(t, append(args, "--on-poison", "dead-letter"))
+			waitStream(t, ns.URL, 3, 30*time.Second)
+			require.NoError(t, stop())
+			recs = readStream(t, ns.URL, sink.DefaultStream)
+			require.Len(t, recs, 3, "the poison transaction was not confirmed by the stopped relay, and g1 is not stored twice")
+			require.Equal(t, "g1", recs[0].Header.Get(sink.HeaderMsgID))
+			dl := recs[1]
+			require.Equal(t, "outbox.dead-letter", dl.Subject)
+			require.Contains(t, dl.Header.Get(sink.HeaderPoisonReason), c.wantReason)
+			require.NotEmpty(t, dl.Header.Get(sink.HeaderCommitLSN))
+			if c.keepPayload {
+				require.Equal(t, `{"p": 1}`, string(dl.Data))
+			} else {
+				require.Empty(t, dl.Data, "too big: metadata only")
+			}
+			require.Equal(t, "g2", recs[2].Header.Get(sink.HeaderMsgID))
+			require.True(t, strings.HasPrefix(recs[2].Subject, "outbox.order."))
+		})
+	}
+}
