@@ -6,7 +6,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 UNIT_PKGS := ./checkpoint/... ./decoder/... ./sink/... ./migrations/...
 
-.PHONY: build demo test vet fmt-check unit integration clean bench
+.PHONY: build demo test vet fmt-check unit integration chaos clean bench
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/outbox-relay
@@ -34,6 +34,14 @@ integration:
 	$(GO) test -race -count=1 -timeout 15m ./...
 
 test: fmt-check vet unit integration
+
+# The long fault-injection run (about 13 minutes): relay SIGKILL ≥ 30 times, SIGTERM, nats-server
+# kill -9 and a 60 s outage, Postgres immediate restarts, walsender terminations, one
+# 1,000,000-row transaction. Writes its summary to docs/reliability.md. A 1-minute version runs
+# in `make test`.
+chaos:
+	OUTBOX_RELAY_CHAOS=long OUTBOX_RELAY_CHAOS_REPORT=$(CURDIR)/docs/reliability.md \
+		$(GO) test -count=1 -timeout 25m -v -run TestChaos ./cmd/outbox-relay/
 
 clean:
 	rm -rf bin
