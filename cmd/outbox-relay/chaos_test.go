@@ -92,7 +92,7 @@ func TestChaos_RelayUnderFaultsLosesNothingDuplicatesNothingKeepsOrder(t *testin
 		wg.Add(1)
 		go func(w int) {
 			defer wg.Done()
-			produce(pg.URL, w, seed, &stopProducer, &rolledBack, &txErrors)
+			chaosProduce(pg.URL, w, seed, &stopProducer, &rolledBack, &txErrors)
 		}(w)
 	}
 
@@ -217,9 +217,9 @@ func chaosReport(cc chaosConfig, seed uint64, kinds []string, nfaults int, v ver
 	return b.String()
 }
 
-// produce writes transactions until stop: 1-20 rows over 40 aggregates, one in ten rolled
+// chaosProduce writes transactions until stop: 1-20 rows over 40 aggregates, one in ten rolled
 // back. Errors (Postgres restarting) are counted and retried on a new connection.
-func produce(url string, w int, seed uint64, stop *atomic.Bool, rolledBack, txErrors *atomic.Int64) {
+func chaosProduce(url string, w int, seed uint64, stop *atomic.Bool, rolledBack, txErrors *atomic.Int64) {
 	r := rand.New(rand.NewPCG(seed, uint64(w)+100))
 	ctx := context.Background()
 	seq := make([]int, 40)
