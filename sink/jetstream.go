@@ -299,6 +299,9 @@ func (j *JetStream) send(e *entry) {
 func (j *JetStream) Run(ctx context.Context) error {
 	backoff := newBackoff(100*time.Millisecond, 10*time.Second)
 	for {
+		if ctx.Err() != nil {
+			return nil // the recovery path below does not wait on ctx when nothing is in flight
+		}
 		j.mu.Lock()
 		var e *entry
 		if len(j.q) > 0 {

@@ -205,3 +205,38 @@ func TestJetStream_AcksLostPastDuplicateWindowStoresNoDuplicate(t *testing.T) {
 	require.Len(t, ids, n, "no event stored twice")
 	require.Equal(t, uint64(n), r.sink.Stats().Skipped, "the stored events were recognised, not re-published")
 }
+
+// Run must return when its context ends while the broker is unreachable and nothing is in
+// flight (every queued event failed at send): the session waits for it before reconnecting.
+func TestJetStream_RunStopsOnCancelWhileBrokerUnreachable(t *testing.T) {
+	ns := testenv.JetStream(t)
+	proxy, err := faultproxy.StartNATS(fmt.Sprintf("127.0.0.1:%d", ns.Port))
+	require.NoError(t, err)
+	t.Cleanup(proxy.Close)
+	nc, err := Connect("nats://" + proxy.Addr())
+	require.NoError(t, err)
+	t.Cleanup(nc.Close)
+	cfg := Config{Window: 16, AckTimeout: 200 * time.Millisecond}
+	js, err := NewJetStreamContext(nc, cfg)
+	require.NoError(t, err)
+	_, err = EnsureStream(context.Background(), js, cfg, zerolog.Nop())
+	require.NoError(t, err)
+	s := NewJetStream(js, cfg, func(checkpoint.Ticket) {}, zerolog.Nop())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+
+	proxy.Refuse()
+	proxy.Reset()
+	require.Eventually(t, func() bool { return !nc.IsConnected() }, 10*time.Second, 10*time.Millisecond)
+	r := &sinkRig{sink: s}
+	r.publish(t, 8) // all fail at send: disconnected, no reconnect buffer
+	require.Eventually(t, func() bool { return s.Stats().Errors > 0 }, 10*time.Second, 10*time.Millisecond)
+	cancel()
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return after its context ended")
+	}
+}

@@ -36,7 +36,7 @@ type chaosConfig struct {
 
 func chaosSettings(t *testing.T) chaosConfig {
 	if os.Getenv("OUTBOX_RELAY_CHAOS") == "long" {
-		return chaosConfig{name: "long", duration: 10 * time.Minute, natsDown: 60 * time.Second, bigTx: 1_000_000, minKills: 30,
+		return chaosConfig{name: "long", duration: 8 * time.Minute, natsDown: 60 * time.Second, bigTx: 1_000_000, minKills: 30,
 			reportTo: os.Getenv("OUTBOX_RELAY_CHAOS_REPORT"), faultGaps: [2]time.Duration{2 * time.Second, 6 * time.Second}}
 	}
 	if testing.Short() {
@@ -300,6 +300,6 @@ func probe(t *testing.T, pg *testenv.PG, natsURL string, relay *proc) time.Durat
 		}
 		m, err := s.GetLastMsgForSubject(ctx, "outbox.probe.Probe")
 		return err == nil && m.Header.Get(sink.HeaderMsgID) == id
-	}, 3*time.Minute, 50*time.Millisecond, "the probe event never reached the stream")
+	}, 10*time.Minute, 50*time.Millisecond, "the probe event never reached the stream")
 	return time.Since(start)
 }
