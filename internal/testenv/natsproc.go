@@ -21,7 +21,7 @@ import (
 const (
 	natsServerPkg     = "github.com/nats-io/nats-server/v2"
 	natsBuildTimeout  = 5 * time.Minute
-	natsProcReadyWait = 15 * time.Second
+	natsProcReadyWait = 90 * time.Second // after kill -9 a large store is rebuilt before JetStream answers
 )
 
 // NATSServerBinary returns the path of a nats-server binary, looking at
