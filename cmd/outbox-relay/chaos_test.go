@@ -82,7 +82,10 @@ func TestChaos_RelayUnderFaultsLosesNothingDuplicatesNothingKeepsOrder(t *testin
 		}
 	}
 	startRelay()
-	waitStreaming(t, pg, "outbox_relay")
+	// Not waitStreaming: the slot also shows active while preflight creates it, before the
+	// relay connected to NATS (a relay that cannot reach NATS at start exits).
+	require.Eventually(t, func() bool { return strings.Contains(relay.log.String(), "replication started") },
+		60*time.Second, 20*time.Millisecond, "the relay never started replicating")
 
 	// Producer.
 	var stopProducer atomic.Bool
@@ -291,7 +294,9 @@ func probe(t *testing.T, pg *testenv.PG, natsURL string, relay *proc) time.Durat
 	js, err := jetstream.New(nc)
 	require.NoError(t, err)
 	require.Eventually(t, func() bool {
-		require.False(t, relay.exited(), "the relay exited on its own")
+		if relay.exited() {
+			return true // reported below; no require inside a condition (it runs in another goroutine)
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		s, err := js.Stream(ctx, sink.DefaultStream)
@@ -301,5 +306,6 @@ func probe(t *testing.T, pg *testenv.PG, natsURL string, relay *proc) time.Durat
 		m, err := s.GetLastMsgForSubject(ctx, "outbox.probe.Probe")
 		return err == nil && m.Header.Get(sink.HeaderMsgID) == id
 	}, 10*time.Minute, 50*time.Millisecond, "the probe event never reached the stream")
+	require.False(t, relay.exited(), "the relay exited on its own: %v", relay.err)
 	return time.Since(start)
 }
