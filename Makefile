@@ -35,7 +35,7 @@ integration:
 
 test: fmt-check vet unit integration
 
-# The long fault-injection run (about 13 minutes): relay SIGKILL ≥ 30 times, SIGTERM, nats-server
+# The long fault-injection run (about 15 minutes): relay SIGKILL ≥ 30 times, SIGTERM, nats-server
 # kill -9 and a 60 s outage, Postgres immediate restarts, walsender terminations, one
 # 1,000,000-row transaction. Writes its summary to docs/reliability.md. A 1-minute version runs
 # in `make test`.

@@ -36,8 +36,8 @@ type chaosConfig struct {
 
 func chaosSettings(t *testing.T) chaosConfig {
 	if os.Getenv("OUTBOX_RELAY_CHAOS") == "long" {
-		return chaosConfig{name: "long", duration: 8 * time.Minute, natsDown: 60 * time.Second, bigTx: 1_000_000, minKills: 30,
-			reportTo: os.Getenv("OUTBOX_RELAY_CHAOS_REPORT"), faultGaps: [2]time.Duration{2 * time.Second, 6 * time.Second}}
+		return chaosConfig{name: "long", duration: 6 * time.Minute, natsDown: 60 * time.Second, bigTx: 1_000_000, minKills: 30,
+			reportTo: os.Getenv("OUTBOX_RELAY_CHAOS_REPORT"), faultGaps: [2]time.Duration{1 * time.Second, 4 * time.Second}}
 	}
 	if testing.Short() {
 		t.Skip("fault-injection suite skipped with -short")
