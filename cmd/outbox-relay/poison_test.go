@@ -62,7 +62,7 @@ func TestRelay_PoisonEventsStopOrGoToDeadLetter(t *testing.T) {
 			dumpOnFailure(t, "relay", log)
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
-			err := dispatch(ctx, args, log, log, noEnv)
+			err := dispatch(ctx, freeHTTPAddr(args), log, log, noEnv)
 			require.Error(t, err, "the default policy stops the relay")
 			require.ErrorContains(t, err, c.wantErr)
 			require.ErrorContains(t, err, "--on-poison dead-letter")
