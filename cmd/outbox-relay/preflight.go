@@ -97,7 +97,7 @@ func doCreateSlot(ctx context.Context, cfg runConfig, log zerolog.Logger) error 
 func checkPostgres(ctx context.Context, cfg runConfig, r *preflightReport) (createSlot bool) {
 	conn, err := connectPG(ctx, cfg.pgURL)
 	if err != nil {
-		r.fail("%v: is Postgres running and is --pg-url right?", err)
+		r.fail("%v: %s", err, pgConnectHint(err))
 		return false
 	}
 	defer conn.Close(context.Background())
@@ -191,6 +191,22 @@ func checkPostgres(ctx context.Context, cfg runConfig, r *preflightReport) (crea
 		r.fail("--start-lsn %s is behind the slot's confirmed_flush_lsn %s: Postgres no longer has the WAL before it for this slot, so the relay cannot start there. Fix: pass --start-lsn %s or later, or leave it out", cfg.startLSN, slot.ConfirmedFlush, slot.ConfirmedFlush)
 	}
 	return false
+}
+
+// pgConnectHint names the fix for a failed Postgres connection.
+func pgConnectHint(err error) string {
+	msg := strings.ToLower(err.Error())
+	switch {
+	case strings.Contains(msg, "certificate signed by unknown authority"):
+		return "the server's TLS certificate is not signed by the CA in sslrootcert. Fix: set sslrootcert=<CA PEM file> in --pg-url to the CA that signed it"
+	case strings.Contains(msg, "certificate is valid for") || strings.Contains(msg, "doesn't contain any ip sans"):
+		return "the server's TLS certificate does not name the host in --pg-url, which sslmode=verify-full checks. Fix: connect with a host name the certificate lists, reissue the certificate, or use sslmode=verify-ca"
+	case strings.Contains(msg, "server refused tls") || strings.Contains(msg, "server does not support ssl"):
+		return "the server does not accept TLS connections. Fix: enable ssl on the server (ssl = on, ssl_cert_file, ssl_key_file) or lower sslmode in --pg-url"
+	case strings.Contains(msg, "x509") || strings.Contains(msg, "tls"):
+		return "TLS to Postgres failed. Fix: check sslmode, sslrootcert, sslcert and sslkey in --pg-url"
+	}
+	return "is Postgres running and is --pg-url right?"
 }
 
 // lostSlotMessage explains an invalidated slot: what was lost and how to recover.
@@ -294,11 +310,11 @@ func contains(list []string, s string) bool {
 // checkBroker connects to NATS and checks the stream; it records the problems and returns the
 // connection when it is usable.
 func checkBroker(ctx context.Context, cfg runConfig, r *preflightReport, log zerolog.Logger, opts ...nats.Option) *broker {
-	nc, err := sink.Connect(cfg.natsURL, opts...)
+	nc, err := sink.Connect(cfg.natsURL, append(append([]nats.Option(nil), cfg.natsOpts...), opts...)...)
 	if err != nil {
-		if errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthRevoked) ||
-			strings.Contains(strings.ToLower(err.Error()), "authorization") {
-			r.fail("NATS refused the credentials (%v). Fix: put the right user:password or token in --nats-url (nats://user:pass@host:4222)", err)
+		// err names the redacted URL and nats.go's reason, never a password or token.
+		if hint := natsConnectHint(err); hint != "" {
+			r.fail("%s (%v)", hint, err)
 		} else {
 			r.fail("%v", err)
 		}

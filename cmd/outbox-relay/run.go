@@ -40,6 +40,8 @@ type runConfig struct {
 	source                     string // "table" or "messages"
 	messagePrefix              string // messages: the pg_logical_emit_message prefix
 	onPoison                   string
+	// natsOpts: the --nats-* authentication and TLS options, for every NATS connection.
+	natsOpts []nats.Option
 }
 
 func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(string) (string, bool)) error {
@@ -49,9 +51,11 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 		lf              logFlags
 		table, template string
 		startLSN        string
+		auth            natsAuth
 	)
 	fs.StringVar(&cfg.pgURL, "pg-url", "", "Postgres connection URL or DSN (required); the relay adds replication=database for its replication connection")
 	fs.StringVar(&cfg.natsURL, "nats-url", nats.DefaultURL, "NATS server URL(s), comma separated")
+	auth.register(fs)
 	fs.StringVar(&table, "table", "public.outbox", "outbox table, schema.table")
 	fs.StringVar(&cfg.publication, "publication", "outbox_pub", "publication of the outbox table's inserts")
 	fs.StringVar(&cfg.slot, "slot", "outbox_relay", "logical replication slot (pgoutput)")
@@ -146,6 +150,12 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	cfg.slotPollInterval = 10 * time.Second
 	cfg.standbyPoll = time.Second
 	cfg.failpoint, _ = env("OUTBOX_RELAY_FAILPOINT")
+	if cfg.embedded.enabled && auth.set() {
+		return usageError{fmt.Errorf("the --nats-creds/--nats-nkey/--nats-user/--nats-password/--nats-token/--nats-tls-* flags apply to a server at --nats-url; --embedded-nats runs without authentication or TLS: drop one or the other")}
+	}
+	if cfg.natsOpts, err = auth.options(cfg.natsURL); err != nil {
+		return usageError{err}
+	}
 	if cfg.embedded.enabled {
 		url, stop, err := cfg.embedded.start(log)
 		if err != nil {
