@@ -139,8 +139,10 @@ func natsConnectHint(err error) string {
 		return "the NATS server's TLS certificate is not signed by a CA the relay trusts. Fix: pass the CA's PEM file with --nats-tls-ca"
 	case errors.As(err, &hostname) || strings.Contains(msg, "certificate is valid for"):
 		return "the NATS server's TLS certificate does not name the host in --nats-url. Fix: connect with a host name the certificate lists, or reissue the certificate"
-	case strings.Contains(msg, "certificate required") || strings.Contains(msg, "bad certificate"):
-		return "the NATS server requires a client certificate. Fix: pass --nats-tls-cert and --nats-tls-key (signed by a CA the server trusts)"
+	case strings.Contains(msg, "certificate required") || strings.Contains(msg, "bad certificate") ||
+		// TLS 1.3: the server rejects a missing client certificate after the handshake.
+		strings.Contains(msg, "closed by remote after tls handshake"):
+		return "the NATS server requires a client certificate (or refused the one given). Fix: pass --nats-tls-cert and --nats-tls-key (signed by a CA the server trusts)"
 	case strings.Contains(msg, "secure connection required") || strings.Contains(msg, "tls required"):
 		return "the NATS server requires TLS. Fix: pass --nats-tls-ca (or use a tls:// URL when its certificate is publicly trusted)"
 	case strings.Contains(msg, "secure connection not available"):

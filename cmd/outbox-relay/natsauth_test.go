@@ -39,7 +39,7 @@ func TestRelay_NATSUserPasswordFlags(t *testing.T) {
 	require.ErrorContains(t, err, "NATS refused the credentials")
 	require.NotContains(t, err.Error()+out.String(), "wrong-env-pw")
 
-	log2 := relayThrough(t, url, []string{"--nats-user", "relay", "--nats-password", "s3cret-pw"}, nats.UserInfo("relay", "s3cret-pw"))
+	log2, _ := relayThrough(t, url, []string{"--nats-user", "relay", "--nats-password", "s3cret-pw"}, nats.UserInfo("relay", "s3cret-pw"))
 	require.NotContains(t, log2.String(), "s3cret-pw")
 }
 
@@ -49,7 +49,7 @@ func TestRelay_NATSTokenFlag(t *testing.T) {
 	require.Contains(t, msg, "NATS refused the credentials")
 	require.NotContains(t, msg+log, "tok-wrong-77")
 
-	rlog := relayThrough(t, url, []string{"--nats-token", "tok-3f9a1c"}, nats.Token("tok-3f9a1c"))
+	rlog, _ := relayThrough(t, url, []string{"--nats-token", "tok-3f9a1c"}, nats.Token("tok-3f9a1c"))
 	require.NotContains(t, rlog.String(), "tok-3f9a1c")
 }
 
@@ -77,7 +77,7 @@ func TestRelay_NATSNkeyFlag(t *testing.T) {
 
 	opt, err := nats.NkeyOptionFromSeed(seedFile)
 	require.NoError(t, err)
-	rlog := relayThrough(t, url, []string{"--nats-nkey", seedFile}, opt)
+	rlog, _ := relayThrough(t, url, []string{"--nats-nkey", seedFile}, opt)
 	require.NotContains(t, rlog.String(), string(seed))
 }
 
@@ -126,7 +126,7 @@ func TestRelay_NATSCredsFlag(t *testing.T) {
 	url := startNATS(t, server.Options{TrustedKeys: []string{opub}, AccountResolver: resolver, SystemAccount: spub})
 
 	good := creds("relay")
-	rlog := relayThrough(t, url, []string{"--nats-creds", good}, nats.UserCredentials(good))
+	rlog, pg := relayThrough(t, url, []string{"--nats-creds", good}, nats.UserCredentials(good))
 	b, err := os.ReadFile(good)
 	require.NoError(t, err)
 	for _, line := range strings.Split(string(b), "\n") {
@@ -139,7 +139,8 @@ func TestRelay_NATSCredsFlag(t *testing.T) {
 	stranger, err := nkeys.CreateAccount()
 	require.NoError(t, err)
 	akp = stranger
-	msg, _ := runPreflight(t, "--pg-url", newEnvPG(t).URL, "--nats-url", url, "--create-slot", "--nats-creds", creds("stranger"))
+	msg, _ := runPreflight(t, "--pg-url", pg.URL, "--nats-url", url, "--nats-creds", creds("stranger"))
+	require.Contains(t, msg, "preflight check failed")
 	require.Contains(t, msg, "NATS refused the credentials")
 }
 

@@ -134,7 +134,8 @@ func streamCount(t *testing.T, url string, opts ...nats.Option) uint64 {
 
 // relayThrough runs the relay with the extra args against a migrated database, commits three
 // events and waits until the stream, read with opts, holds them.
-func relayThrough(t *testing.T, natsURL string, extra []string, opts ...nats.Option) *testLog {
+// It returns the relay's log and the database, whose slot preflight runs may reuse.
+func relayThrough(t *testing.T, natsURL string, extra []string, opts ...nats.Option) (*testLog, *testenv.PG) {
 	t.Helper()
 	e := &env{pg: newEnvPG(t)}
 	args := append([]string{"run", "--pg-url", e.pg.URL, "--nats-url", natsURL, "--create-slot", "--log-format", "json", "--http-addr", "off"}, extra...)
@@ -144,7 +145,7 @@ func relayThrough(t *testing.T, natsURL string, extra []string, opts ...nats.Opt
 		SELECT 'order', g::text, 'Created', '{}' FROM generate_series(1, 3) g`)
 	require.Eventually(t, func() bool { return streamCount(t, natsURL, opts...) == 3 }, 30*time.Second, 50*time.Millisecond)
 	require.NoError(t, stop())
-	return log
+	return log, e.pg
 }
 
 func TestRelay_NATSOverTLS(t *testing.T) {
@@ -153,18 +154,20 @@ func TestRelay_NATSOverTLS(t *testing.T) {
 
 	t.Run("server certificate", func(t *testing.T) {
 		url := tlsNATS(t, p, false)
-		relayThrough(t, url, []string{"--nats-tls-ca", p.CA}, readOpts...)
+		_, pg := relayThrough(t, url, []string{"--nats-tls-ca", p.CA}, readOpts...)
 
 		// Without the CA the server's certificate is unknown: preflight names the flag.
-		msg, _ := runPreflight(t, "--pg-url", newEnvPG(t).URL, "--nats-url", url, "--create-slot")
+		msg, _ := runPreflight(t, "--pg-url", pg.URL, "--nats-url", url)
+		require.Contains(t, msg, "preflight check failed") // the one problem
 		require.Contains(t, msg, "not signed by a CA the relay trusts. Fix: pass the CA's PEM file with --nats-tls-ca")
 	})
 
 	t.Run("client certificate required", func(t *testing.T) {
 		url := tlsNATS(t, p, true)
-		relayThrough(t, url, []string{"--nats-tls-ca", p.CA, "--nats-tls-cert", p.ClientCert, "--nats-tls-key", p.ClientKey}, readOpts...)
+		_, pg := relayThrough(t, url, []string{"--nats-tls-ca", p.CA, "--nats-tls-cert", p.ClientCert, "--nats-tls-key", p.ClientKey}, readOpts...)
 
-		msg, _ := runPreflight(t, "--pg-url", newEnvPG(t).URL, "--nats-url", url, "--create-slot", "--nats-tls-ca", p.CA)
+		msg, _ := runPreflight(t, "--pg-url", pg.URL, "--nats-url", url, "--nats-tls-ca", p.CA)
+		require.Contains(t, msg, "preflight check failed")
 		require.Contains(t, msg, "--nats-tls-cert and --nats-tls-key")
 	})
 
