@@ -14,6 +14,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
 // config of one demo run.
@@ -35,7 +37,7 @@ const dirPrefix = "outbox-demo-"
 type demo struct {
 	cfg      config
 	dir      string
-	pg       *postgres
+	pg       *testenv.Cluster
 	natsPort int
 	procs    []*child
 	out      *prefixWriter
@@ -54,15 +56,7 @@ func start(ctx context.Context, cfg config) (_ *demo, err error) {
 		}
 	}()
 	reapOrphans()
-	cred, err := postgresCredential()
-	if err != nil && !cfg.Install {
-		return nil, err
-	}
-	bin, err := findPostgres(ctx, cfg.Install, cfg.Out)
-	if err != nil {
-		return nil, err
-	}
-	if cred, err = postgresCredential(); err != nil {
+	if err := installPostgres(ctx, cfg.Install, cfg.Out); err != nil {
 		return nil, err
 	}
 	if d.dir, err = os.MkdirTemp("", dirPrefix); err != nil {
@@ -71,17 +65,14 @@ func start(ctx context.Context, cfg config) (_ *demo, err error) {
 	if err := os.WriteFile(filepath.Join(d.dir, "owner.pid"), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
 		return nil, err
 	}
-	if cred != nil {
-		// The postgres user writes the data directory below; the directory stays 0700.
-		if err := os.Chown(d.dir, int(cred.Uid), int(cred.Gid)); err != nil {
-			return nil, err
-		}
-	}
-	d.logf("starting PostgreSQL (%s) in %s", bin, d.dir)
-	if d.pg, err = startPostgres(bin, d.dir, cred); err != nil {
+	d.logf("starting PostgreSQL")
+	// The same throwaway cluster the tests use: initdb into a temporary directory (as the
+	// postgres OS user when root), a free loopback port, wal_level=logical; pg_ctl detaches the
+	// postmaster from the terminal, so Ctrl-C reaches only the demo, which stops it last.
+	if d.pg, err = testenv.StartCluster(); err != nil {
 		return nil, err
 	}
-	d.logf("PostgreSQL %d listening on 127.0.0.1:%d (wal_level=logical)", d.pg.pid, d.pg.port)
+	d.logf("PostgreSQL %d listening on 127.0.0.1:%d (wal_level=logical), data in %s", d.pg.PID(), d.pg.Port, d.pg.DataDir)
 
 	bins := cfg.BinDir
 	if bins == "" {
@@ -92,7 +83,7 @@ func start(ctx context.Context, cfg config) (_ *demo, err error) {
 		}
 	}
 	relay := filepath.Join(bins, "outbox-relay")
-	pgURL := d.pg.URL()
+	pgURL := d.pg.URL("postgres")
 	if err := d.runOnce(ctx, "migrate", relay, "migrate", "--pg-url", pgURL, "--log-level", "warn"); err != nil {
 		return nil, err
 	}
@@ -111,7 +102,7 @@ func start(ctx context.Context, cfg config) (_ *demo, err error) {
 	if err := d.spawn("producer", filepath.Join(bins, "producer"), "--pg-url", pgURL, "--interval", cfg.Interval.String()); err != nil {
 		return nil, err
 	}
-	d.logf("running: Postgres pid %d, relay with embedded NATS at %s, producer, consumer. Ctrl-C stops everything", d.pg.pid, natsURL)
+	d.logf("running: Postgres pid %d, relay with embedded NATS at %s, producer, consumer. Ctrl-C stops everything", d.pg.PID(), natsURL)
 	d.logf("inspect: psql '%s' -c 'SELECT * FROM outbox'   |   nats --server %s stream view OUTBOX", pgURL, natsURL)
 	return d, nil
 }
@@ -136,8 +127,8 @@ func (d *demo) stop() error {
 		}
 	}
 	if d.pg != nil {
-		d.logf("stopping PostgreSQL %d", d.pg.pid)
-		if err := d.pg.stop(); err != nil {
+		d.logf("stopping PostgreSQL %d", d.pg.PID())
+		if err := d.pg.Destroy(); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -220,8 +211,8 @@ func (c *child) stop(grace time.Duration) error {
 // pids returns the PIDs of the running processes (Postgres first).
 func (d *demo) pids() []int {
 	var p []int
-	if d.pg != nil && d.pg.pid != 0 {
-		p = append(p, d.pg.pid)
+	if d.pg != nil && d.pg.PID() != 0 {
+		p = append(p, d.pg.PID())
 	}
 	for _, c := range d.procs {
 		p = append(p, c.cmd.Process.Pid)
@@ -242,7 +233,8 @@ func build(ctx context.Context, dir string) error {
 	return nil
 }
 
-// reapOrphans stops the Postgres of earlier demos that were killed before cleaning up.
+// reapOrphans removes the directories of earlier demos that were killed before cleaning up
+// (their Postgres lives in testenv's directory, which testenv reaps when it starts a cluster).
 func reapOrphans() {
 	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), dirPrefix+"*"))
 	for _, dir := range dirs {
@@ -250,18 +242,9 @@ func reapOrphans() {
 		if err != nil {
 			continue
 		}
-		if owner, err := strconv.Atoi(strings.TrimSpace(string(b))); err != nil || alive(owner) {
-			continue
+		if owner, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && syscall.Kill(owner, 0) != nil {
+			_ = os.RemoveAll(dir)
 		}
-		if pid, err := postmasterPID(filepath.Join(dir, "pgdata")); err == nil && alive(pid) {
-			if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); strings.Contains(string(cmdline), dir) {
-				_ = syscall.Kill(pid, syscall.SIGQUIT) // immediate shutdown
-				for i := 0; i < 100 && alive(pid); i++ {
-					time.Sleep(50 * time.Millisecond)
-				}
-			}
-		}
-		_ = os.RemoveAll(dir)
 	}
 }
 

@@ -3,10 +3,13 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -39,7 +42,7 @@ var (
 // TestDemo_OrdersFlowFromProducerToConsumerAndStopCleansUp runs the whole demo (Postgres,
 // relay with embedded NATS, producer, consumer) for a few seconds.
 func TestDemo_OrdersFlowFromProducerToConsumerAndStopCleansUp(t *testing.T) {
-	if _, ok := lookPostgres(); !ok {
+	if !havePostgres() {
 		if ci, _ := strconv.ParseBool(os.Getenv("CI")); ci {
 			t.Fatal("PostgreSQL server binaries missing (CI=true, not skipping): apt-get install postgresql-15")
 		}
@@ -82,7 +85,7 @@ func TestDemo_OrdersFlowFromProducerToConsumerAndStopCleansUp(t *testing.T) {
 		require.Less(t, lat, 10*time.Second)
 	}
 
-	pids, dir := d.pids(), d.dir
+	pids, dir, pgDir := d.pids(), d.dir, d.pg.DataDir
 	require.Len(t, pids, 4, "postgres, relay, consumer, producer")
 	stopped = true
 	require.NoError(t, d.stop())
@@ -91,6 +94,21 @@ func TestDemo_OrdersFlowFromProducerToConsumerAndStopCleansUp(t *testing.T) {
 	}
 	_, err = os.Stat(dir)
 	require.True(t, os.IsNotExist(err), "temporary directory %s still exists", dir)
+	_, err = os.Stat(pgDir)
+	require.True(t, os.IsNotExist(err), "Postgres data directory %s still exists", pgDir)
 	require.Contains(t, out.String(), "relay    | ", "relay output is shown")
 	require.Regexp(t, `relay +\| .*stopped`, out.String(), "the relay stopped gracefully on SIGINT")
+}
+
+// alive reports whether pid is a running (not zombie) process.
+func alive(pid int) bool {
+	if pid <= 0 || syscall.Kill(pid, 0) != nil {
+		return false
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	i := strings.LastIndexByte(string(b), ')')
+	return i < 0 || i+2 >= len(b) || b[i+2] != 'Z'
 }
