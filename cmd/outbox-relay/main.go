@@ -55,6 +55,7 @@ type usageError struct{ error }
 const commands = `commands:
   run          relay outbox inserts to JetStream
   migrate      create the outbox table and its publication (idempotent)
+  backfill     republish outbox rows created in a time range (after a slot gap)
   prune        delete published outbox rows older than --older-than, in batches
   slot         create, drop or list replication slots
   publication  create, drop or show the publication of a table's inserts
@@ -69,6 +70,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 		return cmdRun(ctx, args[1:], stderr, env)
 	case "migrate":
 		return cmdMigrate(ctx, args[1:], stdout, stderr, env)
+	case "backfill":
+		return cmdBackfill(ctx, args[1:], stdout, stderr, env)
 	case "prune":
 		return cmdPrune(ctx, args[1:], stdout, stderr, env)
 	case "publication":

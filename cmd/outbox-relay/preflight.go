@@ -219,9 +219,9 @@ func lostSlotMessage(cfg runConfig, s replication.Slot) string {
 	return fmt.Sprintf(`replication slot %q is invalidated (wal_status = lost): Postgres removed WAL the slot still needed (it fell more than max_slot_wal_keep_size behind), so the events committed after its confirmed_flush_lsn %s can no longer be decoded and will never be relayed from this slot. Recovery:
 (a) note the time of the last event in the stream (header Outbox-Created-At of the stream's last message; nats stream info / nats stream get %s --last-for '%s.>');
 (b) drop and recreate the slot: outbox-relay slot drop --slot %s --force && outbox-relay slot create --slot %s;
-(c) start the relay, then republish the gap from the table, e.g. the rows with %s >= that time minus a safety margin: SELECT * FROM %s WHERE %s >= '<time>' ORDER BY %s; re-inserting them (same id) publishes them again, and JetStream drops the ones it still has within its duplicate window.
+(c) start the relay, then republish the gap from the table (rows by %s, table %s): outbox-relay backfill --since <that time minus a safety margin>; JetStream drops the ones it still has within its duplicate window.
 To stop it from happening again, alert on the slot lag (outbox_relay_slot_lag_bytes) well before max_slot_wal_keep_size.`,
-		cfg.slot, s.ConfirmedFlush, cfg.sink.Stream, cfg.sink.SubjectPrefix, cfg.slot, cfg.slot, createdAt, table, pgx.Identifier{createdAt}.Sanitize(), pgx.Identifier{createdAt}.Sanitize())
+		cfg.slot, s.ConfirmedFlush, cfg.sink.Stream, cfg.sink.SubjectPrefix, cfg.slot, cfg.slot, createdAt, table)
 }
 
 // holderInfo describes the backend holding a slot, for the error naming it.

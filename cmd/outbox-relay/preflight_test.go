@@ -131,7 +131,7 @@ func TestPreflight_InvalidatedSlotExplainsTheLossAndRecovery(t *testing.T) {
 	require.Contains(t, msg, `replication slot "outbox_relay" is invalidated (wal_status = lost)`)
 	require.Contains(t, msg, "will never be relayed")
 	require.Contains(t, msg, "outbox-relay slot drop --slot outbox_relay --force && outbox-relay slot create --slot outbox_relay")
-	require.Contains(t, msg, `SELECT * FROM "public"."outbox" WHERE "created_at" >= '<time>'`)
+	require.Contains(t, msg, `outbox-relay backfill --since`)
 }
 
 func TestPreflight_UnlimitedSlotWALIsAWarning(t *testing.T) {

@@ -1,0 +1,29 @@
+package sink
+
+import (
+	"github.com/nats-io/nats.go"
+
+	"github.com/outbox-relay/outbox-relay/decoder"
+)
+
+// HeaderBackfill marks a message republished by outbox-relay backfill.
+const HeaderBackfill = "Outbox-Backfill"
+
+// BackfillMsg builds the message the relay would publish for ev (same subject, body and
+// headers), stamped at pos instead of the event's own position and marked with
+// Outbox-Backfill: true. pos is the stream's last stored position when the backfill began, so
+// that backfilled messages do not move the position the relay skips replays up to
+// (LastStored).
+func BackfillMsg(cfg Config, ev *decoder.Event, pos Position) *nats.Msg {
+	cfg.fill()
+	ev.CommitLSN, ev.TxIndex = pos.CommitLSN, pos.TxIndex
+	j := &JetStream{cfg: cfg}
+	e := &entry{}
+	j.buildMsg(e, ev)
+	if cfg.CloudEvents {
+		addCloudEvents(e.msg.Header, ev, cfg.CloudEventsSource)
+	}
+	e.msg.Header.Set(HeaderBackfill, "true")
+	m := e.msg
+	return &m
+}
