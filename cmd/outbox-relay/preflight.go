@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
@@ -23,6 +24,9 @@ import (
 type preflightReport struct {
 	problems []string
 	warnings []string
+	// checkpointTimeout is Postgres' checkpoint_timeout: a crash sends back up to that much
+	// of what the relay had already confirmed (slots save confirmed_flush_lsn at checkpoints).
+	checkpointTimeout time.Duration
 }
 
 func (r *preflightReport) fail(format string, args ...any) {
@@ -112,6 +116,10 @@ func checkPostgres(ctx context.Context, cfg runConfig, r *preflightReport) (crea
 	var walLevel, keepSize string
 	if q("wal_level", `SHOW wal_level`, &walLevel) && walLevel != "logical" {
 		r.fail("wal_level is %q; logical replication needs 'logical'. Fix: run ALTER SYSTEM SET wal_level = logical; as a superuser and restart Postgres (on a managed service, set the parameter group's wal_level / rds.logical_replication)", walLevel)
+	}
+	var ckptSeconds int
+	if q("checkpoint_timeout", `SELECT setting::int FROM pg_settings WHERE name = 'checkpoint_timeout'`, &ckptSeconds) {
+		r.checkpointTimeout = time.Duration(ckptSeconds) * time.Second
 	}
 	if q("max_slot_wal_keep_size", `SHOW max_slot_wal_keep_size`, &keepSize) && keepSize == "-1" {
 		r.warn("max_slot_wal_keep_size is unlimited (-1): if the relay stops for long, its slot keeps WAL until the disk is full and Postgres stops. Consider a limit (ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT pg_reload_conf();) and alert on slot lag; see README, Operating the slot")
@@ -332,6 +340,15 @@ func checkBroker(ctx context.Context, cfg runConfig, r *preflightReport, log zer
 		return &broker{nc: nc, js: js}
 	}
 	c := info.Config
+	// The replay horizon: after a Postgres crash the slot resumes from its last checkpointed
+	// position, up to checkpoint_timeout behind what the relay confirmed, plus however long
+	// the relay itself is down. The relay skips what the stream already holds (its last
+	// message's position), so the duplicate window is the second line of defence; say when
+	// it is shorter than the horizon.
+	if horizon := r.checkpointTimeout + time.Minute; r.checkpointTimeout > 0 && c.Duplicates < horizon {
+		r.warn("stream %s has a duplicate window of %s, shorter than the replay horizon the relay can face (Postgres checkpoint_timeout %s, plus a minute, plus any relay downtime): only the relay's skip of events the stream already holds then keeps replays out. Fix: nats stream edit %s --dupe-window %s (or more)",
+			c.Name, c.Duplicates, r.checkpointTimeout, c.Name, (horizon + 14*time.Minute).Round(time.Minute))
+	}
 	switch {
 	case c.Mirror != nil:
 		r.fail("stream %s is a mirror of %s and takes no published messages. Fix: choose another --stream", c.Name, c.Mirror.Name)

@@ -144,6 +144,20 @@ func TestPreflight_UnlimitedSlotWALIsAWarning(t *testing.T) {
 	require.Contains(t, log, "max_slot_wal_keep_size is unlimited (-1)")
 }
 
+func TestPreflight_DuplicateWindowShorterThanTheReplayHorizonIsAWarning(t *testing.T) {
+	e := newEnv(t)
+	nc := e.nats.Connect(t)
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: "OUTBOX", Subjects: []string{"outbox.>"}, Duplicates: 3 * time.Minute})
+	require.NoError(t, err)
+	// checkpoint_timeout is 5 minutes in the test cluster (Postgres' default).
+	_, log := runPreflight(t, "--pg-url", e.pg.URL, "--nats-url", e.nats.URL) // fails: no slot
+	require.Contains(t, log, "duplicate window of 3m0s, shorter than the replay horizon")
+	require.Contains(t, log, "checkpoint_timeout 5m0s")
+	require.Contains(t, log, "--dupe-window 20m")
+}
+
 // authNATS runs an embedded JetStream server that requires a user and password.
 func authNATS(t *testing.T) string {
 	t.Helper()
