@@ -153,6 +153,13 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		}
 		j.deadLetter(e, reason, false)
 	}
+	j.enqueue(e)
+	return nil
+}
+
+// enqueue appends e to the window and sends it, unless the chain is being recovered (Run then
+// sends it in order), and wakes Run.
+func (j *JetStream) enqueue(e *entry) {
 	j.mu.Lock()
 	j.q = append(j.q, e)
 	if !j.recovering {
@@ -163,7 +170,6 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 	case j.notify <- struct{}{}:
 	default:
 	}
-	return nil
 }
 
 // PublishDeadLetter publishes what is known of an outbox row that cannot become an event (a
@@ -180,16 +186,7 @@ func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 		e.id = fmt.Sprintf("dead-letter:%s:%d", ev.CommitLSN, ev.TxIndex)
 	}
 	j.deadLetter(e, reason, true)
-	j.mu.Lock()
-	j.q = append(j.q, e)
-	if !j.recovering {
-		j.send(e)
-	}
-	j.mu.Unlock()
-	select {
-	case j.notify <- struct{}{}:
-	default:
-	}
+	j.enqueue(e)
 	return nil
 }
 
