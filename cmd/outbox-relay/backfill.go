@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"time"
@@ -54,18 +53,9 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 	fs.StringVar(&until, "until", "", "and before this RFC 3339 time (default: no bound)")
 	fs.BoolVar(&dryRun, "dry-run", false, "count the rows, publish nothing")
 	lf.register(fs)
-	if err := parseFlags(fs, args, env); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return usageError{err}
-	}
-	log, err := lf.logger(stderr)
+	log, err := parseCommand(fs, args, env, &lf, stderr, &pgURL)
 	if err != nil {
-		return usageError{err}
-	}
-	if pgURL == "" {
-		return usageError{fmt.Errorf("--pg-url is required (or %s)", envName("pg-url"))}
+		return err
 	}
 	from, err := time.Parse(time.RFC3339Nano, since)
 	if err != nil {

@@ -134,6 +134,26 @@ func newFlagSet(name, usage string, stderr io.Writer) *flag.FlagSet {
 	return fs
 }
 
+// parseCommand parses a command's flags (flag > environment > config file > default), builds
+// its logger and checks --pg-url, which every command needs. --help is returned as
+// flag.ErrHelp (exit 0), anything else wrong as a usageError (exit 2).
+func parseCommand(fs *flag.FlagSet, args []string, env func(string) (string, bool), lf *logFlags, stderr io.Writer, pgURL *string) (zerolog.Logger, error) {
+	if err := parseFlags(fs, args, env); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return zerolog.Nop(), err
+		}
+		return zerolog.Nop(), usageError{err}
+	}
+	log, err := lf.logger(stderr)
+	if err != nil {
+		return zerolog.Nop(), usageError{err}
+	}
+	if *pgURL == "" {
+		return zerolog.Nop(), usageError{fmt.Errorf("--pg-url is required (or %s)", envName("pg-url"))}
+	}
+	return log, nil
+}
+
 // logFlags are shared by every command.
 type logFlags struct {
 	level, format string

@@ -24,15 +24,9 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 	fs.StringVar(&source, "source", "table", "table: the outbox table, its publication and outbox_emit; messages (table-less): outbox_emit and a publication without tables")
 	fs.IntVar(&partitions, "partitions", 1, "also create this many row-filtered publications <publication>_p<i>of<N>, one per relay, partitioned by a hash of aggregate_id (Postgres 15+)")
 	lf.register(fs)
-	if err := parseFlags(fs, args, env); err != nil {
-		return usageError{err}
-	}
-	log, err := lf.logger(stderr)
+	log, err := parseCommand(fs, args, env, &lf, stderr, &pgURL)
 	if err != nil {
-		return usageError{err}
-	}
-	if pgURL == "" {
-		return usageError{fmt.Errorf("--pg-url is required (or %s)", envName("pg-url"))}
+		return err
 	}
 	if partitions < 1 {
 		return usageError{fmt.Errorf("--partitions must be at least 1")}

@@ -36,15 +36,9 @@ func cmdPrune(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	fs.IntVar(&batch, "batch", 10000, "rows deleted per transaction")
 	fs.BoolVar(&dryRun, "dry-run", false, "count the rows that would be deleted, delete nothing")
 	lf.register(fs)
-	if err := parseFlags(fs, args, env); err != nil {
-		return usageError{err}
-	}
-	log, err := lf.logger(stderr)
+	log, err := parseCommand(fs, args, env, &lf, stderr, &pgURL)
 	if err != nil {
-		return usageError{err}
-	}
-	if pgURL == "" {
-		return usageError{fmt.Errorf("--pg-url is required (or %s)", envName("pg-url"))}
+		return err
 	}
 	if olderThan <= 0 {
 		return usageError{errors.New("--older-than is required, e.g. --older-than 72h")}

@@ -49,14 +49,8 @@ func cmdPublication(ctx context.Context, args []string, stdout, stderr io.Writer
 		return usageError{fmt.Errorf("publication: unknown subcommand %q: use create, drop or show", sub)}
 	}
 	lf.register(fs)
-	if err := parseFlags(fs, args[1:], env); err != nil {
-		return usageError{err}
-	}
-	if _, err := lf.logger(stderr); err != nil {
-		return usageError{err}
-	}
-	if pgURL == "" {
-		return usageError{fmt.Errorf("--pg-url is required (or %s)", envName("pg-url"))}
+	if _, err := parseCommand(fs, args[1:], env, &lf, stderr, &pgURL); err != nil {
+		return err
 	}
 	if output != "table" && output != "json" {
 		return usageError{fmt.Errorf("--output %q: use table or json", output)}

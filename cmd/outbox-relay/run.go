@@ -84,18 +84,9 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.StringVar(&cfg.httpAddr, "http-addr", ":9187", `address serving /metrics, /healthz and /readyz; "" or "off" disables it`)
 	fs.DurationVar(&cfg.stallTimeout, "stall-timeout", 60*time.Second, "events pending with nothing acknowledged (or no replication session) for this long turns /readyz to 503 and logs what is stuck; 0 disables")
 	lf.register(fs)
-	if err := parseFlags(fs, args, env); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return usageError{err}
-	}
-	log, err := lf.logger(stderr)
+	log, err := parseCommand(fs, args, env, &lf, stderr, &cfg.pgURL)
 	if err != nil {
-		return usageError{err}
-	}
-	if cfg.pgURL == "" {
-		return usageError{fmt.Errorf("--pg-url is required (or %s)", envName("pg-url"))}
+		return err
 	}
 	if cfg.schema, cfg.table, err = splitTable(table); err != nil {
 		return usageError{err}
