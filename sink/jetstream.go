@@ -452,7 +452,7 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff) error {
 	// outage may have outlasted the duplicate window: ask the stream how far it got, and
 	// do not re-publish what it holds. Without an answer, retry later.
 	lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
-	last, ok, err := LastStored(lctx, j.js, j.cfg)
+	last, seq, ok, err := LastStored(lctx, j.js, j.cfg)
 	cancel()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -461,7 +461,7 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff) error {
 		j.log.Warn().Err(err).Msg("cannot read the stream's last stored event; retrying")
 		return nil
 	}
-	if ok {
+	if ok && seq > j.cfg.SeqFloor {
 		j.skipStored(last)
 	}
 	j.mu.Lock()

@@ -29,35 +29,35 @@ func (p Position) AtOrBefore(q Position) bool {
 func (p Position) String() string { return fmt.Sprintf("%s#%d", p.CommitLSN, p.TxIndex) }
 
 // LastStored reads the position of the newest message in cfg.Stream under the relay's subjects
-// (<prefix>.>). ok is false when there is none.
+// (<prefix>.>) and its stream sequence. ok is false when there is none.
 //
 // Because the window is gap-free (a message is stored only after its predecessor), every event
 // at or before that position is in the stream, and a replayed event there may be skipped: this
 // makes the relay replay-proof past the stream's duplicate window. It holds only while this
 // relay is the only publisher on its subjects.
-func LastStored(ctx context.Context, js jetstream.JetStream, cfg Config) (pos Position, ok bool, err error) {
+func LastStored(ctx context.Context, js jetstream.JetStream, cfg Config) (pos Position, seq uint64, ok bool, err error) {
 	cfg.fill()
 	s, err := js.Stream(ctx, cfg.Stream)
 	if err != nil {
-		return Position{}, false, fmt.Errorf("look up stream %s: %w", cfg.Stream, err)
+		return Position{}, 0, false, fmt.Errorf("look up stream %s: %w", cfg.Stream, err)
 	}
 	m, err := s.GetLastMsgForSubject(ctx, cfg.SubjectPrefix+".>")
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return Position{}, false, nil
+		return Position{}, 0, false, nil
 	}
 	if err != nil {
-		return Position{}, false, fmt.Errorf("read the last message of stream %s: %w", cfg.Stream, err)
+		return Position{}, 0, false, fmt.Errorf("read the last message of stream %s: %w", cfg.Stream, err)
 	}
 	lsn, idx := m.Header.Get(HeaderCommitLSN), m.Header.Get(HeaderTxIndex)
 	if lsn == "" || idx == "" {
-		return Position{}, false, fmt.Errorf("%w: the last message of stream %s (sequence %d, subject %s) has no %s/%s headers: another publisher writes to the relay's subjects; give the relay its own --subject-prefix or stream",
+		return Position{}, 0, false, fmt.Errorf("%w: the last message of stream %s (sequence %d, subject %s) has no %s/%s headers: another publisher writes to the relay's subjects; give the relay its own --subject-prefix or stream",
 			ErrForeignPublisher, cfg.Stream, m.Sequence, m.Subject, HeaderCommitLSN, HeaderTxIndex)
 	}
 	if pos.CommitLSN, err = pglogrepl.ParseLSN(lsn); err != nil {
-		return Position{}, false, fmt.Errorf("stream %s sequence %d: bad %s %q: %w", cfg.Stream, m.Sequence, HeaderCommitLSN, lsn, err)
+		return Position{}, 0, false, fmt.Errorf("stream %s sequence %d: bad %s %q: %w", cfg.Stream, m.Sequence, HeaderCommitLSN, lsn, err)
 	}
 	if pos.TxIndex, err = strconv.Atoi(idx); err != nil {
-		return Position{}, false, fmt.Errorf("stream %s sequence %d: bad %s %q: %w", cfg.Stream, m.Sequence, HeaderTxIndex, idx, err)
+		return Position{}, 0, false, fmt.Errorf("stream %s sequence %d: bad %s %q: %w", cfg.Stream, m.Sequence, HeaderTxIndex, idx, err)
 	}
-	return pos, true, nil
+	return pos, m.Sequence, true, nil
 }

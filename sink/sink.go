@@ -81,6 +81,10 @@ type Config struct {
 	// metadata-only message to <SubjectPrefix>.dead-letter with the reason in a header, in its
 	// place in the order. Otherwise such an event stops the relay (ErrPoison).
 	DeadLetter bool
+	// SeqFloor: stream messages up to this sequence came from an earlier source (another
+	// Postgres cluster, see SourcePosition); their positions are not compared with this
+	// source's events.
+	SeqFloor uint64
 
 	// unchained leaves out Nats-Expected-Last-Msg-Id (tests only: shows what the chain
 	// prevents).

@@ -36,7 +36,7 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 		lf                              logFlags
 		auth                            natsAuth
 		pgURL, natsURL, table, template string
-		since, until                    string
+		since, until, bucket            string
 		dryRun                          bool
 		scfg                            sink.Config
 		cols                            decoder.Columns
@@ -52,6 +52,7 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 	fs.StringVar(&since, "since", "", "republish rows with created_at at or after this RFC 3339 time (required)")
 	fs.StringVar(&until, "until", "", "and before this RFC 3339 time (default: no bound)")
 	fs.BoolVar(&dryRun, "dry-run", false, "count the rows, publish nothing")
+	fs.StringVar(&bucket, "position-bucket", sink.DefaultPositionBucket, "as for run")
 	lf.register(fs)
 	log, err := parseCommand(fs, args, env, &lf, stderr, &pgURL)
 	if err != nil {
@@ -142,9 +143,20 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 	}
 	// Backfilled messages carry the stream's current last position, so the relay's
 	// replay-skip position (LastStored) does not move.
-	pos, _, err := sink.LastStored(ctx, js, scfg)
+	pos, seq, _, err := sink.LastStored(ctx, js, scfg)
 	if err != nil {
 		return err
+	}
+	if bucket != "" {
+		// After a change of cluster the stream's last message may still be the old cluster's:
+		// its position must not become the new cluster's skip position. 0/0 skips nothing.
+		rec, ok, err := recordExists(ctx, js, runConfig{positionBucket: bucket, sink: scfg})
+		if err != nil {
+			return err
+		}
+		if ok && seq <= rec.SeqFloor {
+			pos = sink.Position{}
+		}
 	}
 
 	var toParam any

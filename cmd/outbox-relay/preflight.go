@@ -69,6 +69,15 @@ func preflight(ctx context.Context, cfg runConfig, log zerolog.Logger, natsOpts 
 	for _, w := range r.warnings {
 		log.Warn().Msg(w)
 	}
+	if len(r.problems) == 0 && createSlot && cfg.positionBucket != "" && !cfg.acceptSlotGap {
+		// After the first start a missing slot is a gap: never replace it silently.
+		if rec, ok, err := recordExists(ctx, b.js, cfg); err != nil {
+			r.fail("%v", err)
+		} else if ok {
+			r.fail("--create-slot refuses to create a replacement: %s", slotGapMessage(cfg, rec, sink.PositionKey(cfg.sink.Stream, cfg.sink.SubjectPrefix),
+				fmt.Sprintf("replication slot %q does not exist", cfg.slot), "the slot was dropped, or the database replaced, while the relay was away"))
+		}
+	}
 	if len(r.problems) == 0 && createSlot {
 		if err := doCreateSlot(ctx, cfg, log); err != nil {
 			r.fail("%v", err)
@@ -348,6 +357,11 @@ func checkBroker(ctx context.Context, cfg runConfig, r *preflightReport, log zer
 	if horizon := r.checkpointTimeout + time.Minute; r.checkpointTimeout > 0 && c.Duplicates < horizon {
 		r.warn("stream %s has a duplicate window of %s, shorter than the replay horizon the relay can face (Postgres checkpoint_timeout %s, plus a minute, plus any relay downtime): only the relay's skip of events the stream already holds then keeps replays out. Fix: nats stream edit %s --dupe-window %s (or more)",
 			c.Name, c.Duplicates, r.checkpointTimeout, c.Name, (horizon + 14*time.Minute).Round(time.Minute))
+	}
+	if cfg.positionBucket != "" && !cfg.temporarySlot {
+		if _, err := sink.OpenPositionRecord(ctx, js, cfg.positionBucket, cfg.sink); err != nil {
+			r.fail("%v", err)
+		}
 	}
 	switch {
 	case c.Mirror != nil:

@@ -31,7 +31,19 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	}
 	defer conn.Close(context.Background())
 
-	var start pglogrepl.LSN
+	var (
+		start    pglogrepl.LSN
+		slotLSN  pglogrepl.LSN // the slot's confirmed_flush_lsn
+		systemID string        // the cluster's, for the position record
+	)
+	guarded := !cfg.temporarySlot && cfg.positionBucket != ""
+	if guarded {
+		sys, err := pglogrepl.IdentifySystem(ctx, conn)
+		if err != nil {
+			return fmt.Errorf("identify system: %w", err)
+		}
+		systemID = sys.SystemID
+	}
 	if cfg.temporarySlot {
 		// Dropped by Postgres when this connection ends.
 		if start, err = replication.CreateTemporarySlot(ctx, conn, cfg.slot); err != nil {
@@ -51,7 +63,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		if slot.WALStatus == "lost" {
 			return fmt.Errorf("%w: slot %q has wal_status lost", replication.ErrSlotInvalidated, cfg.slot)
 		}
-		start = slot.ConfirmedFlush
+		start, slotLSN = slot.ConfirmedFlush, slot.ConfirmedFlush
 	}
 	// Start from the slot's position, or from our own higher one: after a Postgres restart the
 	// slot may report an older position than the relay confirmed, and starting from ours
@@ -67,7 +79,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	// Events already in the stream are skipped, not re-published: after an outage longer than
 	// the stream's duplicate window, JetStream would store them again.
 	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	last, haveLast, err := sink.LastStored(lctx, js, cfg.sink)
+	last, lastSeq, haveLast, err := sink.LastStored(lctx, js, cfg.sink)
 	cancel()
 	if errors.Is(err, sink.ErrForeignPublisher) {
 		return fatalError{err}
@@ -75,11 +87,42 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	if err != nil {
 		return err
 	}
+
+	trk := checkpoint.New(start)
+	var flush replication.FlushSource = trk
+	scfg := cfg.sink
+	if guarded {
+		// The slot is ours now (Start acquired it): compare it with the position record.
+		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		guard, err := checkSlotGap(gctx, cfg, js, systemID, slotLSN, start, lastSeq, log)
+		cancel()
+		if err != nil {
+			return err
+		}
+		scfg.SeqFloor = guard.seqFloor
+		if haveLast && lastSeq <= guard.seqFloor {
+			haveLast = false // stored by a relay on another cluster: positions do not compare
+		}
+		// Postgres is only told of positions the record holds.
+		rec := checkpoint.NewRecorder(trk, guard.record, guard.recorded)
+		flush = rec
+		rctx, stopRec := context.WithCancel(context.Background())
+		recDone := make(chan struct{})
+		var warned time.Time
+		go func() {
+			defer close(recDone)
+			rec.Run(rctx, cfg.repl.FlushInterval, func(err error) {
+				if time.Since(warned) >= 10*time.Second {
+					warned = time.Now()
+					log.Warn().Err(err).Msg("recording the position failed; Postgres is not told of newer positions until it succeeds")
+				}
+			})
+		}()
+		defer func() { stopRec(); <-recDone }()
+	}
 	if haveLast {
 		log.Info().Stringer("position", last).Msg("stream holds events up to this position; replayed events up to it are skipped")
 	}
-
-	trk := checkpoint.New(start)
 	dec := decoder.New(decoder.Config{Schema: cfg.schema, Table: cfg.table, Columns: cfg.columns, Subject: cfg.subject, MessagePrefix: cfg.messagePrefix})
 	confirm := trk.Confirm
 	if cfg.obs != nil {
@@ -97,7 +140,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 			stored(t)
 		}
 	}
-	pub := sink.NewJetStream(js, cfg.sink, confirm, log)
+	pub := sink.NewJetStream(js, scfg, confirm, log)
 	p := &pipeline{dec: dec, trk: trk, pub: pub, log: log, obs: cfg.obs, last: last, haveLast: haveLast, deadLetter: cfg.sink.DeadLetter}
 	cfg.obs.startSession(pub, trk)
 	defer cfg.obs.endSession()
@@ -122,9 +165,9 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 			case <-rctx.Done():
 			}
 		}()
-		err := st.Run(rctx, p, trk)
+		err := st.Run(rctx, p, flush)
 		defer func() {
-			lsn, _ := trk.Flushed()
+			lsn, _ := flush.Flushed()
 			if lsn > *resume {
 				*resume = lsn
 			}
@@ -146,14 +189,14 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 			case <-dctx.Done():
 			}
 		}()
-		return st.Drain(dctx, trk)
+		return st.Drain(dctx, flush)
 	})
 	err = g.Wait()
 	if errors.Is(err, decoder.ErrPoison) || errors.Is(err, sink.ErrPoison) {
 		err = fmt.Errorf("%w. Nothing from this event on is confirmed; the relay stops. Way out: remove the cause and restart, or restart with --on-poison dead-letter to publish the event (or its metadata) to %s.%s and go on",
 			err, cfg.sink.SubjectPrefix, sink.DeadLetterToken)
 	}
-	if lsn, _ := trk.Flushed(); lsn > *resume {
+	if lsn, _ := flush.Flushed(); lsn > *resume {
 		*resume = lsn
 	}
 	stats := pub.Stats()

@@ -1,0 +1,147 @@
+package sink
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// DefaultPositionBucket is the JetStream key-value bucket of the relays' position records.
+const DefaultPositionBucket = "outbox_relay_positions"
+
+// SourcePosition is the durable record of where the feed of one stream and subject prefix
+// stands in its source: the Postgres cluster (system identifier), the slot, and the highest
+// position the relay may have confirmed to that slot. The relay writes it before it tells
+// Postgres; a slot found ahead of it was moved by someone else.
+type SourcePosition struct {
+	SystemID string        `json:"system_id"`
+	Slot     string        `json:"slot"`
+	LSN      pglogrepl.LSN `json:"-"`
+	// SeqFloor: stream messages up to this sequence came from an earlier source (another
+	// cluster, whose positions do not compare with this one's).
+	SeqFloor  uint64    `json:"seq_floor,omitempty"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// sourcePositionJSON is SourcePosition without its methods (no recursion), with the LSN as text.
+type sourcePositionJSON struct {
+	plainSourcePosition
+	LSN string `json:"lsn"`
+}
+
+type plainSourcePosition SourcePosition
+
+// MarshalJSON writes the LSN as Postgres prints it.
+func (p SourcePosition) MarshalJSON() ([]byte, error) {
+	return json.Marshal(sourcePositionJSON{plainSourcePosition(p), p.LSN.String()})
+}
+
+// UnmarshalJSON reads what MarshalJSON wrote.
+func (p *SourcePosition) UnmarshalJSON(b []byte) error {
+	var v sourcePositionJSON
+	if err := json.Unmarshal(b, &v); err != nil {
+		return err
+	}
+	lsn, err := pglogrepl.ParseLSN(v.LSN)
+	if err != nil {
+		return fmt.Errorf("bad lsn %q: %w", v.LSN, err)
+	}
+	*p = SourcePosition(v.plainSourcePosition)
+	p.LSN = lsn
+	return nil
+}
+
+// PositionRecord is the position record of one feed (stream and subject prefix).
+type PositionRecord struct {
+	kv  jetstream.KeyValue
+	key string
+	cur SourcePosition
+}
+
+// OpenPositionRecord opens (creating if missing: file storage, the stream's replica count,
+// one revision per key) the bucket, and the record of cfg's stream and subject prefix.
+func OpenPositionRecord(ctx context.Context, js jetstream.JetStream, bucket string, cfg Config) (*PositionRecord, error) {
+	cfg.fill()
+	kv, err := js.KeyValue(ctx, bucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		replicas := 1
+		if s, serr := js.Stream(ctx, cfg.Stream); serr == nil {
+			replicas = s.CachedInfo().Config.Replicas
+		}
+		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket:      bucket,
+			Description: "outbox-relay position records (one per stream and subject prefix)",
+			History:     1,
+			Storage:     jetstream.FileStorage,
+			Replicas:    replicas,
+		})
+		if errors.Is(err, jetstream.ErrBucketExists) {
+			kv, err = js.KeyValue(ctx, bucket)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open the position record bucket %q (the relay records what it confirmed there; its NATS user needs the JetStream API and $KV.%s.> publish rights, or pass --position-bucket '' to run without slot gap detection): %w", bucket, bucket, err)
+	}
+	return &PositionRecord{kv: kv, key: PositionKey(cfg.Stream, cfg.SubjectPrefix)}, nil
+}
+
+// PositionKey is a valid key-value key for a stream and subject prefix: other bytes than
+// [-_a-zA-Z0-9.] are written as =XX.
+func PositionKey(stream, prefix string) string {
+	var b strings.Builder
+	for _, c := range []byte(stream + "." + prefix) {
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_', c == '.':
+			b.WriteByte(c)
+		default:
+			fmt.Fprintf(&b, "=%02X", c)
+		}
+	}
+	return b.String()
+}
+
+// Key is the record's key in its bucket.
+func (r *PositionRecord) Key() string { return r.key }
+
+// Get reads the record; ok is false when there is none.
+func (r *PositionRecord) Get(ctx context.Context) (p SourcePosition, ok bool, err error) {
+	e, err := r.kv.Get(ctx, r.key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return p, false, nil
+	}
+	if err != nil {
+		return p, false, fmt.Errorf("read position record %s: %w", r.key, err)
+	}
+	if err := json.Unmarshal(e.Value(), &p); err != nil {
+		return p, false, fmt.Errorf("position record %s (revision %d) is not valid: %w", r.key, e.Revision(), err)
+	}
+	r.cur = p
+	return p, true, nil
+}
+
+// Put writes p as the record; later Record calls keep its source fields.
+func (r *PositionRecord) Put(ctx context.Context, p SourcePosition) error {
+	p.UpdatedAt = time.Now().UTC()
+	b, err := json.Marshal(p)
+	if err != nil {
+		return err
+	}
+	if _, err := r.kv.Put(ctx, r.key, b); err != nil {
+		return fmt.Errorf("write position record %s at %s: %w", r.key, p.LSN, err)
+	}
+	r.cur = p
+	return nil
+}
+
+// Record moves the record to lsn (checkpoint.Store).
+func (r *PositionRecord) Record(ctx context.Context, lsn pglogrepl.LSN) error {
+	p := r.cur
+	p.LSN = lsn
+	return r.Put(ctx, p)
+}

@@ -1,0 +1,54 @@
+package sink
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+)
+
+func TestPositionRecord_RoundTripOnFileStorageOneKeyPerFeed(t *testing.T) {
+	n := testenv.JetStream(t)
+	nc := n.Connect(t)
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	a, err := OpenPositionRecord(ctx, js, DefaultPositionBucket, Config{Stream: "S1", SubjectPrefix: "app.events"})
+	require.NoError(t, err)
+	b, err := OpenPositionRecord(ctx, js, DefaultPositionBucket, Config{Stream: "S1", SubjectPrefix: "app.ü"})
+	require.NoError(t, err)
+	require.Equal(t, "S1.app.events", a.Key())
+	require.Equal(t, "S1.app.=C3=BC", b.Key(), "bytes outside the key alphabet are escaped")
+
+	kv, err := js.KeyValue(ctx, DefaultPositionBucket)
+	require.NoError(t, err)
+	st, err := kv.Status(ctx)
+	require.NoError(t, err)
+	require.Equal(t, int64(1), st.History())
+	require.Equal(t, jetstream.FileStorage, st.(*jetstream.KeyValueBucketStatus).StreamInfo().Config.Storage)
+
+	_, ok, err := a.Get(ctx)
+	require.NoError(t, err)
+	require.False(t, ok)
+	require.NoError(t, a.Put(ctx, SourcePosition{SystemID: "7", Slot: "s", LSN: 0x16B3748, SeqFloor: 9}))
+	require.NoError(t, a.Record(ctx, 0x16B3750))
+	p, ok, err := a.Get(ctx)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.Equal(t, "7", p.SystemID)
+	require.Equal(t, "s", p.Slot)
+	require.Equal(t, "0/16B3750", p.LSN.String())
+	require.Equal(t, uint64(9), p.SeqFloor, "Record keeps the source fields")
+	e, err := kv.Get(ctx, a.Key())
+	require.NoError(t, err)
+	require.Contains(t, string(e.Value()), `"lsn":"0/16B3750"`, "the LSN is stored as Postgres prints it")
+	_, ok, err = b.Get(ctx)
+	require.NoError(t, err)
+	require.False(t, ok, "another prefix has its own record")
+}
