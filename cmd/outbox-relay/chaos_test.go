@@ -34,6 +34,24 @@ type chaosConfig struct {
 	faultGaps [2]time.Duration
 }
 
+// chaosSeeAlso closes the report: the faults tested one by one, with exact assertions, in make test.
+const chaosSeeAlso = `
+## Faults tested one at a time (make test)
+
+- Relay SIGKILL after N acks, before confirming (also a 20,000-row transaction), and past a 1 s
+  duplicate window; SIGTERM drain: relay_test.go.
+- Postgres fast and immediate restarts (0 events re-sent), broker down 15 s with the walsender
+  kept alive, idle outbox with traffic elsewhere: faults_test.go.
+- Lost, reset, cut and blackholed publishes through a TCP fault proxy, per-aggregate order kept
+  by the gap-free chain: sink/order_test.go, order_faults_test.go.
+- Slot dropped and recreated, advanced by pg_replication_slot_advance, replaced by
+  --create-slot, another Postgres cluster behind the stream, and no position confirmed before
+  it is recorded (broker down with traffic elsewhere): slotgap_test.go; the gap's backfill:
+  backfill_test.go.
+- Poison events (too big, NULL id, bad headers, no stream for the subject): poison_test.go.
+- Standby takeover: standby_test.go. TLS and authentication: tls_test.go, natsauth_test.go.
+`
+
 func chaosSettings(t *testing.T) chaosConfig {
 	if os.Getenv("OUTBOX_RELAY_CHAOS") == "long" {
 		return chaosConfig{name: "long", duration: 6 * time.Minute, natsDown: 60 * time.Second, bigTx: 1_000_000, minKills: 30,
@@ -199,7 +217,7 @@ func TestChaos_RelayUnderFaultsLosesNothingDuplicatesNothingKeepsOrder(t *testin
 			"Postgres 15 cluster, two producers writing continuously (1-20 rows per transaction, one in ten rolled back, 80\n" +
 			"aggregates with their own sequence numbers), faults at random moments, then a verifier reading the whole stream.\n" +
 			"Recovery time: from the end of a fault until a probe event committed after it is in the stream.\n\n" + report +
-			"\nRecovery per fault: " + strings.Join(recoveries, "; ") + "\n"
+			"\nRecovery per fault: " + strings.Join(recoveries, "; ") + "\n" + chaosSeeAlso
 		require.NoError(t, os.WriteFile(cc.reportTo, []byte(doc), 0o644))
 	}
 	requireClean(t, v)
