@@ -140,7 +140,7 @@ func TestChaos_RelayUnderFaultsLosesNothingDuplicatesNothingKeepsOrder(t *testin
 		weight int
 		do     func()
 	}{
-		{"relay SIGKILL", 6, killRelay},
+		{"relay SIGKILL", 10, killRelay},
 		{"relay SIGTERM", 1, func() {
 			require.NoError(t, relay.cmd.Process.Signal(syscall.SIGTERM))
 			require.Equal(t, 0, relay.wait(t, 60*time.Second), "SIGTERM exits 0")
@@ -286,7 +286,7 @@ func chaosProduce(url string, w int, seed uint64, stop *atomic.Bool, rolledBack,
 			conn.Close(ctx)
 			conn = nil
 		}
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
