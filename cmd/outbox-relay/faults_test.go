@@ -131,13 +131,7 @@ func TestRelay_IdleOutboxWithTrafficElsewhereLetsSlotAdvance(t *testing.T) {
 	for i := 0; i < 20; i++ {
 		e.pg.Exec(t, `INSERT INTO other SELECT g, repeat('x', 100) FROM generate_series(1, 2000) g`)
 	}
-	var walNow string
-	require.NoError(t, e.pg.QueryRow(t, `SELECT pg_current_wal_lsn()::text`).Scan(&walNow))
-	require.Eventually(t, func() bool {
-		var behind int64
-		require.NoError(t, e.pg.QueryRow(t, `SELECT $1::pg_lsn - confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'`, walNow).Scan(&behind))
-		return behind <= 0
-	}, 30*time.Second, 100*time.Millisecond, "the slot stayed at %s while the server moved to %s", before, walNow)
+	waitSlotCaughtUp(t, e.pg, "outbox_relay", "an idle outbox must let the slot advance (it started at "+before.String()+")")
 
 	// And no event was skipped by confirming the keepalive.
 	e.pg.Exec(t, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('a', '1', 'After', '{}')`)

@@ -281,6 +281,19 @@ func waitStreaming(t *testing.T, pg *testenv.PG, slot string) {
 	}, 30*time.Second, 20*time.Millisecond, "slot %s never became active", slot)
 }
 
+// waitSlotCaughtUp waits until the slot confirmed the server's current WAL position (as of the
+// call): only keepalives can take it there when the outbox is idle.
+func waitSlotCaughtUp(t *testing.T, pg *testenv.PG, slot string, why string) {
+	t.Helper()
+	var walNow string
+	require.NoError(t, pg.QueryRow(t, `SELECT pg_current_wal_lsn()::text`).Scan(&walNow))
+	require.Eventually(t, func() bool {
+		var behind int64
+		require.NoError(t, pg.QueryRow(t, `SELECT $1::pg_lsn - confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $2`, walNow, slot).Scan(&behind))
+		return behind <= 0
+	}, 30*time.Second, 100*time.Millisecond, "slot %s never reached %s: %s", slot, walNow, why)
+}
+
 // confirmedFlush reads the slot's confirmed_flush_lsn.
 func confirmedFlush(t *testing.T, pg *testenv.PG, slot string) pglogrepl.LSN {
 	t.Helper()

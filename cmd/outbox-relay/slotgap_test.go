@@ -250,13 +250,7 @@ func TestSlotGap_NoPositionConfirmedBeforeItIsRecorded(t *testing.T) {
 	require.Equal(t, recorded, confirmedFlush(t, e.pg, "outbox_relay"), "a position was confirmed that the record does not hold")
 
 	e.nats.Restart(t)
-	var walNow string
-	require.NoError(t, e.pg.QueryRow(t, `SELECT pg_current_wal_lsn()::text`).Scan(&walNow))
-	require.Eventually(t, func() bool {
-		var behind int64
-		require.NoError(t, e.pg.QueryRow(t, `SELECT $1::pg_lsn - confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'`, walNow).Scan(&behind))
-		return behind <= 0
-	}, 30*time.Second, 100*time.Millisecond, "the slot never moved once the record could be written")
+	waitSlotCaughtUp(t, e.pg, "outbox_relay", "the slot never moved once the record could be written")
 	require.NoError(t, stop())
 	requireNeverAhead(t, e)
 }
