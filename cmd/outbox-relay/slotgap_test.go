@@ -32,6 +32,16 @@ func positionRecord(t *testing.T, n *testenv.NATS) sink.SourcePosition {
 	return p
 }
 
+// relayEvents runs a relay until n new events are in the stream (which held none), then stops it.
+func relayEvents(t *testing.T, e *env, tag string, n int) {
+	t.Helper()
+	stop, _ := inProcess(t, e.args())
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, tag, n)
+	waitStream(t, e.nats.URL, uint64(n), 30*time.Second)
+	require.NoError(t, stop())
+}
+
 // requireNeverAhead: the slot never confirmed a position the record does not hold.
 func requireNeverAhead(t *testing.T, e *env) {
 	t.Helper()
@@ -95,11 +105,7 @@ func TestSlotGap_RecreatedSlotRefusedThenAccepted(t *testing.T) {
 
 func TestSlotGap_AdvancedSlotRefused(t *testing.T) {
 	e := newEnv(t)
-	stop, _ := inProcess(t, e.args())
-	waitStreaming(t, e.pg, "outbox_relay")
-	insertGapEvents(t, e.pg, "before", 3)
-	waitStream(t, e.nats.URL, 3, 30*time.Second)
-	require.NoError(t, stop())
+	relayEvents(t, e, "before", 3)
 
 	// Someone skips the slot past events the relay never saw.
 	insertGapEvents(t, e.pg, "skipped", 4)
@@ -113,11 +119,7 @@ func TestSlotGap_AdvancedSlotRefused(t *testing.T) {
 
 func TestSlotGap_CreateSlotRefusesReplacement(t *testing.T) {
 	e := newEnv(t)
-	stop, _ := inProcess(t, e.args())
-	waitStreaming(t, e.pg, "outbox_relay")
-	insertGapEvents(t, e.pg, "before", 3)
-	waitStream(t, e.nats.URL, 3, 30*time.Second)
-	require.NoError(t, stop())
+	relayEvents(t, e, "before", 3)
 	e.pg.Exec(t, `SELECT pg_drop_replication_slot('outbox_relay')`)
 
 	var out bytes.Buffer
@@ -129,7 +131,7 @@ func TestSlotGap_CreateSlotRefusesReplacement(t *testing.T) {
 	require.NoError(t, e.pg.QueryRow(t, `SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_relay'`).Scan(&slots))
 	require.Zero(t, slots, "no replacement slot was created")
 
-	stop, _ = inProcess(t, e.args("--accept-slot-gap"))
+	stop, _ := inProcess(t, e.args("--accept-slot-gap"))
 	waitStreaming(t, e.pg, "outbox_relay")
 	insertGapEvents(t, e.pg, "after", 2)
 	waitStream(t, e.nats.URL, 5, 30*time.Second)
