@@ -68,6 +68,12 @@ type JetStream struct {
 	scratch     []byte
 	subject     string
 	streamValue []string // the Nats-Expected-Stream header value, shared read-only by every message
+
+	// send's scratch (j.mu): the header map of a message that carries only the relay's
+	// headers is filled here for the publish instead of being allocated per message, and the
+	// reply subject is built in replyBuf.
+	sendHeader nats.Header
+	replyBuf   []byte
 }
 
 // Stats are counters of the sink, read with (*JetStream).Stats.
@@ -81,8 +87,11 @@ type Stats struct {
 }
 
 type entry struct {
+	// msg.Header is nil while the message carries only the relay's own headers, whose values
+	// are in vals: send fills a reused map from them (header builds the message's own map
+	// when it needs one: other headers, CloudEvents, dead-letter).
 	msg    nats.Msg
-	vals   [8]string // backing array of msg.Header's values (one allocation for all)
+	vals   [8]string // the relay's header values (one allocation for all) and Nats-Expected-Last-Msg-Id
 	id     string
 	pos    Position
 	ticket checkpoint.Ticket
@@ -118,6 +127,7 @@ func NewJetStream(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ti
 		replies: make(chan *nats.Msg, 2*cfg.Window+64),
 
 		streamValue: []string{cfg.Stream},
+		sendHeader:  make(nats.Header, 10),
 	}
 	if js != nil {
 		j.nc = js.Conn()
@@ -174,7 +184,7 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 	size := j.buildMsg(e, ev)
 	e.pos = Position{ev.CommitLSN, ev.TxIndex}
 	if j.cfg.CloudEvents {
-		addCloudEvents(e.msg.Header, ev, j.cfg.CloudEventsSource)
+		addCloudEvents(e.header(), ev, j.cfg.CloudEventsSource)
 		size = msgSize(&e.msg)
 	}
 	var reason string
@@ -234,6 +244,7 @@ const MaxSubjectLen = 3072
 // deadLetter turns e's message into its dead-letter message. The payload is kept only when
 // keepPayload and the message still fits the server's max_payload.
 func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool) {
+	e.header()
 	m := e.msg
 	orig := m.Subject
 	if len(orig) > 256 {
@@ -305,22 +316,29 @@ func (j *JetStream) send(e *entry) {
 	// WithExpectStream, WithExpectLastMsgID), which cost an option slice, closures and a
 	// Header.Set each per message. Nats-Msg-Id is set by buildMsg. A re-publish replaces the
 	// expectation, or removes it when the chain restarts.
-	e.msg.Header[jetstream.ExpectedStreamHeader] = j.streamValue
+	h := e.msg.Header
+	if h == nil {
+		h = j.sendHeader
+		clear(h)
+		e.setRelayHeaders(h)
+	}
+	h[jetstream.ExpectedStreamHeader] = j.streamValue
 	if j.lastID != "" && !j.cfg.unchained {
 		e.vals[len(e.vals)-1] = j.lastID
-		e.msg.Header[jetstream.ExpectedLastMsgIDHeader] = e.vals[len(e.vals)-1:]
+		h[jetstream.ExpectedLastMsgIDHeader] = e.vals[len(e.vals)-1:]
 	} else {
-		delete(e.msg.Header, jetstream.ExpectedLastMsgIDHeader)
+		delete(h, jetstream.ExpectedLastMsgIDHeader)
 	}
 	err := j.listen()
 	if err == nil {
 		j.token++
 		tok := j.token
-		e.msg.Reply = j.inbox + strconv.FormatUint(tok, 10)
+		j.replyBuf = strconv.AppendUint(append(j.replyBuf[:0], j.inbox...), tok, 10)
+		m := nats.Msg{Subject: e.msg.Subject, Reply: string(j.replyBuf), Header: h, Data: e.msg.Data}
 		e.token, e.resolved, e.ackErr = tok, false, nil
 		j.pending[tok] = e // before the publish: j.mu keeps Run from reading the reply earlier
 		e.sent = time.Now()
-		if err = j.nc.PublishMsg(&e.msg); err != nil {
+		if err = j.nc.PublishMsg(&m); err != nil {
 			delete(j.pending, tok)
 		}
 	}
@@ -705,8 +723,8 @@ func (j *JetStream) skipStored(last Position) {
 //
 // This runs once per event on the publishing goroutine, so it allocates little: the relay's
 // header values share one string (built in j.scratch) and one []string backing array
-// (e.vals), the map is sized for every header up front, and the subject string is reused
-// while consecutive events share it.
+// (e.vals), there is no header map unless the headers column has entries (send fills a reused
+// one), and the subject string is reused while consecutive events share it.
 func (j *JetStream) buildMsg(e *entry, ev *decoder.Event) int {
 	b := j.scratch[:0]
 	var ends [7]int
@@ -733,21 +751,26 @@ func (j *JetStream) buildMsg(e *entry, ev *decoder.Event) int {
 	}
 	e.id = e.vals[0]
 
-	h := make(nats.Header, 10+len(ev.Headers))
-	size := 12 // "NATS/1.0\r\n" + final CRLF
+	var h nats.Header // only for headers-column entries; see entry.msg
+	size := 12        // "NATS/1.0\r\n" + final CRLF
 	for _, kv := range ev.Headers {
 		if reservedHeader(kv.Key) {
 			continue
 		}
+		if h == nil {
+			h = make(nats.Header, 10+len(ev.Headers))
+		}
 		h[kv.Key] = []string{kv.Value}
 		size += len(kv.Key) + len(kv.Value) + 4
 	}
-	for i, k := range [7]string{HeaderMsgID, HeaderAggregateType, HeaderAggregateID, HeaderEventType, HeaderCreatedAt, HeaderCommitLSN, HeaderTxIndex} {
+	for i, k := range relayHeaderKeys {
 		if i == 4 && len(ev.CreatedAt) == 0 {
 			continue
 		}
-		h[k] = e.vals[i : i+1 : i+1]
 		size += len(k) + len(e.vals[i]) + 4
+	}
+	if h != nil {
+		e.setRelayHeaders(h)
 	}
 	if string(ev.Subject) != j.subject {
 		j.subject = string(ev.Subject)
@@ -758,6 +781,28 @@ func (j *JetStream) buildMsg(e *entry, ev *decoder.Event) int {
 		Header:  h,
 	}
 	return size + len(e.msg.Data) + len(e.msg.Subject)
+}
+
+// relayHeaderKeys are the names of the relay's headers, in the order of entry.vals.
+var relayHeaderKeys = [7]string{HeaderMsgID, HeaderAggregateType, HeaderAggregateID, HeaderEventType, HeaderCreatedAt, HeaderCommitLSN, HeaderTxIndex}
+
+// setRelayHeaders sets the relay's headers of e on h (Outbox-Created-At only when known).
+func (e *entry) setRelayHeaders(h nats.Header) {
+	for i, k := range relayHeaderKeys {
+		if i == 4 && e.vals[i] == "" {
+			continue
+		}
+		h[k] = e.vals[i : i+1 : i+1]
+	}
+}
+
+// header returns e's header map, building it from the relay's headers if buildMsg left it out.
+func (e *entry) header() nats.Header {
+	if e.msg.Header == nil {
+		e.msg.Header = make(nats.Header, 10)
+		e.setRelayHeaders(e.msg.Header)
+	}
+	return e.msg.Header
 }
 
 // appendLSN appends lsn as pglogrepl.LSN.String does ("16/B374D848"), without fmt.
