@@ -21,6 +21,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/sink"
 )
 
 // env is the throwaway Postgres cluster, nats-server and relay binary shared by every scenario.
@@ -173,6 +174,11 @@ func (d *db) insert(ctx context.Context, total, perTx, payloadBytes int) error {
 // window, like the relay's).
 func (e *env) newStream(ctx context.Context, name, prefix string) (jetstream.Stream, error) {
 	_ = e.js.DeleteStream(ctx, name)
+	// A fresh stream is a fresh feed: forget the position record an earlier repeat's relay
+	// left for it (on another database's slot), or the relay refuses the new slot as a gap.
+	if kv, err := e.js.KeyValue(ctx, sink.DefaultPositionBucket); err == nil {
+		_ = kv.Purge(ctx, sink.PositionKey(name, prefix))
+	}
 	return e.js.CreateStream(ctx, jetstream.StreamConfig{
 		Name: name, Subjects: []string{prefix + ".>"}, Storage: jetstream.FileStorage, Duplicates: 20 * time.Minute,
 	})
