@@ -21,6 +21,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/sink"
 )
 
 // env is the throwaway Postgres cluster, nats-server and relay binary shared by every scenario.
@@ -173,6 +174,11 @@ func (d *db) insert(ctx context.Context, total, perTx, payloadBytes int) error {
 // window, like the relay's).
 func (e *env) newStream(ctx context.Context, name, prefix string) (jetstream.Stream, error) {
 	_ = e.js.DeleteStream(ctx, name)
+	// A fresh stream is a fresh feed: forget the position record an earlier repeat's relay
+	// left for it (on another database's slot), or the relay refuses the new slot as a gap.
+	if kv, err := e.js.KeyValue(ctx, sink.DefaultPositionBucket); err == nil {
+		_ = kv.Purge(ctx, sink.PositionKey(name, prefix))
+	}
 	return e.js.CreateStream(ctx, jetstream.StreamConfig{
 		Name: name, Subjects: []string{prefix + ".>"}, Storage: jetstream.FileStorage, Duplicates: 20 * time.Minute,
 	})
@@ -230,9 +236,14 @@ func (e *env) startRelay(d *db, slot, stream, prefix string, environ ...string) 
 }
 
 func (e *env) startRelayArgs(d *db, args []string, environ ...string) (*relayProc, error) {
+	return e.startRelayBin(e.relayBin, d, args, environ...)
+}
+
+// startRelayBin starts the relay binary bin (the one built from this tree, or -relay-b).
+func (e *env) startRelayBin(bin string, d *db, args []string, environ ...string) (*relayProc, error) {
 	p := &relayProc{done: make(chan struct{})}
 	args = append([]string{"run", "--pg-url", d.url, "--nats-url", e.nats.URL, "--log-level", "warn", "--http-addr", "off"}, args...)
-	p.cmd = exec.Command(e.relayBin, args...)
+	p.cmd = exec.Command(bin, args...)
 	p.cmd.Stdout, p.cmd.Stderr = &p.log, &p.log
 	p.cmd.Env = append(os.Environ(), environ...)
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -311,6 +322,25 @@ func vmHWM(pid int) int64 {
 		}
 	}
 	return 0
+}
+
+// procCPU returns the user + system CPU time pid has used so far (/proc/<pid>/stat, in clock
+// ticks of 10 ms).
+func procCPU(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name (which may contain spaces) in parentheses: utime and
+	// stime are the 12th and 13th of them.
+	i := strings.LastIndexByte(string(b), ')')
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(ut+st) * 10 * time.Millisecond
 }
 
 func tailLog(s string) string {

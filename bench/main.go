@@ -34,6 +34,7 @@ type opts struct {
 	partitions      int
 	relayArgs       []string
 	relayEnv        []string
+	relayB          string // second relay binary for A/B runs (drain, latency)
 }
 
 func main() {
@@ -51,6 +52,7 @@ func main() {
 	flag.StringVar(&o.profileDir, "profile", "", "write CPU and allocation profiles of the relay's first drain run to this directory")
 	flag.IntVar(&o.partitions, "partitions", 2, "relays in the scale scenario (compared with 1)")
 	relayArgs := flag.String("relay-args", "", "extra flags for the relay in the drain scenario, space separated (e.g. \"--max-in-flight 4096\")")
+	flag.StringVar(&o.relayB, "relay-b", "", "a second relay binary (e.g. built from another commit): drain and latency also run it, in the same repeat, and report it as \"B\"")
 	relayEnv := flag.String("relay-env", "", "extra environment for the relay in the drain scenario, space separated (e.g. GOGC=200)")
 	flag.Parse()
 	o.relayEnv = strings.Fields(*relayEnv)

@@ -41,7 +41,7 @@ func (e *env) runScale(ctx context.Context, o opts, _ int) (figures, error) {
 		return nil, err
 	}
 	f := figures{}
-	one, u, err := e.relayDrain(ctx, d, "one", "SCALE_ONE", "one", o.events, nil)
+	one, u, err := e.relayDrain(ctx, e.relayBin, d, "one", "SCALE_ONE", "one", o.events, nil)
 	if err != nil {
 		return nil, err
 	}

@@ -35,7 +35,11 @@ func (e *env) runDrain(ctx context.Context, o opts, rep int) (figures, error) {
 		return nil, err
 	}
 	defer e.drop(context.Background(), d)
-	for _, s := range []string{"ceil_a", "ceil_d", "ceil_dh", "relay"} {
+	slots := []string{"ceil_a", "ceil_d", "ceil_dh", "relay"}
+	if o.relayB != "" {
+		slots = append(slots, "relay_b")
+	}
+	for _, s := range slots {
 		if err := d.createSlot(ctx, s); err != nil {
 			return nil, err
 		}
@@ -58,25 +62,40 @@ func (e *env) runDrain(ctx context.Context, o opts, rep int) (figures, error) {
 	if f["diagnostic D+h: bare pipe with the relay's headers, rows/s"], err = e.ceilingD(ctx, d, "ceil_dh", "CEIL_DH", "ceildh", o.events, true); err != nil {
 		return nil, err
 	}
-	rate, u, err := e.relayDrain(ctx, d, "relay", "DRAIN", "drain", o.events, append(o.profileEnv("drain", rep), o.relayEnv...), o.relayArgs...)
-	if err != nil {
-		return nil, err
+	runs := []struct{ bin, slot, stream, prefix, label string }{{e.relayBin, "relay", "DRAIN", "drain", "drain:"}}
+	if o.relayB != "" {
+		b := struct{ bin, slot, stream, prefix, label string }{o.relayB, "relay_b", "DRAINB", "drainb", "drain B:"}
+		if rep%2 == 1 { // alternate which relay drains first
+			runs = append(runs[:0:0], b, runs[0])
+		} else {
+			runs = append(runs, b)
+		}
 	}
-	f["drain: relay, events/s"] = rate
-	f["drain: relay / D"] = rate / f["ceiling D: bare pipe, rows/s"]
-	f["drain: relay / D+h"] = rate / f["diagnostic D+h: bare pipe with the relay's headers, rows/s"]
-	addUsage(f, "drain:", u, o.events)
+	for _, r := range runs {
+		environ := o.relayEnv
+		if r.bin == e.relayBin {
+			environ = append(o.profileEnv("drain", rep), o.relayEnv...)
+		}
+		rate, u, err := e.relayDrain(ctx, r.bin, d, r.slot, r.stream, r.prefix, o.events, environ, o.relayArgs...)
+		if err != nil {
+			return nil, err
+		}
+		f[r.label+" relay, events/s"] = rate
+		f[r.label+" relay / D"] = rate / f["ceiling D: bare pipe, rows/s"]
+		f[r.label+" relay / D+h"] = rate / f["diagnostic D+h: bare pipe with the relay's headers, rows/s"]
+		addUsage(f, r.label, u, o.events)
+	}
 	return f, nil
 }
 
 // relayDrain starts the relay on a slot holding n events and returns events/s from the start
 // of the process until the stream holds all of them.
-func (e *env) relayDrain(ctx context.Context, d *db, slot, stream, prefix string, n int, environ []string, extra ...string) (float64, usage, error) {
+func (e *env) relayDrain(ctx context.Context, bin string, d *db, slot, stream, prefix string, n int, environ []string, extra ...string) (float64, usage, error) {
 	if _, err := e.newStream(ctx, stream, prefix); err != nil {
 		return 0, usage{}, err
 	}
 	defer e.js.DeleteStream(context.Background(), stream)
-	p, err := e.startRelayArgs(d, append([]string{"--slot", slot, "--stream", stream, "--subject-prefix", prefix}, extra...), environ...)
+	p, err := e.startRelayBin(bin, d, append([]string{"--slot", slot, "--stream", stream, "--subject-prefix", prefix}, extra...), environ...)
 	if err != nil {
 		return 0, usage{}, err
 	}
@@ -336,16 +355,50 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 	if _, err := e.waitMsgs(ctx, "LAT", uint64(total), time.Minute); err != nil {
 		return nil, err
 	}
+	cpu0 := procCPU(p.cmd.Process.Pid)
 	lat, err = e.latencyRun(ctx, d, "LAT", o.rate, o.latencyDuration)
 	if err != nil {
 		return nil, err
 	}
+	f["latency: relay CPU s per 100k events during the run"] = (procCPU(p.cmd.Process.Pid) - cpu0).Seconds() * 100000 / float64(len(lat))
 	u, err := p.stop()
 	if err != nil {
 		return nil, err
 	}
 	latencyFigures(f, "latency: relay", lat, true)
 	addUsage(f, "latency:", u, len(lat))
+	if o.relayB == "" {
+		return f, nil
+	}
+
+	// -relay-b on a slot created now: no backlog to drain first.
+	if err := d.createSlot(ctx, "relay_b"); err != nil {
+		return nil, err
+	}
+	if _, err := e.newStream(ctx, "LATB", "latb"); err != nil {
+		return nil, err
+	}
+	defer e.js.DeleteStream(context.Background(), "LATB")
+	pb, err := e.startRelayBin(o.relayB, d, []string{"--slot", "relay_b", "--stream", "LATB", "--subject-prefix", "latb"})
+	if err != nil {
+		return nil, err
+	}
+	defer pb.stop() //nolint:errcheck
+	if err := d.waitSlotActive(ctx, "relay_b", pb); err != nil {
+		return nil, err
+	}
+	cpu0 = procCPU(pb.cmd.Process.Pid)
+	latB, err := e.latencyRun(ctx, d, "LATB", o.rate, o.latencyDuration)
+	if err != nil {
+		return nil, err
+	}
+	f["latency B: relay CPU s per 100k events during the run"] = (procCPU(pb.cmd.Process.Pid) - cpu0).Seconds() * 100000 / float64(len(latB))
+	uB, err := pb.stop()
+	if err != nil {
+		return nil, err
+	}
+	latencyFigures(f, "latency B: relay", latB, true)
+	addUsage(f, "latency B:", uB, len(latB))
 	return f, nil
 }
 

@@ -21,9 +21,9 @@ func BackfillMsg(cfg Config, ev *decoder.Event, pos Position) *nats.Msg {
 	e := &entry{}
 	j.buildMsg(e, ev)
 	if cfg.CloudEvents {
-		addCloudEvents(e.msg.Header, ev, cfg.CloudEventsSource)
+		addCloudEvents(e.header(), ev, cfg.CloudEventsSource)
 	}
-	e.msg.Header.Set(HeaderBackfill, "true")
+	e.header().Set(HeaderBackfill, "true")
 	m := e.msg
 	return &m
 }

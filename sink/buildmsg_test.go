@@ -68,6 +68,37 @@ func TestBuildMsg_HeadersAndCopies(t *testing.T) {
 	require.Equal(t, "XXXXXXXXXXXXXXXXXXXXXXXXX", e2.msg.Subject)
 }
 
+// Without headers-column entries buildMsg leaves the header map out (send fills a reused one
+// from e.vals); header() and send build the same headers as the map path.
+func TestBuildMsg_RelayHeadersOnlyHaveNoMapUntilNeeded(t *testing.T) {
+	j := NewJetStream(nil, Config{Stream: "S"}, nil, zerologNop())
+	ev := testEvent()
+	ev.Headers = []decoder.Header{{Key: "Nats-Rollup", Value: "all"}} // reserved: skipped
+	e := &entry{}
+	size := j.buildMsg(e, ev)
+	require.Nil(t, e.msg.Header)
+	want := nats.Header{
+		HeaderMsgID:         {"0b5a4c1e-0000-4000-8000-000000000001"},
+		HeaderAggregateType: {"order"},
+		HeaderAggregateID:   {"12345"},
+		HeaderEventType:     {"OrderCreated"},
+		HeaderCreatedAt:     {"2026-11-26T13:50:57.123456Z"},
+		HeaderCommitLSN:     {"16/B374D848"},
+		HeaderTxIndex:       {"42"},
+	}
+	sent := nats.Header{"Stale": {"from the previous message"}}
+	clear(sent)
+	e.setRelayHeaders(sent)
+	require.Equal(t, want, sent, "what send publishes")
+	require.Equal(t, want, e.header(), "the map built when one is needed")
+	require.Equal(t, msgSize(&e.msg), size)
+
+	ev.CreatedAt = nil
+	e2 := &entry{}
+	j.buildMsg(e2, ev)
+	require.NotContains(t, e2.header(), HeaderCreatedAt)
+}
+
 func TestAppendLSN(t *testing.T) {
 	for _, lsn := range []pglogrepl.LSN{0, 1, 0xF, 0x16_B374D848, 0xFFFFFFFF_FFFFFFFF, 0x1_00000000} {
 		require.Equal(t, lsn.String(), string(appendLSN(nil, lsn)))

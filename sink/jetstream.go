@@ -26,8 +26,15 @@ var ErrPoison = errors.New("event cannot be published")
 // Goroutines: Wait and Publish are called by one goroutine (the replication loop); Run is the
 // ack loop in its own goroutine. confirm is called from Run, once per published event, after
 // JetStream stored it (or reported it a duplicate of a stored one).
+//
+// Messages are published with core NATS, each with its own reply subject <inbox>.<token> under
+// one wildcard subscription of the sink; JetStream answers there with the publish ack. Run reads
+// the replies, resolves the entry waiting under that token, and times acks out with one timer
+// for the whole window. This is what jetstream.PublishMsgAsync does, without its per-message
+// future, channels, timer and reflection-based JSON decoding.
 type JetStream struct {
 	js      jetstream.JetStream
+	nc      *nats.Conn
 	cfg     Config
 	log     zerolog.Logger
 	confirm func(checkpoint.Ticket)
@@ -41,6 +48,19 @@ type JetStream struct {
 	recovering bool     // the chain is broken: Publish only queues, Run re-publishes
 	notify     chan struct{}
 
+	// Ack routing, guarded by mu. token numbers the sends (never reused, so a late reply to
+	// an earlier send of a re-published entry finds nothing); pending maps the token of every
+	// send without an outcome yet to its entry. sub and status are set up by listen.
+	token   uint64
+	pending map[uint64]*entry
+	sub     *nats.Subscription
+	inbox   string           // "<inbox>." of sub
+	status  chan nats.Status // RECONNECTING and CLOSED: acks in flight are lost
+	replies chan *nats.Msg   // sub's messages, read by Run
+
+	// Run-goroutine state: when the ack timer fires (zero: not armed).
+	timerAt time.Time
+
 	stats Stats
 
 	// Publish-goroutine scratch: header values of one event are built in one buffer and
@@ -48,6 +68,12 @@ type JetStream struct {
 	scratch     []byte
 	subject     string
 	streamValue []string // the Nats-Expected-Stream header value, shared read-only by every message
+
+	// send's scratch (j.mu): the header map of a message that carries only the relay's
+	// headers is filled here for the publish instead of being allocated per message, and the
+	// reply subject is built in replyBuf.
+	sendHeader nats.Header
+	replyBuf   []byte
 }
 
 // Stats are counters of the sink, read with (*JetStream).Stats.
@@ -61,35 +87,56 @@ type Stats struct {
 }
 
 type entry struct {
+	// msg.Header is nil while the message carries only the relay's own headers, whose values
+	// are in vals: send fills a reused map from them (header builds the message's own map
+	// when it needs one: other headers, CloudEvents, dead-letter).
 	msg    nats.Msg
-	vals   [8]string // backing array of msg.Header's values (one allocation for all)
+	vals   [8]string // the relay's header values (one allocation for all) and Nats-Expected-Last-Msg-Id
 	id     string
 	pos    Position
 	ticket checkpoint.Ticket
-	fut    jetstream.PubAckFuture // nil: not sent (yet) in the current chain
+	// token of the send whose outcome is awaited; 0: not sent (yet) in the current chain, or
+	// its outcome was consumed.
+	token  uint64
 	sent   time.Time
 	done   bool // stored; confirm was called
 	failed error
+
+	// The outcome of the send under token, set by Run: resolved, then ackErr (not stored) or
+	// ackStream/ackDup (stored). ackStream points into the reply's data.
+	resolved  bool
+	ackErr    error
+	ackStream []byte
+	ackDup    bool
 }
 
 // NewJetStream returns a sink publishing through js. confirm receives the ticket of every
 // stored event.
 func NewJetStream(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ticket), log zerolog.Logger) *JetStream {
 	cfg.fill()
-	return &JetStream{
+	j := &JetStream{
 		js:      js,
 		cfg:     cfg,
 		log:     log.With().Str("component", "sink").Logger(),
 		confirm: confirm,
 		sem:     make(chan struct{}, cfg.Window),
 		notify:  make(chan struct{}, 1),
+		pending: make(map[uint64]*entry, cfg.Window),
+		// Room for a window of acks plus late replies to an earlier window; a reply that finds
+		// the channel full is dropped by nats.go (slow consumer) and its publish times out.
+		replies: make(chan *nats.Msg, 2*cfg.Window+64),
 
 		streamValue: []string{cfg.Stream},
+		sendHeader:  make(nats.Header, 10),
 	}
+	if js != nil {
+		j.nc = js.Conn()
+	}
+	return j
 }
 
-// NewJetStreamContext returns the jetstream API handle the sink needs from nc, with the publish
-// ack timeout and pending limit set from cfg.
+// NewJetStreamContext returns the jetstream API handle the sink needs from nc (stream lookups,
+// LastStored), with the async publish ack timeout and pending limit set from cfg.
 func NewJetStreamContext(nc *nats.Conn, cfg Config) (jetstream.JetStream, error) {
 	cfg.fill()
 	return jetstream.New(nc,
@@ -137,7 +184,7 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 	size := j.buildMsg(e, ev)
 	e.pos = Position{ev.CommitLSN, ev.TxIndex}
 	if j.cfg.CloudEvents {
-		addCloudEvents(e.msg.Header, ev, j.cfg.CloudEventsSource)
+		addCloudEvents(e.header(), ev, j.cfg.CloudEventsSource)
 		size = msgSize(&e.msg)
 	}
 	var reason string
@@ -197,6 +244,7 @@ const MaxSubjectLen = 3072
 // deadLetter turns e's message into its dead-letter message. The payload is kept only when
 // keepPayload and the message still fits the server's max_payload.
 func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool) {
+	e.header()
 	m := e.msg
 	orig := m.Subject
 	if len(orig) > 256 {
@@ -244,11 +292,10 @@ func headerSafe(s string) string {
 }
 
 func (j *JetStream) maxPayload() int {
-	nc := j.js.Conn()
-	if nc == nil {
+	if j.nc == nil {
 		return 0
 	}
-	return int(nc.MaxPayload())
+	return int(j.nc.MaxPayload())
 }
 
 // msgSize is the size max_payload applies to, for a message whose headers were changed after
@@ -269,31 +316,96 @@ func (j *JetStream) send(e *entry) {
 	// WithExpectStream, WithExpectLastMsgID), which cost an option slice, closures and a
 	// Header.Set each per message. Nats-Msg-Id is set by buildMsg. A re-publish replaces the
 	// expectation, or removes it when the chain restarts.
-	e.msg.Header[jetstream.ExpectedStreamHeader] = j.streamValue
+	h := e.msg.Header
+	if h == nil {
+		h = j.sendHeader
+		clear(h)
+		e.setRelayHeaders(h)
+	}
+	h[jetstream.ExpectedStreamHeader] = j.streamValue
 	if j.lastID != "" && !j.cfg.unchained {
 		e.vals[len(e.vals)-1] = j.lastID
-		e.msg.Header[jetstream.ExpectedLastMsgIDHeader] = e.vals[len(e.vals)-1:]
+		h[jetstream.ExpectedLastMsgIDHeader] = e.vals[len(e.vals)-1:]
 	} else {
-		delete(e.msg.Header, jetstream.ExpectedLastMsgIDHeader)
+		delete(h, jetstream.ExpectedLastMsgIDHeader)
 	}
-	fut, err := j.js.PublishMsgAsync(&e.msg)
-	e.sent = time.Now()
+	err := j.listen()
+	if err == nil {
+		j.token++
+		tok := j.token
+		j.replyBuf = strconv.AppendUint(append(j.replyBuf[:0], j.inbox...), tok, 10)
+		m := nats.Msg{Subject: e.msg.Subject, Reply: string(j.replyBuf), Header: h, Data: e.msg.Data}
+		e.token, e.resolved, e.ackErr = tok, false, nil
+		j.pending[tok] = e // before the publish: j.mu keeps Run from reading the reply earlier
+		e.sent = time.Now()
+		if err = j.nc.PublishMsg(&m); err != nil {
+			delete(j.pending, tok)
+		}
+	}
 	if err != nil {
-		// Disconnected (no reconnect buffer), stalled or closed: the chain is broken here;
-		// Run re-publishes from this entry once what is in flight has resolved.
-		e.fut, e.failed = nil, err
+		// Disconnected (no reconnect buffer) or closed: the chain is broken here; Run
+		// re-publishes from this entry once what is in flight has resolved.
+		e.token, e.failed = 0, err
 		j.recovering = true
 		j.stats.Errors++
 		return
 	}
-	e.fut, e.failed = fut, nil
+	e.failed = nil
 	j.lastID = e.id
+}
+
+// listen sets up the reply subscription and the connection status listener, once. j.mu is
+// held.
+func (j *JetStream) listen() error {
+	if j.nc == nil {
+		return nats.ErrInvalidConnection
+	}
+	if j.status == nil {
+		// A reconnect loses the acks in flight (and the server may never have seen the
+		// messages): they fail at once, as with PublishMsgAsync, instead of timing out.
+		j.status = j.nc.StatusChanged(nats.RECONNECTING, nats.CLOSED)
+	}
+	if j.sub != nil {
+		return nil
+	}
+	inbox := j.nc.NewInbox() + "."
+	sub, err := j.nc.ChanSubscribe(inbox+"*", j.replies)
+	if err != nil {
+		return fmt.Errorf("subscribe to the publish ack subject: %w", err)
+	}
+	j.sub, j.inbox = sub, inbox
+	return nil
+}
+
+// stopListening removes the reply subscription and the status listener (Run returns; a later
+// send sets them up again).
+func (j *JetStream) stopListening() {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.sub != nil {
+		_ = j.sub.Unsubscribe()
+		j.sub = nil
+	}
+	if j.status != nil {
+		j.nc.RemoveStatusListener(j.status)
+		j.status = nil
+	}
 }
 
 // Run resolves acks in publish order, confirms stored events and re-publishes after failures.
 // It returns when ctx ends (events still in flight stay unconfirmed: Postgres re-sends them) or
 // on an error that retrying cannot fix.
 func (j *JetStream) Run(ctx context.Context) error {
+	defer j.stopListening()
+	j.mu.Lock()
+	_ = j.listen() // a failure shows at the next send, which retries it
+	status := j.status
+	j.mu.Unlock()
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	j.timerAt = time.Time{}
+	defer timer.Stop()
+
 	backoff := newBackoff(100*time.Millisecond, 10*time.Second)
 	for {
 		if ctx.Err() != nil {
@@ -308,46 +420,136 @@ func (j *JetStream) Run(ctx context.Context) error {
 		if e == nil {
 			select {
 			case <-j.notify:
-				continue
+			case m := <-j.replies:
+				j.reply(m) // late: nothing is waiting for it
+			case <-status:
+				j.disconnected()
 			case <-ctx.Done():
 				return nil
 			}
+			continue
 		}
-		if e.fut == nil {
-			if err := j.recover(ctx, backoff); err != nil {
+		if e.token == 0 {
+			if err := j.recover(ctx, backoff, timer, status); err != nil {
 				return err
 			}
 			continue
 		}
-		select {
-		case ack := <-e.fut.Ok():
-			if err := j.checkAck(e, ack); err != nil {
+		if !j.await(ctx, e, timer, status) {
+			return nil
+		}
+		if e.ackErr == nil {
+			if err := j.checkAck(e); err != nil {
 				return err
 			}
 			j.pop(e)
 			backoff.reset()
-		case err := <-e.fut.Err():
-			if err := j.failed(e, err); err != nil {
-				return err
-			}
-			// The future's one outcome is consumed: recover must not wait on it again.
-			e.fut = nil
-			if err := j.recover(ctx, backoff); err != nil {
-				return err
-			}
-		case <-ctx.Done():
-			return nil
+			continue
+		}
+		if err := j.failed(e, e.ackErr); err != nil {
+			return err
+		}
+		// The send's one outcome is consumed: recover must not wait on it again.
+		e.token = 0
+		if err := j.recover(ctx, backoff, timer, status); err != nil {
+			return err
 		}
 	}
 }
 
-func (j *JetStream) checkAck(e *entry, ack *jetstream.PubAck) error {
-	if ack.Stream != j.cfg.Stream {
-		return fmt.Errorf("event %s was stored in stream %q, not %q: two streams take subject %s; fix the stream subjects", e.id, ack.Stream, j.cfg.Stream, e.msg.Subject)
+// await reads replies until e's send has an outcome (an ack, an error reply, a reconnect, or
+// no reply within AckTimeout of the send); false when ctx ended first. One timer serves the
+// whole window: it is armed for the awaited entry's deadline unless it already fires earlier
+// (sends are awaited in send order, so deadlines only grow) and re-armed when it fires.
+func (j *JetStream) await(ctx context.Context, e *entry, timer *time.Timer, status <-chan nats.Status) bool {
+	for !e.resolved {
+		deadline := e.sent.Add(j.cfg.AckTimeout)
+		if j.timerAt.IsZero() || deadline.Before(j.timerAt) {
+			timer.Reset(time.Until(deadline))
+			j.timerAt = deadline
+		}
+		select {
+		case m := <-j.replies:
+			j.reply(m)
+			for n := len(j.replies); n > 0; n-- {
+				j.reply(<-j.replies)
+			}
+		case <-status:
+			j.disconnected()
+		case <-timer.C:
+			j.timerAt = time.Time{}
+			if !time.Now().Before(deadline) {
+				j.resolve(e, jetstream.ErrAsyncPublishTimeout)
+			}
+		case <-ctx.Done():
+			return false
+		}
+	}
+	return true
+}
+
+// reply resolves the entry waiting for m (an ack or error reply); a reply nothing waits for
+// (its send timed out, or the entry was re-sent under a new token) is dropped.
+func (j *JetStream) reply(m *nats.Msg) {
+	tok, ok := replyToken(m.Subject)
+	if !ok {
+		return
+	}
+	j.mu.Lock()
+	e := j.pending[tok]
+	delete(j.pending, tok)
+	j.mu.Unlock()
+	if e == nil {
+		return
+	}
+	e.resolved = true
+	if len(m.Data) == 0 && m.Header.Get("Status") == "503" {
+		// No responders: no stream takes the subject (yet), or JetStream is not available.
+		e.ackErr = jetstream.ErrNoStreamResponse
+		return
+	}
+	e.ackStream, e.ackDup, e.ackErr = parsePubAck(m.Data)
+}
+
+// resolve fails e's send with err, unless it already has an outcome.
+func (j *JetStream) resolve(e *entry, err error) {
+	j.mu.Lock()
+	if j.pending[e.token] == e {
+		delete(j.pending, e.token)
+	}
+	j.mu.Unlock()
+	if !e.resolved {
+		e.resolved, e.ackErr = true, err
+	}
+}
+
+// disconnected fails every send waiting for an ack: the connection they went out on is gone.
+func (j *JetStream) disconnected() {
+	j.mu.Lock()
+	for tok, e := range j.pending {
+		e.resolved, e.ackErr = true, nats.ErrDisconnected
+		delete(j.pending, tok)
+	}
+	j.mu.Unlock()
+}
+
+// replyToken returns the number after the last '.' of a reply subject.
+func replyToken(subject string) (uint64, bool) {
+	i := len(subject)
+	for i > 0 && subject[i-1] != '.' {
+		i--
+	}
+	tok, err := strconv.ParseUint(subject[i:], 10, 64)
+	return tok, err == nil && tok != 0
+}
+
+func (j *JetStream) checkAck(e *entry) error {
+	if string(e.ackStream) != j.cfg.Stream {
+		return fmt.Errorf("event %s was stored in stream %q, not %q: two streams take subject %s; fix the stream subjects", e.id, e.ackStream, j.cfg.Stream, e.msg.Subject)
 	}
 	j.mu.Lock()
 	j.stats.Published++
-	if ack.Duplicate {
+	if e.ackDup {
 		j.stats.Duplicates++
 	}
 	j.mu.Unlock()
@@ -396,7 +598,7 @@ func (j *JetStream) failed(e *entry, err error) error {
 
 // recover restores the chain after a failed publish: wait until every message in flight has
 // an outcome, then re-publish, in order, everything not known to be stored.
-func (j *JetStream) recover(ctx context.Context, backoff *backoff) error {
+func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.Timer, status <-chan nats.Status) error {
 	j.mu.Lock()
 	j.recovering = true
 	q := append([]*entry(nil), j.q...)
@@ -404,30 +606,30 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff) error {
 
 	var first error
 	for _, e := range q {
-		if e.fut == nil {
+		if e.token == 0 {
 			if first == nil {
 				first = e.failed
 			}
 			continue
 		}
-		select {
-		case ack := <-e.fut.Ok():
-			if err := j.checkAck(e, ack); err != nil {
+		if !j.await(ctx, e, timer, status) {
+			return nil
+		}
+		if e.ackErr == nil {
+			if err := j.checkAck(e); err != nil {
 				return err
 			}
 			e.done = true
 			j.confirm(e.ticket)
-		case err := <-e.fut.Err():
-			if err := j.failed(e, err); err != nil {
+		} else {
+			if err := j.failed(e, e.ackErr); err != nil {
 				return err
 			}
 			if first == nil {
-				first = err
+				first = e.ackErr
 			}
-		case <-ctx.Done():
-			return nil
 		}
-		e.fut = nil
+		e.token = 0
 	}
 	// Pop stored entries off the front.
 	for {
@@ -521,8 +723,8 @@ func (j *JetStream) skipStored(last Position) {
 //
 // This runs once per event on the publishing goroutine, so it allocates little: the relay's
 // header values share one string (built in j.scratch) and one []string backing array
-// (e.vals), the map is sized for every header up front, and the subject string is reused
-// while consecutive events share it.
+// (e.vals), there is no header map unless the headers column has entries (send fills a reused
+// one), and the subject string is reused while consecutive events share it.
 func (j *JetStream) buildMsg(e *entry, ev *decoder.Event) int {
 	b := j.scratch[:0]
 	var ends [7]int
@@ -549,21 +751,26 @@ func (j *JetStream) buildMsg(e *entry, ev *decoder.Event) int {
 	}
 	e.id = e.vals[0]
 
-	h := make(nats.Header, 10+len(ev.Headers))
-	size := 12 // "NATS/1.0\r\n" + final CRLF
+	var h nats.Header // only for headers-column entries; see entry.msg
+	size := 12        // "NATS/1.0\r\n" + final CRLF
 	for _, kv := range ev.Headers {
 		if reservedHeader(kv.Key) {
 			continue
 		}
+		if h == nil {
+			h = make(nats.Header, 10+len(ev.Headers))
+		}
 		h[kv.Key] = []string{kv.Value}
 		size += len(kv.Key) + len(kv.Value) + 4
 	}
-	for i, k := range [7]string{HeaderMsgID, HeaderAggregateType, HeaderAggregateID, HeaderEventType, HeaderCreatedAt, HeaderCommitLSN, HeaderTxIndex} {
+	for i, k := range relayHeaderKeys {
 		if i == 4 && len(ev.CreatedAt) == 0 {
 			continue
 		}
-		h[k] = e.vals[i : i+1 : i+1]
 		size += len(k) + len(e.vals[i]) + 4
+	}
+	if h != nil {
+		e.setRelayHeaders(h)
 	}
 	if string(ev.Subject) != j.subject {
 		j.subject = string(ev.Subject)
@@ -574,6 +781,28 @@ func (j *JetStream) buildMsg(e *entry, ev *decoder.Event) int {
 		Header:  h,
 	}
 	return size + len(e.msg.Data) + len(e.msg.Subject)
+}
+
+// relayHeaderKeys are the names of the relay's headers, in the order of entry.vals.
+var relayHeaderKeys = [7]string{HeaderMsgID, HeaderAggregateType, HeaderAggregateID, HeaderEventType, HeaderCreatedAt, HeaderCommitLSN, HeaderTxIndex}
+
+// setRelayHeaders sets the relay's headers of e on h (Outbox-Created-At only when known).
+func (e *entry) setRelayHeaders(h nats.Header) {
+	for i, k := range relayHeaderKeys {
+		if i == 4 && e.vals[i] == "" {
+			continue
+		}
+		h[k] = e.vals[i : i+1 : i+1]
+	}
+}
+
+// header returns e's header map, building it from the relay's headers if buildMsg left it out.
+func (e *entry) header() nats.Header {
+	if e.msg.Header == nil {
+		e.msg.Header = make(nats.Header, 10)
+		e.setRelayHeaders(e.msg.Header)
+	}
+	return e.msg.Header
 }
 
 // appendLSN appends lsn as pglogrepl.LSN.String does ("16/B374D848"), without fmt.
