@@ -212,8 +212,10 @@ func TestSlotGap_NewClusterRefusedThenPublishedDespiteLowerLSNs(t *testing.T) {
 
 	// Accepted, then stopped before any event: the restart must not take the old cluster's
 	// last position as its own.
+	oldSystem := positionRecord(t, e.nats).SystemID
 	stop, _ = inProcess(t, e2.args("--accept-slot-gap"))
-	waitStreaming(t, e2.pg, "outbox_relay")
+	require.Eventually(t, func() bool { return positionRecord(t, e.nats).SystemID != oldSystem },
+		30*time.Second, 20*time.Millisecond, "the accepted source was never recorded")
 	require.NoError(t, stop())
 	stop, log := inProcess(t, e2.args())
 	waitStreaming(t, e2.pg, "outbox_relay")
