@@ -66,6 +66,7 @@ type JetStream struct {
 	// Publish-goroutine scratch: header values of one event are built in one buffer and
 	// converted to one string; the subject string is reused while it does not change.
 	scratch     []byte
+	prevIDLen   int // length of the previous event's id (its Nats-Expected-Last-Msg-Id)
 	subject     string
 	streamValue []string // the Nats-Expected-Stream header value, shared read-only by every message
 
@@ -187,6 +188,10 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		addCloudEvents(e.header(), ev, j.cfg.CloudEventsSource)
 		size = msgSize(&e.msg)
 	}
+	// send adds Nats-Expected-Stream and Nats-Expected-Last-Msg-Id (the previous event's id);
+	// nats.go refuses a message over max_payload with them, and that refusal would be retried
+	// forever.
+	size += controlHeadersSize(j.cfg.Stream, j.prevIDLen)
 	var reason string
 	if max := j.maxPayload(); max > 0 && size > max {
 		reason = fmt.Sprintf("event is %d bytes with headers, over the server's max_payload of %d", size, max)
@@ -207,6 +212,7 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 // enqueue appends e to the window and sends it, unless the chain is being recovered (Run then
 // sends it in order), and wakes Run.
 func (j *JetStream) enqueue(e *entry) {
+	j.prevIDLen = len(e.id)
 	j.mu.Lock()
 	j.q = append(j.q, e)
 	if !j.recovering {
@@ -266,7 +272,7 @@ func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool) {
 	dl := &nats.Msg{Subject: j.cfg.SubjectPrefix + "." + DeadLetterToken, Header: h}
 	if keepPayload {
 		dl.Data = m.Data
-		if max := j.maxPayload(); max > 0 && msgSize(dl) > max {
+		if max := j.maxPayload(); max > 0 && msgSize(dl)+controlHeadersSize(j.cfg.Stream, j.prevIDLen) > max {
 			dl.Data = nil
 		}
 	}
@@ -289,6 +295,14 @@ func headerSafe(s string) string {
 		b = b[:1024]
 	}
 	return string(b)
+}
+
+// controlHeadersSize is what send's headers add to a message: Nats-Expected-Stream, and
+// Nats-Expected-Last-Msg-Id with an id of prevIDLen bytes (at least a UUID's 36: a re-publish
+// after a dead-lettered event may chain to another id).
+func controlHeadersSize(stream string, prevIDLen int) int {
+	prevIDLen = max(prevIDLen, 36)
+	return len(jetstream.ExpectedStreamHeader) + len(stream) + 4 + len(jetstream.ExpectedLastMsgIDHeader) + prevIDLen + 4
 }
 
 func (j *JetStream) maxPayload() int {
