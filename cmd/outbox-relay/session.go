@@ -94,7 +94,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	if guarded {
 		// The slot is ours now (Start acquired it): compare it with the position record.
 		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		guard, err := checkSlotGap(gctx, cfg, js, systemID, slotLSN, start, lastSeq, log)
+		guard, err := checkSlotGap(gctx, cfg, js, systemID, slotLSN, start, last, lastSeq, log)
 		cancel()
 		if err != nil {
 			return err

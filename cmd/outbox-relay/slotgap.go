@@ -43,7 +43,7 @@ type slotGuard struct {
 // --accept-slot-gap logged and recorded as the new truth. A slot behind the record is normal
 // (Postgres 15 saves confirmed_flush_lsn only at checkpoints, so it moves back after a crash).
 // The record ends at least at start, the position the session begins at.
-func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, systemID string, slotLSN, start pglogrepl.LSN, lastSeq uint64, log zerolog.Logger) (slotGuard, error) {
+func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, systemID string, slotLSN, start pglogrepl.LSN, last sink.Position, lastSeq uint64, log zerolog.Logger) (slotGuard, error) {
 	record, err := sink.OpenPositionRecord(ctx, js, cfg.positionBucket, cfg.sink)
 	if err != nil {
 		return slotGuard{}, fatalError{err}
@@ -55,6 +55,13 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 	}
 	now := sink.SourcePosition{SystemID: systemID, Slot: cfg.slot, LSN: start}
 	if !ok {
+		if lastSeq > 0 && slotLSN > last.CommitLSN {
+			// Stored by a relay without a record (an older version, or the bucket was
+			// deleted): a slot past the last event may be continuous (keepalives move it) or
+			// recreated; nothing here tells.
+			log.Warn().Stringer("stream_last", last).Stringer("slot_lsn", slotLSN).
+				Msg("the stream holds events from an earlier run but there is no position record: the relay cannot tell whether the slot is continuous with them. If the slot was dropped or recreated since, republish the gap with outbox-relay backfill --since <the Outbox-Created-At of the stream's last message>")
+		}
 		log.Info().Str("bucket", cfg.positionBucket).Str("key", record.Key()).Stringer("lsn", start).
 			Msg("no position record for this stream and subject prefix: first start, recording the slot's position")
 		if err := record.Put(ctx, now); err != nil {
