@@ -258,3 +258,32 @@ func TestSlotGap_NoPositionConfirmedBeforeItIsRecorded(t *testing.T) {
 	require.NoError(t, stop())
 	requireNeverAhead(t, e)
 }
+
+// Without a bucket the relay keeps no record; turning the record on later with events already
+// in the stream says it cannot vouch for the past, and records from then on.
+func TestSlotGap_RecordTurnedOnLaterWarnsOnce(t *testing.T) {
+	e := newEnv(t)
+	stop, _ := inProcess(t, e.args("--position-bucket", ""))
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "unrecorded", 3)
+	waitStream(t, e.nats.URL, 3, 30*time.Second)
+	require.NoError(t, stop())
+	nc := e.nats.Connect(t)
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	_, err = js.KeyValue(context.Background(), sink.DefaultPositionBucket)
+	require.ErrorIs(t, err, jetstream.ErrBucketNotFound, "--position-bucket '' writes no record")
+
+	stop, log := inProcess(t, e.args())
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "recorded", 2)
+	waitStream(t, e.nats.URL, 5, 30*time.Second)
+	require.NoError(t, stop())
+	require.Contains(t, log.String(), "there is no position record: the relay cannot tell")
+	requireNeverAhead(t, e)
+
+	stop, log = inProcess(t, e.args())
+	waitStreaming(t, e.pg, "outbox_relay")
+	require.NoError(t, stop())
+	require.NotContains(t, log.String(), "no position record")
+}
