@@ -40,6 +40,9 @@ type observer struct {
 	slotSafeWAL   prometheus.Gauge
 	stalledGauge  prometheus.Gauge
 
+	recordFailures prometheus.Counter
+	recorder       atomic.Pointer[checkpoint.Recorder] // the session's, nil without a record
+
 	serverWALEnd atomic.Uint64
 	replicating  atomic.Bool
 	stalled      atomic.Value // string: what is stuck, "" when not stalled
@@ -111,6 +114,15 @@ func newObserver(stream string, log zerolog.Logger) *observer {
 		nc := o.nc.Load()
 		return b2f(nc != nil && nc.IsConnected())
 	})
+	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_recorded_lsn",
+		Help: "Position held by the relay's position record (the most it may confirm to Postgres), as a number; 0 without a record."}, func() float64 {
+		if r := o.recorder.Load(); r != nil {
+			return float64(r.Recorded())
+		}
+		return 0
+	})
+	o.recordFailures = f.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_position_record_failures_total",
+		Help: "Failed writes of the position record (retried; meanwhile nothing newer is confirmed to Postgres)."})
 	o.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return o
 }
@@ -155,6 +167,20 @@ func (o *observer) startSession(pub *sink.JetStream, trk *checkpoint.Tracker) {
 	o.pub, o.trk, o.times = pub, trk, o.times[:0]
 	o.mu.Unlock()
 	o.replicating.Store(true)
+}
+
+// setRecorder publishes the session's position recorder (nil: none).
+func (o *observer) setRecorder(r *checkpoint.Recorder) {
+	if o != nil {
+		o.recorder.Store(r)
+	}
+}
+
+// recordFailed counts a failed write of the position record.
+func (o *observer) recordFailed() {
+	if o != nil {
+		o.recordFailures.Inc()
+	}
 }
 
 // endSession folds the session's counters into the totals.

@@ -112,6 +112,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		go func() {
 			defer close(recDone)
 			rec.Run(rctx, cfg.repl.FlushInterval, func(err error) {
+				cfg.obs.recordFailed()
 				if time.Since(warned) >= 10*time.Second {
 					warned = time.Now()
 					log.Warn().Err(err).Msg("recording the position failed; Postgres is not told of newer positions until it succeeds")
@@ -119,6 +120,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 			})
 		}()
 		defer func() { stopRec(); <-recDone }()
+		cfg.obs.setRecorder(rec)
 	}
 	if haveLast {
 		log.Info().Stringer("position", last).Msg("stream holds events up to this position; replayed events up to it are skipped")

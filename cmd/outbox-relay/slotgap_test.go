@@ -239,7 +239,8 @@ func TestSlotGap_NewClusterRefusedThenPublishedDespiteLowerLSNs(t *testing.T) {
 func TestSlotGap_NoPositionConfirmedBeforeItIsRecorded(t *testing.T) {
 	e := newEnv(t)
 	e.pg.Exec(t, `CREATE TABLE other (id int, pad text)`)
-	stop, _ := inProcess(t, e.args("--status-interval", "1s"))
+	stop, log := inProcess(t, e.args("--status-interval", "1s"))
+	base := httpAddrOf(t, log)
 	waitStreaming(t, e.pg, "outbox_relay")
 	insertGapEvents(t, e.pg, "one", 1)
 	waitStream(t, e.nats.URL, 1, 30*time.Second)
@@ -252,6 +253,9 @@ func TestSlotGap_NoPositionConfirmedBeforeItIsRecorded(t *testing.T) {
 	}
 	time.Sleep(4 * time.Second) // keepalives past that traffic arrive within a second or two
 	require.Equal(t, recorded, confirmedFlush(t, e.pg, "outbox_relay"), "a position was confirmed that the record does not hold")
+	_, m := get(t, base+"/metrics")
+	require.Greater(t, metric(t, m, "outbox_relay_position_record_failures_total"), 0.0, "the failed writes are counted")
+	require.Equal(t, float64(recorded), metric(t, m, "outbox_relay_recorded_lsn"))
 
 	e.nats.Restart(t)
 	waitSlotCaughtUp(t, e.pg, "outbox_relay", "the slot never moved once the record could be written")
