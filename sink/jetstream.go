@@ -136,15 +136,6 @@ func NewJetStream(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ti
 	return j
 }
 
-// NewJetStreamContext returns the jetstream API handle the sink needs from nc (stream lookups,
-// LastStored), with the async publish ack timeout and pending limit set from cfg.
-func NewJetStreamContext(nc *nats.Conn, cfg Config) (jetstream.JetStream, error) {
-	cfg.fill()
-	return jetstream.New(nc,
-		jetstream.WithPublishAsyncTimeout(cfg.AckTimeout),
-		jetstream.WithPublishAsyncMaxPending(2*cfg.Window+16))
-}
-
 // Wait blocks until Publish can take one more event without blocking, or ctx ends.
 func (j *JetStream) Wait(ctx context.Context) error {
 	if j.held {
@@ -645,17 +636,7 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 		}
 		e.token = 0
 	}
-	// Pop stored entries off the front.
-	for {
-		j.mu.Lock()
-		if len(j.q) == 0 || !j.q[0].done {
-			j.mu.Unlock()
-			break
-		}
-		e := j.q[0]
-		j.mu.Unlock()
-		j.pop(e)
-	}
+	j.popDone()
 	wait := backoff.next()
 	j.log.Warn().Err(first).Int("in_flight", len(q)).Dur("retry_in", wait).
 		Msg("publish failed; re-publishing from the first event not stored, in order")
@@ -718,6 +699,11 @@ func (j *JetStream) skipStored(last Position) {
 		e.done = true
 		j.confirm(e.ticket)
 	}
+	j.popDone()
+}
+
+// popDone pops the stored (done) entries off the front of the window.
+func (j *JetStream) popDone() {
 	for {
 		j.mu.Lock()
 		if len(j.q) == 0 || !j.q[0].done {

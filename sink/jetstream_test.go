@@ -39,7 +39,7 @@ func setup(t *testing.T, cfg sink.Config) (jetstream.JetStream, *sink.JetStream,
 	nc, err := sink.Connect(srv.URL)
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)
-	js, err := sink.NewJetStreamContext(nc, cfg)
+	js, err := jetstream.New(nc)
 	require.NoError(t, err)
 	_, err = sink.EnsureStream(context.Background(), js, cfg, zerolog.Nop())
 	require.NoError(t, err)

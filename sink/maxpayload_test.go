@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/checkpoint"
@@ -21,7 +22,7 @@ func TestJetStream_ControlHeadersCountAgainstMaxPayload(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)
 	cfg := Config{Stream: "S", SubjectPrefix: "outbox"}
-	js, err := NewJetStreamContext(nc, cfg)
+	js, err := jetstream.New(nc)
 	require.NoError(t, err)
 	_, err = EnsureStream(context.Background(), js, cfg, zerologNop())
 	require.NoError(t, err)

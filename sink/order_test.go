@@ -39,7 +39,7 @@ func newSinkRig(t *testing.T, cfg Config) *sinkRig {
 	nc, err := Connect("nats://" + r.proxy.Addr())
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)
-	r.js, err = NewJetStreamContext(nc, cfg)
+	r.js, err = jetstream.New(nc)
 	require.NoError(t, err)
 	ctx := context.Background()
 	_, err = EnsureStream(ctx, r.js, cfg, zerolog.Nop())
@@ -217,7 +217,7 @@ func TestJetStream_RunStopsOnCancelWhileBrokerUnreachable(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)
 	cfg := Config{Window: 16, AckTimeout: 200 * time.Millisecond}
-	js, err := NewJetStreamContext(nc, cfg)
+	js, err := jetstream.New(nc)
 	require.NoError(t, err)
 	_, err = EnsureStream(context.Background(), js, cfg, zerolog.Nop())
 	require.NoError(t, err)

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
 	"github.com/outbox-relay/outbox-relay/checkpoint"
@@ -33,7 +34,7 @@ func BenchmarkJetStream_PublishConfirm(b *testing.B) {
 	}
 	defer nc.Close()
 	cfg := sink.Config{Stream: fmt.Sprintf("BENCH%d", b.N)}
-	js, err := sink.NewJetStreamContext(nc, cfg)
+	js, err := jetstream.New(nc)
 	if err != nil {
 		b.Fatal(err)
 	}

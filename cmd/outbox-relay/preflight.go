@@ -337,7 +337,7 @@ func checkBroker(ctx context.Context, cfg runConfig, r *preflightReport, log zer
 		}
 		return nil
 	}
-	js, err := sink.NewJetStreamContext(nc, cfg.sink)
+	js, err := jetstream.New(nc)
 	if err != nil {
 		nc.Close()
 		r.fail("JetStream: %v", err)
