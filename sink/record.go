@@ -91,6 +91,21 @@ func OpenPositionRecord(ctx context.Context, js jetstream.JetStream, bucket stri
 	return &PositionRecord{kv: kv, key: PositionKey(cfg.Stream, cfg.SubjectPrefix)}, nil
 }
 
+// ReadPositionRecord reads the record of cfg's stream and subject prefix without creating the
+// bucket; ok is false when either is missing.
+func ReadPositionRecord(ctx context.Context, js jetstream.JetStream, bucket string, cfg Config) (p SourcePosition, ok bool, err error) {
+	cfg.fill()
+	kv, err := js.KeyValue(ctx, bucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return p, false, nil
+	}
+	if err != nil {
+		return p, false, fmt.Errorf("open the position record bucket %q: %w", bucket, err)
+	}
+	r := &PositionRecord{kv: kv, key: PositionKey(cfg.Stream, cfg.SubjectPrefix)}
+	return r.Get(ctx)
+}
+
 // PositionKey is a valid key-value key for a stream and subject prefix: other bytes than
 // [-_a-zA-Z0-9.] are written as =XX.
 func PositionKey(stream, prefix string) string {

@@ -150,7 +150,7 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 	if bucket != "" {
 		// After a change of cluster the stream's last message may still be the old cluster's:
 		// its position must not become the new cluster's skip position. 0/0 skips nothing.
-		rec, ok, err := recordExists(ctx, js, runConfig{positionBucket: bucket, sink: scfg})
+		rec, ok, err := sink.ReadPositionRecord(ctx, js, bucket, scfg)
 		if err != nil {
 			return err
 		}

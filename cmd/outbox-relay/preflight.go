@@ -71,7 +71,7 @@ func preflight(ctx context.Context, cfg runConfig, log zerolog.Logger, natsOpts 
 	}
 	if len(r.problems) == 0 && createSlot && cfg.positionBucket != "" && !cfg.acceptSlotGap {
 		// After the first start a missing slot is a gap: never replace it silently.
-		if rec, ok, err := recordExists(ctx, b.js, cfg); err != nil {
+		if rec, ok, err := sink.ReadPositionRecord(ctx, b.js, cfg.positionBucket, cfg.sink); err != nil {
 			r.fail("%v", err)
 		} else if ok {
 			r.fail("--create-slot refuses to create a replacement: %s", slotGapMessage(cfg, rec, sink.PositionKey(cfg.sink.Stream, cfg.sink.SubjectPrefix),

@@ -107,16 +107,3 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 	g.recorded, g.seqFloor = start, now.SeqFloor
 	return g, nil
 }
-
-// recordExists reports whether the feed of cfg has a position record (the bucket is not
-// created when missing).
-func recordExists(ctx context.Context, js jetstream.JetStream, cfg runConfig) (sink.SourcePosition, bool, error) {
-	if _, err := js.KeyValue(ctx, cfg.positionBucket); errors.Is(err, jetstream.ErrBucketNotFound) {
-		return sink.SourcePosition{}, false, nil
-	}
-	record, err := sink.OpenPositionRecord(ctx, js, cfg.positionBucket, cfg.sink)
-	if err != nil {
-		return sink.SourcePosition{}, false, err
-	}
-	return record.Get(ctx)
-}
