@@ -355,18 +355,9 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 	if _, err := e.waitMsgs(ctx, "LAT", uint64(total), time.Minute); err != nil {
 		return nil, err
 	}
-	cpu0 := procCPU(p.cmd.Process.Pid)
-	lat, err = e.latencyRun(ctx, d, "LAT", o.rate, o.latencyDuration)
-	if err != nil {
+	if err := e.relayLatency(ctx, d, p, "LAT", o, f, "latency"); err != nil {
 		return nil, err
 	}
-	f["latency: relay CPU s per 100k events during the run"] = (procCPU(p.cmd.Process.Pid) - cpu0).Seconds() * 100000 / float64(len(lat))
-	u, err := p.stop()
-	if err != nil {
-		return nil, err
-	}
-	latencyFigures(f, "latency: relay", lat, true)
-	addUsage(f, "latency:", u, len(lat))
 	if o.relayB == "" {
 		return f, nil
 	}
@@ -387,19 +378,28 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 	if err := d.waitSlotActive(ctx, "relay_b", pb); err != nil {
 		return nil, err
 	}
-	cpu0 = procCPU(pb.cmd.Process.Pid)
-	latB, err := e.latencyRun(ctx, d, "LATB", o.rate, o.latencyDuration)
-	if err != nil {
+	if err := e.relayLatency(ctx, d, pb, "LATB", o, f, "latency B"); err != nil {
 		return nil, err
 	}
-	f["latency B: relay CPU s per 100k events during the run"] = (procCPU(pb.cmd.Process.Pid) - cpu0).Seconds() * 100000 / float64(len(latB))
-	uB, err := pb.stop()
-	if err != nil {
-		return nil, err
-	}
-	latencyFigures(f, "latency B: relay", latB, true)
-	addUsage(f, "latency B:", uB, len(latB))
 	return f, nil
+}
+
+// relayLatency runs the latency harness against the running relay p publishing to stream,
+// stops p and adds its figures under label ("latency", "latency B").
+func (e *env) relayLatency(ctx context.Context, d *db, p *relayProc, stream string, o opts, f figures, label string) error {
+	cpu0 := procCPU(p.cmd.Process.Pid)
+	lat, err := e.latencyRun(ctx, d, stream, o.rate, o.latencyDuration)
+	if err != nil {
+		return err
+	}
+	f[label+": relay CPU s per 100k events during the run"] = (procCPU(p.cmd.Process.Pid) - cpu0).Seconds() * 100000 / float64(len(lat))
+	u, err := p.stop()
+	if err != nil {
+		return err
+	}
+	latencyFigures(f, label+": relay", lat, true)
+	addUsage(f, label+":", u, len(lat))
+	return nil
 }
 
 // runBigTx: one transaction of o.bigEvents events, committed while the relay runs; time from
