@@ -142,9 +142,14 @@ func (e *env) drop(ctx context.Context, d *db) {
 	_, _ = admin.Exec(ctx, "DROP DATABASE IF EXISTS "+d.name+" WITH (FORCE)")
 }
 
-func (d *db) createSlot(ctx context.Context, slot string) error {
-	_, err := d.pool.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, slot)
-	return err
+// createSlots creates a pgoutput slot of each name.
+func (d *db) createSlots(ctx context.Context, slots ...string) error {
+	for _, slot := range slots {
+		if _, err := d.pool.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, slot); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // payloadPad makes the payload column about payloadBytes long: {"n": 123456, "pad": "xxx..."}.

@@ -29,11 +29,11 @@ func (e *env) runScale(ctx context.Context, o opts, _ int) (figures, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := d.createSlot(ctx, "one"); err != nil {
+	if err := d.createSlots(ctx, "one"); err != nil {
 		return nil, err
 	}
 	for i := 0; i < n; i++ {
-		if err := d.createSlot(ctx, fmt.Sprintf("part%d", i)); err != nil {
+		if err := d.createSlots(ctx, fmt.Sprintf("part%d", i)); err != nil {
 			return nil, err
 		}
 	}

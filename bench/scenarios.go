@@ -39,10 +39,8 @@ func (e *env) runDrain(ctx context.Context, o opts, rep int) (figures, error) {
 	if o.relayB != "" {
 		slots = append(slots, "relay_b")
 	}
-	for _, s := range slots {
-		if err := d.createSlot(ctx, s); err != nil {
-			return nil, err
-		}
+	if err := d.createSlots(ctx, slots...); err != nil {
+		return nil, err
 	}
 	if err := d.insert(ctx, o.events, 100, o.payload); err != nil {
 		return nil, err
@@ -121,10 +119,8 @@ func (e *env) runLive(ctx context.Context, o opts, _ int) (figures, error) {
 		return nil, err
 	}
 	defer e.drop(context.Background(), d)
-	for _, s := range []string{"relay", "bare"} {
-		if err := d.createSlot(ctx, s); err != nil {
-			return nil, err
-		}
+	if err := d.createSlots(ctx, "relay", "bare"); err != nil {
+		return nil, err
 	}
 	if _, err := e.newStream(ctx, "LIVE", "live"); err != nil {
 		return nil, err
@@ -312,10 +308,8 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 		return nil, err
 	}
 	defer e.drop(context.Background(), d)
-	for _, s := range []string{"relay", "bare"} {
-		if err := d.createSlot(ctx, s); err != nil {
-			return nil, err
-		}
+	if err := d.createSlots(ctx, "relay", "bare"); err != nil {
+		return nil, err
 	}
 	if _, err := e.newStream(ctx, "LATD", "latd"); err != nil {
 		return nil, err
@@ -363,7 +357,7 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 	}
 
 	// -relay-b on a slot created now: no backlog to drain first.
-	if err := d.createSlot(ctx, "relay_b"); err != nil {
+	if err := d.createSlots(ctx, "relay_b"); err != nil {
 		return nil, err
 	}
 	if _, err := e.newStream(ctx, "LATB", "latb"); err != nil {
@@ -410,7 +404,7 @@ func (e *env) runBigTx(ctx context.Context, o opts, _ int) (figures, error) {
 		return nil, err
 	}
 	defer e.drop(context.Background(), d)
-	if err := d.createSlot(ctx, "relay"); err != nil {
+	if err := d.createSlots(ctx, "relay"); err != nil {
 		return nil, err
 	}
 	if _, err := e.newStream(ctx, "BIG", "big"); err != nil {
@@ -508,7 +502,7 @@ func (e *env) runPolling(ctx context.Context, o opts, _ int) (figures, error) {
 	latencyFigures(f, "polling: latency", lat, false)
 
 	// The relay on an idle outbox: SQL transactions it causes in its database.
-	if err := d.createSlot(ctx, "relay"); err != nil {
+	if err := d.createSlots(ctx, "relay"); err != nil {
 		return nil, err
 	}
 	if _, err := e.newStream(ctx, "IDLE", "idle"); err != nil {
