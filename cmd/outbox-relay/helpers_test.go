@@ -207,14 +207,21 @@ type record struct {
 	Header  nats.Header
 }
 
-// readStream returns every message of the stream in stream order.
-func readStream(t *testing.T, url, stream string) []record {
+// connectJS connects to the NATS server at url; close ends the connection.
+func connectJS(t *testing.T, url string) (js jetstream.JetStream, close func()) {
 	t.Helper()
 	nc, err := nats.Connect(url)
 	require.NoError(t, err)
-	defer nc.Close()
-	js, err := jetstream.New(nc)
+	js, err = jetstream.New(nc)
 	require.NoError(t, err)
+	return js, nc.Close
+}
+
+// readStream returns every message of the stream in stream order.
+func readStream(t *testing.T, url, stream string) []record {
+	t.Helper()
+	js, closeNC := connectJS(t, url)
+	defer closeNC()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	s, err := js.Stream(ctx, stream)
@@ -248,11 +255,8 @@ func readStream(t *testing.T, url, stream string) []record {
 // streamMsgs returns the number of messages stored in the stream (0 if it does not exist).
 func streamMsgs(t *testing.T, url, stream string) uint64 {
 	t.Helper()
-	nc, err := nats.Connect(url)
-	require.NoError(t, err)
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	require.NoError(t, err)
+	js, closeNC := connectJS(t, url)
+	defer closeNC()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	s, err := js.Stream(ctx, stream)

@@ -18,10 +18,8 @@ import (
 // positionRecord reads the relay's position record of the default stream and prefix.
 func positionRecord(t *testing.T, n *testenv.NATS) sink.SourcePosition {
 	t.Helper()
-	nc := n.Connect(t)
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	require.NoError(t, err)
+	js, closeNC := connectJS(t, n.URL)
+	defer closeNC()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	r, err := sink.OpenPositionRecord(ctx, js, sink.DefaultPositionBucket, sink.Config{})
@@ -272,10 +270,9 @@ func TestSlotGap_RecordTurnedOnLaterWarnsOnce(t *testing.T) {
 	insertGapEvents(t, e.pg, "unrecorded", 3)
 	waitStream(t, e.nats.URL, 3, 30*time.Second)
 	require.NoError(t, stop())
-	nc := e.nats.Connect(t)
-	js, err := jetstream.New(nc)
-	require.NoError(t, err)
-	_, err = js.KeyValue(context.Background(), sink.DefaultPositionBucket)
+	js, closeNC := connectJS(t, e.nats.URL)
+	defer closeNC()
+	_, err := js.KeyValue(context.Background(), sink.DefaultPositionBucket)
 	require.ErrorIs(t, err, jetstream.ErrBucketNotFound, "--position-bucket '' writes no record")
 
 	stop, log := inProcess(t, e.args())
