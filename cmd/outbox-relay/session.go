@@ -104,23 +104,9 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 			haveLast = false // stored by a relay on another cluster: positions do not compare
 		}
 		// Postgres is only told of positions the record holds.
-		rec := checkpoint.NewRecorder(trk, guard.record, guard.recorded)
+		rec, stopRec := startRecorder(cfg, trk, guard, log)
+		defer stopRec()
 		flush = rec
-		rctx, stopRec := context.WithCancel(context.Background())
-		recDone := make(chan struct{})
-		var warned time.Time
-		go func() {
-			defer close(recDone)
-			rec.Run(rctx, cfg.repl.FlushInterval, func(err error) {
-				cfg.obs.recordFailed()
-				if time.Since(warned) >= 10*time.Second {
-					warned = time.Now()
-					log.Warn().Err(err).Msg("recording the position failed; Postgres is not told of newer positions until it succeeds")
-				}
-			})
-		}()
-		defer func() { stopRec(); <-recDone }()
-		cfg.obs.setRecorder(rec)
 	}
 	if haveLast {
 		log.Info().Stringer("position", last).Msg("stream holds events up to this position; replayed events up to it are skipped")

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
+	"github.com/outbox-relay/outbox-relay/checkpoint"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -106,4 +107,25 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 	}
 	g.recorded, g.seqFloor = start, now.SeqFloor
 	return g, nil
+}
+
+// startRecorder runs a Recorder of trk's position into the session's record until stop is
+// called (after the session's final status update).
+func startRecorder(cfg runConfig, trk *checkpoint.Tracker, guard slotGuard, log zerolog.Logger) (rec *checkpoint.Recorder, stop func()) {
+	rec = checkpoint.NewRecorder(trk, guard.record, guard.recorded)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	var warned time.Time
+	go func() {
+		defer close(done)
+		rec.Run(ctx, cfg.repl.FlushInterval, func(err error) {
+			cfg.obs.recordFailed()
+			if time.Since(warned) >= 10*time.Second {
+				warned = time.Now()
+				log.Warn().Err(err).Msg("recording the position failed; Postgres is not told of newer positions until it succeeds")
+			}
+		})
+	}()
+	cfg.obs.setRecorder(rec)
+	return rec, func() { cancel(); <-done }
 }
