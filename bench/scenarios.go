@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -213,32 +214,49 @@ func produce(ctx context.Context, pool *pgxpool.Pool, w int, n *atomic.Int64) er
 
 // latencyRun inserts rate events/s, one per transaction, for dur, while a JetStream ordered
 // consumer on stream records when each arrives. Latency is arrival minus the moment the
-// INSERT's commit returned to the producer.
-func (e *env) latencyRun(ctx context.Context, d *db, stream string, rate int, dur time.Duration) ([]time.Duration, error) {
+// INSERT's commit returned to the producer. pub is the same for a core NATS subscriber on its
+// own connection, which sees each message when the server routes the publish, before the
+// stream has stored it: it splits the time into getting to the broker and storing + delivering.
+func (e *env) latencyRun(ctx context.Context, d *db, stream string, rate int, dur time.Duration) (lat, pub []time.Duration, err error) {
 	s, err := e.js.Stream(ctx, stream)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	c, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverNewPolicy})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var mu sync.Mutex
 	recv := make(map[string]time.Time, rate*int(dur.Seconds()+1))
-	cc, err := c.Consume(func(m jetstream.Msg) {
+	routed := make(map[string]time.Time, rate*int(dur.Seconds()+1))
+	record := func(m map[string]time.Time, h nats.Header) {
 		t := time.Now()
-		id := m.Headers().Get(jetstream.MsgIDHeader)
+		id := h.Get(jetstream.MsgIDHeader)
 		mu.Lock()
-		recv[id] = t
+		m[id] = t
 		mu.Unlock()
-	})
+	}
+	cc, err := c.Consume(func(m jetstream.Msg) { record(recv, m.Headers()) })
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer cc.Stop()
+	cnc, err := nats.Connect(e.nats.URL, nats.Name("bench-core-subscriber"))
+	if err != nil {
+		return nil, nil, err
+	}
+	defer cnc.Close()
+	for _, subj := range s.CachedInfo().Config.Subjects {
+		if _, err := cnc.Subscribe(subj, func(m *nats.Msg) { record(routed, m.Header) }); err != nil {
+			return nil, nil, err
+		}
+	}
+	if err := cnc.Flush(); err != nil {
+		return nil, nil, err
+	}
 	conn, err := d.pool.Acquire(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer conn.Release()
 	pad := strings.Repeat("x", payloadPad(400))
@@ -254,35 +272,39 @@ func (e *env) latencyRun(ctx context.Context, d *db, stream string, rate int, du
 		err := conn.QueryRow(ctx, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', $1, 'OrderCreated', jsonb_build_object('n', $2::int, 'pad', $3::text)) RETURNING id::text`,
 			fmt.Sprint(i%1000), i, pad).Scan(&id)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		committed[id] = time.Now()
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		mu.Lock()
-		got := len(recv)
+		got := min(len(recv), len(routed))
 		mu.Unlock()
 		if got >= total {
 			break
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("latency: received %d of %d events", got, total)
+			return nil, nil, fmt.Errorf("latency: received %d of %d events", got, total)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	lat := make([]time.Duration, 0, total)
+	lat = make([]time.Duration, 0, total)
+	pub = make([]time.Duration, 0, total)
 	for id, t := range committed {
 		r, ok := recv[id]
-		if !ok {
-			return nil, fmt.Errorf("latency: event %s never arrived", id)
+		p, okp := routed[id]
+		if !ok || !okp {
+			return nil, nil, fmt.Errorf("latency: event %s never arrived", id)
 		}
 		lat = append(lat, max(r.Sub(t), 0))
+		pub = append(pub, max(p.Sub(t), 0))
 	}
 	slices.Sort(lat)
-	return lat, nil
+	slices.Sort(pub)
+	return lat, pub, nil
 }
 
 func quantile(sorted []time.Duration, q float64) float64 {
@@ -323,7 +345,7 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 		stop()
 		return nil, err
 	}
-	lat, err := e.latencyRun(ctx, d, "LATD", o.rate, o.latencyDuration)
+	lat, pub, err := e.latencyRun(ctx, d, "LATD", o.rate, o.latencyDuration)
 	stop()
 	if berr := <-bare; err == nil && berr != nil && ctx.Err() == nil {
 		err = berr
@@ -332,6 +354,7 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 		return nil, err
 	}
 	latencyFigures(f, "latency: bare pipe (D's loop)", lat, true)
+	latencyFigures(f, "latency: bare pipe (D's loop), published", pub, true)
 
 	if _, err := e.newStream(ctx, "LAT", "lat"); err != nil {
 		return nil, err
@@ -382,7 +405,7 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 // stops p and adds its figures under label ("latency", "latency B").
 func (e *env) relayLatency(ctx context.Context, d *db, p *relayProc, stream string, o opts, f figures, label string) error {
 	cpu0 := procCPU(p.cmd.Process.Pid)
-	lat, err := e.latencyRun(ctx, d, stream, o.rate, o.latencyDuration)
+	lat, pub, err := e.latencyRun(ctx, d, stream, o.rate, o.latencyDuration)
 	if err != nil {
 		return err
 	}
@@ -392,6 +415,7 @@ func (e *env) relayLatency(ctx context.Context, d *db, p *relayProc, stream stri
 		return err
 	}
 	latencyFigures(f, label+": relay", lat, true)
+	latencyFigures(f, label+": relay, published", pub, true)
 	addUsage(f, label+":", u, len(lat))
 	return nil
 }
@@ -491,7 +515,7 @@ func (e *env) runPolling(ctx context.Context, o opts, _ int) (figures, error) {
 	f["polling: idle outbox, statements/s"] = float64(pl.statements.Load()-s0) / time.Since(t0).Seconds()
 
 	// Latency, with the poller still running.
-	lat, err := e.latencyRun(ctx, d, "POLL", o.rate, o.latencyDuration)
+	lat, _, err := e.latencyRun(ctx, d, "POLL", o.rate, o.latencyDuration)
 	stop()
 	if err2 := <-done; err == nil {
 		err = err2
