@@ -36,28 +36,52 @@ func (p Position) String() string { return fmt.Sprintf("%s#%d", p.CommitLSN, p.T
 // makes the relay replay-proof past the stream's duplicate window. It holds only while this
 // relay is the only publisher on its subjects.
 func LastStored(ctx context.Context, js jetstream.JetStream, cfg Config) (pos Position, seq uint64, ok bool, err error) {
+	m, ok, err := LastStoredMsg(ctx, js, cfg)
+	return m.Position, m.Seq, ok, err
+}
+
+// StoredMsg is the relay's newest message in its stream, as LastStoredMsg reads it.
+type StoredMsg struct {
+	Position Position
+	Seq      uint64 // stream sequence
+	// ID is the message's Nats-Msg-Id when it is a live event (not a dead letter or a
+	// backfilled copy, whose position is a stamp): the row a replay of Position must yield.
+	ID string
+	// StreamLastSeq is the sequence of the stream's newest message on any subject when it was
+	// looked up (set even when the relay's subjects hold none).
+	StreamLastSeq uint64
+}
+
+// LastStoredMsg is LastStored with the message's id (see StoredMsg).
+func LastStoredMsg(ctx context.Context, js jetstream.JetStream, cfg Config) (last StoredMsg, ok bool, err error) {
 	cfg.fill()
 	s, err := js.Stream(ctx, cfg.Stream)
 	if err != nil {
-		return Position{}, 0, false, fmt.Errorf("look up stream %s: %w", cfg.Stream, err)
+		return StoredMsg{}, false, fmt.Errorf("look up stream %s: %w", cfg.Stream, err)
 	}
+	last.StreamLastSeq = s.CachedInfo().State.LastSeq
 	m, err := s.GetLastMsgForSubject(ctx, cfg.SubjectPrefix+".>")
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return Position{}, 0, false, nil
+		return last, false, nil
 	}
 	if err != nil {
-		return Position{}, 0, false, fmt.Errorf("read the last message of stream %s: %w", cfg.Stream, err)
+		return StoredMsg{}, false, fmt.Errorf("read the last message of stream %s: %w", cfg.Stream, err)
 	}
 	lsn, idx := m.Header.Get(HeaderCommitLSN), m.Header.Get(HeaderTxIndex)
 	if lsn == "" || idx == "" {
-		return Position{}, 0, false, fmt.Errorf("%w: the last message of stream %s (sequence %d, subject %s) has no %s/%s headers: another publisher writes to the relay's subjects; give the relay its own --subject-prefix or stream",
+		return StoredMsg{}, false, fmt.Errorf("%w: the last message of stream %s (sequence %d, subject %s) has no %s/%s headers: another publisher writes to the relay's subjects; give the relay its own --subject-prefix or stream",
 			ErrForeignPublisher, cfg.Stream, m.Sequence, m.Subject, HeaderCommitLSN, HeaderTxIndex)
 	}
+	pos := &last.Position
 	if pos.CommitLSN, err = pglogrepl.ParseLSN(lsn); err != nil {
-		return Position{}, 0, false, fmt.Errorf("stream %s sequence %d: bad %s %q: %w", cfg.Stream, m.Sequence, HeaderCommitLSN, lsn, err)
+		return StoredMsg{}, false, fmt.Errorf("stream %s sequence %d: bad %s %q: %w", cfg.Stream, m.Sequence, HeaderCommitLSN, lsn, err)
 	}
 	if pos.TxIndex, err = strconv.Atoi(idx); err != nil {
-		return Position{}, 0, false, fmt.Errorf("stream %s sequence %d: bad %s %q: %w", cfg.Stream, m.Sequence, HeaderTxIndex, idx, err)
+		return StoredMsg{}, false, fmt.Errorf("stream %s sequence %d: bad %s %q: %w", cfg.Stream, m.Sequence, HeaderTxIndex, idx, err)
 	}
-	return pos, m.Sequence, true, nil
+	last.Seq = m.Sequence
+	if m.Subject != cfg.SubjectPrefix+"."+DeadLetterToken && m.Header.Get(HeaderBackfill) == "" {
+		last.ID = m.Header.Get(HeaderMsgID)
+	}
+	return last, true, nil
 }

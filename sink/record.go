@@ -25,7 +25,14 @@ type SourcePosition struct {
 	LSN      pglogrepl.LSN `json:"-"`
 	// SeqFloor: stream messages up to this sequence came from an earlier source (another
 	// cluster, whose positions do not compare with this one's).
-	SeqFloor  uint64    `json:"seq_floor,omitempty"`
+	SeqFloor uint64 `json:"seq_floor,omitempty"`
+	// Timeline is the Postgres timeline LSN is on (0 in records written before it was kept):
+	// a promotion or a point-in-time recovery starts a new one, whose history may have left
+	// this one before LSN.
+	Timeline int32 `json:"timeline,omitempty"`
+	// StreamSeq is a stream sequence the stream held when LSN was recorded: every event up
+	// to LSN was stored by then. A stream found ending before it lost acknowledged messages.
+	StreamSeq uint64    `json:"stream_seq,omitempty"`
 	UpdatedAt time.Time `json:"updated_at"`
 }
 
@@ -59,9 +66,11 @@ func (p *SourcePosition) UnmarshalJSON(b []byte) error {
 
 // PositionRecord is the position record of one feed (stream and subject prefix).
 type PositionRecord struct {
-	kv  jetstream.KeyValue
-	key string
-	cur SourcePosition
+	kv     jetstream.KeyValue
+	key    string
+	cur    SourcePosition
+	js     jetstream.JetStream
+	stream string
 }
 
 // OpenPositionRecord opens (creating if missing: file storage, the stream's replica count,
@@ -88,7 +97,7 @@ func OpenPositionRecord(ctx context.Context, js jetstream.JetStream, bucket stri
 	if err != nil {
 		return nil, fmt.Errorf("open the position record bucket %q (the relay records what it confirmed there; its NATS user needs the JetStream API and $KV.%s.> publish rights, or pass --position-bucket '' to run without slot gap detection): %w", bucket, bucket, err)
 	}
-	return &PositionRecord{kv: kv, key: PositionKey(cfg.Stream, cfg.SubjectPrefix)}, nil
+	return &PositionRecord{kv: kv, key: PositionKey(cfg.Stream, cfg.SubjectPrefix), js: js, stream: cfg.Stream}, nil
 }
 
 // ReadPositionRecord reads the record of cfg's stream and subject prefix without creating the
@@ -154,9 +163,17 @@ func (r *PositionRecord) Put(ctx context.Context, p SourcePosition) error {
 	return nil
 }
 
-// Record moves the record to lsn (checkpoint.Store).
+// Record moves the record to lsn (checkpoint.Store), with the stream's last sequence read
+// now: every event up to lsn was stored before.
 func (r *PositionRecord) Record(ctx context.Context, lsn pglogrepl.LSN) error {
 	p := r.cur
 	p.LSN = lsn
+	if r.js != nil {
+		s, err := r.js.Stream(ctx, r.stream)
+		if err != nil {
+			return fmt.Errorf("read stream %s for the position record: %w", r.stream, err)
+		}
+		p.StreamSeq = max(p.StreamSeq, s.CachedInfo().State.LastSeq)
+	}
 	return r.Put(ctx, p)
 }

@@ -234,8 +234,8 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 
 	// An operator-chosen start (--start-lsn, checked by preflight) is where the first session
 	// starts unless the slot is already further.
-	resume := cfg.startLSN
-	if resume != 0 {
+	resume := resumePoint{lsn: cfg.startLSN}
+	if resume.lsn != 0 {
 		log.Warn().Stringer("lsn", resume).Msg("--start-lsn: events committed between the slot's confirmed position and this one are skipped")
 	}
 	wait := cfg.reconnectMin

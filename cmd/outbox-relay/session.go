@@ -24,26 +24,27 @@ import (
 
 // session is one replication connection: it runs until the connection fails, a fatal error, or
 // ctx ends (then it drains in-flight acks and confirms the final position).
-func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume *pglogrepl.LSN, log zerolog.Logger) error {
+func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume *resumePoint, log zerolog.Logger) error {
 	conn, err := replication.Connect(ctx, cfg.pgURL)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.Background())
 
+	// The server's cluster, timeline and WAL end: a history that no longer holds a position the
+	// relay saw forked (restore, point-in-time recovery, failover to a lagging standby).
+	sys, err := replication.Identify(ctx, conn)
+	if err != nil {
+		return err
+	}
+	if err := resume.check(cfg, sys, log); err != nil {
+		return err
+	}
 	var (
-		start    pglogrepl.LSN
-		slotLSN  pglogrepl.LSN // the slot's confirmed_flush_lsn
-		systemID string        // the cluster's, for the position record
+		start   pglogrepl.LSN
+		slotLSN pglogrepl.LSN // the slot's confirmed_flush_lsn
 	)
 	guarded := !cfg.temporarySlot && cfg.positionBucket != ""
-	if guarded {
-		sys, err := pglogrepl.IdentifySystem(ctx, conn)
-		if err != nil {
-			return fmt.Errorf("identify system: %w", err)
-		}
-		systemID = sys.SystemID
-	}
 	if cfg.temporarySlot {
 		// Dropped by Postgres when this connection ends.
 		if start, err = replication.CreateTemporarySlot(ctx, conn, cfg.slot); err != nil {
@@ -68,8 +69,13 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	// Start from the slot's position, or from our own higher one: after a Postgres restart the
 	// slot may report an older position than the relay confirmed, and starting from ours
 	// avoids re-sending what is already stored.
-	if *resume > start {
-		start = *resume
+	if resume.lsn > start {
+		start = resume.lsn
+	}
+	if start > sys.WALEnd {
+		// Postgres would skip every commit below start, and the first status update would
+		// write start into the slot.
+		return fatalError{fmt.Errorf("%w: %s", errForkedHistory, forkMessage(sys, fmt.Sprintf("position %s, where this session would start", start), sys.WALEnd))}
 	}
 	st, err := replication.Start(ctx, conn, cfg.repl, start, log)
 	if err != nil {
@@ -79,7 +85,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	// Events already in the stream are skipped, not re-published: after an outage longer than
 	// the stream's duplicate window, JetStream would store them again.
 	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	last, lastSeq, haveLast, err := sink.LastStored(lctx, js, cfg.sink)
+	lastMsg, haveLast, err := sink.LastStoredMsg(lctx, js, cfg.sink)
 	cancel()
 	if errors.Is(err, sink.ErrForeignPublisher) {
 		return fatalError{err}
@@ -87,6 +93,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	if err != nil {
 		return err
 	}
+	last, lastSeq := lastMsg.Position, lastMsg.Seq
 
 	trk := checkpoint.New(start)
 	var flush replication.FlushSource = trk
@@ -94,19 +101,35 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	if guarded {
 		// The slot is ours now (Start acquired it): compare it with the position record.
 		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		guard, err := checkSlotGap(gctx, cfg, js, systemID, slotLSN, start, last, lastSeq, log)
+		guard, err := checkSlotGap(gctx, cfg, js, sys, slotLSN, start, lastMsg, haveLast, log)
 		cancel()
 		if err != nil {
 			return err
 		}
 		scfg.SeqFloor = guard.seqFloor
 		if haveLast && lastSeq <= guard.seqFloor {
-			haveLast = false // stored by a relay on another cluster: positions do not compare
+			haveLast = false // stored from another cluster or history: positions do not compare
 		}
 		// Postgres is only told of positions the record holds.
 		rec, stopRec := startRecorder(cfg, trk, guard, log)
 		defer stopRec()
 		flush = rec
+	} else if haveLast {
+		if forkAt, ok := sys.Holds(last.CommitLSN, 0); !ok {
+			msg := forkMessage(sys, fmt.Sprintf("the stream's last event %s (stream sequence %d)", last, lastSeq), forkAt)
+			if !cfg.acceptSlotGap {
+				return fatalError{fmt.Errorf("%w: %s. Without a position record (--position-bucket) the relay cannot remember an acceptance: give it a new stream or --subject-prefix, or purge the stream", errForkedHistory, msg)}
+			}
+			log.Warn().Str("fork", msg).Msg("--accept-slot-gap: publishing this session's events whatever the stream's last position; without a position record the next session checks again")
+			haveLast = false
+		}
+	}
+	// A replay from the slot's position that reaches the stream's last event must yield it.
+	var check *replayCheck
+	if haveLast {
+		if check = newReplayCheck(flush, start, lastMsg); check != nil {
+			flush = check
+		}
 	}
 	if haveLast {
 		log.Info().Stringer("position", last).Msg("stream holds events up to this position; replayed events up to it are skipped")
@@ -129,7 +152,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		}
 	}
 	pub := sink.NewJetStream(js, scfg, confirm, log)
-	p := &pipeline{dec: dec, trk: trk, pub: pub, log: log, obs: cfg.obs, last: last, haveLast: haveLast, deadLetter: cfg.sink.DeadLetter}
+	p := &pipeline{dec: dec, trk: trk, pub: pub, log: log, obs: cfg.obs, last: last, haveLast: haveLast, check: check, deadLetter: cfg.sink.DeadLetter}
 	cfg.obs.startSession(pub, trk)
 	defer cfg.obs.endSession()
 
@@ -156,9 +179,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		err := st.Run(rctx, p, flush)
 		defer func() {
 			lsn, _ := flush.Flushed()
-			if lsn > *resume {
-				*resume = lsn
-			}
+			resume.advance(lsn, sys)
 		}()
 		if err != nil || ctx.Err() == nil {
 			// Connection failure, or the sink failed (its error wins in g.Wait). Give acks
@@ -184,13 +205,12 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		err = fmt.Errorf("%w. Nothing from this event on is confirmed; the relay stops. Way out: remove the cause and restart, or restart with --on-poison dead-letter to publish the event (or its metadata) to %s.%s and go on",
 			err, cfg.sink.SubjectPrefix, sink.DeadLetterToken)
 	}
-	if lsn, _ := flush.Flushed(); lsn > *resume {
-		*resume = lsn
-	}
+	lsn, _ := flush.Flushed()
+	resume.advance(lsn, sys)
 	stats := pub.Stats()
 	log.Info().Uint64("published", stats.Published).Uint64("duplicates", stats.Duplicates).
 		Uint64("retries", stats.Retries).Uint64("publish_errors", stats.Errors).
-		Uint64("skipped_stored", p.skipped+stats.Skipped).Uint64("dead_letter", stats.DeadLetter).Stringer("lsn", *resume).
+		Uint64("skipped_stored", p.skipped+stats.Skipped).Uint64("dead_letter", stats.DeadLetter).Stringer("lsn", resume).
 		Msg("replication session ended")
 	return err
 }
@@ -222,6 +242,7 @@ type pipeline struct {
 	last     sink.Position
 	haveLast bool
 	skipped  uint64
+	check    *replayCheck // nil: the replay does not reach the stream's last event
 
 	deadLetter bool // --on-poison dead-letter
 }
@@ -237,8 +258,8 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 	ch, err := p.dec.Decode(data)
 	if err != nil {
 		if ch.Kind == decoder.Poison && p.deadLetter {
-			if p.stored(ch.Event) {
-				return nil
+			if stored, err := p.stored(ch.Event); stored || err != nil {
+				return err
 			}
 			if err := p.pub.Wait(ctx); err != nil {
 				return err
@@ -254,8 +275,8 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 		}
 		p.trk.Begin()
 	case decoder.Insert:
-		if p.stored(ch.Event) {
-			return nil
+		if stored, err := p.stored(ch.Event); stored || err != nil {
+			return err
 		}
 		// Take the window slot first: a ticket must only exist for an event that is sent.
 		if err := p.pub.Wait(ctx); err != nil {
@@ -278,17 +299,23 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 }
 
 // stored reports (and counts) a replayed event the stream already holds: nothing to publish or
-// wait for, its transaction's entry stays confirmable.
-func (p *pipeline) stored(ev *decoder.Event) bool {
+// wait for, its transaction's entry stays confirmable. A replay reaching the stream's last
+// event must yield that event (replayCheck).
+func (p *pipeline) stored(ev *decoder.Event) (bool, error) {
 	if !p.haveLast {
-		return false
+		return false, nil
+	}
+	if p.check != nil {
+		if err := p.check.event(ev); err != nil {
+			return false, err
+		}
 	}
 	if (sink.Position{CommitLSN: ev.CommitLSN, TxIndex: ev.TxIndex}).AtOrBefore(p.last) {
 		p.skipped++
-		return true
+		return true, nil
 	}
 	p.haveLast = false // positions only grow from here
-	return false
+	return false, nil
 }
 
 // failpointN parses "name:N" from the OUTBOX_RELAY_FAILPOINT test hook.

@@ -11,6 +11,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outbox-relay/outbox-relay/checkpoint"
+	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -35,16 +36,25 @@ func slotGapMessage(cfg runConfig, rec sink.SourcePosition, key, found, cause st
 type slotGuard struct {
 	record   *sink.PositionRecord
 	recorded pglogrepl.LSN // what the record holds now
-	seqFloor uint64        // stream messages up to here came from an earlier cluster
+	seqFloor uint64        // stream messages up to here came from an earlier cluster or history
+	timeline int32         // the timeline the record's position is on (0: not known)
 }
 
-// checkSlotGap compares the slot with the feed's position record at session start (after the
-// slot was acquired, so that a standby never writes the record). A slot ahead of the record,
-// another slot, or another cluster (system identifier) is a gap: fatal, or with
-// --accept-slot-gap logged and recorded as the new truth. A slot behind the record is normal
-// (Postgres 15 saves confirmed_flush_lsn only at checkpoints, so it moves back after a crash).
-// The record ends at least at start, the position the session begins at.
-func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, systemID string, slotLSN, start pglogrepl.LSN, last sink.Position, lastSeq uint64, log zerolog.Logger) (slotGuard, error) {
+// checkSlotGap compares the slot, the server and the stream with the feed's position record at
+// session start (after the slot was acquired, so that a standby never writes the record). It is
+// a gap (fatal, or with --accept-slot-gap logged and recorded as the new truth) when:
+//   - another cluster (system identifier) or another slot feeds the stream now;
+//   - the server's WAL history no longer holds the recorded position or the stream's last
+//     event (a restore, a point-in-time recovery, a promoted standby that lacked the latest
+//     WAL): its new transactions reuse positions the stream holds (errForkedHistory);
+//   - the stream ends before the sequence recorded with the position: the broker lost
+//     messages it had acknowledged (a power loss, a restored stream backup, a recreated stream);
+//   - the slot is ahead of the record (dropped and recreated, or advanced by someone else).
+//
+// A slot behind the record is normal (Postgres 15 saves confirmed_flush_lsn only at
+// checkpoints, so it moves back after a crash). The record ends at least at start, the
+// position the session begins at.
+func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sys replication.System, slotLSN, start pglogrepl.LSN, last sink.StoredMsg, haveLast bool, log zerolog.Logger) (slotGuard, error) {
 	record, err := sink.OpenPositionRecord(ctx, js, cfg.positionBucket, cfg.sink)
 	if err != nil {
 		return slotGuard{}, fatalError{err}
@@ -54,13 +64,13 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 	if err != nil {
 		return g, err
 	}
-	now := sink.SourcePosition{SystemID: systemID, Slot: cfg.slot, LSN: start}
+	now := sink.SourcePosition{SystemID: sys.ID, Slot: cfg.slot, LSN: start, Timeline: sys.Timeline, StreamSeq: last.StreamLastSeq}
 	if !ok {
-		if lastSeq > 0 && slotLSN > last.CommitLSN {
+		if haveLast && slotLSN > last.Position.CommitLSN {
 			// Stored by a relay without a record (an older version, or the bucket was
 			// deleted): a slot past the last event may be continuous (keepalives move it) or
 			// recreated; nothing here tells.
-			log.Warn().Stringer("stream_last", last).Stringer("slot_lsn", slotLSN).
+			log.Warn().Stringer("stream_last", last.Position).Stringer("slot_lsn", slotLSN).
 				Msg("the stream holds events from an earlier run but there is no position record: the relay cannot tell whether the slot is continuous with them. If the slot was dropped or recreated since, republish the gap with outbox-relay backfill --since <the Outbox-Created-At of the stream's last message>")
 		}
 		log.Info().Str("bucket", cfg.positionBucket).Str("key", record.Key()).Stringer("lsn", start).
@@ -68,15 +78,29 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 		if err := record.Put(ctx, now); err != nil {
 			return g, err
 		}
-		g.recorded = start
+		g.recorded, g.timeline = start, sys.Timeline
 		return g, nil
 	}
+	// The stream's last event, unless it came from an earlier cluster or history.
+	liveLast := haveLast && last.Seq > rec.SeqFloor
 	found, cause := "", ""
+	var forkAt pglogrepl.LSN
+	forked := false
 	switch {
-	case rec.SystemID != systemID:
-		found = fmt.Sprintf("replication slot %q is on Postgres cluster %s (system identifier)", cfg.slot, systemID)
+	case rec.SystemID != sys.ID:
+		found = fmt.Sprintf("replication slot %q is on Postgres cluster %s (system identifier)", cfg.slot, sys.ID)
 		cause = "the database was replaced (restored, upgraded, failed over to a new cluster) or the relay points at another one; positions of two clusters do not compare"
-		now.SeqFloor = lastSeq
+		now.SeqFloor = last.Seq
+	case !holds(sys, rec.LSN, rec.Timeline, &forkAt):
+		forked = true
+		found = forkMessage(sys, fmt.Sprintf("the recorded position %s (timeline %d)", rec.LSN, rec.Timeline), forkAt)
+	case liveLast && !holds(sys, last.Position.CommitLSN, rec.Timeline, &forkAt):
+		forked = true
+		found = forkMessage(sys, fmt.Sprintf("the stream's last event %s (stream sequence %d)", last.Position, last.Seq), forkAt)
+	case rec.StreamSeq > last.StreamLastSeq:
+		found = fmt.Sprintf("stream %s ends at sequence %d, before sequence %d, which it held when the position was recorded", cfg.sink.Stream, last.StreamLastSeq, rec.StreamSeq)
+		cause = "the broker lost messages it had acknowledged (a power loss with the default sync_interval, a stream restored from an older backup, the stream deleted and recreated); events the relay confirmed to Postgres are missing from the stream"
+		now.SeqFloor = min(rec.SeqFloor, last.StreamLastSeq)
 	case rec.Slot != cfg.slot:
 		found = fmt.Sprintf("the stream is now fed from slot %q at %s", cfg.slot, slotLSN)
 		cause = "the relay was pointed at another slot"
@@ -86,27 +110,50 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 		cause = "the slot was dropped and recreated, or advanced by someone else (pg_replication_slot_advance, another consumer), while the relay was away"
 		now.SeqFloor = rec.SeqFloor
 	default:
-		g.recorded, g.seqFloor = rec.LSN, rec.SeqFloor
-		if start > rec.LSN { // --start-lsn moved ahead on purpose
-			now.SeqFloor = rec.SeqFloor
+		g.recorded, g.seqFloor, g.timeline = rec.LSN, rec.SeqFloor, rec.Timeline
+		if start > rec.LSN || rec.Timeline != sys.Timeline {
+			// --start-lsn moved ahead on purpose, or the server moved to a later timeline that
+			// holds the record (a switchover, a promoted standby that had all of it).
+			now.SeqFloor, now.LSN = rec.SeqFloor, max(start, rec.LSN)
+			now.StreamSeq = max(rec.StreamSeq, last.StreamLastSeq)
 			if err := record.Put(ctx, now); err != nil {
 				return g, err
 			}
-			g.recorded = start
+			g.recorded, g.timeline = now.LSN, sys.Timeline
 		}
 		return g, nil
 	}
-	msg := slotGapMessage(cfg, rec, record.Key(), found, cause)
-	if !cfg.acceptSlotGap {
-		return g, fatalError{fmt.Errorf("%w: %s", errSlotGap, msg)}
+	var msg string
+	if forked {
+		// Everything the stream holds now is from the old history: the new one's events are
+		// all published, whatever their positions.
+		now.SeqFloor = max(rec.SeqFloor, last.Seq)
+		note, _ := forkedEventsNote(ctx, js, cfg.sink, forkAt, rec.SeqFloor, last.Seq)
+		msg = fmt.Sprintf("%s.%s This relay last confirmed %s on slot %q (recorded %s in %s/%s). Way out: restart once with --accept-slot-gap (the relay then publishes the new history from the slot's position %s, ignoring the stream's older positions); if the slot was recreated after the fork, republish what was committed before it: outbox-relay backfill --pg-url ... --nats-url ... --since %s",
+			found, note, rec.LSN, rec.Slot, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.positionBucket, record.Key(), slotLSN, backfillSince(rec.UpdatedAt))
+		if !cfg.acceptSlotGap {
+			return g, fatalError{fmt.Errorf("%w: %s", errForkedHistory, msg)}
+		}
+	} else {
+		msg = slotGapMessage(cfg, rec, record.Key(), found, cause)
+		if !cfg.acceptSlotGap {
+			return g, fatalError{fmt.Errorf("%w: %s", errSlotGap, msg)}
+		}
 	}
 	log.Warn().Str("gap", msg).Str("backfill", "outbox-relay backfill --since "+backfillSince(rec.UpdatedAt)).
 		Msg("--accept-slot-gap: continuing past a slot gap; events committed in it are NOT relayed from the WAL: run the backfill command")
 	if err := record.Put(ctx, now); err != nil {
 		return g, err
 	}
-	g.recorded, g.seqFloor = start, now.SeqFloor
+	g.recorded, g.seqFloor, g.timeline = start, now.SeqFloor, sys.Timeline
 	return g, nil
+}
+
+// holds is sys.Holds writing the fork point to forkAt.
+func holds(sys replication.System, pos pglogrepl.LSN, tli int32, forkAt *pglogrepl.LSN) bool {
+	at, ok := sys.Holds(pos, tli)
+	*forkAt = at
+	return ok
 }
 
 // startRecorder runs a Recorder of trk's position into the session's record until stop is
