@@ -70,8 +70,8 @@ type Handler interface {
 	Wait(ctx context.Context) error
 	// Handle processes one pgoutput message (XLogData.WALData). data is reused after it returns.
 	Handle(ctx context.Context, data []byte) error
-	// Keepalive reports a primary keepalive's server WAL end.
-	Keepalive(walEnd pglogrepl.LSN)
+	// Keepalive reports a primary keepalive's server WAL end; an error ends Run.
+	Keepalive(walEnd pglogrepl.LSN) error
 }
 
 // FlushSource is the position the relay may confirm. It is read by the replication loop.
@@ -256,7 +256,9 @@ func (s *Stream) Run(ctx context.Context, h Handler, flush FlushSource) error {
 				if err != nil {
 					return fmt.Errorf("parse keepalive: %w", err)
 				}
-				h.Keepalive(ka.ServerWALEnd)
+				if err := h.Keepalive(ka.ServerWALEnd); err != nil {
+					return err
+				}
 				reply = reply || ka.ReplyRequested
 			case pglogrepl.XLogDataByteID:
 				xld, err := pglogrepl.ParseXLogData(msg.Data[1:])

@@ -28,6 +28,9 @@ type resumePoint struct {
 	lsn      pglogrepl.LSN
 	systemID string // "" for --start-lsn, set by the first session
 	timeline int32  // 0: not known
+	// seqFloor: without a position record, stream messages up to this sequence came from a
+	// forked history accepted in this process (--accept-slot-gap).
+	seqFloor uint64
 }
 
 func (r resumePoint) String() string { return r.lsn.String() }
@@ -56,12 +59,13 @@ func (r *resumePoint) check(cfg runConfig, sys replication.System, log zerolog.L
 	if ok {
 		return nil
 	}
-	msg := forkMessage(sys, fmt.Sprintf("position %s, which this relay confirmed on timeline %d before it reconnected", r.lsn, r.timeline), forkAt)
+	msg := forkMessage(sys, fmt.Sprintf("position %s, which this relay confirmed on timeline %d before it reconnected", r.lsn, r.timeline), forkAt) +
+		". Way out: restart the relay (it reports what the stream holds from the lost transactions), then restart once with --accept-slot-gap: the relay publishes the new history from the slot's position"
 	if !cfg.acceptSlotGap {
 		return fatalError{fmt.Errorf("%w: %s", errForkedHistory, msg)}
 	}
 	log.Warn().Str("fork", msg).Msg("--accept-slot-gap: not resuming from the position confirmed before the fork; starting from the slot's position")
-	*r = resumePoint{}
+	*r = resumePoint{seqFloor: r.seqFloor}
 	return nil
 }
 
@@ -172,6 +176,15 @@ func (c *replayCheck) Flushed() (pglogrepl.LSN, bool) {
 
 func (c *replayCheck) Pending() int { return c.src.Pending() }
 
+// keepalive checks a keepalive: Postgres sends one with a WAL end past the stream's last
+// event's commit only after it decoded (and sent) that commit's transaction.
+func (c *replayCheck) keepalive(walEnd pglogrepl.LSN) error {
+	if !c.pending.Load() || walEnd <= c.last.CommitLSN {
+		return nil
+	}
+	return c.mismatch(fmt.Sprintf("no event, and then a keepalive at %s", walEnd))
+}
+
 // event checks a replayed event (called for each event while the check is pending).
 func (c *replayCheck) event(ev *decoder.Event) error {
 	if !c.pending.Load() {
@@ -185,7 +198,34 @@ func (c *replayCheck) event(ev *decoder.Event) error {
 		c.pending.Store(false)
 		return nil
 	}
-	got := fmt.Sprintf("event %s at %s", ev.ID, pos)
+	return c.mismatch(fmt.Sprintf("event %s at %s", ev.ID, pos))
+}
+
+// mismatch is the fork error: the replay yielded got where the stream's last event was.
+func (c *replayCheck) mismatch(got string) error {
 	return fatalError{fmt.Errorf("%w: the stream's last event is %s at %s, but replaying the slot from %s yields %s there: the Postgres server's WAL history forked after the stream's last event (the database was restored from a snapshot or backup, or failed over, and its new WAL already outgrew the old). Its transactions reuse positions the stream holds and would be silently skipped as already published; nothing past %s was confirmed. Way out: restart once with --accept-slot-gap (the relay then publishes the new history from the slot's position, ignoring the stream's older positions), and reconcile the stream's events past %s, which the database's history may no longer have",
 		errForkedHistory, c.id, c.last, c.start, got, c.start, c.start)}
+}
+
+// acceptReplayFork is --accept-slot-gap for a fork the replay found (replayCheck): the stream's
+// messages up to its last one are from the old history, so the next session ignores their
+// positions and publishes everything from the slot's position, which nothing moved past
+// start. With a position record this is recorded (after the session's recorder stopped);
+// without one, it holds for this process. The returned error ends the session, which the run
+// loop restarts.
+func acceptReplayFork(cfg runConfig, forkErr error, guard slotGuard, stopRec func(), sys replication.System, start pglogrepl.LSN, last sink.StoredMsg, resume *resumePoint, log zerolog.Logger) error {
+	log.Warn().Str("fork", forkErr.Error()).Msg("--accept-slot-gap: the stream's events are from another history; publishing everything from the slot's position")
+	if guard.record == nil {
+		resume.seqFloor = max(resume.seqFloor, last.Seq)
+		return errors.New("restarting the session past an accepted fork")
+	}
+	stopRec()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	now := sink.SourcePosition{SystemID: sys.ID, Slot: cfg.slot, LSN: start, Timeline: sys.Timeline,
+		SeqFloor: max(guard.seqFloor, last.Seq), StreamSeq: last.StreamLastSeq}
+	if err := guard.record.Put(ctx, now); err != nil {
+		return err
+	}
+	return errors.New("restarting the session past an accepted fork")
 }

@@ -97,23 +97,31 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 
 	trk := checkpoint.New(start)
 	var flush replication.FlushSource = trk
+	var (
+		guard   slotGuard
+		stopRec = func() {}
+	)
 	scfg := cfg.sink
 	if guarded {
 		// The slot is ours now (Start acquired it): compare it with the position record.
 		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		guard, err := checkSlotGap(gctx, cfg, js, sys, slotLSN, start, lastMsg, haveLast, log)
+		g, err := checkSlotGap(gctx, cfg, js, sys, slotLSN, start, lastMsg, haveLast, log)
 		cancel()
 		if err != nil {
 			return err
 		}
+		guard = g
 		scfg.SeqFloor = guard.seqFloor
 		if haveLast && lastSeq <= guard.seqFloor {
 			haveLast = false // stored from another cluster or history: positions do not compare
 		}
 		// Postgres is only told of positions the record holds.
-		rec, stopRec := startRecorder(cfg, trk, guard, log)
-		defer stopRec()
+		rec, stop := startRecorder(cfg, trk, guard, log)
+		stopRec = stop
+		defer stop()
 		flush = rec
+	} else if haveLast && lastSeq <= resume.seqFloor {
+		haveLast = false // accepted in this process: stored from another history
 	} else if haveLast {
 		if forkAt, ok := sys.Holds(last.CommitLSN, 0); !ok {
 			msg := forkMessage(sys, fmt.Sprintf("the stream's last event %s (stream sequence %d)", last, lastSeq), forkAt)
@@ -201,6 +209,11 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		return st.Drain(dctx, flush)
 	})
 	err = g.Wait()
+	if errors.Is(err, errForkedHistory) && cfg.acceptSlotGap && check != nil {
+		// The replay found another history under the stream's positions; nothing past start
+		// was confirmed. The next session publishes everything from the slot's position.
+		err = acceptReplayFork(cfg, err, guard, stopRec, sys, start, lastMsg, resume, log)
+	}
 	if errors.Is(err, decoder.ErrPoison) || errors.Is(err, sink.ErrPoison) {
 		err = fmt.Errorf("%w. Nothing from this event on is confirmed; the relay stops. Way out: remove the cause and restart, or restart with --on-poison dead-letter to publish the event (or its metadata) to %s.%s and go on",
 			err, cfg.sink.SubjectPrefix, sink.DeadLetterToken)
@@ -249,9 +262,15 @@ type pipeline struct {
 
 func (p *pipeline) Ready() bool                    { return !p.pub.Full() }
 func (p *pipeline) Wait(ctx context.Context) error { return p.pub.Wait(ctx) }
-func (p *pipeline) Keepalive(walEnd pglogrepl.LSN) {
+func (p *pipeline) Keepalive(walEnd pglogrepl.LSN) error {
+	if p.check != nil {
+		if err := p.check.keepalive(walEnd); err != nil {
+			return err
+		}
+	}
 	p.obs.keepalive(walEnd)
 	p.trk.Keepalive(walEnd)
+	return nil
 }
 
 func (p *pipeline) Handle(ctx context.Context, data []byte) error {

@@ -45,8 +45,9 @@ type Cluster struct {
 	baseConfig string // postgresql.conf as written by initdb
 	shared     bool   // the binary-wide cluster of Postgres(t): not to be stopped by tests
 
-	mu  sync.Mutex
-	pid int // postmaster PID while started by us, else 0
+	mu        sync.Mutex
+	pid       int // postmaster PID while started by us, else 0
+	snapshots int // copies taken by Snapshot
 }
 
 // ClusterOption configures NewCluster.

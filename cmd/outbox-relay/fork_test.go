@@ -1,0 +1,185 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// runRelay runs the relay in this process; its error arrives on done when it stops by itself.
+func runRelay(t *testing.T, args []string) (done <-chan error, log *testLog) {
+	t.Helper()
+	log = &testLog{}
+	dumpOnFailure(t, "relay", log)
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan error, 1)
+	go func() { ch <- dispatch(ctx, freeHTTPAddr(args), log, log, noEnv) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-ch:
+		case <-time.After(30 * time.Second):
+		}
+	})
+	return ch, log
+}
+
+// relayExit waits for the relay to stop by itself and returns its error.
+func relayExit(t *testing.T, done <-chan error, timeout time.Duration, why string) error {
+	t.Helper()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(timeout):
+		t.Fatalf("the relay kept running %s after %s", timeout, why)
+		return nil
+	}
+}
+
+// forkedCount reads the count of events from lost transactions a fork error reports.
+func forkedCount(t *testing.T, msg string) int {
+	t.Helper()
+	if strings.Contains(msg, "The stream holds no event published from past") {
+		return 0
+	}
+	m := regexp.MustCompile(`The stream holds (?:at least )?(\d+) events published from past`).FindStringSubmatch(msg)
+	require.NotNil(t, m, "the fork error reports no count of events from lost transactions: %s", msg)
+	n, err := strconv.Atoi(m[1])
+	require.NoError(t, err)
+	return n
+}
+
+// withTag keeps the rows whose aggregate id starts with one of tags.
+func withTag(rows map[string]row, tags ...string) map[string]row {
+	out := map[string]row{}
+	for id, r := range rows {
+		for _, tag := range tags {
+			if strings.HasPrefix(r.AggregateID, tag+"-") {
+				out[id] = r
+			}
+		}
+	}
+	return out
+}
+
+// A restore under a running relay: 100 events published, snapshot, 100 more published, the
+// snapshot restored. Before the fix the relay resumed at its old position, above the restored
+// server's WAL end, and never published the new history's events, logging nothing.
+func TestFork_RestoreUnderRunningRelay(t *testing.T) {
+	c := testenv.NewCluster(t)
+	e := &env{pg: c.NewDatabase(t), nats: testenv.JetStream(t)}
+	e.migrate(t)
+	done, _ := runRelay(t, e.args())
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "before", 100)
+	waitStream(t, e.nats.URL, 100, 30*time.Second)
+	waitSlotCaughtUp(t, e.pg, "outbox_relay", "the first 100 events")
+	snap, err := c.Snapshot()
+	require.NoError(t, err)
+	waitStreaming(t, e.pg, "outbox_relay") // reconnected after the snapshot's restart
+	insertGapEvents(t, e.pg, "after", 100)
+	waitStream(t, e.nats.URL, 200, 30*time.Second)
+	waitSlotCaughtUp(t, e.pg, "outbox_relay", "the next 100 events") // the relay confirmed past the snapshot
+	require.NoError(t, c.Restore(snap))
+
+	err = relayExit(t, done, 60*time.Second, "the restore")
+	require.ErrorIs(t, err, errForkedHistory)
+	msg := err.Error()
+	require.Contains(t, msg, "which this relay confirmed on timeline 1 before it reconnected")
+	require.Contains(t, msg, "--accept-slot-gap")
+	require.Equal(t, uint64(200), streamMsgs(t, e.nats.URL, sink.DefaultStream))
+
+	// Restarted, the relay refuses too (the position record), and counts the events the stream
+	// holds from transactions the restore lost.
+	insertGapEvents(t, e.pg, "new", 10)
+	var out bytes.Buffer
+	err = dispatch(context.Background(), freeHTTPAddr(e.args()), &out, &out, noEnv)
+	require.ErrorIs(t, err, errForkedHistory)
+	require.Contains(t, err.Error(), "no longer holds the recorded position")
+	lost := forkedCount(t, err.Error())
+	t.Logf("the stream holds %d events from transactions the restore lost (100 were published after the snapshot)", lost)
+	require.Greater(t, lost, 0)
+	require.LessOrEqual(t, lost, 100)
+
+	// Accepted: the new history's events are all published, once, in order.
+	stop, log := inProcess(t, e.args("--accept-slot-gap"))
+	waitStream(t, e.nats.URL, 210, 30*time.Second)
+	require.Contains(t, log.String(), "--accept-slot-gap: continuing past a slot gap")
+	require.NoError(t, stop())
+	recs := readStream(t, e.nats.URL, sink.DefaultStream)
+	require.Len(t, recs, 210)
+	requireClean(t, check(t, withTag(outboxRows(t, e.pg), "new"), recs[200:]))
+	requireNeverAhead(t, e)
+}
+
+// A restore while the relay is stopped, and the restored server's WAL outgrows the relay's
+// record before it starts: positions alone cannot tell. The replay from the restored slot
+// reaches the stream's last event's position without yielding it, and the relay refuses
+// before confirming anything past the slot. Accepted, the new history is published.
+func TestFork_RestoreWhileStoppedAndWALOutgrewTheRecord(t *testing.T) {
+	c := testenv.NewCluster(t)
+	e := &env{pg: c.NewDatabase(t), nats: testenv.JetStream(t)}
+	e.migrate(t)
+	stop, _ := inProcess(t, e.args())
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "before", 50)
+	waitStream(t, e.nats.URL, 50, 30*time.Second)
+	require.NoError(t, stop())
+	snap, err := c.Snapshot()
+	require.NoError(t, err)
+	stop, _ = inProcess(t, e.args())
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "after", 50)
+	waitStream(t, e.nats.URL, 100, 30*time.Second)
+	require.NoError(t, stop())
+	rec := positionRecord(t, e.nats)
+
+	require.NoError(t, c.Restore(snap))
+	// The restored history commits new events below the old positions, then outgrows them.
+	insertGapEvents(t, e.pg, "new", 10)
+	e.pg.Exec(t, `CREATE TABLE filler AS SELECT g, repeat('x', 200) AS v FROM generate_series(1, 20000) g`)
+	var walEnd string
+	require.NoError(t, e.pg.QueryRow(t, `SELECT pg_current_wal_lsn()::text`).Scan(&walEnd))
+	require.Greater(t, mustLSN(t, walEnd), rec.LSN, "the test needs the restored WAL past the record")
+	insertGapEvents(t, e.pg, "later", 5)
+	slotBefore := confirmedFlush(t, e.pg, "outbox_relay")
+
+	var out bytes.Buffer
+	err = dispatch(context.Background(), freeHTTPAddr(e.args()), &out, &out, noEnv)
+	require.ErrorIs(t, err, errForkedHistory)
+	require.Contains(t, err.Error(), "but replaying the slot from")
+	require.Equal(t, uint64(100), streamMsgs(t, e.nats.URL, sink.DefaultStream), "nothing published")
+	require.Equal(t, slotBefore, confirmedFlush(t, e.pg, "outbox_relay"), "nothing past the slot confirmed")
+
+	stop, log := inProcess(t, e.args("--accept-slot-gap"))
+	waitStream(t, e.nats.URL, 115, 60*time.Second)
+	require.Contains(t, log.String(), "--accept-slot-gap: the stream's events are from another history")
+	require.NoError(t, stop())
+	// A plain restart goes on.
+	stop, _ = inProcess(t, e.args())
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "restart", 3)
+	waitStream(t, e.nats.URL, 118, 30*time.Second)
+	require.NoError(t, stop())
+	recs := readStream(t, e.nats.URL, sink.DefaultStream)
+	require.Len(t, recs, 118)
+	requireClean(t, check(t, withTag(outboxRows(t, e.pg), "new", "later", "restart"), recs[100:]))
+	requireNeverAhead(t, e)
+}
+
+func mustLSN(t *testing.T, s string) pglogrepl.LSN {
+	t.Helper()
+	lsn, err := pglogrepl.ParseLSN(s)
+	require.NoError(t, err)
+	return lsn
+}
