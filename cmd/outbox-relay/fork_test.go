@@ -183,3 +183,74 @@ func mustLSN(t *testing.T, s string) pglogrepl.LSN {
 	require.NoError(t, err)
 	return lsn
 }
+
+// waitReplayed waits until standby replayed everything primary has written so far.
+func waitReplayed(t *testing.T, primary, standby *testenv.PG) {
+	t.Helper()
+	var walNow string
+	require.NoError(t, primary.QueryRow(t, `SELECT pg_current_wal_lsn()::text`).Scan(&walNow))
+	require.Eventually(t, func() bool {
+		var behind int64
+		require.NoError(t, standby.QueryRow(t, `SELECT $1::pg_lsn - pg_last_wal_replay_lsn()`, walNow).Scan(&behind))
+		return behind <= 0
+	}, 30*time.Second, 50*time.Millisecond, "the standby never replayed up to %s", walNow)
+}
+
+// A failover to an asynchronous standby that lacked the latest WAL: the primary is killed,
+// the standby promoted (timeline 2) and the slot recreated on it. The relay refuses, names the
+// timeline switch and counts the events the stream holds from transactions the failover
+// lost; accepted, it publishes the new primary's events although their positions are below
+// the stream's last one.
+func TestFork_PromotedStandbyThatLackedTheLatestWAL(t *testing.T) {
+	primary := testenv.NewCluster(t)
+	e := &env{pg: primary.NewDatabase(t), nats: testenv.JetStream(t)}
+	e.migrate(t)
+	standby := primary.NewStandby(t)
+	onStandby := &testenv.PG{URL: standby.URL(e.pg.DBName), Port: standby.Port, DBName: e.pg.DBName, Cluster: standby}
+
+	stop, _ := inProcess(t, e.args())
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "before", 20)
+	waitStream(t, e.nats.URL, 20, 30*time.Second)
+	waitReplayed(t, e.pg, onStandby)
+
+	// The standby falls behind; the primary commits and the relay publishes 30 more events;
+	// the primary dies.
+	require.NoError(t, standby.Stop(testenv.StopFast))
+	insertGapEvents(t, e.pg, "lost", 30)
+	waitStream(t, e.nats.URL, 50, 30*time.Second)
+	waitSlotCaughtUp(t, e.pg, "outbox_relay", "the lost events")
+	require.NoError(t, stop())
+	require.NoError(t, primary.Kill())
+
+	// Failover: the standby is promoted, the operator recreates the slot (Postgres 15 keeps no
+	// logical slot on a standby) before the applications write again.
+	require.NoError(t, standby.Start())
+	require.NoError(t, standby.Promote())
+	require.Eventually(t, func() bool {
+		var inRecovery bool
+		require.NoError(t, onStandby.QueryRow(t, `SELECT pg_is_in_recovery()`).Scan(&inRecovery))
+		return !inRecovery
+	}, 30*time.Second, 50*time.Millisecond)
+	onStandby.Exec(t, `SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')`)
+	insertGapEvents(t, onStandby, "new", 10)
+
+	e2 := &env{pg: onStandby, nats: e.nats}
+	var out bytes.Buffer
+	err := dispatch(context.Background(), freeHTTPAddr(e2.args()), &out, &out, noEnv)
+	require.ErrorIs(t, err, errForkedHistory)
+	msg := err.Error()
+	require.Contains(t, msg, "no longer holds the recorded position")
+	require.Contains(t, msg, "on timeline 2, which began at")
+	require.Equal(t, 30, forkedCount(t, msg), "events from the transactions the failover lost: %s", msg)
+	require.Equal(t, uint64(50), streamMsgs(t, e.nats.URL, sink.DefaultStream))
+
+	stop, _ = inProcess(t, e2.args("--accept-slot-gap"))
+	waitStream(t, e.nats.URL, 60, 30*time.Second)
+	require.NoError(t, stop())
+	recs := readStream(t, e.nats.URL, sink.DefaultStream)
+	require.Len(t, recs, 60)
+	requireClean(t, check(t, withTag(outboxRows(t, onStandby), "new"), recs[50:]))
+	require.Equal(t, int32(2), positionRecord(t, e.nats).Timeline)
+	requireNeverAhead(t, e2)
+}

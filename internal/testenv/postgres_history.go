@@ -98,6 +98,9 @@ func (c *Cluster) newStandby() (_ *Cluster, err error) {
 		}
 	}
 	basebackup := filepath.Join(filepath.Dir(c.env.pgCtl), "pg_basebackup")
+	if real, err := filepath.EvalSymlinks(c.env.pgCtl); err == nil {
+		basebackup = filepath.Join(filepath.Dir(real), "pg_basebackup") // the same version as pg_ctl
+	}
 	if err := s.run(basebackup, time.Minute, "-h", "127.0.0.1", "-p", strconv.Itoa(c.Port), "-U", "postgres",
 		"-D", s.DataDir, "-R", "-X", "stream", "-c", "fast", "--no-sync"); err != nil {
 		return nil, err
