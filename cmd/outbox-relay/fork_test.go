@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -253,4 +255,56 @@ func TestFork_PromotedStandbyThatLackedTheLatestWAL(t *testing.T) {
 	requireClean(t, check(t, withTag(outboxRows(t, onStandby), "new"), recs[50:]))
 	require.Equal(t, int32(2), positionRecord(t, e.nats).Timeline)
 	requireNeverAhead(t, e2)
+}
+
+// The broker loses messages it acknowledged (its stream directory restored from an older
+// backup; a power loss does the same with the default sync_interval) while the position record
+// kept its newer state: the relay refuses, naming both sequences, instead of going on as if
+// every confirmed event were in the stream.
+func TestStreamLostAcknowledgedMessagesRefused(t *testing.T) {
+	e := &env{pg: testenv.Postgres(t), nats: testenv.JetStream(t)}
+	e.migrate(t)
+	relayEvents(t, e, "kept", 10)
+	streamDir := func() string {
+		dirs, err := filepath.Glob(filepath.Join(e.nats.StoreDir, "jetstream", "*", "streams", sink.DefaultStream))
+		require.NoError(t, err)
+		require.Len(t, dirs, 1, "stream directory of %s", sink.DefaultStream)
+		return dirs[0]
+	}
+	backup := filepath.Join(t.TempDir(), "stream-backup")
+	e.nats.Shutdown()
+	require.NoError(t, os.CopyFS(backup, os.DirFS(streamDir())))
+	e.nats.Restart(t)
+
+	stop, _ := inProcess(t, e.args())
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "dropped", 10)
+	waitStream(t, e.nats.URL, 20, 30*time.Second)
+	waitSlotCaughtUp(t, e.pg, "outbox_relay", "the events the broker will lose")
+	require.Eventually(t, func() bool { return positionRecord(t, e.nats).StreamSeq >= 20 },
+		10*time.Second, 20*time.Millisecond, "the stream sequence was never recorded")
+	require.NoError(t, stop())
+
+	e.nats.Shutdown()
+	dir := streamDir()
+	require.NoError(t, os.RemoveAll(dir))
+	require.NoError(t, os.CopyFS(dir, os.DirFS(backup)))
+	e.nats.Restart(t)
+	require.Equal(t, uint64(10), streamMsgs(t, e.nats.URL, sink.DefaultStream))
+
+	var out bytes.Buffer
+	err := dispatch(context.Background(), freeHTTPAddr(e.args()), &out, &out, noEnv)
+	require.ErrorIs(t, err, errSlotGap)
+	require.Contains(t, err.Error(), "stream OUTBOX ends at sequence 10, before sequence 20")
+	require.Contains(t, err.Error(), "the broker lost messages it had acknowledged")
+	require.Contains(t, err.Error(), "outbox-relay backfill")
+
+	// Accepted, the relay goes on (the lost events are the backfill's).
+	stop, _ = inProcess(t, e.args("--accept-slot-gap"))
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "after", 5)
+	waitStream(t, e.nats.URL, 15, 30*time.Second)
+	require.NoError(t, stop())
+	recs := readStream(t, e.nats.URL, sink.DefaultStream)
+	requireClean(t, check(t, withTag(outboxRows(t, e.pg), "after"), recs[10:]))
 }
