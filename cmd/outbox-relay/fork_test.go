@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -204,24 +205,47 @@ func waitReplayed(t *testing.T, primary, standby *testenv.PG) {
 // lost; accepted, it publishes the new primary's events although their positions are below
 // the stream's last one.
 func TestFork_PromotedStandbyThatLackedTheLatestWAL(t *testing.T) {
+	testPromotedStandby(t, false)
+}
+
+// The same failover with --sync-standby-slot: the relay publishes nothing the standby has not
+// flushed, so the stream holds no event from the transactions the failover lost.
+func TestSyncStandbySlot_FailoverLosesNoPublishedEvent(t *testing.T) {
+	testPromotedStandby(t, true)
+}
+
+func testPromotedStandby(t *testing.T, syncStandby bool) {
 	primary := testenv.NewCluster(t)
 	e := &env{pg: primary.NewDatabase(t), nats: testenv.JetStream(t)}
 	e.migrate(t)
-	standby := primary.NewStandby(t)
+	var args []string
+	slot := ""
+	if syncStandby {
+		slot = "standby1"
+		args = []string{"--sync-standby-slot", slot}
+	}
+	standby := primary.NewStandby(t, slot)
 	onStandby := &testenv.PG{URL: standby.URL(e.pg.DBName), Port: standby.Port, DBName: e.pg.DBName, Cluster: standby}
 
-	stop, _ := inProcess(t, e.args())
+	stop, _ := inProcess(t, e.args(args...))
 	waitStreaming(t, e.pg, "outbox_relay")
 	insertGapEvents(t, e.pg, "before", 20)
 	waitStream(t, e.nats.URL, 20, 30*time.Second)
 	waitReplayed(t, e.pg, onStandby)
 
-	// The standby falls behind; the primary commits and the relay publishes 30 more events;
-	// the primary dies.
+	// The standby falls behind; the primary commits 30 more events; the primary dies.
 	require.NoError(t, standby.Stop(testenv.StopFast))
 	insertGapEvents(t, e.pg, "lost", 30)
-	waitStream(t, e.nats.URL, 50, 30*time.Second)
-	waitSlotCaughtUp(t, e.pg, "outbox_relay", "the lost events")
+	lost := 30
+	if syncStandby {
+		// Held until the standby flushes their commit, which it never does.
+		time.Sleep(2 * time.Second)
+		require.Equal(t, uint64(20), streamMsgs(t, e.nats.URL, sink.DefaultStream), "published before the standby had the commit")
+		lost = 0
+	} else {
+		waitStream(t, e.nats.URL, 50, 30*time.Second)
+		waitSlotCaughtUp(t, e.pg, "outbox_relay", "the lost events")
+	}
 	require.NoError(t, stop())
 	require.NoError(t, primary.Kill())
 
@@ -240,19 +264,24 @@ func TestFork_PromotedStandbyThatLackedTheLatestWAL(t *testing.T) {
 	e2 := &env{pg: onStandby, nats: e.nats}
 	var out bytes.Buffer
 	err := dispatch(context.Background(), freeHTTPAddr(e2.args()), &out, &out, noEnv)
-	require.ErrorIs(t, err, errForkedHistory)
+	require.ErrorIs(t, err, errSlotGap)
 	msg := err.Error()
-	require.Contains(t, msg, "no longer holds the recorded position")
-	require.Contains(t, msg, "on timeline 2, which began at")
-	require.Equal(t, 30, forkedCount(t, msg), "events from the transactions the failover lost: %s", msg)
-	require.Equal(t, uint64(50), streamMsgs(t, e.nats.URL, sink.DefaultStream))
+	if !syncStandby || errors.Is(err, errForkedHistory) {
+		require.ErrorIs(t, err, errForkedHistory)
+		require.Contains(t, msg, "no longer holds the recorded position")
+		require.Contains(t, msg, "on timeline 2, which began at")
+		require.Equal(t, lost, forkedCount(t, msg), "events from the transactions the failover lost: %s", msg)
+	}
+	t.Logf("events in the stream from transactions the failover lost: %d (sync standby: %v)", lost, syncStandby)
+	published := uint64(20 + lost)
+	require.Equal(t, published, streamMsgs(t, e.nats.URL, sink.DefaultStream))
 
 	stop, _ = inProcess(t, e2.args("--accept-slot-gap"))
-	waitStream(t, e.nats.URL, 60, 30*time.Second)
+	waitStream(t, e.nats.URL, published+10, 30*time.Second)
 	require.NoError(t, stop())
 	recs := readStream(t, e.nats.URL, sink.DefaultStream)
-	require.Len(t, recs, 60)
-	requireClean(t, check(t, withTag(outboxRows(t, onStandby), "new"), recs[50:]))
+	require.Len(t, recs, int(published)+10)
+	requireClean(t, check(t, withTag(outboxRows(t, onStandby), "before", "new"), append(recs[:20:20], recs[published:]...)))
 	require.Equal(t, int32(2), positionRecord(t, e.nats).Timeline)
 	requireNeverAhead(t, e2)
 }

@@ -23,6 +23,7 @@ type runConfig struct {
 	publication, slot          string
 	createSlot                 bool
 	acceptSlotGap              bool   // --accept-slot-gap
+	syncStandbySlot            string // --sync-standby-slot: publish only what this physical standby flushed
 	positionBucket             string // --position-bucket; "" disables the position record
 	temporarySlot, standby     bool
 	startLSN                   pglogrepl.LSN
@@ -62,7 +63,8 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.StringVar(&cfg.publication, "publication", "outbox_pub", "publication of the outbox table's inserts")
 	fs.StringVar(&cfg.slot, "slot", "outbox_relay", "logical replication slot (pgoutput)")
 	fs.BoolVar(&cfg.createSlot, "create-slot", false, "create the slot if it does not exist")
-	fs.BoolVar(&cfg.acceptSlotGap, "accept-slot-gap", false, "start although the slot was dropped and recreated, advanced by someone else, or belongs to another cluster than the position this relay recorded (events in between are not relayed: republish them with outbox-relay backfill)")
+	fs.BoolVar(&cfg.acceptSlotGap, "accept-slot-gap", false, "start although the slot was dropped and recreated, advanced by someone else, or belongs to another cluster than the position this relay recorded, the database's WAL history forked (restore, point-in-time recovery, failover to a lagging standby), or the stream lost acknowledged messages (events in between are not relayed: republish them with outbox-relay backfill)")
+	fs.StringVar(&cfg.syncStandbySlot, "sync-standby-slot", "", "physical replication slot of a standby: publish a transaction only once that standby has flushed its commit, so a failover to it never un-commits an event consumers saw (Postgres 15/16; adds a standby round trip to each transaction's latency; publishing pauses while the standby is away)")
 	fs.StringVar(&cfg.positionBucket, "position-bucket", sink.DefaultPositionBucket, "JetStream key-value bucket where the relay records the position it confirms, to detect slot gaps; '' turns the detection off")
 	fs.BoolVar(&cfg.temporarySlot, "temporary-slot", false, "use a temporary slot that lives only while the relay is connected (development: events committed while it is not connected are never relayed)")
 	fs.BoolVar(&cfg.standby, "standby", false, "when another relay holds the slot, wait and take over once it is released (active/passive HA)")

@@ -161,6 +161,9 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	}
 	pub := sink.NewJetStream(js, scfg, confirm, log)
 	p := &pipeline{dec: dec, trk: trk, pub: pub, log: log, obs: cfg.obs, last: last, haveLast: haveLast, check: check, deadLetter: cfg.sink.DeadLetter}
+	if cfg.syncStandbySlot != "" {
+		p.gate = newStandbyGate(cfg.pgURL, cfg.syncStandbySlot, log)
+	}
 	cfg.obs.startSession(pub, trk)
 	defer cfg.obs.endSession()
 
@@ -172,6 +175,9 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		defer close(sinkDone)
 		return pub.Run(sinkCtx)
 	})
+	if p.gate != nil {
+		g.Go(func() error { return p.gate.run(gctx) })
+	}
 	g.Go(func() error {
 		defer stopSink()
 		// The sink ending (an error) must stop reading too.
@@ -258,10 +264,28 @@ type pipeline struct {
 	check    *replayCheck // nil: the replay does not reach the stream's last event
 
 	deadLetter bool // --on-poison dead-letter
+
+	// gate (--sync-standby-slot) holds the open transaction's events until the standby
+	// flushed its commit; ticket is the transaction's.
+	gate   *standbyGate
+	ticket uint64
 }
 
-func (p *pipeline) Ready() bool                    { return !p.pub.Full() }
-func (p *pipeline) Wait(ctx context.Context) error { return p.pub.Wait(ctx) }
+func (p *pipeline) Ready() bool {
+	if p.gate != nil && !p.gate.passed(p.ticket) {
+		return false
+	}
+	return !p.pub.Full()
+}
+
+func (p *pipeline) Wait(ctx context.Context) error {
+	if p.gate != nil {
+		if err := p.gate.wait(ctx, p.ticket); err != nil {
+			return err
+		}
+	}
+	return p.pub.Wait(ctx)
+}
 func (p *pipeline) Keepalive(walEnd pglogrepl.LSN) error {
 	if p.check != nil {
 		if err := p.check.keepalive(walEnd); err != nil {
@@ -289,6 +313,9 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 	}
 	switch ch.Kind {
 	case decoder.Begin:
+		if p.gate != nil {
+			p.ticket = p.gate.request()
+		}
 		if p.obs != nil {
 			p.commit = beginCommitTime(data)
 		}

@@ -57,10 +57,11 @@ func (c *Cluster) Restore(snap string) error {
 }
 
 // NewStandby makes a streaming physical standby of c (pg_basebackup -R into a data directory
-// of its own, own port) and starts it. It is removed in t.Cleanup. Promote makes it a primary.
-func (c *Cluster) NewStandby(t testing.TB) *Cluster {
+// of its own, own port) and starts it. With slot, it streams from that physical slot of c
+// (created by pg_basebackup -C). It is removed in t.Cleanup. Promote makes it a primary.
+func (c *Cluster) NewStandby(t testing.TB, slot string) *Cluster {
 	t.Helper()
-	s, err := c.newStandby()
+	s, err := c.newStandby(slot)
 	if err != nil {
 		t.Fatalf("testenv: new standby of the cluster on port %d: %v", c.Port, err)
 	}
@@ -72,7 +73,7 @@ func (c *Cluster) NewStandby(t testing.TB) *Cluster {
 	return s
 }
 
-func (c *Cluster) newStandby() (_ *Cluster, err error) {
+func (c *Cluster) newStandby(slot string) (_ *Cluster, err error) {
 	base, err := os.MkdirTemp("", pgDirPrefix)
 	if err != nil {
 		return nil, fmt.Errorf("create standby directory: %w", err)
@@ -101,8 +102,11 @@ func (c *Cluster) newStandby() (_ *Cluster, err error) {
 	if real, err := filepath.EvalSymlinks(c.env.pgCtl); err == nil {
 		basebackup = filepath.Join(filepath.Dir(real), "pg_basebackup") // the same version as pg_ctl
 	}
-	if err := s.run(basebackup, time.Minute, "-h", "127.0.0.1", "-p", strconv.Itoa(c.Port), "-U", "postgres",
-		"-D", s.DataDir, "-R", "-X", "stream", "-c", "fast", "--no-sync"); err != nil {
+	args := []string{"-h", "127.0.0.1", "-p", strconv.Itoa(c.Port), "-U", "postgres", "-D", s.DataDir, "-R", "-X", "stream", "-c", "fast", "--no-sync"}
+	if slot != "" {
+		args = append(args, "-C", "-S", slot)
+	}
+	if err := s.run(basebackup, time.Minute, args...); err != nil {
 		return nil, err
 	}
 	for attempt := 1; ; attempt++ {
