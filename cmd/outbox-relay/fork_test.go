@@ -337,3 +337,37 @@ func TestStreamLostAcknowledgedMessagesRefused(t *testing.T) {
 	recs := readStream(t, e.nats.URL, sink.DefaultStream)
 	requireClean(t, check(t, withTag(outboxRows(t, e.pg), "after"), recs[10:]))
 }
+
+// The slot advanced by someone else after the relay read it and before START_REPLICATION held
+// it: the check reads the slot again once it is held. Before, the stale read passed the check
+// and the skipped events were silently lost.
+func TestSlotGap_SlotAdvancedBeforeItIsHeldRefused(t *testing.T) {
+	e := newEnv(t)
+	relayEvents(t, e, "before", 3)
+	insertGapEvents(t, e.pg, "skipped", 4)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	log := &testLog{}
+	dumpOnFailure(t, "relay", log)
+	go func() {
+		done <- dispatch(ctx, freeHTTPAddr(e.args()), log, log, func(k string) (string, bool) {
+			if k == "OUTBOX_RELAY_FAILPOINT" {
+				return "pause_before_start_ms:3000", true
+			}
+			return "", false
+		})
+	}()
+	require.Eventually(t, func() bool { return strings.Contains(log.String(), "failpoint: pausing before START_REPLICATION") },
+		30*time.Second, 10*time.Millisecond) // the slot read, START_REPLICATION not yet sent
+	e.pg.Exec(t, `SELECT pg_replication_slot_advance('outbox_relay', pg_current_wal_lsn())`)
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, errSlotGap)
+		require.Contains(t, err.Error(), "advanced by someone else")
+	case <-time.After(30 * time.Second):
+		t.Fatal("the relay ran on past a slot advanced before it held it")
+	}
+	require.Equal(t, uint64(3), streamMsgs(t, e.nats.URL, sink.DefaultStream))
+}

@@ -77,9 +77,31 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		// write start into the slot.
 		return fatalError{fmt.Errorf("%w: %s", errForkedHistory, forkMessage(sys, fmt.Sprintf("position %s, where this session would start", start), sys.WALEnd))}
 	}
+	if n, ok := failpointN(cfg.failpoint, "pause_before_start_ms"); ok {
+		log.Warn().Int64("ms", n).Msg("failpoint: pausing before START_REPLICATION") // test hook: a window for someone to move the slot
+		time.Sleep(time.Duration(n) * time.Millisecond)
+	}
 	st, err := replication.Start(ctx, conn, cfg.repl, start, log)
 	if err != nil {
 		return err
+	}
+	if !cfg.temporarySlot {
+		// The slot is held now: read it again, since it may have moved (advanced by someone
+		// else) after it was read above; Postgres starts at its confirmed_flush_lsn when that
+		// is further than start.
+		qconn, err := connectPG(ctx, cfg.pgURL)
+		if err != nil {
+			return err
+		}
+		slot, err := replication.GetSlot(ctx, qconn, cfg.slot)
+		qconn.Close(context.Background())
+		if err != nil {
+			return err
+		}
+		slotLSN = slot.ConfirmedFlush
+		if slotLSN > start {
+			start = slotLSN
+		}
 	}
 
 	// Events already in the stream are skipped, not re-published: after an outage longer than
