@@ -136,7 +136,13 @@ type Decoder struct {
 	payload  []byte
 	Ignored  int // rows of the outbox table that were not inserts (UPDATE/DELETE/TRUNCATE)
 	Messages int // logical decoding messages seen (events only with Config.MessagePrefix)
-	msg      messageContent
+	// Foreign counts inserts into other relations than the outbox table that the publication
+	// sent (a renamed outbox table, the partitions of a partitioned one published without
+	// publish_via_partition_root, another table added to the publication): none is published.
+	Foreign uint64
+	// OnForeign, when set, is called at the first such insert of each relation in a session.
+	OnForeign func(schema, table string)
+	msg       messageContent
 }
 
 type relation struct {
@@ -144,6 +150,7 @@ type relation struct {
 	namespace string
 	name      string
 	outbox    bool
+	reported  bool // a foreign relation's first insert was reported (OnForeign)
 	// indexes into the tuple; -1 when the optional column is absent
 	idCol, aggType, aggID, evType, payload, headers, createdAt int
 	payloadType                                                uint32
@@ -321,6 +328,11 @@ func (d *Decoder) decodeInsert(r *reader) (Change, error) {
 		return Change{}, fmt.Errorf("Insert into %s.%s outside a transaction", rel.namespace, rel.name)
 	}
 	if !rel.outbox {
+		d.Foreign++
+		if !rel.reported && d.OnForeign != nil {
+			rel.reported = true
+			d.OnForeign(rel.namespace, rel.name)
+		}
 		return Change{}, nil
 	}
 	n := int(r.u16())

@@ -371,3 +371,23 @@ func TestSlotGap_SlotAdvancedBeforeItIsHeldRefused(t *testing.T) {
 	}
 	require.Equal(t, uint64(3), streamMsgs(t, e.nats.URL, sink.DefaultStream))
 }
+
+// Inserts the publication sends from another table than the outbox (here: the outbox table
+// renamed under a running relay) are not published: the relay says so, naming the table,
+// instead of confirming them without a word.
+func TestForeignRelationInsertsWarned(t *testing.T) {
+	e := newEnv(t)
+	stop, log := inProcess(t, e.args())
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "before", 2)
+	waitStream(t, e.nats.URL, 2, 30*time.Second)
+	e.pg.Exec(t, `ALTER TABLE outbox RENAME TO outbox_renamed`)
+	e.pg.Exec(t, `INSERT INTO outbox_renamed (aggregate_type, aggregate_id, event_type, payload) VALUES ('gap', 'renamed-1', 'Gap.Happened', '{}')`)
+	require.Eventually(t, func() bool {
+		return strings.Contains(log.String(), "the publication sends inserts into another table than the outbox table")
+	}, 30*time.Second, 20*time.Millisecond, "no warning for an insert into a renamed outbox table")
+	require.Contains(t, log.String(), `"relation":"public.outbox_renamed"`)
+	require.NoError(t, stop())
+	require.Contains(t, log.String(), `"foreign_inserts":1`)
+	require.Equal(t, uint64(2), streamMsgs(t, e.nats.URL, sink.DefaultStream))
+}

@@ -165,6 +165,10 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		log.Info().Stringer("position", last).Msg("stream holds events up to this position; replayed events up to it are skipped")
 	}
 	dec := decoder.New(decoder.Config{Schema: cfg.schema, Table: cfg.table, Columns: cfg.columns, Subject: cfg.subject, MessagePrefix: cfg.messagePrefix})
+	dec.OnForeign = func(schema, table string) {
+		log.Warn().Str("relation", schema+"."+table).Str("table", cfg.schema+"."+cfg.table).Str("publication", cfg.repl.Publication).
+			Msg("the publication sends inserts into another table than the outbox table: they are NOT published (nor will they be). Was the outbox table renamed (rename it back, or restart with --table), is it partitioned without publish_via_partition_root = true (ALTER PUBLICATION ... SET (publish_via_partition_root = true)), or was another table added to the publication (remove it)? Rows inserted meanwhile need outbox-relay backfill")
+	}
 	confirm := trk.Confirm
 	if cfg.obs != nil {
 		confirm = func(t checkpoint.Ticket) { cfg.obs.stored(); trk.Confirm(t) }
@@ -251,7 +255,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	stats := pub.Stats()
 	log.Info().Uint64("published", stats.Published).Uint64("duplicates", stats.Duplicates).
 		Uint64("retries", stats.Retries).Uint64("publish_errors", stats.Errors).
-		Uint64("skipped_stored", p.skipped+stats.Skipped).Uint64("dead_letter", stats.DeadLetter).Stringer("lsn", resume).
+		Uint64("skipped_stored", p.skipped+stats.Skipped).Uint64("dead_letter", stats.DeadLetter).Uint64("foreign_inserts", dec.Foreign).Stringer("lsn", resume).
 		Msg("replication session ended")
 	return err
 }
