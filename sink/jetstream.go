@@ -85,6 +85,7 @@ type Stats struct {
 	Errors     uint64 // failed publish attempts
 	Skipped    uint64 // re-publishes skipped: the stream already held the event (LastStored)
 	DeadLetter uint64 // events replaced by a dead-letter message
+	StreamFull uint64 // publishes refused because the stream is full (discard: new)
 }
 
 type entry struct {
@@ -638,8 +639,16 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 	}
 	j.popDone()
 	wait := backoff.next()
-	j.log.Warn().Err(first).Int("in_flight", len(q)).Dur("retry_in", wait).
-		Msg("publish failed; re-publishing from the first event not stored, in order")
+	if streamFull(first) {
+		j.mu.Lock()
+		j.stats.StreamFull++
+		j.mu.Unlock()
+		j.log.Error().Err(first).Str("stream", j.cfg.Stream).Int("in_flight", len(q)).Dur("retry_in", wait).
+			Msg("the stream is full (a max_bytes, max_msgs or max_msgs_per_subject limit with discard: new): nothing from this event on is stored or confirmed, and Postgres keeps the WAL. The relay retries until space frees: raise the limit (nats stream edit), or let max_age or consumers (work-queue/interest retention) remove messages")
+	} else {
+		j.log.Warn().Err(first).Int("in_flight", len(q)).Dur("retry_in", wait).
+			Msg("publish failed; re-publishing from the first event not stored, in order")
+	}
 	select {
 	case <-time.After(wait):
 	case <-ctx.Done():
@@ -679,6 +688,19 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 		}
 	}
 	return nil
+}
+
+// streamFull reports a refusal by a stream at one of its limits with discard: new.
+func streamFull(err error) bool {
+	var apiErr *jetstream.APIError
+	if !errors.As(err, &apiErr) || apiErr.ErrorCode != 10077 { // JSStreamStoreFailedF
+		return false
+	}
+	switch apiErr.Description {
+	case "maximum bytes exceeded", "maximum messages exceeded", "maximum messages per subject exceeded":
+		return true
+	}
+	return false
 }
 
 // skipStored confirms the queued events at or before last, which the stream holds.

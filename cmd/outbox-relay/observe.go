@@ -74,6 +74,8 @@ func newObserver(stream string, log zerolog.Logger) *observer {
 		Help: "Acknowledgements JetStream marked duplicate (an event re-sent within the duplicate window)."}, stats(func(s sink.Stats) uint64 { return s.Duplicates }))
 	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_publish_errors_total", ConstLabels: labels,
 		Help: "Failed publish attempts (each is retried)."}, stats(func(s sink.Stats) uint64 { return s.Errors }))
+	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_stream_full_total", ConstLabels: labels,
+		Help: "Publishes the stream refused at a limit with discard: new (the relay retries; nothing after them is confirmed)."}, stats(func(s sink.Stats) uint64 { return s.StreamFull }))
 	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_publish_retries_total", ConstLabels: labels,
 		Help: "Events re-published after a failure."}, stats(func(s sink.Stats) uint64 { return s.Retries }))
 	o.ackLatency = f.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_publish_ack_seconds",
@@ -144,6 +146,7 @@ func (o *observer) stats() sink.Stats {
 		s.Duplicates += c.Duplicates
 		s.Errors += c.Errors
 		s.Retries += c.Retries
+		s.StreamFull += c.StreamFull
 	}
 	return s
 }
@@ -197,6 +200,7 @@ func (o *observer) endSession() {
 		o.prev.Duplicates += c.Duplicates
 		o.prev.Errors += c.Errors
 		o.prev.Retries += c.Retries
+		o.prev.StreamFull += c.StreamFull
 	}
 	o.pub, o.trk, o.times = nil, nil, o.times[:0]
 }
