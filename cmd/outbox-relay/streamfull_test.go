@@ -55,4 +55,3 @@ func TestStreamFullStallsThenResumes(t *testing.T) {
 	require.LessOrEqual(t, confirmed, firstRefused, "confirmed %s while the stream lacked the event committed at %s", confirmed, firstRefused)
 	t.Logf("stream full after %d of %d events; confirmed %s, first refused event committed at %s", stored, n, confirmed, firstRefused)
 }
-
