@@ -170,10 +170,14 @@ func (r *PositionRecord) Record(ctx context.Context, lsn pglogrepl.LSN) error {
 	p.LSN = lsn
 	if r.js != nil {
 		s, err := r.js.Stream(ctx, r.stream)
-		if err != nil {
+		switch {
+		case errors.Is(err, jetstream.ErrStreamNotFound):
+			// Nothing is stored while it is gone; the next start finds it behind the record.
+		case err != nil:
 			return fmt.Errorf("read stream %s for the position record: %w", r.stream, err)
+		default:
+			p.StreamSeq = max(p.StreamSeq, s.CachedInfo().State.LastSeq)
 		}
-		p.StreamSeq = max(p.StreamSeq, s.CachedInfo().State.LastSeq)
 	}
 	return r.Put(ctx, p)
 }

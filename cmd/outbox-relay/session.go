@@ -72,9 +72,10 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	if resume.lsn > start {
 		start = resume.lsn
 	}
-	if start > sys.WALEnd {
+	if start == resume.lsn && start > slotLSN && start > sys.WALEnd {
 		// Postgres would skip every commit below start, and the first status update would
-		// write start into the slot.
+		// write start into the slot (resume.check refuses this already; kept as the last
+		// guard before START_REPLICATION).
 		return fatalError{fmt.Errorf("%w: %s", errForkedHistory, forkMessage(sys, fmt.Sprintf("position %s, where this session would start", start), sys.WALEnd))}
 	}
 	if n, ok := failpointN(cfg.failpoint, "pause_before_start_ms"); ok {
