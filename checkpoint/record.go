@@ -30,6 +30,9 @@ type Recorder struct {
 	store    Store
 	recorded atomic.Uint64
 	failures atomic.Uint64
+	// failingSince is when the current run of failed writes began (unix nanoseconds; 0 while
+	// the last write succeeded).
+	failingSince atomic.Int64
 }
 
 // NewRecorder returns a Recorder whose record holds recorded.
@@ -72,10 +75,21 @@ func (r *Recorder) Record(ctx context.Context) error {
 	}
 	if err := r.store.Record(ctx, lsn); err != nil {
 		r.failures.Add(1)
+		r.failingSince.CompareAndSwap(0, time.Now().UnixNano())
 		return err
 	}
 	r.recorded.Store(uint64(lsn))
+	r.failingSince.Store(0)
 	return nil
+}
+
+// FailingFor is how long writes have failed in a row (0 while the last one succeeded).
+func (r *Recorder) FailingFor() time.Duration {
+	since := r.failingSince.Load()
+	if since == 0 {
+		return 0
+	}
+	return time.Since(time.Unix(0, since))
 }
 
 // Run records every interval until ctx ends. A failed write is reported to onErr (may be nil)

@@ -276,6 +276,9 @@ func beginCommitTime(data []byte) time.Time {
 	return pgEpoch.Add(time.Duration(int64(binary.BigEndian.Uint64(data[9:17]))) * time.Microsecond)
 }
 
+// recordFailingReady: failed writes of the position record for this long turn /readyz to 503.
+var recordFailingReady = 10 * time.Second
+
 // ready says whether the relay is replicating with the broker connected and not stalled, and
 // why not.
 func (o *observer) ready() (bool, string) {
@@ -288,6 +291,11 @@ func (o *observer) ready() (bool, string) {
 	}
 	if s, _ := o.stalled.Load().(string); s != "" {
 		why = append(why, "stalled: "+s)
+	}
+	if r := o.recorder.Load(); r != nil {
+		if d := r.FailingFor(); d >= recordFailingReady {
+			why = append(why, fmt.Sprintf("the position record cannot be written (for %s): nothing newer is confirmed to Postgres", d.Round(time.Second)))
+		}
 	}
 	return len(why) == 0, strings.Join(why, "; ")
 }

@@ -215,6 +215,15 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 		}),
 		nats.ReconnectHandler(func(c *nats.Conn) {
 			log.Info().Str("url", c.ConnectedUrlRedacted()).Msg("reconnected to NATS")
+		}),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			// Asynchronous errors: permission violations, slow consumers (a reply dropped:
+			// its publish times out and is re-published).
+			ev := log.Warn().Err(err)
+			if sub != nil {
+				ev = ev.Str("subscription", sub.Subject)
+			}
+			ev.Msg("NATS reported an error")
 		}))
 	if err != nil {
 		return err

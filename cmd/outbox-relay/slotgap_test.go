@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -291,4 +292,35 @@ func TestSlotGap_RecordTurnedOnLaterWarnsOnce(t *testing.T) {
 	waitStreaming(t, e.pg, "outbox_relay")
 	require.NoError(t, stop())
 	require.NotContains(t, log.String(), "no position record")
+}
+
+// A position record that cannot be written (here: its bucket deleted under the running relay)
+// while events still flow: nothing newer is confirmed, and /readyz says why instead of 200.
+func TestSlotGap_RecordFailuresReachReadyz(t *testing.T) {
+	old := recordFailingReady
+	recordFailingReady = time.Second
+	defer func() { recordFailingReady = old }()
+	e := newEnv(t)
+	stop, log := inProcess(t, e.args())
+	base := httpAddrOf(t, log)
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "one", 1)
+	waitStream(t, e.nats.URL, 1, 30*time.Second)
+	require.Eventually(t, func() bool { code, _ := get(t, base+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
+
+	js, closeNC := connectJS(t, e.nats.URL)
+	defer closeNC()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	require.NoError(t, js.DeleteKeyValue(ctx, sink.DefaultPositionBucket))
+	insertGapEvents(t, e.pg, "two", 1)
+	waitStream(t, e.nats.URL, 2, 30*time.Second)
+	var body string
+	require.Eventually(t, func() bool {
+		var code int
+		code, body = get(t, base+"/readyz")
+		return code == http.StatusServiceUnavailable
+	}, 20*time.Second, 50*time.Millisecond, "/readyz stayed ready while the record could not be written")
+	require.Contains(t, body, "the position record cannot be written")
+	require.NoError(t, stop())
 }
