@@ -126,7 +126,8 @@ func Connect(url string, opts ...nats.Option) (*nats.Conn, error) {
 	}
 	nc, err := nats.Connect(url, append(base, opts...)...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to NATS at %s: %w (is nats-server running with JetStream? set --nats-url)", RedactURL(url), err)
+		// nats.go echoes a URL it cannot parse (with its password or token).
+		return nil, fmt.Errorf("connect to NATS at %s: %w (is nats-server running with JetStream? set --nats-url)", RedactURL(url), redact.Echoed(err, url))
 	}
 	return nc, nil
 }

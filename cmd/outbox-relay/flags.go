@@ -138,7 +138,9 @@ func newFlagSet(name, usage string, stderr io.Writer) *flag.FlagSet {
 // its logger and checks --pg-url, which every command needs. --help is returned as
 // flag.ErrHelp (exit 0), anything else wrong as a usageError (exit 2).
 func parseCommand(fs *flag.FlagSet, args []string, env func(string) (string, bool), lf *logFlags, stderr io.Writer, pgURL *string) (zerolog.Logger, error) {
-	if err := parseFlags(fs, args, env); err != nil {
+	err := parseFlags(fs, args, env)
+	registerSecrets(fs)
+	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return zerolog.Nop(), err
 		}

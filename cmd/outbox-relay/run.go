@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/internal/redact"
 	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
@@ -212,7 +213,8 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 			}
 		}),
 		nats.ReconnectHandler(func(c *nats.Conn) {
-			log.Info().Str("url", c.ConnectedUrlRedacted()).Msg("reconnected to NATS")
+			// Not ConnectedUrlRedacted: it shows a token (nats://token@host).
+			log.Info().Str("url", redact.URL(c.ConnectedUrl())).Msg("reconnected to NATS")
 		}))
 	if err != nil {
 		return err

@@ -60,3 +60,14 @@ func TestText_MasksEchoedSecrets(t *testing.T) {
 	set.Add("ab") // too short to search for in free text
 	require.Equal(t, "abc", set.Text("abc"))
 }
+
+func TestEchoed_MasksShortSecretsInAnEchoedConnString(t *testing.T) {
+	dsn := "host=db port=x password = ab"
+	err := Echoed(fmt.Errorf("cannot parse `%s`: invalid port", dsn), dsn)
+	require.Equal(t, "cannot parse `host=db port=x password = xxxxx`: invalid port", err.Error())
+	list := "nats://a:1,nats://u:pw@h:bad"
+	_, perr := url.Parse("nats://u:pw@h:bad")
+	err = Echoed(perr, list)
+	require.NotContains(t, err.Error(), ":pw@")
+	require.ErrorIs(t, err, perr)
+}

@@ -68,3 +68,32 @@ type maskedError struct {
 
 func (e maskedError) Error() string { return e.msg }
 func (e maskedError) Unwrap() error { return e.err }
+
+// Echoed masks, in err's message, connString (a URL, DSN or NATS URL list) and each element of
+// a list, wherever a library echoed it (as it is, %q-quoted or JSON-escaped), by its URL form,
+// then every secret it holds. errors.Is and errors.As still see err.
+func Echoed(err error, connString string) error {
+	if err == nil {
+		return nil
+	}
+	text := err.Error()
+	cands := []string{connString}
+	if !isPostgresURL(connString) && !looksLikeDSN(connString) {
+		for _, p := range strings.Split(connString, ",") {
+			cands = append(cands, strings.TrimSpace(p))
+		}
+	}
+	for _, c := range cands {
+		if c == "" {
+			continue
+		}
+		m := URL(c)
+		if m == c {
+			continue
+		}
+		for _, form := range []func(string) string{func(s string) string { return s }, quoteInner, jsonInner} {
+			text = strings.ReplaceAll(text, form(c), form(m))
+		}
+	}
+	return maskedError{msg: Text(text, Secrets(connString)), err: err}
+}
