@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -86,7 +87,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.StringVar(&cfg.embedded.listen, "embedded-nats-listen", "127.0.0.1:4222", "host:port the embedded server listens on (port 0: a free port)")
 	headers := fs.String("headers", "outbox", "message headers: outbox (Nats-Msg-Id, Outbox-*, the headers column) or cloudevents (the same plus CloudEvents binary-mode ce-* headers)")
 	fs.StringVar(&cfg.sink.CloudEventsSource, "cloudevents-source", sink.DefaultCloudEventsSource, "with --headers cloudevents: the ce-source attribute")
-	fs.StringVar(&cfg.httpAddr, "http-addr", ":9187", `address serving /metrics, /healthz and /readyz; "" or "off" disables it`)
+	fs.StringVar(&cfg.httpAddr, "http-addr", ":"+defaultHTTPPort, `address serving /metrics, /healthz and /readyz (no authentication: bind it to 127.0.0.1 or the pod IP where you can); "" or "off" disables it`)
 	fs.DurationVar(&cfg.stallTimeout, "stall-timeout", 60*time.Second, "events pending with nothing acknowledged (or no replication session) for this long turns /readyz to 503 and logs what is stuck; 0 disables")
 	lf.register(fs)
 	log, err := parseCommand(fs, args, env, &lf, stderr, &cfg.pgURL)
@@ -206,6 +207,20 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 	log = log.With().Str("slot", cfg.slot).Logger()
 	obs := newObserver(cfg.sink.Stream, log)
 	cfg.obs = obs
+	var httpLn net.Listener
+	if cfg.httpAddr != "" && cfg.httpAddr != "off" {
+		// Bound first: a taken port must stop the relay before it creates a slot.
+		ln, err := listenHTTP(cfg.httpAddr)
+		if err != nil {
+			return err
+		}
+		httpLn = ln
+		defer func() {
+			if httpLn != nil {
+				httpLn.Close()
+			}
+		}()
+	}
 	b, err := preflight(ctx, cfg, log,
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
@@ -222,11 +237,9 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 	defer b.nc.Close()
 	js := b.js
 	obs.nc.Store(b.nc)
-	if cfg.httpAddr != "" && cfg.httpAddr != "off" {
-		stopHTTP, err := obs.serveHTTP(ctx, cfg.httpAddr)
-		if err != nil {
-			return err
-		}
+	if httpLn != nil {
+		stopHTTP := obs.serveHTTP(httpLn)
+		httpLn = nil // closed by stopHTTP
 		defer stopHTTP()
 	}
 	wctx, stopWatch := context.WithCancel(ctx)
