@@ -148,7 +148,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	cfg.standbyPoll = time.Second
 	cfg.failpoint, _ = env("OUTBOX_RELAY_FAILPOINT")
 	if cfg.embedded.enabled && auth.set() {
-		return usageError{fmt.Errorf("the --nats-creds/--nats-nkey/--nats-user/--nats-password/--nats-token/--nats-tls-* flags apply to a server at --nats-url; --embedded-nats runs without authentication or TLS: drop one or the other")}
+		return usageError{fmt.Errorf("the --nats-creds/--nats-nkey/--nats-user/--nats-password(-file)/--nats-token(-file)/--nats-tls-* flags apply to a server at --nats-url; --embedded-nats runs without authentication or TLS: drop one or the other")}
 	}
 	if cfg.natsOpts, err = auth.options(cfg.natsURL); err != nil {
 		return usageError{err}
