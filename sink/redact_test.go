@@ -43,6 +43,10 @@ func TestRedactURL_EveryForm(t *testing.T) {
 		{"nats://a:4222,u:pw1secret@b:4222", "nats://a:4222,u:xxxxx@b:4222"},
 		{"nats://h:4222", "nats://h:4222"},
 		{"h1:4222,h2:4222", "h1:4222,h2:4222"},
+		{"abc==@h:4222", "xxxxx@h:4222"},
+		{"u:p=w2pw@h:4222", "u:xxxxx@h:4222"},
+		{"search_path=app password=hunter2pw host=db", "search_path=app password=xxxxx host=db"},
+		{"password=hunter2pw", "password=xxxxx"},
 	} {
 		got := RedactURL(c.in)
 		assert.Equal(t, c.want, got, "RedactURL(%q)", c.in)

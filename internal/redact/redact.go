@@ -32,8 +32,13 @@ func URL(s string) string {
 	if isPostgresURL(s) {
 		return pgURL(s)
 	}
-	if looksLikeDSN(s) {
-		return dsn(s, nil)
+	if !strings.Contains(s, "://") {
+		// A key/value DSN, or NATS URLs without a scheme (a token may hold '='): mask the
+		// DSN's secret keys, then, in a string without spaces, the credentials of URLs.
+		s = dsn(s, nil)
+		if strings.ContainsAny(strings.TrimSpace(s), " \t\n\r") {
+			return s
+		}
 	}
 	parts := strings.Split(s, ",")
 	for i, p := range parts {
@@ -57,15 +62,18 @@ func Secrets(s string) []string {
 			out = append(out, d)
 		}
 	}
-	switch {
-	case isPostgresURL(s):
+	if isPostgresURL(s) {
 		pgURLSecrets(s, add)
-	case looksLikeDSN(s):
+		return out
+	}
+	if !strings.Contains(s, "://") {
 		dsn(s, add)
-	default:
-		for _, p := range strings.Split(s, ",") {
-			natsURL(p, add)
+		if strings.ContainsAny(strings.TrimSpace(s), " \t\n\r") {
+			return out
 		}
+	}
+	for _, p := range strings.Split(s, ",") {
+		natsURL(p, add)
 	}
 	return out
 }
@@ -73,26 +81,6 @@ func Secrets(s string) []string {
 func isPostgresURL(s string) bool {
 	l := strings.ToLower(strings.TrimSpace(s))
 	return strings.HasPrefix(l, "postgres://") || strings.HasPrefix(l, "postgresql://")
-}
-
-// looksLikeDSN: a libpq key/value string starts with a key made of letters and underscores
-// followed by '=' (possibly after spaces), and is no URL.
-func looksLikeDSN(s string) bool {
-	s = strings.TrimLeft(s, " \t\n\r")
-	if strings.Contains(s, "://") {
-		return false
-	}
-	i := 0
-	for i < len(s) && (s[i] == '_' || s[i] >= 'a' && s[i] <= 'z' || s[i] >= 'A' && s[i] <= 'Z') {
-		i++
-	}
-	if i == 0 {
-		return false
-	}
-	for i < len(s) && (s[i] == ' ' || s[i] == '\t') {
-		i++
-	}
-	return i < len(s) && s[i] == '='
 }
 
 // userinfoEnd returns the index in rest (a URL after its scheme) of the '@' that ends the

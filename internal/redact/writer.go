@@ -78,7 +78,7 @@ func Echoed(err error, connString string) error {
 	}
 	text := err.Error()
 	cands := []string{connString}
-	if !isPostgresURL(connString) && !looksLikeDSN(connString) {
+	if !isPostgresURL(connString) && !strings.ContainsAny(strings.TrimSpace(connString), " \t\n\r") {
 		for _, p := range strings.Split(connString, ",") {
 			cands = append(cands, strings.TrimSpace(p))
 		}
