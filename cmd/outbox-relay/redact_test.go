@@ -1,14 +1,19 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
 // The relay binary, given unreachable or malformed URLs/DSNs with secrets in every form they
@@ -63,4 +68,35 @@ func TestBinary_SecretsNeverPrinted(t *testing.T) {
 			}
 		})
 	}
+}
+
+// After a reconnect the relay logs the server's URL without its token, also a token too short
+// for the output filter (nats.go's ConnectedUrlRedacted hides only a password).
+func TestRelay_ReconnectLogHidesTheToken(t *testing.T) {
+	e := &env{pg: newEnvPG(t)}
+	port := testenv.FreePort(t)
+	opts := server.Options{Host: "127.0.0.1", Port: port, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true, Authorization: "t0k"}
+	start := func() *server.Server {
+		o := opts
+		s, err := server.NewServer(&o)
+		require.NoError(t, err)
+		go s.Start()
+		require.True(t, s.ReadyForConnections(10*time.Second))
+		return s
+	}
+	s := start()
+	t.Cleanup(func() { s.Shutdown(); s.WaitForShutdown() })
+	url := fmt.Sprintf("nats://t0k@127.0.0.1:%d", port)
+	_, log := inProcess(t, []string{"run", "--pg-url", e.pg.URL, "--nats-url", url, "--create-slot", "--log-format", "json"})
+	waitStreaming(t, e.pg, "outbox_relay")
+	s.Shutdown()
+	s.WaitForShutdown()
+	s = start()
+	require.Eventually(t, func() bool { return strings.Contains(log.String(), "reconnected to NATS") }, 30*time.Second, 20*time.Millisecond)
+	for _, line := range strings.Split(log.String(), "\n") {
+		if strings.Contains(line, "reconnected to NATS") {
+			require.Contains(t, line, fmt.Sprintf("nats://xxxxx@127.0.0.1:%d", port))
+		}
+	}
+	require.NotContains(t, log.String(), "t0k@")
 }

@@ -2,6 +2,7 @@ package redact
 
 import (
 	"io"
+	"slices"
 	"strings"
 	"sync"
 )
@@ -17,8 +18,16 @@ type Set struct {
 func (s *Set) Add(secrets ...string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.secrets = append(s.secrets, secrets...)
-	s.searched = variants(s.secrets)
+	added := false
+	for _, v := range secrets {
+		if v != "" && !slices.Contains(s.secrets, v) {
+			s.secrets = append(s.secrets, v)
+			added = true
+		}
+	}
+	if added {
+		s.searched = variants(s.secrets)
+	}
 }
 
 // AddURL adds the secrets of a URL, DSN or NATS URL list (see Secrets).
