@@ -20,6 +20,8 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/rs/zerolog"
+
+	"github.com/outbox-relay/outbox-relay/internal/redact"
 )
 
 // Defaults for Config.
@@ -105,7 +107,8 @@ type Stream struct {
 func Connect(ctx context.Context, connString string) (*pgconn.PgConn, error) {
 	cfg, err := pgconn.ParseConfig(connString)
 	if err != nil {
-		return nil, fmt.Errorf("parse --pg-url: %w", err)
+		// pgconn echoes the connection string, masking only the password forms it knows.
+		return nil, fmt.Errorf("parse --pg-url: %w", redact.Echoed(err, connString))
 	}
 	cfg.RuntimeParams["replication"] = "database"
 	cfg.RuntimeParams["DateStyle"] = "ISO, MDY"

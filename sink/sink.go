@@ -17,12 +17,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
+
+	"github.com/outbox-relay/outbox-relay/internal/redact"
 )
 
 // Defaults for Config.
@@ -125,7 +126,8 @@ func Connect(url string, opts ...nats.Option) (*nats.Conn, error) {
 	}
 	nc, err := nats.Connect(url, append(base, opts...)...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to NATS at %s: %w (is nats-server running with JetStream? set --nats-url)", RedactURL(url), err)
+		// nats.go echoes a URL it cannot parse (with its password or token).
+		return nil, fmt.Errorf("connect to NATS at %s: %w (is nats-server running with JetStream? set --nats-url)", RedactURL(url), redact.Echoed(err, url))
 	}
 	return nc, nil
 }
@@ -207,70 +209,7 @@ func splitTokens(s string) []string {
 	return out
 }
 
-// RedactURL hides a password in a URL-like string: the password of user:password, a bare
-// token in a NATS URL (nats://token@host), each URL of a comma-separated list, and a
-// password=... in a key/value DSN.
-func RedactURL(s string) string {
-	if strings.Count(s, "://") > 1 && strings.Contains(s, ",") {
-		parts := strings.Split(s, ",")
-		for i, p := range parts {
-			parts[i] = RedactURL(p)
-		}
-		return strings.Join(parts, ",")
-	}
-	if !strings.Contains(s, "://") {
-		return redactDSN(s)
-	}
-	at := -1
-	for i := len(s) - 1; i >= 0; i-- {
-		if s[i] == '@' {
-			at = i
-			break
-		}
-	}
-	scheme := 0
-	for i := 0; i+2 < len(s); i++ {
-		if s[i] == ':' && s[i+1] == '/' && s[i+2] == '/' {
-			scheme = i + 3
-			break
-		}
-	}
-	if at < 0 || at < scheme {
-		return s
-	}
-	userinfo := s[scheme:at]
-	for i := 0; i < len(userinfo); i++ {
-		if userinfo[i] == ':' {
-			return s[:scheme] + userinfo[:i] + ":xxxxx" + s[at:]
-		}
-	}
-	switch strings.ToLower(strings.TrimSpace(s[:scheme])) {
-	case "nats://", "tls://", "ws://", "wss://":
-		// A NATS URL's bare userinfo is a token.
-		return s[:scheme] + "xxxxx" + s[at:]
-	}
-	return s
-}
-
-// redactDSN hides the value of password=... in a key/value connection string.
-func redactDSN(s string) string {
-	i := strings.Index(s, "password=")
-	if i < 0 || (i > 0 && s[i-1] != ' ') {
-		return s
-	}
-	v := i + len("password=")
-	end := v
-	if end < len(s) && s[end] == '\'' {
-		for end++; end < len(s) && s[end] != '\''; end++ {
-			if s[end] == '\\' {
-				end++
-			}
-		}
-		end++
-	} else {
-		for end < len(s) && s[end] != ' ' {
-			end++
-		}
-	}
-	return s[:v] + "xxxxx" + s[min(end, len(s)):]
-}
+// RedactURL hides the secrets of a URL-like string: the password of user:password@, a NATS
+// token (nats://token@host, token@host), password= and sslpassword= in a Postgres URL's query
+// or a key/value DSN, in every URL of a comma-separated NATS list.
+func RedactURL(s string) string { return redact.URL(s) }

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/internal/redact"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -93,7 +94,7 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 	// Text output as the replication connection gets it, so the decoder sees the same bytes.
 	pcfg, err := pgx.ParseConfig(pgURL)
 	if err != nil {
-		return usageError{fmt.Errorf("parse --pg-url %s: %w", sink.RedactURL(pgURL), err)}
+		return usageError{fmt.Errorf("parse --pg-url %s: %w", redact.URL(pgURL), redact.Echoed(err, pgURL))}
 	}
 	pcfg.RuntimeParams["DateStyle"] = "ISO, MDY"
 	pcfg.RuntimeParams["TimeZone"] = "UTC"

@@ -138,7 +138,9 @@ func newFlagSet(name, usage string, stderr io.Writer) *flag.FlagSet {
 // its logger and checks --pg-url, which every command needs. --help is returned as
 // flag.ErrHelp (exit 0), anything else wrong as a usageError (exit 2).
 func parseCommand(fs *flag.FlagSet, args []string, env func(string) (string, bool), lf *logFlags, stderr io.Writer, pgURL *string) (zerolog.Logger, error) {
-	if err := parseFlags(fs, args, env); err != nil {
+	err := parseFlags(fs, args, env)
+	registerSecrets(fs)
+	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return zerolog.Nop(), err
 		}
@@ -151,18 +153,27 @@ func parseCommand(fs *flag.FlagSet, args []string, env func(string) (string, boo
 	if *pgURL == "" {
 		return zerolog.Nop(), usageError{fmt.Errorf("--pg-url is required (or %s)", envName("pg-url"))}
 	}
+	tr := checkTransport(fs, lf.requireTLS, os.Getenv)
+	for _, w := range append(tr.warnings, secretFileWarnings(fs, os.Getenv)...) {
+		log.Warn().Msg(w)
+	}
+	if len(tr.refusals) > 0 {
+		return zerolog.Nop(), usageError{errors.New(strings.Join(tr.refusals, "\n"))}
+	}
 	return log, nil
 }
 
-// logFlags are shared by every command.
+// logFlags are shared by every command: --config, the log's, and --require-tls.
 type logFlags struct {
 	level, format string
+	requireTLS    bool
 }
 
 func (l *logFlags) register(fs *flag.FlagSet) {
 	fs.String("config", "", "YAML file of flag values (keys are flag names); flags and environment variables override it")
 	fs.StringVar(&l.level, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&l.format, "log-format", "console", "log format: json or console")
+	fs.BoolVar(&l.requireTLS, "require-tls", false, "refuse to connect to Postgres without sslmode=verify-full or verify-ca, or to NATS without a tls:// URL or --nats-tls-ca/--nats-tls-cert (Unix sockets and loopback addresses excepted)")
 }
 
 func (l *logFlags) logger(w io.Writer) (zerolog.Logger, error) {

@@ -36,16 +36,17 @@ func realMain() int {
 	stopProfiles := startProfiles(os.Getenv("OUTBOX_RELAY_CPUPROFILE"), os.Getenv("OUTBOX_RELAY_MEMPROFILE"))
 	err := dispatch(ctx, os.Args[1:], os.Stdout, os.Stderr, os.LookupEnv)
 	stopProfiles()
+	stderr := maskedOutput(os.Stderr)
 	switch {
 	case err == nil:
 		return 0
 	case errors.Is(err, flag.ErrHelp):
 		return 0
 	case errors.As(err, new(usageError)):
-		fmt.Fprintln(os.Stderr, "outbox-relay:", err)
+		fmt.Fprintln(stderr, "outbox-relay:", err)
 		return 2
 	default:
-		fmt.Fprintln(os.Stderr, "outbox-relay:", err)
+		fmt.Fprintln(stderr, "outbox-relay:", err)
 		return 1
 	}
 }
@@ -61,7 +62,10 @@ const commands = `commands:
   publication  create, drop or show the publication of a table's inserts
   version      print the version`
 
-func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) (string, bool)) error {
+func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) (string, bool)) (err error) {
+	// No secret reaches the output or the error (see secrets.go).
+	stdout, stderr = maskedOutput(stdout), maskedOutput(stderr)
+	defer func() { err = printedSecrets.Error(err) }()
 	if len(args) == 0 {
 		return usageError{fmt.Errorf("no command\n%s", commands)}
 	}

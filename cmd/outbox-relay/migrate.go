@@ -7,8 +7,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/outbox-relay/outbox-relay/internal/redact"
 	"github.com/outbox-relay/outbox-relay/migrations"
-	"github.com/outbox-relay/outbox-relay/sink"
 )
 
 func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) (string, bool)) error {
@@ -75,7 +75,7 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 func connectPG(ctx context.Context, url string) (*pgx.Conn, error) {
 	cfg, err := pgx.ParseConfig(url)
 	if err != nil {
-		return nil, usageError{fmt.Errorf("parse --pg-url %s: %w", sink.RedactURL(url), err)}
+		return nil, usageError{fmt.Errorf("parse --pg-url %s: %w", redact.URL(url), redact.Echoed(err, url))}
 	}
 	if cfg.RuntimeParams["application_name"] == "" {
 		cfg.RuntimeParams["application_name"] = "outbox-relay"

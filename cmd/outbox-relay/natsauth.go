@@ -15,9 +15,10 @@ import (
 // natsAuth holds the --nats-* authentication and TLS flags. Secrets (password, token) are
 // only ever handed to nats.go; they are never logged nor put in an error.
 type natsAuth struct {
-	creds, nkey            string
-	user, password, token  string
-	tlsCA, tlsCert, tlsKey string
+	creds, nkey             string
+	user, password, token   string
+	passwordFile, tokenFile string
+	tlsCA, tlsCert, tlsKey  string
 }
 
 func (a *natsAuth) register(fs *flag.FlagSet) {
@@ -26,6 +27,8 @@ func (a *natsAuth) register(fs *flag.FlagSet) {
 	fs.StringVar(&a.user, "nats-user", "", "NATS user name (with --nats-password)")
 	fs.StringVar(&a.password, "nats-password", "", "NATS password (with --nats-user); prefer OUTBOX_RELAY_NATS_PASSWORD or the config file to keep it out of ps")
 	fs.StringVar(&a.token, "nats-token", "", "NATS authentication token; prefer OUTBOX_RELAY_NATS_TOKEN or the config file to keep it out of ps")
+	fs.StringVar(&a.passwordFile, "nats-password-file", "", "file holding the NATS password (instead of --nats-password; one trailing newline is ignored)")
+	fs.StringVar(&a.tokenFile, "nats-token-file", "", "file holding the NATS token (instead of --nats-token; one trailing newline is ignored)")
 	fs.StringVar(&a.tlsCA, "nats-tls-ca", "", "PEM file of the CA(s) that signed the NATS server's certificate; implies TLS")
 	fs.StringVar(&a.tlsCert, "nats-tls-cert", "", "PEM client certificate for servers that verify clients (with --nats-tls-key); implies TLS")
 	fs.StringVar(&a.tlsKey, "nats-tls-key", "", "PEM private key of --nats-tls-cert")
@@ -40,6 +43,9 @@ func (a *natsAuth) set() bool {
 // readable) and returns the nats.go options they stand for. Its errors are usage errors that
 // name the flag; they never contain a secret.
 func (a *natsAuth) options(natsURL string) ([]nats.Option, error) {
+	if err := a.readSecretFiles(); err != nil {
+		return nil, err
+	}
 	var methods []string
 	if a.creds != "" {
 		methods = append(methods, "--nats-creds")
@@ -149,4 +155,33 @@ func natsConnectHint(err error) string {
 		return "the NATS server does not offer TLS, but --nats-tls-ca/--nats-tls-cert ask for it. Fix: enable tls on the server or drop those flags"
 	}
 	return ""
+}
+
+// readSecretFiles sets the password and token from --nats-password-file and --nats-token-file.
+func (a *natsAuth) readSecretFiles() error {
+	for _, f := range []struct {
+		flag, other, path string
+		dst               *string
+	}{
+		{"nats-password-file", "nats-password", a.passwordFile, &a.password},
+		{"nats-token-file", "nats-token", a.tokenFile, &a.token},
+	} {
+		if f.path == "" {
+			continue
+		}
+		if *f.dst != "" {
+			return fmt.Errorf("--%s and --%s exclude each other: keep one", f.flag, f.other)
+		}
+		b, err := os.ReadFile(f.path)
+		if err != nil {
+			return fmt.Errorf("--%s: %w", f.flag, err)
+		}
+		v := strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+		if v == "" {
+			return fmt.Errorf("--%s %s: the file is empty", f.flag, f.path)
+		}
+		printedSecrets.Add(v)
+		*f.dst = v
+	}
+	return nil
 }

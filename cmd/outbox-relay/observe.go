@@ -300,13 +300,9 @@ func (o *observer) ready() (bool, string) {
 	return len(why) == 0, strings.Join(why, "; ")
 }
 
-// serveHTTP serves /metrics, /healthz and /readyz on addr until ctx ends. It returns once the
-// listener is bound (the address in use is logged) or with the bind error.
-func (o *observer) serveHTTP(ctx context.Context, addr string) (stop func(), err error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fatalError{fmt.Errorf("--http-addr %s: %w (choose another address, or --http-addr off)", addr, err)}
-	}
+// serveHTTP serves /metrics, /healthz and /readyz on ln (see listenHTTP) until stop is
+// called; the address is logged.
+func (o *observer) serveHTTP(ln net.Listener) (stop func()) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(o.reg, promhttp.HandlerOpts{Registry: o.reg}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -321,7 +317,7 @@ func (o *observer) serveHTTP(ctx context.Context, addr string) (stop func(), err
 		}
 		fmt.Fprintln(w, "ok")
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	srv := newHTTPServer(mux)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -335,7 +331,7 @@ func (o *observer) serveHTTP(ctx context.Context, addr string) (stop func(), err
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 		<-done
-	}, nil
+	}
 }
 
 // watch polls the slot for the lag gauges and detects stalls, until ctx ends.

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -13,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/internal/redact"
 	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
@@ -87,7 +89,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.StringVar(&cfg.embedded.listen, "embedded-nats-listen", "127.0.0.1:4222", "host:port the embedded server listens on (port 0: a free port)")
 	headers := fs.String("headers", "outbox", "message headers: outbox (Nats-Msg-Id, Outbox-*, the headers column) or cloudevents (the same plus CloudEvents binary-mode ce-* headers)")
 	fs.StringVar(&cfg.sink.CloudEventsSource, "cloudevents-source", sink.DefaultCloudEventsSource, "with --headers cloudevents: the ce-source attribute")
-	fs.StringVar(&cfg.httpAddr, "http-addr", ":9187", `address serving /metrics, /healthz and /readyz; "" or "off" disables it`)
+	fs.StringVar(&cfg.httpAddr, "http-addr", ":"+defaultHTTPPort, `address serving /metrics, /healthz and /readyz (no authentication: bind it to 127.0.0.1 or the pod IP where you can); "" or "off" disables it`)
 	fs.DurationVar(&cfg.stallTimeout, "stall-timeout", 60*time.Second, "events pending with nothing acknowledged (or no replication session) for this long turns /readyz to 503 and logs what is stuck; 0 disables")
 	lf.register(fs)
 	log, err := parseCommand(fs, args, env, &lf, stderr, &cfg.pgURL)
@@ -148,7 +150,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	cfg.standbyPoll = time.Second
 	cfg.failpoint, _ = env("OUTBOX_RELAY_FAILPOINT")
 	if cfg.embedded.enabled && auth.set() {
-		return usageError{fmt.Errorf("the --nats-creds/--nats-nkey/--nats-user/--nats-password/--nats-token/--nats-tls-* flags apply to a server at --nats-url; --embedded-nats runs without authentication or TLS: drop one or the other")}
+		return usageError{fmt.Errorf("the --nats-creds/--nats-nkey/--nats-user/--nats-password(-file)/--nats-token(-file)/--nats-tls-* flags apply to a server at --nats-url; --embedded-nats runs without authentication or TLS: drop one or the other")}
 	}
 	if cfg.natsOpts, err = auth.options(cfg.natsURL); err != nil {
 		return usageError{err}
@@ -207,6 +209,20 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 	log = log.With().Str("slot", cfg.slot).Logger()
 	obs := newObserver(cfg.sink.Stream, log)
 	cfg.obs = obs
+	var httpLn net.Listener
+	if cfg.httpAddr != "" && cfg.httpAddr != "off" {
+		// Bound first: a taken port must stop the relay before it creates a slot.
+		ln, err := listenHTTP(cfg.httpAddr)
+		if err != nil {
+			return err
+		}
+		httpLn = ln
+		defer func() {
+			if httpLn != nil {
+				httpLn.Close()
+			}
+		}()
+	}
 	b, err := preflight(ctx, cfg, log,
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
@@ -214,7 +230,8 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 			}
 		}),
 		nats.ReconnectHandler(func(c *nats.Conn) {
-			log.Info().Str("url", c.ConnectedUrlRedacted()).Msg("reconnected to NATS")
+			// Not ConnectedUrlRedacted: it shows a token (nats://token@host).
+			log.Info().Str("url", redact.URL(c.ConnectedUrl())).Msg("reconnected to NATS")
 		}),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
 			// Asynchronous errors: permission violations, slow consumers (a reply dropped:
@@ -231,11 +248,9 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 	defer b.nc.Close()
 	js := b.js
 	obs.nc.Store(b.nc)
-	if cfg.httpAddr != "" && cfg.httpAddr != "off" {
-		stopHTTP, err := obs.serveHTTP(ctx, cfg.httpAddr)
-		if err != nil {
-			return err
-		}
+	if httpLn != nil {
+		stopHTTP := obs.serveHTTP(httpLn)
+		httpLn = nil // closed by stopHTTP
 		defer stopHTTP()
 	}
 	wctx, stopWatch := context.WithCancel(ctx)
