@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
@@ -390,4 +392,41 @@ func TestForeignRelationInsertsWarned(t *testing.T) {
 	require.NoError(t, stop())
 	require.Contains(t, log.String(), `"foreign_inserts":1`)
 	require.Equal(t, uint64(2), streamMsgs(t, e.nats.URL, sink.DefaultStream))
+}
+
+// A message forged under the relay's subjects with a later Outbox-Commit-Lsn than the stream's
+// real last event would make the relay skip every event up to it as already stored. The replay
+// reaches that position without yielding the forged id: refused, nothing confirmed past the
+// slot, nothing skipped for good.
+func TestForgedLastMessageRefused(t *testing.T) {
+	e := newEnv(t)
+	relayEvents(t, e, "before", 3)
+	slotBefore := confirmedFlush(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "hidden", 5)
+	var walNow string
+	require.NoError(t, e.pg.QueryRow(t, `SELECT pg_current_wal_lsn()::text`).Scan(&walNow))
+
+	nc := e.nats.Connect(t)
+	m := nats.NewMsg("outbox.gap.Forged")
+	m.Header.Set(sink.HeaderMsgID, "forged-1")
+	m.Header.Set(sink.HeaderCommitLSN, walNow)
+	m.Header.Set(sink.HeaderTxIndex, "0")
+	m.Data = []byte(`{}`)
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err = js.PublishMsg(ctx, m)
+	require.NoError(t, err)
+
+	done, _ := runRelay(t, e.args())
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "next", 1) // commits past the forged position
+	t0 := time.Now()
+	err = relayExit(t, done, 60*time.Second, "a forged last message")
+	t.Logf("refused %s after the next event", time.Since(t0))
+	require.ErrorIs(t, err, errForkedHistory)
+	require.Contains(t, err.Error(), "another publisher wrote that message")
+	require.Equal(t, uint64(4), streamMsgs(t, e.nats.URL, sink.DefaultStream), "the hidden events were neither published nor...")
+	require.Equal(t, slotBefore, confirmedFlush(t, e.pg, "outbox_relay"), "...confirmed")
 }
