@@ -50,6 +50,9 @@ const (
 	HeaderPoisonReason = "Outbox-Poison-Reason"
 	// HeaderOriginalSubject is set on dead-letter messages: the subject the event was meant for.
 	HeaderOriginalSubject = "Outbox-Original-Subject"
+	// HeaderDroppedHeaders is set on dead-letter messages that leave headers of the event out
+	// (a key nats.go refuses, or no room under the server's max_payload): how many.
+	HeaderDroppedHeaders = "Outbox-Dropped-Headers"
 )
 
 // DeadLetterToken is the subject token after the prefix that dead-letter messages use:

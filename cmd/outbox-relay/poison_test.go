@@ -27,6 +27,7 @@ func TestRelay_PoisonEventsStopOrGoToDeadLetter(t *testing.T) {
 		wantErr     string // in the stop error
 		wantReason  string // in the dead-letter reason header
 		keepPayload bool
+		wantDropped string // Outbox-Dropped-Headers of the dead letter
 	}{
 		{name: "null id", insert: `(NULL, 'order', 'p', 'Bad', '{"p": 1}', NULL)`, wantErr: `(id ""): column id is NULL or empty`, wantReason: "column id is NULL or empty", keepPayload: true},
 		{name: "empty id", insert: `('', 'order', 'p', 'Bad', '{"p": 1}', NULL)`, wantErr: `column id is NULL or empty`, wantReason: "column id is NULL or empty", keepPayload: true},
@@ -34,6 +35,17 @@ func TestRelay_PoisonEventsStopOrGoToDeadLetter(t *testing.T) {
 		{name: "payload over max_payload", insert: `('p1', 'order', 'p', 'Big', repeat('x', 20000), NULL)`, maxPayload: 8192, wantErr: "over the server's max_payload of 8192", wantReason: "max_payload"},
 		{name: "subject over the protocol limit", insert: `('p1', repeat('a', 4000), 'p', 'Long', '{}', NULL)`, wantErr: "subject is 4012 bytes", wantReason: "subject is 4012 bytes"},
 		{name: "stream rejects the message", insert: `('p1', 'order', 'p', 'Big', repeat('x', 6000), NULL)`, maxMsgSize: 4096, wantErr: "rejected by the stream", wantReason: "max_msg_size"},
+		// Headers-column keys nats.go refuses (nats.ErrBadHeaderMsg on every publish).
+		{name: "header key with a space", insert: `('p1', 'order', 'p', 'Bad', '{"p": 1}', '{"content type": "json", "ok": "1"}')`, wantErr: `event p1 (position`, wantReason: `headers column key "content type"`, keepPayload: true, wantDropped: "1"},
+		{name: "header key with a slash", insert: `('p1', 'order', 'p', 'Bad', '{"p": 1}', '{"a/b": "x"}')`, wantErr: `headers column key "a/b" is not a valid NATS header key`, wantReason: `"a/b"`, keepPayload: true, wantDropped: "1"},
+		{name: "header key with a colon", insert: `('p1', 'order', 'p', 'Bad', '{"p": 1}', '{"a:b": "x"}')`, wantErr: `"a:b"`, wantReason: `"a:b"`, keepPayload: true, wantDropped: "1"},
+		{name: "header key with an at sign", insert: `('p1', 'order', 'p', 'Bad', '{"p": 1}', '{"a@b": "x"}')`, wantErr: `"a@b"`, wantReason: `"a@b"`, keepPayload: true, wantDropped: "1"},
+		{name: "header key with an equals sign", insert: `('p1', 'order', 'p', 'Bad', '{"p": 1}', '{"a=b": "x"}')`, wantErr: `"a=b"`, wantReason: `"a=b"`, keepPayload: true, wantDropped: "1"},
+		{name: "non-ASCII header key", insert: `('p1', 'order', 'p', 'Bad', '{"p": 1}', '{"clé": "x"}')`, wantErr: `"clé"`, wantReason: `"clé"`, keepPayload: true, wantDropped: "1"},
+		{name: "empty header key", insert: `('p1', 'order', 'p', 'Bad', '{"p": 1}', '{"": "x"}')`, wantErr: `headers column key ""`, wantReason: `key ""`, keepPayload: true, wantDropped: "1"},
+		{name: "header key with a line break", insert: `('p1', 'order', 'p', 'Bad', '{"p": 1}', '{"a\r\nb": "x", "c\u0000": "y"}')`, wantErr: `"a\r\nb"`, wantReason: `"a\r\nb"`, keepPayload: true, wantDropped: "2"},
+		// The headers alone are over max_payload: the dead letter leaves them out to fit.
+		{name: "headers over max_payload", insert: `('p1', 'order', 'p', 'Big', '{"p": 1}', (SELECT json_object_agg('h' || i, repeat('v', 600))::text FROM generate_series(1, 10) i))`, maxPayload: 4096, wantErr: "over the server's max_payload of 4096", wantReason: "max_payload"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			pg := testenv.Postgres(t)
@@ -84,6 +96,9 @@ func TestRelay_PoisonEventsStopOrGoToDeadLetter(t *testing.T) {
 				require.Equal(t, `{"p": 1}`, string(dl.Data))
 			} else {
 				require.Empty(t, dl.Data, "too big: metadata only")
+			}
+			if c.wantDropped != "" {
+				require.Equal(t, c.wantDropped, dl.Header.Get(sink.HeaderDroppedHeaders))
 			}
 			require.Equal(t, "g2", recs[2].Header.Get(sink.HeaderMsgID))
 			require.True(t, strings.HasPrefix(recs[2].Subject, "outbox.order."))
