@@ -12,6 +12,8 @@ import (
 
 	"github.com/rs/zerolog"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/outbox-relay/outbox-relay/migrations"
 )
 
 // envName is the environment variable that may set a flag: OUTBOX_RELAY_<FLAG_IN_UPPER_SNAKE>.
@@ -144,6 +146,9 @@ func parseCommand(fs *flag.FlagSet, args []string, env func(string) (string, boo
 		}
 		return zerolog.Nop(), usageError{err}
 	}
+	if err := checkIdentifierFlags(fs); err != nil {
+		return zerolog.Nop(), usageError{err}
+	}
 	log, err := lf.logger(stderr)
 	if err != nil {
 		return zerolog.Nop(), usageError{err}
@@ -187,6 +192,22 @@ func isTerminal(w io.Writer) bool {
 	}
 	st, err := f.Stat()
 	return err == nil && st.Mode()&os.ModeCharDevice != 0
+}
+
+// checkIdentifierFlags refuses control characters in every flag naming a Postgres identifier:
+// --table (schema and table), --publication, --slot and the --column-* names.
+func checkIdentifierFlags(fs *flag.FlagSet) error {
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if err != nil {
+			return
+		}
+		switch n := f.Name; {
+		case n == "table" || n == "publication" || n == "slot" || strings.HasPrefix(n, "column-"):
+			err = migrations.CheckIdentifier("--"+n, f.Value.String())
+		}
+	})
+	return err
 }
 
 // splitTable splits "schema.table" (default schema public).
