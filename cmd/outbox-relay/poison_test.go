@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"strings"
 	"testing"
@@ -102,6 +103,56 @@ func TestRelay_PoisonEventsStopOrGoToDeadLetter(t *testing.T) {
 			}
 			require.Equal(t, "g2", recs[2].Header.Get(sink.HeaderMsgID))
 			require.True(t, strings.HasPrefix(recs[2].Subject, "outbox.order."))
+		})
+	}
+}
+
+// Table-less mode: a malformed logical decoding message with the prefix stops the relay, or
+// with --on-poison dead-letter is published to outbox.dead-letter with what could be salvaged
+// of it (its id and payload, or the whole content) in its place, and the relay goes on.
+func TestMessageMode_MalformedMessageStopsOrGoesToDeadLetter(t *testing.T) {
+	for _, c := range []struct {
+		name, content   string
+		wantErr, wantID string
+		wantData        string
+	}{
+		{name: "headers not an object", content: `{"id": "b1", "aggregate_type": "order", "aggregate_id": "1", "event_type": "Bad", "payload": {"p": 1}, "headers": [1]}`,
+			wantErr: `id "b1"): headers is not a JSON object`, wantID: "b1", wantData: `{"p": 1}`},
+		{name: "not json", content: `not json at all`, wantErr: "content is not the JSON object outbox_emit writes", wantID: "dead-letter:", wantData: `not json at all`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			pg, ns := testenv.Postgres(t), testenv.JetStream(t)
+			var out bytes.Buffer
+			require.NoError(t, dispatch(context.Background(), []string{"migrate", "--source", "messages", "--pg-url", pg.URL, "--log-level", "warn"}, &out, &out, noEnv))
+			pg.Exec(t, `SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')`)
+			pg.Exec(t, `SELECT outbox_emit('order', 'g', 'Good', '{"n": 1}', id => '00000000-0000-4000-8000-000000000001')`)
+			pg.Exec(t, `SELECT pg_logical_emit_message(true, 'outbox', $1::text)`, c.content)
+			pg.Exec(t, `SELECT outbox_emit('order', 'g', 'Good', '{"n": 2}', id => '00000000-0000-4000-8000-000000000002')`)
+			args := []string{"run", "--source", "messages", "--pg-url", pg.URL, "--nats-url", ns.URL, "--log-format", "json"}
+
+			log := &testLog{}
+			dumpOnFailure(t, "relay", log)
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			err := dispatch(ctx, freeHTTPAddr(args), log, log, noEnv)
+			require.Error(t, err, "the default policy stops the relay")
+			require.ErrorContains(t, err, c.wantErr)
+			require.ErrorContains(t, err, "--on-poison dead-letter")
+			require.Len(t, readStream(t, ns.URL, sink.DefaultStream), 1)
+
+			stop, _ := inProcess(t, append(args, "--on-poison", "dead-letter"))
+			waitStream(t, ns.URL, 3, 30*time.Second)
+			require.NoError(t, stop())
+			recs := readStream(t, ns.URL, sink.DefaultStream)
+			require.Len(t, recs, 3)
+			require.Equal(t, "00000000-0000-4000-8000-000000000001", recs[0].Header.Get(sink.HeaderMsgID))
+			dl := recs[1]
+			require.Equal(t, "outbox.dead-letter", dl.Subject)
+			require.True(t, strings.HasPrefix(dl.Header.Get(sink.HeaderMsgID), c.wantID), dl.Header.Get(sink.HeaderMsgID))
+			require.Contains(t, dl.Header.Get(sink.HeaderPoisonReason), c.wantErr)
+			require.Equal(t, c.wantData, string(dl.Data))
+			require.Equal(t, "0", dl.Header.Get(sink.HeaderTxIndex), "its own transaction")
+			require.Equal(t, "00000000-0000-4000-8000-000000000002", recs[2].Header.Get(sink.HeaderMsgID))
 		})
 	}
 }
