@@ -196,6 +196,9 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 	keepPayload := false
 	if max := j.maxPayload(); max > 0 && size > max {
 		reason = fmt.Sprintf("event is %d bytes with headers, over the server's max_payload of %d", size, max)
+	} else if hdr := size - len(e.msg.Data) - len(e.msg.Subject); hdr > MaxHeaderSize {
+		// JetStream refuses it on every retry (error 10097).
+		reason = fmt.Sprintf("headers are %d bytes, over the %d JetStream stores", hdr, MaxHeaderSize)
 	} else if len(e.msg.Subject) > MaxSubjectLen {
 		reason = fmt.Sprintf("subject is %d bytes, over the %d the relay allows (the server's max_control_line is 4096)", len(e.msg.Subject), MaxSubjectLen)
 	} else if e.badKeys > 0 {
@@ -248,12 +251,19 @@ func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 	return nil
 }
 
+// MaxHeaderSize is the largest header block JetStream stores (it encodes the length in 16
+// bits; a larger one is refused with error 10097).
+const MaxHeaderSize = 65535
+
+// jsErrCodeHeaderExceedsMaximum is JetStream's "header size exceeds maximum allowed of 64k".
+const jsErrCodeHeaderExceedsMaximum jetstream.ErrorCode = 10097
+
 // MaxSubjectLen is the longest subject the relay publishes; a longer one is poison (the
 // server would close the connection over its max_control_line).
 const MaxSubjectLen = 3072
 
 // deadLetter turns e's message into its dead-letter message, which always fits the server's
-// max_payload as long as the id does: Nats-Msg-Id, Outbox-Commit-Lsn and Outbox-Tx-Index are
+// max_payload and JetStream's MaxHeaderSize as long as the id does: Nats-Msg-Id, Outbox-Commit-Lsn and Outbox-Tx-Index are
 // kept, Outbox-Poison-Reason and Outbox-Original-Subject are cut to the room left, then the
 // relay's other headers and the remaining headers (in key order, values cut at 1024 bytes)
 // are kept while they fit; headers left out (no room, or a key nats.go refuses) are counted in
@@ -262,11 +272,17 @@ func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool) {
 	e.header()
 	m := e.msg
 	dl := &nats.Msg{Subject: j.cfg.SubjectPrefix + "." + DeadLetterToken}
-	room := -1 // unlimited
+	// Room for headers and payload under max_payload (-1: unlimited), and for headers under
+	// MaxHeaderSize, as msgSize counts them, with the control headers send adds and room for
+	// Outbox-Dropped-Headers.
+	reserved := 12 + controlHeadersSize(j.cfg.Stream, j.prevIDLen) + len(HeaderDroppedHeaders) + 10 + 4
+	room := -1
 	if max := j.maxPayload(); max > 0 {
-		// As msgSize counts it, with the control headers send adds and room for
-		// Outbox-Dropped-Headers.
-		room = max - 12 - len(dl.Subject) - controlHeadersSize(j.cfg.Stream, j.prevIDLen) - (len(HeaderDroppedHeaders) + 10 + 4)
+		room = max - len(dl.Subject) - reserved
+	}
+	hroom := MaxHeaderSize - reserved
+	if room >= 0 && room < hroom {
+		hroom = room
 	}
 	h := make(nats.Header, len(m.Header)+3)
 	used := 0
@@ -276,14 +292,12 @@ func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool) {
 	}
 	// fit adds k: v if it fits, cut to the room left when cut allows; false when left out.
 	fit := func(k, v string, cut bool) bool {
-		if room >= 0 {
-			left := room - used - len(k) - 4
-			if len(v) > left {
-				if !cut || left <= 0 {
-					return false
-				}
-				v = v[:left]
+		left := hroom - used - len(k) - 4
+		if len(v) > left {
+			if !cut || left <= 0 {
+				return false
 			}
+			v = v[:left]
 		}
 		put(k, v)
 		return true
@@ -665,6 +679,8 @@ func (j *JetStream) failed(e *entry, err error) error {
 	switch {
 	case errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamMessageExceedsMaximum:
 		reason = fmt.Sprintf("larger than stream %s allows (max_msg_size): %v", j.cfg.Stream, err)
+	case errors.As(err, &apiErr) && apiErr.ErrorCode == jsErrCodeHeaderExceedsMaximum:
+		reason = fmt.Sprintf("headers over the %d bytes JetStream stores: %v", MaxHeaderSize, err)
 	case errors.Is(err, nats.ErrMaxPayload):
 		reason = fmt.Sprintf("%v (the server's max_payload is %d)", err, j.maxPayload())
 	case refused(err):

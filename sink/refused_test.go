@@ -18,8 +18,8 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
-// refusalRig is a sink on a JetStream server with a max_payload of 4096, its Run in the
-// background.
+// refusalRig is a sink on a JetStream server with a max_payload of maxPayload (0: the
+// default 1 MiB), its Run in the background.
 type refusalRig struct {
 	srv  *testenv.NATS
 	js   jetstream.JetStream
@@ -27,9 +27,13 @@ type refusalRig struct {
 	run  chan error
 }
 
-func newRefusalRig(t *testing.T, ctx context.Context, deadLetter bool) *refusalRig {
+func newRefusalRig(t *testing.T, ctx context.Context, deadLetter bool, maxPayload int32) *refusalRig {
 	t.Helper()
-	r := &refusalRig{srv: testenv.JetStream(t, testenv.WithMaxPayload(4096)), run: make(chan error, 1)}
+	var opts []testenv.NATSOption
+	if maxPayload > 0 {
+		opts = append(opts, testenv.WithMaxPayload(maxPayload))
+	}
+	r := &refusalRig{srv: testenv.JetStream(t, opts...), run: make(chan error, 1)}
 	nc, err := Connect(r.srv.URL)
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)
@@ -49,23 +53,26 @@ func refusalEvent(i int) *decoder.Event {
 }
 
 // A message nats.go refuses synchronously in PublishMsg (nats.ErrMaxPayload,
-// nats.ErrBadHeaderMsg) is poison: it would be refused on every retry. The entries are queued
-// past Publish's own checks, as a message that only a later connection refuses would be (a
-// reconnect to a server with a smaller max_payload).
-func TestJetStream_MessageRefusedByNatsGoIsPoison(t *testing.T) {
+// nats.ErrBadHeaderMsg), or JetStream refuses for what it is (headers over 64k), is poison: it
+// would be refused on every retry. The entries are queued past Publish's own checks, as a
+// message that only a later connection refuses would be (a reconnect to a server with a
+// smaller max_payload).
+func TestJetStream_MessageRefusedForWhatItIsIsPoison(t *testing.T) {
 	for _, c := range []struct {
-		name   string
-		spoil  func(e *entry)
-		reason string
+		name       string
+		maxPayload int32
+		spoil      func(e *entry)
+		reason     string
 	}{
-		{name: "over max_payload", spoil: func(e *entry) { e.msg.Data = make([]byte, 5000) }, reason: "maximum payload exceeded"},
-		{name: "bad header key", spoil: func(e *entry) { e.header()["content type"] = []string{"json"} }, reason: "could not decode headers"},
+		{name: "over max_payload", maxPayload: 4096, spoil: func(e *entry) { e.msg.Data = make([]byte, 5000) }, reason: "maximum payload exceeded"},
+		{name: "bad header key", maxPayload: 4096, spoil: func(e *entry) { e.header()["content type"] = []string{"json"} }, reason: "could not decode headers"},
+		{name: "headers over 64k", spoil: func(e *entry) { e.header()["big"] = []string{strings.Repeat("x", 70000)} }, reason: "header size exceeds maximum allowed of 64k"},
 	} {
 		for _, deadLetter := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/dead-letter=%v", c.name, deadLetter), func(t *testing.T) {
 				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 				defer cancel()
-				r := newRefusalRig(t, ctx, deadLetter)
+				r := newRefusalRig(t, ctx, deadLetter, c.maxPayload)
 				j := r.sink
 				require.NoError(t, j.Publish(ctx, refusalEvent(1), 1))
 
@@ -110,7 +117,7 @@ func TestJetStream_MessageRefusedByNatsGoIsPoison(t *testing.T) {
 func TestJetStream_DeadLetterOfOversizedHeadersFits(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	r := newRefusalRig(t, ctx, true)
+	r := newRefusalRig(t, ctx, true, 4096)
 	j := r.sink
 	require.NoError(t, j.Publish(ctx, refusalEvent(1), 1))
 	ev := refusalEvent(2)
@@ -151,7 +158,7 @@ func TestJetStream_DeadLetterOfOversizedHeadersFits(t *testing.T) {
 func TestJetStream_HeaderValueLineBreaksAreSentAsSpaces(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	r := newRefusalRig(t, ctx, false)
+	r := newRefusalRig(t, ctx, false, 0)
 	j := r.sink
 	ev := refusalEvent(1)
 	ev.AggregateType = []byte("a\r\nb")
