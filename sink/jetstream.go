@@ -211,7 +211,7 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 			<-j.sem
 			return fmt.Errorf("%w: event %s (position %s, transaction committed at %s): %s", ErrPoison, e.id, e.pos, ev.CommitLSN, reason)
 		}
-		j.deadLetter(e, reason, keepPayload)
+		j.deadLetter(e, reason, keepPayload, j.prevIDLen)
 	}
 	j.enqueue(e)
 	return nil
@@ -246,7 +246,7 @@ func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 	if e.id == "" {
 		e.id = fmt.Sprintf("dead-letter:%s:%d", ev.CommitLSN, ev.TxIndex)
 	}
-	j.deadLetter(e, reason, true)
+	j.deadLetter(e, reason, true, j.prevIDLen)
 	j.enqueue(e)
 	return nil
 }
@@ -263,19 +263,21 @@ const jsErrCodeHeaderExceedsMaximum jetstream.ErrorCode = 10097
 const MaxSubjectLen = 3072
 
 // deadLetter turns e's message into its dead-letter message, which always fits the server's
-// max_payload and JetStream's MaxHeaderSize as long as the id does: Nats-Msg-Id, Outbox-Commit-Lsn and Outbox-Tx-Index are
-// kept, Outbox-Poison-Reason and Outbox-Original-Subject are cut to the room left, then the
-// relay's other headers and the remaining headers (in key order, values cut at 1024 bytes)
-// are kept while they fit; headers left out (no room, or a key nats.go refuses) are counted in
-// Outbox-Dropped-Headers. The payload is kept only when keepPayload and it still fits.
-func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool) {
+// max_payload and JetStream's MaxHeaderSize as long as the id does: Nats-Msg-Id,
+// Outbox-Commit-Lsn and Outbox-Tx-Index are kept, Outbox-Poison-Reason and
+// Outbox-Original-Subject are cut to the room left, then the relay's other headers and the
+// remaining headers (in key order, values cut at 1024 bytes) are kept while they fit; headers
+// left out (no room, or a key nats.go refuses) are counted in Outbox-Dropped-Headers. The
+// payload is kept only when keepPayload and it still fits. prevIDLen is (at most) the length
+// of the id send will put in Nats-Expected-Last-Msg-Id.
+func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool, prevIDLen int) {
 	e.header()
 	m := e.msg
 	dl := &nats.Msg{Subject: j.cfg.SubjectPrefix + "." + DeadLetterToken}
 	// Room for headers and payload under max_payload (-1: unlimited), and for headers under
 	// MaxHeaderSize, as msgSize counts them, with the control headers send adds and room for
 	// Outbox-Dropped-Headers.
-	reserved := 12 + controlHeadersSize(j.cfg.Stream, j.prevIDLen) + len(HeaderDroppedHeaders) + 10 + 4
+	reserved := 12 + controlHeadersSize(j.cfg.Stream, prevIDLen) + len(HeaderDroppedHeaders) + 10 + 4
 	room := -1
 	if max := j.maxPayload(); max > 0 {
 		room = max - len(dl.Subject) - reserved
@@ -691,7 +693,15 @@ func (j *JetStream) failed(e *entry, err error) error {
 			return fmt.Errorf("%w: event %s (position %s, transaction committed at %s) rejected by the stream: %s", ErrPoison, e.id, e.pos, e.pos.CommitLSN, reason)
 		}
 		// Re-published from here in order, as the dead-letter message.
-		j.deadLetter(e, "stream rejected the event: "+reason, false)
+		// prevIDLen is publishing-goroutine state: bound the id it will chain to by the
+		// longest one in the window.
+		j.mu.Lock()
+		prev := len(j.lastID)
+		for _, q := range j.q {
+			prev = max(prev, len(q.id))
+		}
+		j.mu.Unlock()
+		j.deadLetter(e, "stream rejected the event: "+reason, false, prev)
 	}
 	e.failed = err
 	return nil
