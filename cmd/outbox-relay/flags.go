@@ -206,8 +206,26 @@ func checkIdentifierFlags(fs *flag.FlagSet) error {
 		case n == "table" || n == "publication" || n == "slot" || strings.HasPrefix(n, "column-"):
 			err = migrations.CheckIdentifier("--"+n, f.Value.String())
 		}
+		if err == nil && f.Name == "slot" {
+			err = checkSlotName(f.Value.String())
+		}
 	})
 	return err
+}
+
+// checkSlotName applies Postgres' rule for replication slot names. The name goes unquoted
+// into the replication commands START_REPLICATION and CREATE_REPLICATION_SLOT, so nothing
+// else may reach them.
+func checkSlotName(s string) error {
+	if s == "" || len(s) > 63 {
+		return fmt.Errorf("--slot %q: a replication slot name has 1 to 63 characters", s)
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
+			return fmt.Errorf("--slot %q: a replication slot name may contain only lower case letters, digits and underscores", s)
+		}
+	}
+	return nil
 }
 
 // splitTable splits "schema.table" (default schema public).

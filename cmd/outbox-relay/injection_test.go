@@ -20,16 +20,22 @@ func TestMigrate_RefusesControlCharactersInIdentifiers(t *testing.T) {
 		name string
 		args []string
 		flag string
+		want string // in the error; "" means "control character"
 	}{
-		{"migrate table", []string{"migrate", "--table", "public.x" + inject}, "--table"},
-		{"migrate schema", []string{"migrate", "--table", "s" + inject + ".x"}, "--table"},
-		{"migrate publication", []string{"migrate", "--publication", "p" + inject}, "--publication"},
-		{"migrate messages schema", []string{"migrate", "--source", "messages", "--table", "s" + inject + ".x"}, "--table"},
-		{"run slot", []string{"run", "--slot", "s\tx"}, "--slot"},
-		{"run column", []string{"run", "--column-payload", "body\r"}, "--column-payload"},
-		{"prune table", []string{"prune", "--older-than", "72h", "--table", "x\x00y"}, "--table"},
-		{"publication create", []string{"publication", "create", "--publication", "p" + inject}, "--publication"},
+		{"migrate table", []string{"migrate", "--table", "public.x" + inject}, "--table", ""},
+		{"migrate schema", []string{"migrate", "--table", "s" + inject + ".x"}, "--table", ""},
+		{"migrate publication", []string{"migrate", "--publication", "p" + inject}, "--publication", ""},
+		{"migrate messages schema", []string{"migrate", "--source", "messages", "--table", "s" + inject + ".x"}, "--table", ""},
+		{"run slot", []string{"run", "--slot", "s\tx"}, "--slot", ""},
+		{"run slot with SQL", []string{"run", "--slot", "s LOGICAL 0/0; DROP TABLE victim"}, "--slot", "only lower case letters"},
+		{"slot create with SQL", []string{"slot", "create", "--slot", "s; DROP TABLE victim"}, "--slot", "only lower case letters"},
+		{"run column", []string{"run", "--column-payload", "body\r"}, "--column-payload", ""},
+		{"prune table", []string{"prune", "--older-than", "72h", "--table", "x\x00y"}, "--table", ""},
+		{"publication create", []string{"publication", "create", "--publication", "p" + inject}, "--publication", ""},
 	} {
+		if c.want == "" {
+			c.want = "control character"
+		}
 		t.Run(c.name, func(t *testing.T) {
 			pg.Exec(t, `CREATE TABLE IF NOT EXISTS victim (x int)`)
 			var out bytes.Buffer
@@ -37,7 +43,7 @@ func TestMigrate_RefusesControlCharactersInIdentifiers(t *testing.T) {
 			err := dispatch(context.Background(), args, &out, &out, noEnv)
 			require.Error(t, err, "output: %s", out.String())
 			require.ErrorContains(t, err, c.flag)
-			require.ErrorContains(t, err, "control character")
+			require.ErrorContains(t, err, c.want)
 			var n int
 			require.NoError(t, pg.QueryRow(t, `SELECT count(*) FROM victim`).Scan(&n), "the victim table survives")
 		})
