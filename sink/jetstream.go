@@ -111,6 +111,9 @@ type entry struct {
 	// the first one and how many.
 	badKey  string
 	badKeys int
+	// minimal: msg is the smallest dead-letter message (the stream refused a metadata-only
+	// one); if the stream refuses this too, the relay stops.
+	minimal bool
 
 	// The outcome of the send under token, set by Run: resolved, then ackErr (not stored) or
 	// ackStream/ackDup (stored). ackStream points into the reply's data.
@@ -274,6 +277,15 @@ func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool, prevID
 	e.header()
 	m := e.msg
 	dl := &nats.Msg{Subject: j.cfg.SubjectPrefix + "." + DeadLetterToken}
+	orig, dropped := m.Subject, e.badKeys
+	if m.Subject == dl.Subject {
+		// Already a dead letter (refused by the stream): keep what it says.
+		orig = m.Header.Get(HeaderOriginalSubject)
+		dropped, _ = strconv.Atoi(m.Header.Get(HeaderDroppedHeaders))
+		if r := m.Header.Get(HeaderPoisonReason); r != "" {
+			reason = r
+		}
+	}
 	// Room for headers and payload under max_payload (-1: unlimited), and for headers under
 	// MaxHeaderSize, as msgSize counts them, with the control headers send adds and room for
 	// Outbox-Dropped-Headers.
@@ -285,6 +297,9 @@ func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool, prevID
 	hroom := MaxHeaderSize - reserved
 	if room >= 0 && room < hroom {
 		hroom = room
+	}
+	if e.minimal {
+		hroom = min(hroom, minimalDeadLetterHeaders)
 	}
 	h := make(nats.Header, len(m.Header)+3)
 	used := 0
@@ -311,8 +326,7 @@ func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool, prevID
 		}
 	}
 	fit(HeaderPoisonReason, headerSafe(reason), true)
-	fit(HeaderOriginalSubject, headerSafe(clip(m.Subject, 256)), true)
-	dropped := e.badKeys
+	fit(HeaderOriginalSubject, headerSafe(clip(orig, 256)), true)
 	for _, k := range []string{HeaderAggregateType, HeaderEventType, HeaderAggregateID, HeaderCreatedAt} {
 		if v := m.Header.Get(k); v != "" && !fit(k, clip(v, 1024), false) {
 			dropped++
@@ -320,7 +334,8 @@ func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool, prevID
 	}
 	keys := slices.Sorted(maps.Keys(m.Header))
 	for _, k := range keys {
-		if _, done := h[k]; done || reservedHeader(k) || len(m.Header[k]) == 0 {
+		if _, done := h[k]; done || reservedHeader(k) || len(m.Header[k]) == 0 ||
+			k == HeaderPoisonReason || k == HeaderOriginalSubject || k == HeaderDroppedHeaders {
 			continue
 		}
 		if !validHeaderKey(k) || !fit(k, clip(m.Header[k][0], 1024), false) {
@@ -341,6 +356,11 @@ func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool, prevID
 	j.log.Warn().Str("event_id", e.id).Stringer("position", e.pos).Str("reason", reason).
 		Str("subject", dl.Subject).Int("dropped_headers", dropped).Msg("poison event sent to the dead-letter subject")
 }
+
+// minimalDeadLetterHeaders bounds the headers of a minimal dead-letter message (besides the
+// control headers): the one sent when the stream refused a metadata-only one (its
+// max_msg_size is below the event's headers).
+const minimalDeadLetterHeaders = 512
 
 // clip returns s cut to at most n bytes.
 func clip(s string, n int) string {
@@ -689,9 +709,13 @@ func (j *JetStream) failed(e *entry, err error) error {
 		reason = err.Error()
 	}
 	if reason != "" {
-		if !j.cfg.DeadLetter || e.msg.Subject == j.cfg.SubjectPrefix+"."+DeadLetterToken && e.msg.Data == nil {
+		isDL := e.msg.Subject == j.cfg.SubjectPrefix+"."+DeadLetterToken
+		if !j.cfg.DeadLetter || isDL && e.minimal {
 			return fmt.Errorf("%w: event %s (position %s, transaction committed at %s) rejected by the stream: %s", ErrPoison, e.id, e.pos, e.pos.CommitLSN, reason)
 		}
+		// A dead letter without payload refused as well: its headers are over the stream's
+		// max_msg_size; send the minimal one.
+		e.minimal = isDL && e.msg.Data == nil
 		// Re-published from here in order, as the dead-letter message.
 		// prevIDLen is publishing-goroutine state: bound the id it will chain to by the
 		// longest one in the window.

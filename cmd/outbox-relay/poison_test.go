@@ -46,6 +46,9 @@ func TestRelay_PoisonEventsStopOrGoToDeadLetter(t *testing.T) {
 		{name: "empty header key", insert: `('p1', 'order', 'p', 'Bad', '{"p": 1}', '{"": "x"}')`, wantErr: `headers column key ""`, wantReason: `key ""`, keepPayload: true, wantDropped: "1"},
 		{name: "header key with a line break", insert: `('p1', 'order', 'p', 'Bad', '{"p": 1}', '{"a\r\nb": "x", "c\u0000": "y"}')`, wantErr: `"a\r\nb"`, wantReason: `"a\r\nb"`, keepPayload: true, wantDropped: "2"},
 		// The headers alone are over max_payload: the dead letter leaves them out to fit.
+		// The stream refuses the event and then its dead letter (the headers alone are over
+		// max_msg_size): the minimal dead letter goes out.
+		{name: "dead letter over max_msg_size", insert: `('p1', 'order', 'p', 'Big', '{"p": 1}', (SELECT json_object_agg('h' || i, repeat('v', 600))::text FROM generate_series(1, 10) i))`, maxMsgSize: 4096, wantErr: "rejected by the stream", wantReason: "max_msg_size", wantDropped: "10"},
 		// JetStream refuses headers over 64k whatever max_payload is (error 10097).
 		{name: "headers over 64k", insert: `('p1', 'order', 'p', 'Big', '{"p": 1}', (SELECT json_object_agg('h' || i, repeat('v', 1000))::text FROM generate_series(1, 70) i))`, wantErr: "over the 65535 JetStream stores", wantReason: "65535"},
 		{name: "headers over max_payload", insert: `('p1', 'order', 'p', 'Big', '{"p": 1}', (SELECT json_object_agg('h' || i, repeat('v', 600))::text FROM generate_series(1, 10) i))`, maxPayload: 4096, wantErr: "over the server's max_payload of 4096", wantReason: "max_payload"},
