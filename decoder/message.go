@@ -46,13 +46,26 @@ func (d *Decoder) decodeMessage(r *reader) (Change, error) {
 	d.txIndex++
 	ev := &d.ev
 	*ev = Event{CommitLSN: d.commitLSN, TxIndex: idx, Headers: ev.Headers[:0]}
-	poison := func(format string, args ...any) (Change, error) {
-		return Change{}, fmt.Errorf("%w: message %d of transaction committed at %s (prefix %q): %s",
-			ErrPoison, idx, d.commitLSN, prefix, fmt.Sprintf(format, args...))
-	}
 	m := &d.msg
 	*m = messageContent{}
+	poison := func(format string, args ...any) (Change, error) {
+		// The message is consumed (the decoder stays in step); what can be salvaged of it
+		// goes back with the error so a dead-letter policy can publish it: the fields that
+		// decoded, and the payload, or the whole content when there is no payload.
+		if ev.ID == nil {
+			ev.ID, ev.AggregateType, ev.AggregateID, ev.EventType = []byte(m.ID), []byte(m.AggregateType), []byte(m.AggregateID), []byte(m.EventType)
+		}
+		if ev.Payload == nil {
+			ev.Payload = m.Payload
+			if len(ev.Payload) == 0 {
+				ev.Payload = content
+			}
+		}
+		return Change{Kind: Poison, Event: ev}, fmt.Errorf("%w: message %d of transaction committed at %s (prefix %q, id %q): %s",
+			ErrPoison, idx, d.commitLSN, prefix, m.ID, fmt.Sprintf(format, args...))
+	}
 	if err := json.Unmarshal(content, m); err != nil {
+		// A field of the wrong type: json.Unmarshal still decodes the others.
 		return poison("content is not the JSON object outbox_emit writes: %v", err)
 	}
 	for _, f := range []struct{ v, name string }{{m.ID, "id"}, {m.AggregateType, "aggregate_type"}, {m.AggregateID, "aggregate_id"}, {m.EventType, "event_type"}} {

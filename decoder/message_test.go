@@ -88,3 +88,36 @@ func TestDecode_MalformedMessageContentIsPoison(t *testing.T) {
 	require.Error(t, err)
 	require.False(t, errors.Is(err, decoder.ErrPoison))
 }
+
+// A malformed message is a Poison change carrying what could be salvaged, for a dead-letter
+// policy to publish.
+func TestDecode_MalformedMessageIsAPoisonEventWithWhatCanBeSalvaged(t *testing.T) {
+	for _, c := range []struct {
+		name, content        string
+		id, aggType, payload string
+	}{
+		{"not json", `hello`, "", "", `hello`},
+		{"no payload", `{"id": "x", "aggregate_type": "o", "aggregate_id": "1", "event_type": "E"}`, "x", "o", `{"id": "x", "aggregate_type": "o", "aggregate_id": "1", "event_type": "E"}`},
+		{"wrong type", `{"id": "x", "aggregate_type": 7, "aggregate_id": "1", "event_type": "E", "payload": {"a": 1}}`, "x", "", `{"a": 1}`},
+		{"headers array", `{"id": "x", "aggregate_type": "o", "aggregate_id": "1", "event_type": "E", "payload": {"a": 1}, "headers": [1]}`, "x", "o", `{"a": 1}`},
+		{"bad created_at", `{"id": "x", "aggregate_type": "o", "aggregate_id": "1", "event_type": "E", "payload": {"a": 1}, "created_at": "yesterday"}`, "x", "o", `{"a": 1}`},
+	} {
+		d := decoder.New(decoder.Config{MessagePrefix: "outbox"})
+		decodeAll(t, d, begin(0x500))
+		_, err := d.Decode(message(true, "outbox", emitted))
+		require.NoError(t, err)
+		ch, err := d.Decode(message(true, "outbox", c.content))
+		require.True(t, errors.Is(err, decoder.ErrPoison), "%s: %v", c.name, err)
+		require.Equal(t, decoder.Poison, ch.Kind, c.name)
+		require.NotNil(t, ch.Event, c.name)
+		require.Equal(t, c.id, string(ch.Event.ID), c.name)
+		require.Equal(t, c.aggType, string(ch.Event.AggregateType), c.name)
+		require.Equal(t, c.payload, string(ch.Event.Payload), c.name)
+		require.EqualValues(t, 0x500, ch.Event.CommitLSN, c.name)
+		require.Equal(t, 1, ch.Event.TxIndex, c.name)
+		// The decoder stays in step: the next message is event 2 of the transaction.
+		ch, err = d.Decode(message(true, "outbox", emitted))
+		require.NoError(t, err, c.name)
+		require.Equal(t, 2, ch.Event.TxIndex, c.name)
+	}
+}

@@ -2,10 +2,11 @@
 //
 // The relay delivers at least once (JetStream redelivers until acked; a relay crash can
 // re-publish outside the duplicate window). A Consumer calls the handler inside a Postgres
-// transaction that also inserts the event id (Nats-Msg-Id) into a processed_events table:
+// transaction that also inserts the consumer's name and the event id (Nats-Msg-Id) into a
+// processed_events table:
 //
 //	BEGIN
-//	INSERT INTO processed_events (event_id, ...) ON CONFLICT DO NOTHING   -- 0 rows: duplicate, skip
+//	INSERT INTO processed_events (consumer, event_id, ...) ON CONFLICT DO NOTHING  -- 0 rows: duplicate, skip
 //	handler(ctx, tx, msg)                                                 -- the business effects
 //	COMMIT
 //	ack
@@ -16,16 +17,27 @@
 // then sees a conflict. The ack comes after the commit; if it is lost, the redelivery is a
 // duplicate. Only effects inside tx are exactly once: a handler that also calls an external
 // service must make that call idempotent itself.
+//
+// Consumers with different names (Config.Consumer, default the durable name) may share the
+// table: each processes every event once. A dead-letter message of the relay (it carries
+// Outbox-Poison-Reason) is recorded as "dead-letter:<id>", so the corrected event, published
+// later with the same id, is still processed.
+//
+// Tables created before the consumer column (primary key event_id alone) keep working as
+// before, deduplicating on the id alone for every consumer, until migrated with MigrateTable;
+// rows recorded before the migration count as processed by every consumer.
 package inbox
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -46,6 +58,9 @@ type Config struct {
 	// Table records processed event ids (default processed_events); create it with
 	// EnsureTable or the SQL in TableSQL.
 	Table string
+	// Consumer is the name events are recorded under in Table (default Durable): consumers
+	// with different names sharing the table each process every event.
+	Consumer string
 	// MaxDeliver: deliveries of one event at most, then it is terminated and OnGiveUp called
 	// (default 10).
 	MaxDeliver int
@@ -70,6 +85,12 @@ func (c *Config) fill() error {
 	}
 	if c.Table == "" {
 		c.Table = "processed_events"
+	}
+	if err := checkName(c.Table); err != nil {
+		return err
+	}
+	if c.Consumer == "" {
+		c.Consumer = c.Durable
 	}
 	if c.MaxDeliver <= 0 {
 		c.MaxDeliver = 10
@@ -99,7 +120,17 @@ type Consumer struct {
 	h    Handler
 
 	processed, duplicates, failures, gaveUp atomic.Uint64
+
+	mu     sync.Mutex
+	legacy bool // Table has no consumer column (see MigrateTable): deduplicate on the id alone
+	known  bool // legacy was read from the table
 }
+
+// HeaderPoisonReason marks the relay's dead-letter messages (sink.HeaderPoisonReason).
+const HeaderPoisonReason = "Outbox-Poison-Reason"
+
+// DeadLetterKeyPrefix is prepended to the id of a dead-letter message in Table.
+const DeadLetterKeyPrefix = "dead-letter:"
 
 // New returns a Consumer; Run starts it.
 func New(js jetstream.JetStream, pool *pgxpool.Pool, cfg Config, h Handler) (*Consumer, error) {
@@ -109,25 +140,107 @@ func New(js jetstream.JetStream, pool *pgxpool.Pool, cfg Config, h Handler) (*Co
 	return &Consumer{js: js, pool: pool, cfg: cfg, h: h}, nil
 }
 
-// TableSQL creates the processed-events table name (a quoted identifier).
+// TableSQL creates the processed-events table name (a quoted identifier). consumer ” is
+// what rows recorded before MigrateTable have: processed by every consumer.
 func TableSQL(name string) string {
 	return fmt.Sprintf(`CREATE TABLE IF NOT EXISTS %s (
-    event_id     text        PRIMARY KEY,
+    consumer     text        NOT NULL DEFAULT '',
+    event_id     text        NOT NULL,
     subject      text        NOT NULL,
-    processed_at timestamptz NOT NULL DEFAULT now()
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, event_id)
 )`, name)
 }
 
 // EnsureTable creates the processed-events table if it is missing. Rows may be deleted once
-// older than any redelivery or re-publication can be (e.g. the stream's max age).
+// older than any redelivery or re-publication can be (e.g. the stream's max age). A table
+// of the earlier layout (primary key event_id alone) is left as it is: see MigrateTable.
 func EnsureTable(ctx context.Context, pool *pgxpool.Pool, table string) error {
 	if table == "" {
 		table = "processed_events"
+	}
+	if err := checkName(table); err != nil {
+		return err
 	}
 	if _, err := pool.Exec(ctx, TableSQL(pgx.Identifier{table}.Sanitize())); err != nil {
 		return fmt.Errorf("inbox: create table %s: %w", table, err)
 	}
 	return nil
+}
+
+// MigrateTable moves a processed-events table of the earlier layout (primary key event_id
+// alone) to the (consumer, event_id) key; a table already migrated is left as it is. Its
+// rows get consumer ” and keep counting as processed by every consumer. Run it once every
+// consumer sharing the table runs a version with this function: earlier versions' INSERT ...
+// ON CONFLICT (event_id) fails on the new key. By hand, for the default name:
+//
+//	ALTER TABLE processed_events ADD COLUMN consumer text NOT NULL DEFAULT '';
+//	ALTER TABLE processed_events DROP CONSTRAINT processed_events_pkey, ADD PRIMARY KEY (consumer, event_id);
+func MigrateTable(ctx context.Context, pool *pgxpool.Pool, table string) error {
+	if table == "" {
+		table = "processed_events"
+	}
+	if err := checkName(table); err != nil {
+		return err
+	}
+	ident := pgx.Identifier{table}.Sanitize()
+	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `LOCK TABLE `+ident+` IN ACCESS EXCLUSIVE MODE`); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `ALTER TABLE `+ident+` ADD COLUMN IF NOT EXISTS consumer text NOT NULL DEFAULT ''`); err != nil {
+			return err
+		}
+		var pkey string
+		var cols int
+		err := tx.QueryRow(ctx, `SELECT conname, cardinality(conkey) FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'p'`, ident).Scan(&pkey, &cols)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+			pkey = ""
+		case err != nil:
+			return err
+		case cols != 1:
+			return nil // already (consumer, event_id)
+		}
+		alter := `ALTER TABLE ` + ident + ` ADD PRIMARY KEY (consumer, event_id)`
+		if pkey != "" {
+			alter = `ALTER TABLE ` + ident + ` DROP CONSTRAINT ` + pgx.Identifier{pkey}.Sanitize() + `, ADD PRIMARY KEY (consumer, event_id)`
+		}
+		_, err = tx.Exec(ctx, alter)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("inbox: migrate table %s: %w", table, err)
+	}
+	return nil
+}
+
+// checkName refuses a table name with a control character.
+func checkName(table string) error {
+	for i := 0; i < len(table); i++ {
+		if c := table[i]; c < 0x20 || c == 0x7f {
+			return fmt.Errorf("inbox: table %q: contains a control character (byte 0x%02x); identifiers may not", table, c)
+		}
+	}
+	return nil
+}
+
+// layout reads whether Table has the consumer column, once, and again after a failure to
+// record an event (the table may have been migrated meanwhile).
+func (c *Consumer) layout(ctx context.Context, reread bool) (legacy bool, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.known && !reread {
+		return c.legacy, nil
+	}
+	var has bool
+	err = c.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1::regclass AND attname = 'consumer' AND NOT attisdropped)`,
+		pgx.Identifier{c.cfg.Table}.Sanitize()).Scan(&has)
+	if err != nil {
+		return false, fmt.Errorf("inbox: read the columns of %s: %w", c.cfg.Table, err)
+	}
+	c.legacy, c.known = !has, true
+	return c.legacy, nil
 }
 
 // Stats returns the counters.
@@ -176,6 +289,9 @@ func (c *Consumer) process(ctx context.Context, msg jetstream.Msg) {
 		c.giveUp(msg, errors.New("message has no Nats-Msg-Id header"))
 		return
 	}
+	if msg.Headers().Get(HeaderPoisonReason) != "" {
+		id = DeadLetterKeyPrefix + id
+	}
 	dup, err := c.handle(ctx, msg, id)
 	if err != nil {
 		c.failures.Add(1)
@@ -214,10 +330,25 @@ func (c *Consumer) giveUp(msg jetstream.Msg, err error) {
 
 // handle runs the inbox transaction; dup reports an already recorded id.
 func (c *Consumer) handle(ctx context.Context, msg jetstream.Msg, id string) (dup bool, err error) {
+	legacy, err := c.layout(ctx, false)
+	if err != nil {
+		return false, err
+	}
+	table := pgx.Identifier{c.cfg.Table}.Sanitize()
+	recordFailed := false
 	err = pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-		tag, err := tx.Exec(ctx, fmt.Sprintf(`INSERT INTO %s (event_id, subject) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING`,
-			pgx.Identifier{c.cfg.Table}.Sanitize()), id, msg.Subject())
+		var tag pgconn.CommandTag
+		var err error
+		if legacy {
+			tag, err = tx.Exec(ctx, `INSERT INTO `+table+` (event_id, subject) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING`, id, msg.Subject())
+		} else {
+			// A row of consumer '' was recorded before MigrateTable: processed by everyone.
+			tag, err = tx.Exec(ctx, `INSERT INTO `+table+` (consumer, event_id, subject) SELECT $1, $2::text, $3
+				WHERE NOT EXISTS (SELECT 1 FROM `+table+` WHERE consumer = '' AND event_id = $2::text)
+				ON CONFLICT (consumer, event_id) DO NOTHING`, c.cfg.Consumer, id, msg.Subject())
+		}
 		if err != nil {
+			recordFailed = true
 			return fmt.Errorf("record event %s in %s: %w", id, c.cfg.Table, err)
 		}
 		if tag.RowsAffected() == 0 {
@@ -229,5 +360,8 @@ func (c *Consumer) handle(ctx context.Context, msg jetstream.Msg, id string) (du
 		}
 		return nil
 	})
+	if recordFailed {
+		_, _ = c.layout(ctx, true) // migrated meanwhile? the redelivery uses what the table is now
+	}
 	return dup, err
 }

@@ -208,3 +208,116 @@ func TestInbox_GivesUpAfterMaxDeliver(t *testing.T) {
 	require.NoError(t, f.pool.QueryRow(context.Background(), `SELECT count(*) FROM processed_events WHERE event_id = 'bad'`).Scan(&recorded))
 	require.Zero(t, recorded, "a failed event is not recorded")
 }
+
+// consumerLedger is a handler recording (consumer, event id) per call.
+func consumerLedger(t *testing.T, pool *pgxpool.Pool, name string) inbox.Handler {
+	t.Helper()
+	_, err := pool.Exec(context.Background(), `CREATE TABLE IF NOT EXISTS effects (consumer text NOT NULL, event_id text NOT NULL, subject text NOT NULL)`)
+	require.NoError(t, err)
+	return func(ctx context.Context, tx pgx.Tx, msg jetstream.Msg) error {
+		_, err := tx.Exec(ctx, `INSERT INTO effects VALUES ($1, $2, $3)`, name, msg.Headers().Get(jetstream.MsgIDHeader), msg.Subject())
+		return err
+	}
+}
+
+func effects(t *testing.T, pool *pgxpool.Pool) []string {
+	t.Helper()
+	rows, err := pool.Query(context.Background(), `SELECT consumer || ' ' || event_id || ' ' || subject FROM effects ORDER BY 1`)
+	require.NoError(t, err)
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	return out
+}
+
+// Two consumers (different durables) sharing the processed-events table each process every
+// event once.
+func TestInbox_ConsumersSharingTheTableEachProcessEveryEvent(t *testing.T) {
+	f := setup(t)
+	var cs []*inbox.Consumer
+	for _, name := range []string{"billing", "shipping"} {
+		c, err := inbox.New(f.js, f.pool, inbox.Config{Durable: name}, consumerLedger(t, f.pool, name))
+		require.NoError(t, err)
+		cs = append(cs, c)
+	}
+	f.publish(t, "e1", 1)
+	f.publish(t, "e2", 2)
+	for _, c := range cs {
+		run(t, c)
+	}
+	require.Eventually(t, func() bool {
+		return cs[0].Stats().Processed+cs[0].Stats().Duplicates == 2 && cs[1].Stats().Processed+cs[1].Stats().Duplicates == 2
+	}, 20*time.Second, 20*time.Millisecond)
+	require.Equal(t, []string{
+		"billing e1 outbox.account.Credited", "billing e2 outbox.account.Credited",
+		"shipping e1 outbox.account.Credited", "shipping e2 outbox.account.Credited",
+	}, effects(t, f.pool))
+	require.Zero(t, cs[0].Stats().Duplicates+cs[1].Stats().Duplicates)
+}
+
+// The relay's dead letter of an event and the corrected event, re-published later with the
+// same id, are both processed; a redelivery of either is still a duplicate.
+func TestInbox_CorrectedRepublishOfADeadLetterIsProcessed(t *testing.T) {
+	f := setup(t)
+	c, err := inbox.New(f.js, f.pool, inbox.Config{Durable: "billing"}, consumerLedger(t, f.pool, "billing"))
+	require.NoError(t, err)
+	dl := nats.NewMsg("outbox.dead-letter")
+	dl.Header.Set(jetstream.MsgIDHeader, "e1")
+	dl.Header.Set(inbox.HeaderPoisonReason, "headers column key \"content type\" is not a valid NATS header key")
+	_, err = f.js.PublishMsg(context.Background(), dl)
+	require.NoError(t, err)
+	time.Sleep(150 * time.Millisecond) // the stream's 100ms duplicate window
+	f.publish(t, "e1", 1)              // corrected
+	time.Sleep(150 * time.Millisecond)
+	f.publish(t, "e1", 1) // a duplicate of the corrected one
+	run(t, c)
+	require.Eventually(t, func() bool { s := c.Stats(); return s.Processed+s.Duplicates == 3 }, 20*time.Second, 20*time.Millisecond)
+	require.Equal(t, []string{"billing e1 outbox.account.Credited", "billing e1 outbox.dead-letter"}, effects(t, f.pool))
+	require.EqualValues(t, 1, c.Stats().Duplicates)
+}
+
+// A table of the earlier layout (primary key event_id alone) keeps working as it did
+// (deduplicating on the id for everyone) until MigrateTable; its rows then still count as
+// processed by every consumer, and new events are recorded per consumer.
+func TestInbox_EarlierTableLayoutWorksAndMigrates(t *testing.T) {
+	ctx := context.Background()
+	pg := testenv.Postgres(t)
+	pool, err := pgxpool.New(ctx, pg.URL)
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	_, err = pool.Exec(ctx, `CREATE TABLE processed_events (event_id text PRIMARY KEY, subject text NOT NULL, processed_at timestamptz NOT NULL DEFAULT now())`)
+	require.NoError(t, err)
+	require.NoError(t, inbox.EnsureTable(ctx, pool, ""), "leaves the earlier layout alone")
+	n := testenv.JetStream(t)
+	js, err := jetstream.New(n.Connect(t))
+	require.NoError(t, err)
+	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "OUTBOX", Subjects: []string{"outbox.>"}, Duplicates: 100 * time.Millisecond})
+	require.NoError(t, err)
+	f := fixture{pool: pool, js: js}
+
+	a, err := inbox.New(js, pool, inbox.Config{Durable: "billing"}, consumerLedger(t, pool, "billing"))
+	require.NoError(t, err)
+	f.publish(t, "old", 1)
+	actx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- a.Run(actx) }()
+	require.Eventually(t, func() bool { return a.Stats().Processed == 1 }, 20*time.Second, 20*time.Millisecond)
+	cancel()
+	require.NoError(t, <-done)
+
+	require.NoError(t, inbox.MigrateTable(ctx, pool, ""))
+	require.NoError(t, inbox.MigrateTable(ctx, pool, ""), "again: nothing to do")
+	f.publish(t, "new", 2)
+	b, err := inbox.New(js, pool, inbox.Config{Durable: "shipping"}, consumerLedger(t, pool, "shipping"))
+	require.NoError(t, err)
+	a, err = inbox.New(js, pool, inbox.Config{Durable: "billing"}, consumerLedger(t, pool, "billing"))
+	require.NoError(t, err)
+	run(t, a)
+	run(t, b)
+	require.Eventually(t, func() bool {
+		return a.Stats().Processed == 1 && b.Stats().Processed == 1 && b.Stats().Duplicates == 1
+	}, 20*time.Second, 20*time.Millisecond, "a %+v b %+v", a.Stats(), b.Stats())
+	require.Equal(t, []string{
+		"billing new outbox.account.Credited", "billing old outbox.account.Credited",
+		"shipping new outbox.account.Credited",
+	}, effects(t, pool), "old was recorded before the migration: processed for every consumer")
+}

@@ -1,4 +1,5 @@
--- The outbox table. {{table}} and {{publication}} are replaced by quoted identifiers.
+-- The outbox table. Its name below is replaced by a quoted identifier (no placeholder may
+-- appear in a comment: see TestTemplates_PlaceholdersOutsideComments).
 CREATE TABLE IF NOT EXISTS {{table}} (
     id             uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
     aggregate_type text        NOT NULL,

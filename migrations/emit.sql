@@ -1,6 +1,7 @@
 -- outbox_emit: table-less mode (outbox-relay run --source messages). Writes one event as a
 -- transactional logical decoding message, published if and only if the calling transaction
--- commits, and returns its id. No row is written. {{schema}} is replaced by a quoted identifier.
+-- commits, and returns its id. No row is written. The schema below is replaced by a quoted
+-- identifier.
 CREATE OR REPLACE FUNCTION {{schema}}.outbox_emit(
     aggregate_type text,
     aggregate_id   text,

@@ -43,6 +43,19 @@ func PartitionFilter(n, i int) string {
 	return fmt.Sprintf("(hashtext(aggregate_id) & 2147483647) %% %d = %d", n, i)
 }
 
+// CheckIdentifier refuses a name with a control character (bytes 0-31 and 127) for an
+// identifier of kind what ("table", "--publication", ...). Identifiers are quoted wherever
+// they reach SQL, but a line break in one has no business in a name and, in text run as
+// several statements, is one quoting mistake away from running what follows it.
+func CheckIdentifier(what, name string) error {
+	for i := 0; i < len(name); i++ {
+		if c := name[i]; c < 0x20 || c == 0x7f {
+			return fmt.Errorf("%s %q: contains a control character (byte 0x%02x); identifiers may not", what, name, c)
+		}
+	}
+	return nil
+}
+
 func (o *Options) fill() {
 	if o.Schema == "" {
 		o.Schema = "public"
@@ -73,6 +86,11 @@ const emitFile = "emit.sql"
 func Apply(ctx context.Context, conn *pgx.Conn, o Options) (Result, error) {
 	o.fill()
 	var res Result
+	for _, id := range [][2]string{{"schema", o.Schema}, {"table", o.Table}, {"publication", o.Publication}} {
+		if err := CheckIdentifier(id[0], id[1]); err != nil {
+			return res, err
+		}
+	}
 	table := pgx.Identifier{o.Schema, o.Table}.Sanitize()
 	pub := pgx.Identifier{o.Publication}.Sanitize()
 	tx, err := conn.Begin(ctx)

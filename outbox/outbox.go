@@ -259,6 +259,11 @@ func splitTable(s string) (schema, table string, err error) {
 	if s == "" {
 		return "public", "outbox", nil
 	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c == 0x7f {
+			return "", "", fmt.Errorf("outbox table %q: contains a control character (byte 0x%02x); identifiers may not", s, c)
+		}
+	}
 	parts := strings.Split(s, ".")
 	switch {
 	case len(parts) == 1:

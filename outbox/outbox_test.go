@@ -137,3 +137,10 @@ func TestWrite_TableModeInsertBatchAndCopyWriteEveryField(t *testing.T) {
 }
 
 func itoa(i int) string { return string(rune('0'+i/10)) + string(rune('0'+i%10)) }
+
+// A control character in the table name is refused before anything reaches Postgres.
+func TestWriter_RefusesControlCharactersInTheTableName(t *testing.T) {
+	w := &outbox.Writer{Table: "public.x\nDROP TABLE victim;\n--"}
+	err := w.Write(context.Background(), nil, outbox.NewEvent("order", "1", "OrderCreated", map[string]int{"n": 1}))
+	require.ErrorContains(t, err, "control character")
+}

@@ -1,6 +1,8 @@
 package sink
 
 import (
+	"fmt"
+
 	"github.com/nats-io/nats.go"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
@@ -13,17 +15,21 @@ const HeaderBackfill = "Outbox-Backfill"
 // headers), stamped at pos instead of the event's own position and marked with
 // Outbox-Backfill: true. pos is the stream's last stored position when the backfill began, so
 // that backfilled messages do not move the position the relay skips replays up to
-// (LastStored).
-func BackfillMsg(cfg Config, ev *decoder.Event, pos Position) *nats.Msg {
+// (LastStored). An event the relay treats as poison for its header keys is an ErrPoison
+// error.
+func BackfillMsg(cfg Config, ev *decoder.Event, pos Position) (*nats.Msg, error) {
 	cfg.fill()
 	ev.CommitLSN, ev.TxIndex = pos.CommitLSN, pos.TxIndex
 	j := &JetStream{cfg: cfg}
 	e := &entry{}
 	j.buildMsg(e, ev)
+	if e.badKeys > 0 {
+		return nil, fmt.Errorf("%w: event %s: headers column key %q is not a valid NATS header key (printable ASCII without space or any of %s)", ErrPoison, e.id, clip(e.badKey, 64), headerKeyForbidden)
+	}
 	if cfg.CloudEvents {
 		addCloudEvents(e.header(), ev, cfg.CloudEventsSource)
 	}
 	e.header().Set(HeaderBackfill, "true")
 	m := e.msg
-	return &m
+	return &m, nil
 }

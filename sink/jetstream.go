@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,7 +21,8 @@ import (
 )
 
 // ErrPoison marks an event the broker will never store as it is (too large for the server's
-// max_payload or the stream's max_msg_size). Retrying cannot help; the relay stops.
+// max_payload or the stream's max_msg_size, a header key nats.go refuses). Retrying cannot
+// help; the relay stops.
 var ErrPoison = errors.New("event cannot be published")
 
 // JetStream publishes events with a bounded, gap-free in-flight window (see the package doc).
@@ -104,6 +108,14 @@ type entry struct {
 	done   bool // stored; confirm was called
 	failed error
 
+	// Headers-column keys nats.go refuses (see validHeaderKey), left out of msg by buildMsg:
+	// the first one and how many.
+	badKey  string
+	badKeys int
+	// minimal: msg is the smallest dead-letter message (the stream refused a metadata-only
+	// one); if the stream refuses this too, the relay stops.
+	minimal bool
+
 	// The outcome of the send under token, set by Run: resolved, then ackErr (not stored) or
 	// ackStream/ackDup (stored). ackStream points into the reply's data.
 	resolved  bool
@@ -185,17 +197,25 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 	// forever.
 	size += controlHeadersSize(j.cfg.Stream, j.prevIDLen)
 	var reason string
+	keepPayload := false
 	if max := j.maxPayload(); max > 0 && size > max {
 		reason = fmt.Sprintf("event is %d bytes with headers, over the server's max_payload of %d", size, max)
+	} else if hdr := size - len(e.msg.Data) - len(e.msg.Subject); hdr > MaxHeaderSize {
+		// JetStream refuses it on every retry (error 10097).
+		reason = fmt.Sprintf("headers are %d bytes, over the %d JetStream stores", hdr, MaxHeaderSize)
 	} else if len(e.msg.Subject) > MaxSubjectLen {
 		reason = fmt.Sprintf("subject is %d bytes, over the %d the relay allows (the server's max_control_line is 4096)", len(e.msg.Subject), MaxSubjectLen)
+	} else if e.badKeys > 0 {
+		// nats.go would refuse the message (nats.ErrBadHeaderMsg) on every retry.
+		reason = fmt.Sprintf("headers column key %q is not a valid NATS header key (printable ASCII without space or any of %s)", clip(e.badKey, 64), headerKeyForbidden)
+		keepPayload = true
 	}
 	if reason != "" {
 		if !j.cfg.DeadLetter {
 			<-j.sem
 			return fmt.Errorf("%w: event %s (position %s, transaction committed at %s): %s", ErrPoison, e.id, e.pos, ev.CommitLSN, reason)
 		}
-		j.deadLetter(e, reason, false)
+		j.deadLetter(e, reason, keepPayload, j.prevIDLen)
 	}
 	j.enqueue(e)
 	return nil
@@ -230,50 +250,143 @@ func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 	if e.id == "" {
 		e.id = fmt.Sprintf("dead-letter:%s:%d", ev.CommitLSN, ev.TxIndex)
 	}
-	j.deadLetter(e, reason, true)
+	j.deadLetter(e, reason, true, j.prevIDLen)
 	j.enqueue(e)
 	return nil
 }
+
+// MaxHeaderSize is the largest header block JetStream stores (it encodes the length in 16
+// bits; a larger one is refused with error 10097).
+const MaxHeaderSize = 65535
+
+// jsErrCodeHeaderExceedsMaximum is JetStream's "header size exceeds maximum allowed of 64k".
+const jsErrCodeHeaderExceedsMaximum jetstream.ErrorCode = 10097
 
 // MaxSubjectLen is the longest subject the relay publishes; a longer one is poison (the
 // server would close the connection over its max_control_line).
 const MaxSubjectLen = 3072
 
-// deadLetter turns e's message into its dead-letter message. The payload is kept only when
-// keepPayload and the message still fits the server's max_payload.
-func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool) {
+// deadLetter turns e's message into its dead-letter message, which always fits the server's
+// max_payload and JetStream's MaxHeaderSize as long as the id does: Nats-Msg-Id,
+// Outbox-Commit-Lsn and Outbox-Tx-Index are kept, Outbox-Poison-Reason and
+// Outbox-Original-Subject are cut to the room left, then the relay's other headers and the
+// remaining headers (in key order, values cut at 1024 bytes) are kept while they fit; headers
+// left out (no room, or a key nats.go refuses) are counted in Outbox-Dropped-Headers. The
+// payload is kept only when keepPayload and it still fits. prevIDLen is (at most) the length
+// of the id send will put in Nats-Expected-Last-Msg-Id.
+func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool, prevIDLen int) {
 	e.header()
 	m := e.msg
-	orig := m.Subject
-	if len(orig) > 256 {
-		orig = orig[:256]
+	dl := &nats.Msg{Subject: j.cfg.SubjectPrefix + "." + DeadLetterToken}
+	orig, dropped := m.Subject, e.badKeys
+	if m.Subject == dl.Subject {
+		// Already a dead letter (refused by the stream): keep what it says.
+		orig = m.Header.Get(HeaderOriginalSubject)
+		dropped, _ = strconv.Atoi(m.Header.Get(HeaderDroppedHeaders))
+		if r := m.Header.Get(HeaderPoisonReason); r != "" {
+			reason = r
+		}
 	}
-	h := make(nats.Header, len(m.Header)+2)
-	for k, v := range m.Header {
-		if len(k) >= 5 && (k[:5] == "Nats-" || k[:5] == "NATS-") {
+	// Room for headers and payload under max_payload (-1: unlimited), and for headers under
+	// MaxHeaderSize, as msgSize counts them, with the control headers send adds and room for
+	// Outbox-Dropped-Headers.
+	reserved := 12 + controlHeadersSize(j.cfg.Stream, prevIDLen) + len(HeaderDroppedHeaders) + 10 + 4
+	room := -1
+	if max := j.maxPayload(); max > 0 {
+		room = max - len(dl.Subject) - reserved
+	}
+	hroom := MaxHeaderSize - reserved
+	if room >= 0 && room < hroom {
+		hroom = room
+	}
+	if e.minimal {
+		hroom = min(hroom, minimalDeadLetterHeaders)
+	}
+	h := make(nats.Header, len(m.Header)+3)
+	used := 0
+	put := func(k, v string) {
+		h[k] = []string{v}
+		used += len(k) + len(v) + 4
+	}
+	// fit adds k: v if it fits, cut to the room left when cut allows; false when left out.
+	fit := func(k, v string, cut bool) bool {
+		left := hroom - used - len(k) - 4
+		if len(v) > left {
+			if !cut || left <= 0 {
+				return false
+			}
+			v = v[:left]
+		}
+		put(k, v)
+		return true
+	}
+	put(HeaderMsgID, e.id)
+	for _, k := range []string{HeaderCommitLSN, HeaderTxIndex} {
+		if v := m.Header.Get(k); v != "" {
+			put(k, v)
+		}
+	}
+	fit(HeaderPoisonReason, headerSafe(reason), true)
+	fit(HeaderOriginalSubject, headerSafe(clip(orig, 256)), true)
+	for _, k := range []string{HeaderAggregateType, HeaderEventType, HeaderAggregateID, HeaderCreatedAt} {
+		if v := m.Header.Get(k); v != "" && !fit(k, clip(v, 1024), false) {
+			dropped++
+		}
+	}
+	keys := slices.Sorted(maps.Keys(m.Header))
+	for _, k := range keys {
+		if _, done := h[k]; done || reservedHeader(k) || len(m.Header[k]) == 0 ||
+			k == HeaderPoisonReason || k == HeaderOriginalSubject || k == HeaderDroppedHeaders {
 			continue
 		}
-		if len(v) > 0 && len(v[0]) > 1024 {
-			v = []string{v[0][:1024]}
+		if !validHeaderKey(k) || !fit(k, clip(m.Header[k][0], 1024), false) {
+			dropped++
 		}
-		h[k] = v
 	}
-	h[HeaderMsgID] = []string{e.id}
-	h[HeaderPoisonReason] = []string{headerSafe(reason)}
-	h[HeaderOriginalSubject] = []string{headerSafe(orig)}
-	dl := &nats.Msg{Subject: j.cfg.SubjectPrefix + "." + DeadLetterToken, Header: h}
-	if keepPayload {
+	if dropped > 0 {
+		put(HeaderDroppedHeaders, strconv.Itoa(dropped))
+	}
+	dl.Header = h
+	if keepPayload && (room < 0 || used+len(m.Data) <= room) {
 		dl.Data = m.Data
-		if max := j.maxPayload(); max > 0 && msgSize(dl)+controlHeadersSize(j.cfg.Stream, j.prevIDLen) > max {
-			dl.Data = nil
-		}
 	}
 	e.msg = *dl
 	j.mu.Lock()
 	j.stats.DeadLetter++
 	j.mu.Unlock()
 	j.log.Warn().Str("event_id", e.id).Stringer("position", e.pos).Str("reason", reason).
-		Str("subject", dl.Subject).Msg("poison event sent to the dead-letter subject")
+		Str("subject", dl.Subject).Int("dropped_headers", dropped).Msg("poison event sent to the dead-letter subject")
+}
+
+// minimalDeadLetterHeaders bounds the headers of a minimal dead-letter message (besides the
+// control headers): the one sent when the stream refused a metadata-only one (its
+// max_msg_size is below the event's headers).
+const minimalDeadLetterHeaders = 512
+
+// clip returns s cut to at most n bytes.
+func clip(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+// headerKeyForbidden are the printable ASCII bytes nats.go refuses in a header key.
+const headerKeyForbidden = `"()/,:;<=>?@[\]{}`
+
+// validHeaderKey reports whether nats.go accepts k as a header key (Msg.headerSize refuses the
+// whole message with nats.ErrBadHeaderMsg otherwise): non-empty, bytes 33-126 only (no space,
+// control character or non-ASCII), none of headerKeyForbidden.
+func validHeaderKey(k string) bool {
+	if k == "" {
+		return false
+	}
+	for i := 0; i < len(k); i++ {
+		if c := k[i]; c < 33 || c > 126 || strings.IndexByte(headerKeyForbidden, c) >= 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func headerSafe(s string) string {
@@ -350,7 +463,8 @@ func (j *JetStream) send(e *entry) {
 	}
 	if err != nil {
 		// Disconnected (no reconnect buffer) or closed: the chain is broken here; Run
-		// re-publishes from this entry once what is in flight has resolved.
+		// re-publishes from this entry once what is in flight has resolved. A refusal of
+		// the message itself (refused) is made poison by recover.
 		e.token, e.failed = 0, err
 		j.recovering = true
 		j.stats.Errors++
@@ -588,18 +702,41 @@ func (j *JetStream) failed(e *entry, err error) error {
 	switch {
 	case errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamMessageExceedsMaximum:
 		reason = fmt.Sprintf("larger than stream %s allows (max_msg_size): %v", j.cfg.Stream, err)
+	case errors.As(err, &apiErr) && apiErr.ErrorCode == jsErrCodeHeaderExceedsMaximum:
+		reason = fmt.Sprintf("headers over the %d bytes JetStream stores: %v", MaxHeaderSize, err)
 	case errors.Is(err, nats.ErrMaxPayload):
+		reason = fmt.Sprintf("%v (the server's max_payload is %d)", err, j.maxPayload())
+	case refused(err):
 		reason = err.Error()
 	}
 	if reason != "" {
-		if !j.cfg.DeadLetter || e.msg.Subject == j.cfg.SubjectPrefix+"."+DeadLetterToken && e.msg.Data == nil {
+		isDL := e.msg.Subject == j.cfg.SubjectPrefix+"."+DeadLetterToken
+		if !j.cfg.DeadLetter || isDL && e.minimal {
 			return fmt.Errorf("%w: event %s (position %s, transaction committed at %s) rejected by the stream: %s", ErrPoison, e.id, e.pos, e.pos.CommitLSN, reason)
 		}
+		// A dead letter without payload refused as well: its headers are over the stream's
+		// max_msg_size; send the minimal one.
+		e.minimal = isDL && e.msg.Data == nil
 		// Re-published from here in order, as the dead-letter message.
-		j.deadLetter(e, "stream rejected the event: "+reason, false)
+		// prevIDLen is publishing-goroutine state: bound the id it will chain to by the
+		// longest one in the window.
+		j.mu.Lock()
+		prev := len(j.lastID)
+		for _, q := range j.q {
+			prev = max(prev, len(q.id))
+		}
+		j.mu.Unlock()
+		j.deadLetter(e, "stream rejected the event: "+reason, false, prev)
 	}
 	e.failed = err
 	return nil
+}
+
+// refused reports whether err is nats.go refusing a message before sending it for what the
+// message is (too big, a header key it does not accept, a subject it does not accept):
+// publishing the same message again can never succeed.
+func refused(err error) bool {
+	return errors.Is(err, nats.ErrMaxPayload) || errors.Is(err, nats.ErrBadHeaderMsg) || errors.Is(err, nats.ErrBadSubject)
 }
 
 // recover restores the chain after a failed publish: wait until every message in flight has
@@ -613,6 +750,12 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 	var first error
 	for _, e := range q {
 		if e.token == 0 {
+			if refused(e.failed) {
+				// nats.go refused to send it: the same message would be refused again.
+				if err := j.failed(e, e.failed); err != nil {
+					return err
+				}
+			}
 			if first == nil {
 				first = e.failed
 			}
@@ -740,7 +883,8 @@ func (j *JetStream) popDone() {
 
 // buildMsg copies the event into e.msg: the payload bytes as Postgres sent them and the relay's
 // headers, then the string entries of the headers column. A headers-column key that names a
-// relay header or starts with "Nats-" (JetStream's control headers) is skipped. It returns the
+// relay header or starts with "Nats-" (JetStream's control headers) is skipped; one nats.go
+// refuses (validHeaderKey) is left out and counted in e.badKeys (Publish makes it poison). It returns the
 // message size the server's max_payload applies to (without the control headers).
 //
 // This runs once per event on the publishing goroutine, so it allocates little: the relay's
@@ -777,6 +921,13 @@ func (j *JetStream) buildMsg(e *entry, ev *decoder.Event) int {
 	size := 12        // "NATS/1.0\r\n" + final CRLF
 	for _, kv := range ev.Headers {
 		if reservedHeader(kv.Key) {
+			continue
+		}
+		if !validHeaderKey(kv.Key) {
+			if e.badKeys == 0 {
+				e.badKey = kv.Key
+			}
+			e.badKeys++
 			continue
 		}
 		if h == nil {

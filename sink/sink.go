@@ -51,6 +51,9 @@ const (
 	HeaderPoisonReason = "Outbox-Poison-Reason"
 	// HeaderOriginalSubject is set on dead-letter messages: the subject the event was meant for.
 	HeaderOriginalSubject = "Outbox-Original-Subject"
+	// HeaderDroppedHeaders is set on dead-letter messages that leave headers of the event out
+	// (a key nats.go refuses, or no room under the server's max_payload): how many.
+	HeaderDroppedHeaders = "Outbox-Dropped-Headers"
 )
 
 // DeadLetterToken is the subject token after the prefix that dead-letter messages use:
@@ -78,9 +81,10 @@ type Config struct {
 	CloudEventsSource string
 
 	// DeadLetter: an event the broker will never store as it is (too big for max_payload or
-	// the stream's max_msg_size, subject over the protocol limit) is replaced by a
-	// metadata-only message to <SubjectPrefix>.dead-letter with the reason in a header, in its
-	// place in the order. Otherwise such an event stops the relay (ErrPoison).
+	// the stream's max_msg_size, headers over 64k, a header key nats.go refuses, subject over
+	// the protocol limit) is replaced by a message to <SubjectPrefix>.dead-letter with the
+	// reason in a header, in its place in the order (see deadLetter for what it keeps).
+	// Otherwise such an event stops the relay (ErrPoison).
 	DeadLetter bool
 	// SeqFloor: stream messages up to this sequence came from an earlier source (another
 	// Postgres cluster, see SourcePosition); their positions are not compared with this

@@ -203,7 +203,11 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 			rr.Close()
 			return fmt.Errorf("backfill row %d: %w", n+1, err)
 		}
-		m := sink.BackfillMsg(scfg, ch.Event, pos)
+		m, err := sink.BackfillMsg(scfg, ch.Event, pos)
+		if err != nil {
+			rr.Close()
+			return fmt.Errorf("backfill row %d: %w", n+1, err)
+		}
 		if _, err := dec.Decode(commitMsg(pos.CommitLSN)); err != nil {
 			rr.Close()
 			return err

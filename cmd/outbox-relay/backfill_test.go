@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
@@ -79,4 +80,21 @@ func TestBackfill_RepublishesEventsCommittedWhileTheSlotWasGone(t *testing.T) {
 	waitStream(t, e.nats.URL, uint64(n+40), 30*time.Second)
 	require.NoError(t, stop())
 	requireClean(t, check(t, outboxRows(t, e.pg), readStream(t, e.nats.URL, sink.DefaultStream)))
+}
+
+// A row the relay makes poison for a header key NATS refuses stops the backfill naming it,
+// as a row the decoder rejects does; nothing is published without the header.
+func TestBackfill_StopsAtAHeaderKeyNATSRefuses(t *testing.T) {
+	e := newEnv(t)
+	js, closeNC := connectJS(t, e.nats.URL)
+	defer closeNC()
+	_, err := sink.EnsureStream(context.Background(), js, sink.Config{}, zerolog.Nop())
+	require.NoError(t, err)
+	e.pg.Exec(t, `INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers)
+		VALUES ('00000000-0000-4000-8000-0000000000b1', 'order', '1', 'Bad', '{}', '{"content type": "json"}')`)
+	since := time.Now().Add(-10 * time.Minute).UTC().Format(time.RFC3339)
+	var out bytes.Buffer
+	err = dispatch(context.Background(), []string{"backfill", "--pg-url", e.pg.URL, "--nats-url", e.nats.URL, "--since", since, "--log-level", "warn"}, &out, &out, noEnv)
+	require.ErrorContains(t, err, `backfill row 1: event cannot be published: event 00000000-0000-4000-8000-0000000000b1: headers column key "content type" is not a valid NATS header key`)
+	require.Empty(t, readStream(t, e.nats.URL, sink.DefaultStream))
 }

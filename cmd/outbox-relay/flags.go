@@ -12,6 +12,8 @@ import (
 
 	"github.com/rs/zerolog"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/outbox-relay/outbox-relay/migrations"
 )
 
 // envName is the environment variable that may set a flag: OUTBOX_RELAY_<FLAG_IN_UPPER_SNAKE>.
@@ -146,6 +148,9 @@ func parseCommand(fs *flag.FlagSet, args []string, env func(string) (string, boo
 		}
 		return zerolog.Nop(), usageError{err}
 	}
+	if err := checkIdentifierFlags(fs); err != nil {
+		return zerolog.Nop(), usageError{err}
+	}
 	log, err := lf.logger(stderr)
 	if err != nil {
 		return zerolog.Nop(), usageError{err}
@@ -198,6 +203,40 @@ func isTerminal(w io.Writer) bool {
 	}
 	st, err := f.Stat()
 	return err == nil && st.Mode()&os.ModeCharDevice != 0
+}
+
+// checkIdentifierFlags refuses control characters in every flag naming a Postgres identifier:
+// --table (schema and table), --publication, --slot and the --column-* names.
+func checkIdentifierFlags(fs *flag.FlagSet) error {
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if err != nil {
+			return
+		}
+		switch n := f.Name; {
+		case n == "table" || n == "publication" || n == "slot" || strings.HasPrefix(n, "column-"):
+			err = migrations.CheckIdentifier("--"+n, f.Value.String())
+		}
+		if err == nil && f.Name == "slot" {
+			err = checkSlotName(f.Value.String())
+		}
+	})
+	return err
+}
+
+// checkSlotName applies Postgres' rule for replication slot names. The name goes unquoted
+// into the replication commands START_REPLICATION and CREATE_REPLICATION_SLOT, so nothing
+// else may reach them.
+func checkSlotName(s string) error {
+	if s == "" || len(s) > 63 {
+		return fmt.Errorf("--slot %q: a replication slot name has 1 to 63 characters", s)
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
+			return fmt.Errorf("--slot %q: a replication slot name may contain only lower case letters, digits and underscores", s)
+		}
+	}
+	return nil
 }
 
 // splitTable splits "schema.table" (default schema public).
