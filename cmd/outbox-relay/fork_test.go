@@ -27,12 +27,12 @@ func runRelay(t *testing.T, args []string) (done <-chan error, log *testLog) {
 	log = &testLog{}
 	dumpOnFailure(t, "relay", log)
 	ctx, cancel := context.WithCancel(context.Background())
-	ch := make(chan error, 1)
-	go func() { ch <- dispatch(ctx, freeHTTPAddr(args), log, log, noEnv) }()
+	ch, fin := make(chan error, 1), make(chan struct{})
+	go func() { ch <- dispatch(ctx, freeHTTPAddr(args), log, log, noEnv); close(fin) }()
 	t.Cleanup(func() {
 		cancel()
 		select {
-		case <-ch:
+		case <-fin:
 		case <-time.After(30 * time.Second):
 		}
 	})
