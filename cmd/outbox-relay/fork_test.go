@@ -64,6 +64,13 @@ func forkedCount(t *testing.T, msg string) int {
 	return n
 }
 
+// clusterEnv is an env on a private cluster (which the test may stop, snapshot, restore).
+func clusterEnv(t *testing.T) (*testenv.Cluster, *env) {
+	t.Helper()
+	c, e := clusterEnv(t)
+	return c, e
+}
+
 // withTag keeps the rows whose aggregate id starts with one of tags.
 func withTag(rows map[string]row, tags ...string) map[string]row {
 	out := map[string]row{}
@@ -81,9 +88,7 @@ func withTag(rows map[string]row, tags ...string) map[string]row {
 // snapshot restored. Before the fix the relay resumed at its old position, above the restored
 // server's WAL end, and never published the new history's events, logging nothing.
 func TestFork_RestoreUnderRunningRelay(t *testing.T) {
-	c := testenv.NewCluster(t)
-	e := &env{pg: c.NewDatabase(t), nats: testenv.JetStream(t)}
-	e.migrate(t)
+	c, e := clusterEnv(t)
 	done, _ := runRelay(t, e.args())
 	waitStreaming(t, e.pg, "outbox_relay")
 	insertGapEvents(t, e.pg, "before", 100)
@@ -132,9 +137,7 @@ func TestFork_RestoreUnderRunningRelay(t *testing.T) {
 // reaches the stream's last event's position without yielding it, and the relay refuses
 // before confirming anything past the slot. Accepted, the new history is published.
 func TestFork_RestoreWhileStoppedAndWALOutgrewTheRecord(t *testing.T) {
-	c := testenv.NewCluster(t)
-	e := &env{pg: c.NewDatabase(t), nats: testenv.JetStream(t)}
-	e.migrate(t)
+	c, e := clusterEnv(t)
 	stop, _ := inProcess(t, e.args())
 	waitStreaming(t, e.pg, "outbox_relay")
 	insertGapEvents(t, e.pg, "before", 50)
@@ -217,9 +220,7 @@ func TestSyncStandbySlot_FailoverLosesNoPublishedEvent(t *testing.T) {
 }
 
 func testPromotedStandby(t *testing.T, syncStandby bool) {
-	primary := testenv.NewCluster(t)
-	e := &env{pg: primary.NewDatabase(t), nats: testenv.JetStream(t)}
-	e.migrate(t)
+	primary, e := clusterEnv(t)
 	var args []string
 	slot := ""
 	if syncStandby {

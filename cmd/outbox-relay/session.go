@@ -52,12 +52,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		}
 		log.Info().Stringer("lsn", start).Msg("created temporary replication slot")
 	} else {
-		qconn, err := connectPG(ctx, cfg.pgURL)
-		if err != nil {
-			return err
-		}
-		slot, err := replication.GetSlot(ctx, qconn, cfg.slot)
-		qconn.Close(context.Background())
+		slot, err := readSlot(ctx, cfg)
 		if err != nil {
 			return err
 		}
@@ -90,12 +85,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		// The slot is held now: read it again, since it may have moved (advanced by someone
 		// else) after it was read above; Postgres starts at its confirmed_flush_lsn when that
 		// is further than start.
-		qconn, err := connectPG(ctx, cfg.pgURL)
-		if err != nil {
-			return err
-		}
-		slot, err := replication.GetSlot(ctx, qconn, cfg.slot)
-		qconn.Close(context.Background())
+		slot, err := readSlot(ctx, cfg)
 		if err != nil {
 			return err
 		}
@@ -259,6 +249,16 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		Uint64("skipped_stored", p.skipped+stats.Skipped).Uint64("dead_letter", stats.DeadLetter).Uint64("foreign_inserts", dec.Foreign).Stringer("lsn", resume).
 		Msg("replication session ended")
 	return err
+}
+
+// readSlot reads the relay's slot on a connection of its own.
+func readSlot(ctx context.Context, cfg runConfig) (replication.Slot, error) {
+	qconn, err := connectPG(ctx, cfg.pgURL)
+	if err != nil {
+		return replication.Slot{}, err
+	}
+	defer qconn.Close(context.Background())
+	return replication.GetSlot(ctx, qconn, cfg.slot)
 }
 
 // settle waits until no event is in flight, the sink stopped, or max elapsed.
