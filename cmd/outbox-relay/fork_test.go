@@ -67,7 +67,9 @@ func forkedCount(t *testing.T, msg string) int {
 // clusterEnv is an env on a private cluster (which the test may stop, snapshot, restore).
 func clusterEnv(t *testing.T) (*testenv.Cluster, *env) {
 	t.Helper()
-	c, e := clusterEnv(t)
+	c := testenv.NewCluster(t)
+	e := &env{pg: c.NewDatabase(t), nats: testenv.JetStream(t)}
+	e.migrate(t)
 	return c, e
 }
 
