@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
@@ -84,7 +86,8 @@ func start(ctx context.Context, cfg config) (_ *demo, err error) {
 	}
 	relay := filepath.Join(bins, "outbox-relay")
 	pgURL := d.pg.URL("postgres")
-	if err := d.runOnce(ctx, "migrate", relay, "migrate", "--pg-url", pgURL, "--log-level", "warn"); err != nil {
+	// The slot comes with the table: every order committed from now on is relayed.
+	if err := d.runOnce(ctx, "migrate", relay, "migrate", "--pg-url", pgURL, "--create-slot", "--log-level", "warn"); err != nil {
 		return nil, err
 	}
 	if d.natsPort, err = freePort(); err != nil {
@@ -97,6 +100,10 @@ func start(ctx context.Context, cfg config) (_ *demo, err error) {
 		return nil, err
 	}
 	if err := d.spawn("consumer", filepath.Join(bins, "consumer"), "--nats-url", natsURL); err != nil {
+		return nil, err
+	}
+	// Produce once the relay streams, so the first orders show up at once.
+	if err := waitStreaming(ctx, pgURL, "outbox_relay", 60*time.Second); err != nil {
 		return nil, err
 	}
 	if err := d.spawn("producer", filepath.Join(bins, "producer"), "--pg-url", pgURL, "--interval", cfg.Interval.String()); err != nil {
@@ -272,4 +279,30 @@ func (p *prefixWriter) writer(name string) io.WriteCloser {
 		_, _ = io.Copy(io.Discard, pr)
 	}()
 	return pw
+}
+
+// waitStreaming waits until a replication connection holds slot.
+func waitStreaming(ctx context.Context, pgURL, slot string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, pgURL)
+	if err != nil {
+		return fmt.Errorf("connect to Postgres: %w", err)
+	}
+	defer conn.Close(context.Background())
+	for {
+		var active bool
+		err := conn.QueryRow(ctx, `SELECT coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = $1), false)`, slot).Scan(&active)
+		if err != nil {
+			return fmt.Errorf("the relay never started streaming from slot %s: %w", slot, err)
+		}
+		if active {
+			return nil
+		}
+		select {
+		case <-time.After(50 * time.Millisecond):
+		case <-ctx.Done():
+			return fmt.Errorf("the relay never started streaming from slot %s within %s", slot, timeout)
+		}
+	}
 }

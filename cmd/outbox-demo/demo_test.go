@@ -85,6 +85,13 @@ func TestDemo_OrdersFlowFromProducerToConsumerAndStopCleansUp(t *testing.T) {
 		require.Less(t, lat, 10*time.Second)
 	}
 
+	// The first order the producer committed arrives too (the slot exists from the migration on).
+	first := createdRE.FindStringSubmatch(out.String())
+	require.NotNil(t, first, "no order created")
+	require.Eventually(t, func() bool {
+		return regexp.MustCompile(`(?m)^consumer +\| OrderCreated order/` + regexp.QuoteMeta(first[1]) + ` `).MatchString(out.String())
+	}, 30*time.Second, 50*time.Millisecond, "the first order %s never arrived", first[1])
+
 	pids, dir, pgDir := d.pids(), d.dir, d.pg.DataDir
 	require.Len(t, pids, 4, "postgres, relay, consumer, producer")
 	stopped = true

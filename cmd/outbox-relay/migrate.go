@@ -17,11 +17,15 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 		lf                                logFlags
 		pgURL, table, publication, source string
 		partitions                        int
+		createSlot                        bool
+		slot                              string
 	)
 	fs.StringVar(&pgURL, "pg-url", "", "Postgres connection URL or DSN (required)")
 	fs.StringVar(&table, "table", "public.outbox", "outbox table, schema.table")
 	fs.StringVar(&publication, "publication", "outbox_pub", "publication to create")
 	fs.StringVar(&source, "source", "table", "table: the outbox table, its publication and outbox_emit; messages (table-less): outbox_emit and a publication without tables")
+	fs.BoolVar(&createSlot, "create-slot", false, "also create the relay's replication slot (after the publication), so that every row committed from now on is relayed, even before the relay first runs; needs the REPLICATION attribute")
+	fs.StringVar(&slot, "slot", "outbox_relay", "with --create-slot: the slot's name (with --partitions N: <slot>_p<i>, one per partition)")
 	fs.IntVar(&partitions, "partitions", 1, "also create this many row-filtered publications <publication>_p<i>of<N>, one per relay, partitioned by a hash of aggregate_id (Postgres 15+)")
 	lf.register(fs)
 	log, err := parseCommand(fs, args, env, &lf, stderr, &pgURL)
@@ -50,6 +54,21 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 	if err != nil {
 		return err
 	}
+	if createSlot {
+		// After the publication: a slot decodes with the catalog as of each WAL position.
+		names := []string{slot}
+		if partitions > 1 {
+			names = names[:0]
+			for i := 0; i < partitions; i++ {
+				names = append(names, fmt.Sprintf("%s_p%d", slot, i))
+			}
+		}
+		for _, name := range names {
+			if err := slotCreate(ctx, conn, stdout, name, true); err != nil {
+				return err
+			}
+		}
+	}
 	if source == "messages" {
 		log.Info().Str("function", schema+".outbox_emit").Str("publication", publication).
 			Bool("created_publication", res.CreatedPublication).Msg("migrated (table-less)")
@@ -60,12 +79,15 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 		Str("publication", publication).Bool("created_publication", res.CreatedPublication).
 		Bool("added_to_publication", res.AddedToPublication).Msg("migrated")
 	fmt.Fprintf(stdout, "table %s.%s and publication %s are in place\n", schema, tbl, publication)
+	if !createSlot {
+		fmt.Fprintf(stdout, "no replication slot yet: rows committed before the relay first runs with --create-slot are not relayed (use migrate --create-slot, or outbox-relay slot create, before the application writes)\n")
+	}
 	if partitions > 1 {
 		log.Info().Strs("created_partitions", res.CreatedPartitions).Msg("partition publications in place")
 		fmt.Fprintf(stdout, "%d partition publications are in place; run one relay per partition, each with its own slot and stream:\n", partitions)
 		for i := 0; i < partitions; i++ {
-			fmt.Fprintf(stdout, "  outbox-relay run --publication %s --slot outbox_relay_p%d --stream OUTBOX_P%d --subject-prefix outbox.p%d --create-slot ...\n",
-				migrations.PartitionPublication(publication, i, partitions), i, i, i)
+			fmt.Fprintf(stdout, "  outbox-relay run --publication %s --slot %s_p%d --stream OUTBOX_P%d --subject-prefix outbox.p%d --create-slot ...\n",
+				migrations.PartitionPublication(publication, i, partitions), slot, i, i, i)
 		}
 	}
 	return nil
