@@ -54,10 +54,19 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 	fs.StringVar(&until, "until", "", "and before this RFC 3339 time (default: no bound)")
 	fs.BoolVar(&dryRun, "dry-run", false, "count the rows, publish nothing")
 	fs.StringVar(&bucket, "position-bucket", sink.DefaultPositionBucket, "as for run")
+	headers := fs.String("headers", "outbox", "as for run: outbox or cloudevents (give the relay's value: backfilled messages carry the same headers as live ones)")
+	fs.StringVar(&scfg.CloudEventsSource, "cloudevents-source", sink.DefaultCloudEventsSource, "as for run")
 	lf.register(fs)
 	log, err := parseCommand(fs, args, env, &lf, stderr, &pgURL)
 	if err != nil {
 		return err
+	}
+	switch *headers {
+	case "outbox":
+	case "cloudevents":
+		scfg.CloudEvents = true
+	default:
+		return usageError{fmt.Errorf("--headers %q: use outbox or cloudevents", *headers)}
 	}
 	from, err := time.Parse(time.RFC3339Nano, since)
 	if err != nil {

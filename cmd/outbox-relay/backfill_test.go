@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
@@ -97,4 +98,42 @@ func TestBackfill_StopsAtAHeaderKeyNATSRefuses(t *testing.T) {
 	err = dispatch(context.Background(), []string{"backfill", "--pg-url", e.pg.URL, "--nats-url", e.nats.URL, "--since", since, "--log-level", "warn"}, &out, &out, noEnv)
 	require.ErrorContains(t, err, `backfill row 1: event cannot be published: event 00000000-0000-4000-8000-0000000000b1: headers column key "content type" is not a valid NATS header key`)
 	require.Empty(t, readStream(t, e.nats.URL, sink.DefaultStream))
+}
+
+// A backfilled copy of a row carries every header the live path writes (CloudEvents included),
+// except its position stamp and the Outbox-Backfill mark.
+func TestBackfill_SameHeadersAsLive(t *testing.T) {
+	e := newEnv(t)
+	stop, _ := inProcess(t, e.args("--headers", "cloudevents", "--cloudevents-source", "/shop"))
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "one", 1)
+	waitStream(t, e.nats.URL, 1, 30*time.Second)
+	require.NoError(t, stop())
+	live := readStream(t, e.nats.URL, sink.DefaultStream)[0]
+
+	// The same row backfilled into a second broker's stream.
+	other := testenv.JetStream(t)
+	js, closeNC := connectJS(t, other.URL)
+	defer closeNC()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: sink.DefaultStream, Subjects: []string{"outbox.>"}, Storage: jetstream.FileStorage})
+	require.NoError(t, err)
+	var out bytes.Buffer
+	since := time.Now().Add(-10 * time.Minute).UTC().Format(time.RFC3339)
+	require.NoError(t, dispatch(context.Background(), []string{"backfill", "--pg-url", e.pg.URL, "--nats-url", other.URL, "--since", since,
+		"--headers", "cloudevents", "--cloudevents-source", "/shop", "--log-level", "warn"}, &out, &out, noEnv))
+	back := readStream(t, other.URL, sink.DefaultStream)[0]
+
+	require.Equal(t, live.Subject, back.Subject)
+	require.Equal(t, live.Data, back.Data)
+	require.Equal(t, "true", back.Header.Get(sink.HeaderBackfill))
+	require.NotEmpty(t, live.Header.Get(sink.HeaderCEID), "the live copy has CloudEvents headers")
+	for k, v := range live.Header {
+		switch k {
+		case sink.HeaderCommitLSN, sink.HeaderTxIndex, "Nats-Expected-Stream", "Nats-Expected-Last-Msg-Id", "Nats-Expected-Last-Sequence":
+			continue // the position stamp, and the live chain's control headers
+		}
+		require.Equal(t, v, back.Header.Values(k), "header %s", k)
+	}
 }
