@@ -704,6 +704,10 @@ func (j *JetStream) failed(e *entry, err error) error {
 		reason = fmt.Sprintf("larger than stream %s allows (max_msg_size): %v", j.cfg.Stream, err)
 	case errors.As(err, &apiErr) && apiErr.ErrorCode == jsErrCodeHeaderExceedsMaximum:
 		reason = fmt.Sprintf("headers over the %d bytes JetStream stores: %v", MaxHeaderSize, err)
+	case errors.As(err, &apiErr) && apiErr.ErrorCode == jsErrCodeMessageTTLDisabled:
+		reason = fmt.Sprintf("a %s header, and stream %s does not allow per-message TTLs (enable allow_msg_ttl: nats stream edit %s --allow-msg-ttl, nats-server 2.11+): %v", HeaderTTL, j.cfg.Stream, j.cfg.Stream, err)
+	case errors.As(err, &apiErr) && apiErr.ErrorCode == jsErrCodeMessageTTLInvalid:
+		reason = fmt.Sprintf("its %s header is not a valid TTL (a Go duration such as 30s, a number of seconds, or never): %v", HeaderTTL, err)
 	case errors.Is(err, nats.ErrMaxPayload):
 		reason = fmt.Sprintf("%v (the server's max_payload is %d)", err, j.maxPayload())
 	case refused(err):
@@ -731,6 +735,16 @@ func (j *JetStream) failed(e *entry, err error) error {
 	e.failed = err
 	return nil
 }
+
+// HeaderTTL is JetStream's per-message TTL header (nats-server 2.11+, stream allow_msg_ttl): the
+// one Nats- header a headers-column entry may set.
+const HeaderTTL = "Nats-TTL"
+
+// JetStream's refusals of a Nats-TTL header.
+const (
+	jsErrCodeMessageTTLInvalid  = 10165
+	jsErrCodeMessageTTLDisabled = 10166
+)
 
 // refused reports whether err is nats.go refusing a message before sending it for what the
 // message is (too big, a header key it does not accept, a subject it does not accept):
@@ -1002,7 +1016,7 @@ func appendHexUpper(b []byte, v uint32) []byte {
 
 func reservedHeader(k string) bool {
 	if len(k) >= 5 && (k[:5] == "Nats-" || k[:5] == "nats-" || k[:5] == "NATS-") {
-		return true
+		return k != HeaderTTL // the allow-list of JetStream features a producer may ask for
 	}
 	switch k {
 	case HeaderAggregateType, HeaderAggregateID, HeaderEventType, HeaderCreatedAt, HeaderCommitLSN, HeaderTxIndex:
