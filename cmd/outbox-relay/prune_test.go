@@ -78,6 +78,8 @@ func TestPrune_RefusesWithoutTheSlot(t *testing.T) {
 	require.ErrorContains(t, err, `replication slot "nope" does not exist`)
 	err = dispatch(context.Background(), []string{"prune", "--pg-url", e.pg.URL}, &out, &out, noEnv)
 	require.ErrorContains(t, err, "--older-than is required")
+	err = dispatch(context.Background(), []string{"prune", "--pg-url", e.pg.URL, "--older-than", "1h", "--position-bucket", ""}, &out, &out, noEnv)
+	require.ErrorContains(t, err, "--skip-source-check")
 }
 
 // Rows old enough but not behind the slot's catalog_xmin are kept, and prune says so.
