@@ -220,7 +220,9 @@ func (j *JetStream) Stats() Stats {
 }
 
 // Publish copies ev into a message and sends it. It returns without waiting for the ack; it
-// blocks only when called without a successful Wait and the window is full. An error is
+// blocks only when called without a successful Wait and the window is full, or when the event
+// is larger than the room Wait keeps (max_payload, at most half of MaxInFlightBytes) and does
+// not fit the bytes in flight until acks free room. An error is
 // returned only for an event that can never be published (ErrPoison) or when ctx ends; a
 // broker failure is handled by Run, which re-publishes.
 func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoint.Ticket) error {
