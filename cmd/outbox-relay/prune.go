@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -37,6 +38,7 @@ func cmdPrune(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 		auth               natsAuth
 		pgURL, table, slot string
 		natsURL, bucket    string
+		template           string
 		scfg               sink.Config
 		olderThan          time.Duration
 		batch              int
@@ -52,6 +54,7 @@ func cmdPrune(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	auth.register(fs)
 	fs.StringVar(&scfg.Stream, "stream", sink.DefaultStream, "as for run: whose position record names the relay's slot")
 	fs.StringVar(&scfg.SubjectPrefix, "subject-prefix", sink.DefaultSubjectPrefix, "as for run")
+	fs.StringVar(&template, "subject-template", decoder.DefaultSubjectTemplate, "as for run (its leading literal tokens name the position record)")
 	fs.StringVar(&bucket, "position-bucket", sink.DefaultPositionBucket, "as for run")
 	fs.BoolVar(&skipCheck, "skip-source-check", false, "prune without comparing the slot with the relay's position record (for a relay run with --position-bucket ''); rows in a slot gap are then deleted before they can be backfilled")
 	lf.register(fs)
@@ -72,6 +75,11 @@ func cmdPrune(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	if bucket == "" && !skipCheck {
 		return usageError{errors.New("--position-bucket '' leaves prune nothing to check the slot against: pass --skip-source-check to prune without the check")}
 	}
+	subject, err := decoder.ParseSubjectTemplate(template, scfg.SubjectPrefix)
+	if err != nil {
+		return usageError{fmt.Errorf("--subject-template: %w", err)}
+	}
+	scfg.SubjectPrefix = subject.Prefix()
 	natsOpts, err := auth.options(natsURL)
 	if err != nil {
 		return usageError{err}

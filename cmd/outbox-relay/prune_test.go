@@ -154,3 +154,17 @@ func TestPrune_RefusesASlotAheadOfTheRecordUntilOverridden(t *testing.T) {
 	}, 30*time.Second, 200*time.Millisecond)
 	require.Equal(t, 3, countRows(t, e, "true"))
 }
+
+// The record is found with the relay's --subject-template, as run names it.
+func TestPrune_FindsTheRecordOfARelayWithASubjectTemplate(t *testing.T) {
+	e := newEnv(t)
+	// The feed's prefix is the template's leading literal tokens: acme.events, not acme.
+	tmpl := []string{"--subject-prefix", "acme", "--subject-template", "{prefix}.events.{aggregate_type}.{event_type}", "--stream", "ACME"}
+	stop, _ := inProcess(t, e.args(tmpl...))
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "published", 3)
+	require.Eventually(t, func() bool { return streamMsgs(t, e.nats.URL, "ACME") == 3 }, 30*time.Second, 20*time.Millisecond)
+	require.NoError(t, stop())
+	require.Contains(t, prune(t, e, tmpl...), "deleted 0 rows")
+	require.Contains(t, pruneRefused(t, e, "--stream", "ACME", "--subject-prefix", "acme"), "no position record")
+}
