@@ -24,6 +24,9 @@ type opts struct {
 	events          int
 	payload         int
 	bigEvents       int
+	largeEvents     int
+	largePayload    int
+	largeHold       time.Duration
 	bigRepeats      int
 	rate            int
 	latencyDuration time.Duration
@@ -44,16 +47,19 @@ func main() {
 	flag.IntVar(&o.payload, "payload", 400, "payload size in bytes")
 	flag.IntVar(&o.bigEvents, "bigtx-events", 1000000, "events in the big-tx transaction")
 	flag.IntVar(&o.bigRepeats, "bigtx-repeats", 0, "runs of big-tx (0: -repeats)")
+	flag.IntVar(&o.largeEvents, "large-events", 1000, "events in the large scenario")
+	flag.DurationVar(&o.largeHold, "large-hold", 8*time.Second, "how long the large scenario holds JetStream's acks back (under 10 s: nats.go then declares the connection stale)")
+	flag.IntVar(&o.largePayload, "large-payload", 900<<10, "payload size in bytes in the large scenario (with the relay's headers it must fit the server's max_payload, 1 MiB)")
 	flag.IntVar(&o.rate, "rate", 1000, "events/s in the latency scenarios")
 	flag.DurationVar(&o.latencyDuration, "latency-duration", 30*time.Second, "duration of each latency run")
 	flag.DurationVar(&o.liveDuration, "live-duration", 10*time.Second, "duration of each live run")
 	flag.DurationVar(&o.idleDuration, "idle-duration", 5*time.Second, "idle window for statements/s")
-	flag.StringVar(&o.scenarios, "scenarios", "drain,live,latency,big-tx,polling,scale", "comma-separated scenarios to run")
+	flag.StringVar(&o.scenarios, "scenarios", "drain,live,latency,big-tx,polling,scale,large", "comma-separated scenarios to run")
 	flag.StringVar(&o.profileDir, "profile", "", "write CPU and allocation profiles of the relay's first drain run to this directory")
 	flag.IntVar(&o.partitions, "partitions", 2, "relays in the scale scenario (compared with 1)")
 	relayArgs := flag.String("relay-args", "", "extra flags for the relay in the drain scenario, space separated (e.g. \"--max-in-flight 4096\")")
 	flag.StringVar(&o.relayB, "relay-b", "", "a second relay binary (e.g. built from another commit): drain and latency also run it, in the same repeat, and report it as \"B\"")
-	relayEnv := flag.String("relay-env", "", "extra environment for the relay in the drain scenario, space separated (e.g. GOGC=200)")
+	relayEnv := flag.String("relay-env", "", "extra environment for the relay in the drain and large scenarios, space separated (e.g. GOGC=200)")
 	flag.Parse()
 	o.relayEnv = strings.Fields(*relayEnv)
 	o.relayArgs = strings.Fields(*relayArgs)
@@ -87,6 +93,7 @@ func run(ctx context.Context, o opts) error {
 		{"big-tx", o.bigRepeats, e.runBigTx},
 		{"polling", o.repeats, e.runPolling},
 		{"scale", o.repeats, e.runScale},
+		{"large", o.repeats, e.runLarge},
 	}
 	want := strings.Split(o.scenarios, ",")
 	res := map[string][]float64{}

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -45,6 +46,12 @@ type JetStream struct {
 
 	sem  chan struct{} // one token per event in flight
 	held bool          // the publishing goroutine holds a token (Wait succeeded)
+
+	// Bytes in flight (the sizes of the entries in the window), added by the publishing
+	// goroutine, subtracted by pop, which then signals freed; peakBytes is their maximum.
+	bytes     atomic.Int64
+	peakBytes atomic.Int64
+	freed     chan struct{}
 
 	mu         sync.Mutex
 	q          []*entry // in publish order; q[0] is the oldest unconfirmed event
@@ -90,6 +97,8 @@ type Stats struct {
 	Skipped    uint64 // re-publishes skipped: the stream already held the event (LastStored)
 	DeadLetter uint64 // events replaced by a dead-letter message
 	StreamFull uint64 // publishes refused because the stream is full (discard: new)
+	// PeakInFlightBytes is the most message bytes that were in flight at once.
+	PeakInFlightBytes int64
 }
 
 type entry struct {
@@ -105,7 +114,8 @@ type entry struct {
 	// its outcome was consumed.
 	token  uint64
 	sent   time.Time
-	done   bool // stored; confirm was called
+	size   int64 // bytes counted in flight for it
+	done   bool  // stored; confirm was called
 	failed error
 
 	// Headers-column keys nats.go refuses (see validHeaderKey), left out of msg by buildMsg:
@@ -135,6 +145,7 @@ func NewJetStream(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ti
 		confirm: confirm,
 		sem:     make(chan struct{}, cfg.Window),
 		notify:  make(chan struct{}, 1),
+		freed:   make(chan struct{}, 1),
 		pending: make(map[uint64]*entry, cfg.Window),
 		// Room for a window of acks plus late replies to an earlier window; a reply that finds
 		// the channel full is dropped by nats.go (slow consumer) and its publish times out.
@@ -149,35 +160,69 @@ func NewJetStream(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ti
 	return j
 }
 
-// Wait blocks until Publish can take one more event without blocking, or ctx ends.
+// Wait blocks until Publish can take one more event without blocking, or ctx ends: an event
+// slot is free and the bytes in flight leave room for an event of up to max_payload (at most
+// half of MaxInFlightBytes: Publish of a larger event may wait for more acks).
 func (j *JetStream) Wait(ctx context.Context) error {
-	if j.held {
-		return nil
+	if !j.held {
+		select {
+		case j.sem <- struct{}{}:
+			j.held = true
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
-	select {
-	case j.sem <- struct{}{}:
-		j.held = true
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+	for !j.roomFor(j.reserve()) {
+		select {
+		case <-j.freed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
+	return nil
+}
+
+// reserve is the room Wait keeps for the next event: max_payload, at most half the byte
+// bound. Below half the bound there is room for it: max_payload is read only above.
+func (j *JetStream) reserve() int64 {
+	limit := j.cfg.MaxInFlightBytes
+	if j.bytes.Load() <= limit/2 {
+		return 0
+	}
+	return min(int64(j.maxPayload()), limit/2)
+}
+
+// roomFor reports whether n more bytes may be in flight: nothing is, or they stay within the
+// bound.
+func (j *JetStream) roomFor(n int64) bool {
+	b := j.bytes.Load()
+	return b == 0 || b+n <= j.cfg.MaxInFlightBytes
 }
 
 // Full reports whether the in-flight window is full (Publish would block).
-func (j *JetStream) Full() bool { return !j.held && len(j.sem) == cap(j.sem) }
+func (j *JetStream) Full() bool {
+	return (!j.held && len(j.sem) == cap(j.sem)) || !j.roomFor(j.reserve())
+}
 
 // InFlight returns the number of events published and not yet confirmed.
 func (j *JetStream) InFlight() int { return len(j.sem) }
+
+// InFlightBytes returns the message bytes published and not yet confirmed.
+func (j *JetStream) InFlightBytes() int64 { return j.bytes.Load() }
 
 // Stats returns a snapshot of the counters.
 func (j *JetStream) Stats() Stats {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	return j.stats
+	st := j.stats
+	st.PeakInFlightBytes = j.peakBytes.Load()
+	return st
 }
 
 // Publish copies ev into a message and sends it. It returns without waiting for the ack; it
-// blocks only when called without a successful Wait and the window is full. An error is
+// blocks only when called without a successful Wait and the window is full, or when the event
+// is larger than the room Wait keeps (max_payload, at most half of MaxInFlightBytes) and does
+// not fit the bytes in flight until acks free room. An error is
 // returned only for an event that can never be published (ErrPoison) or when ctx ends; a
 // broker failure is handled by Run, which re-publishes.
 func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoint.Ticket) error {
@@ -216,14 +261,36 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 			return fmt.Errorf("%w: event %s (position %s, transaction committed at %s): %s", ErrPoison, e.id, e.pos, ev.CommitLSN, reason)
 		}
 		j.deadLetter(e, reason, keepPayload, j.prevIDLen)
+		size = msgSize(&e.msg) + controlHeadersSize(j.cfg.Stream, j.prevIDLen)
 	}
-	j.enqueue(e)
+	return j.enqueue(ctx, e, size)
+}
+
+// take counts size bytes in flight, waiting while they do not fit (unless nothing is in
+// flight: an event larger than the bound goes alone). On error the event's slot is given back.
+func (j *JetStream) take(ctx context.Context, size int64) error {
+	for !j.roomFor(size) {
+		select {
+		case <-j.freed:
+		case <-ctx.Done():
+			<-j.sem
+			return ctx.Err()
+		}
+	}
+	// Only this goroutine adds, so the bound still holds after the check.
+	if b := j.bytes.Add(size); b > j.peakBytes.Load() {
+		j.peakBytes.Store(b)
+	}
 	return nil
 }
 
-// enqueue appends e to the window and sends it, unless the chain is being recovered (Run then
-// sends it in order), and wakes Run.
-func (j *JetStream) enqueue(e *entry) {
+// enqueue counts e's size bytes in flight (see take), appends e to the window and sends it,
+// unless the chain is being recovered (Run then sends it in order), and wakes Run.
+func (j *JetStream) enqueue(ctx context.Context, e *entry, size int) error {
+	e.size = int64(size)
+	if err := j.take(ctx, e.size); err != nil {
+		return err
+	}
 	j.prevIDLen = len(e.id)
 	j.mu.Lock()
 	j.q = append(j.q, e)
@@ -235,6 +302,7 @@ func (j *JetStream) enqueue(e *entry) {
 	case j.notify <- struct{}{}:
 	default:
 	}
+	return nil
 }
 
 // PublishDeadLetter publishes what is known of an outbox row that cannot become an event (a
@@ -251,8 +319,7 @@ func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 		e.id = fmt.Sprintf("dead-letter:%s:%d", ev.CommitLSN, ev.TxIndex)
 	}
 	j.deadLetter(e, reason, true, j.prevIDLen)
-	j.enqueue(e)
-	return nil
+	return j.enqueue(ctx, e, msgSize(&e.msg)+controlHeadersSize(j.cfg.Stream, j.prevIDLen))
 }
 
 // MaxHeaderSize is the largest header block JetStream stores (it encodes the length in 16
@@ -689,7 +756,12 @@ func (j *JetStream) pop(e *entry) {
 		e.done = true
 		j.confirm(e.ticket)
 	}
+	j.bytes.Add(-e.size)
 	<-j.sem
+	select {
+	case j.freed <- struct{}{}:
+	default:
+	}
 }
 
 // failed classifies a publish error: permanent ones end the relay, others are retried.

@@ -80,9 +80,9 @@ func TestJetStream_MessageRefusedForWhatItIsIsPoison(t *testing.T) {
 				j.held = false
 				ev := refusalEvent(2)
 				e := &entry{ticket: 2, pos: Position{ev.CommitLSN, ev.TxIndex}}
-				j.buildMsg(e, ev)
+				size := j.buildMsg(e, ev)
 				c.spoil(e)
-				j.enqueue(e)
+				require.NoError(t, j.enqueue(ctx, e, size))
 				require.NoError(t, j.Publish(ctx, refusalEvent(3), 3))
 
 				if !deadLetter {

@@ -1,8 +1,9 @@
 // Package sink publishes outbox events to NATS JetStream and reports which ones the broker
 // stored.
 //
-// Publishing is pipelined: up to Config.Window events are in flight at once, each carrying its
-// event id as Nats-Msg-Id so that JetStream drops a re-published copy. A plain async window can
+// Publishing is pipelined: up to Config.Window events (and Config.MaxInFlightBytes bytes) are
+// in flight at once, each carrying its event id as Nats-Msg-Id so that JetStream drops a
+// re-published copy. A plain async window can
 // reorder when one publish is lost while later ones are stored (nats.go says so in the
 // PublishMsgAsync doc), so the window is gap-free: every message carries
 // Nats-Expected-Last-Msg-Id with the id of the message published just before it. If one message
@@ -32,7 +33,12 @@ const (
 	DefaultSubjectPrefix   = "outbox"
 	DefaultDuplicateWindow = 20 * time.Minute
 	DefaultWindow          = 1024
-	DefaultAckTimeout      = 5 * time.Second
+	// DefaultMaxInFlightBytes bounds the window in bytes: 64 times the server's default
+	// max_payload (1 MiB), so at defaults events up to 64 KiB are bounded by the event count
+	// and the byte bound only stops large events from holding up to Window × max_payload
+	// (1 GiB at defaults, 64 GiB at NATS' largest max_payload) in the relay's memory.
+	DefaultMaxInFlightBytes = 64 << 20
+	DefaultAckTimeout       = 5 * time.Second
 	// MinSafeDuplicateWindow: a shorter window is shorter than a plain Postgres restart's
 	// replay horizon; the relay warns about it.
 	MinSafeDuplicateWindow = 2 * time.Minute
@@ -71,6 +77,10 @@ type Config struct {
 	DuplicateWindow time.Duration
 	// Window is the number of events in flight (published, ack not yet received); default 1024.
 	Window int
+	// MaxInFlightBytes is the number of message bytes (payload, subject, headers) in flight,
+	// at most (default DefaultMaxInFlightBytes). An event larger than this alone is sent when
+	// nothing else is in flight.
+	MaxInFlightBytes int64
 	// AckTimeout: a publish without an ack after this long is treated as not stored and
 	// re-published (default 5s).
 	AckTimeout time.Duration
@@ -108,6 +118,9 @@ func (c *Config) fill() {
 	}
 	if c.Window <= 0 {
 		c.Window = DefaultWindow
+	}
+	if c.MaxInFlightBytes <= 0 {
+		c.MaxInFlightBytes = DefaultMaxInFlightBytes
 	}
 	if c.AckTimeout <= 0 {
 		c.AckTimeout = DefaultAckTimeout

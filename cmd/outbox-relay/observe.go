@@ -91,6 +91,15 @@ func newObserver(stream string, log zerolog.Logger) *observer {
 		}
 		return float64(o.trk.Pending())
 	})
+	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_bytes_in_flight",
+		Help: "Bytes of messages published and not yet acknowledged by JetStream (bounded by --max-in-flight-bytes)."}, func() float64 {
+		o.mu.Lock()
+		defer o.mu.Unlock()
+		if o.pub == nil {
+			return 0
+		}
+		return float64(o.pub.InFlightBytes())
+	})
 	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_acked_lsn",
 		Help: "WAL position up to which every event is stored by JetStream (what the relay confirms to Postgres), as a number."}, func() float64 {
 		return float64(o.ackedLSN())

@@ -71,7 +71,7 @@ func TestHTTP_MetricsCountEveryEventAndReadiness(t *testing.T) {
 	var m string
 	require.Eventually(t, func() bool {
 		_, m = get(t, base+"/metrics")
-		return metric(t, m, "outbox_relay_events_in_flight") == 0
+		return metric(t, m, "outbox_relay_events_in_flight") == 0 && metric(t, m, "outbox_relay_bytes_in_flight") == 0
 	}, 10*time.Second, 20*time.Millisecond)
 	require.Equal(t, float64(n), metric(t, m, `outbox_relay_events_published_total{stream="OUTBOX"}`), "counter equals the events sent")
 	require.Equal(t, float64(n), metric(t, m, "outbox_relay_publish_ack_seconds_count"))
@@ -119,6 +119,7 @@ func TestHTTP_StallTurnsReadyzTo503AndNamesWhatIsStuck(t *testing.T) {
 	_, m := get(t, base+"/metrics")
 	require.Equal(t, 1.0, metric(t, m, "outbox_relay_stalled"))
 	require.Equal(t, 5.0, metric(t, m, "outbox_relay_events_in_flight"))
+	require.Greater(t, metric(t, m, "outbox_relay_bytes_in_flight"), 5*100.0, "5 messages of at least 100 bytes")
 	require.Contains(t, log.String(), `"message":"relay stalled"`)
 
 	// The broker comes back: the events are stored and the relay is ready again.

@@ -147,6 +147,13 @@ func checkPostgres(ctx context.Context, cfg runConfig, r *preflightReport) (crea
 		if q("server_version_num", `SELECT current_setting('server_version_num')::int`, &version) && version < 140000 {
 			r.fail("--source messages needs PostgreSQL 14 or later (pgoutput's messages option); this server is %d: use --source table", version)
 		}
+		// Postgres grants EXECUTE on pg_logical_emit_message to PUBLIC: any role that can
+		// connect to the database could inject events.
+		var public bool
+		if q("pg_logical_emit_message privileges", `SELECT has_function_privilege('public', 'pg_logical_emit_message(boolean,text,text)', 'EXECUTE')
+			OR has_function_privilege('public', 'pg_logical_emit_message(boolean,text,bytea)', 'EXECUTE')`, &public) && public {
+			r.warn("PUBLIC can execute pg_logical_emit_message (Postgres' default): with --source messages any role that can connect to this database can inject events into the stream. Fix, as a superuser:\nREVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text), pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC;\nGRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <the producers' role>;\n(see README, Table-less mode)")
+		}
 	} else {
 		owner, tableOK = checkTable(ctx, conn, cfg, r)
 	}

@@ -206,3 +206,21 @@ func TestPreflight_IncompatibleStream(t *testing.T) {
 	msg, _ = runPreflight(t, "--pg-url", e.pg.URL, "--nats-url", e.nats.URL, "--stream", "NOACK")
 	require.Contains(t, msg, "stream NOACK has no_ack set")
 }
+
+// In table-less mode whoever can call pg_logical_emit_message injects events; Postgres grants
+// EXECUTE on it to PUBLIC by default.
+func TestPreflight_EmitMessageExecutableByPublicIsAWarning(t *testing.T) {
+	pg := testenv.Postgres(t)
+	var out bytes.Buffer
+	require.NoError(t, dispatch(context.Background(), []string{"migrate", "--source", "messages", "--pg-url", pg.URL, "--log-level", "warn"}, &out, &out, noEnv))
+	deadNATS := fmt.Sprintf("nats://127.0.0.1:%d", testenv.FreePort(t))
+	args := []string{"--source", "messages", "--pg-url", pg.URL, "--nats-url", deadNATS, "--create-slot"}
+	_, log := runPreflight(t, args...)
+	require.Contains(t, log, `"level":"warn"`)
+	require.Contains(t, log, "PUBLIC can execute pg_logical_emit_message")
+	require.Contains(t, log, "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text), pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC;")
+
+	pg.Exec(t, `REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text), pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC`)
+	_, log = runPreflight(t, args...)
+	require.NotContains(t, log, "pg_logical_emit_message")
+}

@@ -77,6 +77,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	registerColumnFlags(fs, &cfg.columns)
 	fs.DurationVar(&cfg.sink.DuplicateWindow, "duplicate-window", sink.DefaultDuplicateWindow, "duplicate window of a stream the relay creates")
 	fs.IntVar(&cfg.sink.Window, "max-in-flight", sink.DefaultWindow, "events published and not yet acknowledged by JetStream, at most")
+	fs.Int64Var(&cfg.sink.MaxInFlightBytes, "max-in-flight-bytes", sink.DefaultMaxInFlightBytes, "bytes of messages (payload, subject, headers) published and not yet acknowledged, at most; an event larger than this is sent alone")
 	fs.DurationVar(&cfg.sink.AckTimeout, "ack-timeout", sink.DefaultAckTimeout, "a publish not acknowledged after this long is re-published")
 	fs.DurationVar(&cfg.repl.StatusInterval, "status-interval", replication.DefaultStatusInterval, "longest time between two standby status updates to Postgres")
 	fs.DurationVar(&cfg.repl.IdleTimeout, "pg-idle-timeout", replication.DefaultIdleTimeout, "no message from Postgres for this long while reading: probe the connection, and reconnect if another period passes silently")
@@ -125,6 +126,9 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	}
 	if cfg.sink.Window < 1 {
 		return usageError{fmt.Errorf("--max-in-flight must be at least 1")}
+	}
+	if cfg.sink.MaxInFlightBytes < 1 {
+		return usageError{fmt.Errorf("--max-in-flight-bytes must be at least 1")}
 	}
 	switch *headers {
 	case "outbox":
