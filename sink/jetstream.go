@@ -39,13 +39,20 @@ type JetStream struct {
 	log     zerolog.Logger
 	confirm func(checkpoint.Ticket)
 
-	sem  chan struct{} // one token per event in flight
-	held bool          // the publishing goroutine holds a token (Wait succeeded)
+	sem     chan struct{} // one token per event in flight
+	held    bool          // the publishing goroutine holds a token (Wait succeeded)
+	started bool          // the publishing goroutine tried to start the chain (startChain)
+	// startErr: why the chain could not start; entries queued meanwhile carry it.
+	startErr error
 
-	mu         sync.Mutex
-	q          []*entry // in publish order; q[0] is the oldest unconfirmed event
-	lastID     string   // Nats-Msg-Id of the newest message sent; "" after a resync
-	recovering bool     // the chain is broken: Publish only queues, Run re-publishes
+	mu sync.Mutex
+	q  []*entry // in publish order; q[0] is the oldest unconfirmed event
+	// lastSeq is the stream sequence the next send expects the stream to end at
+	// (Nats-Expected-Last-Sequence): the sequence the previous message sent gets when stored.
+	// Valid while !recovering; the first Publish reads it from the stream, recover after a
+	// failure.
+	lastSeq    uint64
+	recovering bool // the chain is broken or not started: Publish only queues, Run (re-)publishes
 	notify     chan struct{}
 
 	// Ack routing, guarded by mu. token numbers the sends (never reused, so a late reply to
@@ -66,7 +73,6 @@ type JetStream struct {
 	// Publish-goroutine scratch: header values of one event are built in one buffer and
 	// converted to one string; the subject string is reused while it does not change.
 	scratch     []byte
-	prevIDLen   int // length of the previous event's id (its Nats-Expected-Last-Msg-Id)
 	subject     string
 	streamValue []string // the Nats-Expected-Stream header value, shared read-only by every message
 
@@ -84,6 +90,7 @@ type Stats struct {
 	Retries    uint64 // re-publishes after a failure
 	Errors     uint64 // failed publish attempts
 	Skipped    uint64 // re-publishes skipped: the stream already held the event (LastStored)
+	Resyncs    uint64 // chain restarts after the stream's last sequence was not the expected one
 	DeadLetter uint64 // events replaced by a dead-letter message
 }
 
@@ -92,7 +99,7 @@ type entry struct {
 	// are in vals: send fills a reused map from them (header builds the message's own map
 	// when it needs one: other headers, CloudEvents, dead-letter).
 	msg    nats.Msg
-	vals   [8]string // the relay's header values (one allocation for all) and Nats-Expected-Last-Msg-Id
+	vals   [8]string // the relay's header values (one allocation for all) and Nats-Expected-Last-Sequence
 	id     string
 	pos    Position
 	ticket checkpoint.Ticket
@@ -129,6 +136,7 @@ func NewJetStream(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ti
 
 		streamValue: []string{cfg.Stream},
 		sendHeader:  make(nats.Header, 10),
+		recovering:  true, // until the chain starts (startChain)
 	}
 	if js != nil {
 		j.nc = js.Conn()
@@ -172,6 +180,9 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		return err
 	}
 	j.held = false
+	if !j.started {
+		j.startChain(ctx)
+	}
 	e := &entry{ticket: tk}
 	size := j.buildMsg(e, ev)
 	e.pos = Position{ev.CommitLSN, ev.TxIndex}
@@ -179,10 +190,9 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		addCloudEvents(e.header(), ev, j.cfg.CloudEventsSource)
 		size = msgSize(&e.msg)
 	}
-	// send adds Nats-Expected-Stream and Nats-Expected-Last-Msg-Id (the previous event's id);
-	// nats.go refuses a message over max_payload with them, and that refusal would be retried
-	// forever.
-	size += controlHeadersSize(j.cfg.Stream, j.prevIDLen)
+	// send adds Nats-Expected-Stream and Nats-Expected-Last-Sequence; nats.go refuses a message
+	// over max_payload with them, and that refusal would be retried forever.
+	size += controlHeadersSize(j.cfg.Stream)
 	var reason string
 	if max := j.maxPayload(); max > 0 && size > max {
 		reason = fmt.Sprintf("event is %d bytes with headers, over the server's max_payload of %d", size, max)
@@ -203,17 +213,45 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 // enqueue appends e to the window and sends it, unless the chain is being recovered (Run then
 // sends it in order), and wakes Run.
 func (j *JetStream) enqueue(e *entry) {
-	j.prevIDLen = len(e.id)
 	j.mu.Lock()
 	j.q = append(j.q, e)
 	if !j.recovering {
 		j.send(e)
+	} else if e.failed == nil {
+		e.failed = j.startErr
 	}
 	j.mu.Unlock()
 	select {
 	case j.notify <- struct{}{}:
 	default:
 	}
+}
+
+// startChain reads the stream's last sequence, where the chain starts, before the first
+// publish. Without an answer the events queue and Run's recovery starts the chain (resync).
+// Called once, by the publishing goroutine, while nothing is queued.
+func (j *JetStream) startChain(ctx context.Context) {
+	j.started = true
+	var err error
+	var last uint64
+	if j.js == nil {
+		err = nats.ErrInvalidConnection
+	} else {
+		lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
+		var s jetstream.Stream
+		if s, err = j.js.Stream(lctx, j.cfg.Stream); err == nil {
+			last = s.CachedInfo().State.LastSeq
+		}
+		cancel()
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if err != nil {
+		j.startErr = fmt.Errorf("read the last sequence of stream %s: %w", j.cfg.Stream, err)
+		j.stats.Errors++
+		return
+	}
+	j.lastSeq, j.recovering = last, false
 }
 
 // PublishDeadLetter publishes what is known of an outbox row that cannot become an event (a
@@ -224,6 +262,9 @@ func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 		return err
 	}
 	j.held = false
+	if !j.started {
+		j.startChain(ctx)
+	}
 	e := &entry{ticket: tk, pos: Position{ev.CommitLSN, ev.TxIndex}}
 	j.buildMsg(e, ev)
 	if e.id == "" {
@@ -263,7 +304,7 @@ func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool) {
 	dl := &nats.Msg{Subject: j.cfg.SubjectPrefix + "." + DeadLetterToken, Header: h}
 	if keepPayload {
 		dl.Data = m.Data
-		if max := j.maxPayload(); max > 0 && msgSize(dl)+controlHeadersSize(j.cfg.Stream, j.prevIDLen) > max {
+		if max := j.maxPayload(); max > 0 && msgSize(dl)+controlHeadersSize(j.cfg.Stream) > max {
 			dl.Data = nil
 		}
 	}
@@ -288,12 +329,10 @@ func headerSafe(s string) string {
 	return string(b)
 }
 
-// controlHeadersSize is what send's headers add to a message: Nats-Expected-Stream, and
-// Nats-Expected-Last-Msg-Id with an id of prevIDLen bytes (at least a UUID's 36: a re-publish
-// after a dead-lettered event may chain to another id).
-func controlHeadersSize(stream string, prevIDLen int) int {
-	prevIDLen = max(prevIDLen, 36)
-	return len(jetstream.ExpectedStreamHeader) + len(stream) + 4 + len(jetstream.ExpectedLastMsgIDHeader) + prevIDLen + 4
+// controlHeadersSize is what send's headers add to a message at most: Nats-Expected-Stream
+// and Nats-Expected-Last-Sequence (up to 20 digits).
+func controlHeadersSize(stream string) int {
+	return len(jetstream.ExpectedStreamHeader) + len(stream) + 4 + len(jetstream.ExpectedLastSeqHeader) + 20 + 4
 }
 
 func (j *JetStream) maxPayload() int {
@@ -316,11 +355,18 @@ func msgSize(m *nats.Msg) int {
 }
 
 // send publishes e as the next link of the chain. j.mu is held.
+//
+// The chain is Nats-Expected-Last-Sequence: e is stored only if the stream ends at lastSeq,
+// the sequence its predecessor got. On a replicated stream the leader checks it before it
+// proposes the message, so a refused message leaves nothing behind. Nats-Expected-Last-Msg-Id,
+// which the chain used before, is checked only when the entry is applied on every replica:
+// nats-server v2.15.2 then reports a "critical write error" on each, the replicas step down
+// and become observers, and the stream has no leader from then on.
 func (j *JetStream) send(e *entry) {
 	// The control headers are set directly rather than through PublishOpts (WithMsgID,
-	// WithExpectStream, WithExpectLastMsgID), which cost an option slice, closures and a
+	// WithExpectStream, WithExpectLastSequence), which cost an option slice, closures and a
 	// Header.Set each per message. Nats-Msg-Id is set by buildMsg. A re-publish replaces the
-	// expectation, or removes it when the chain restarts.
+	// expectation.
 	h := e.msg.Header
 	if h == nil {
 		h = j.sendHeader
@@ -328,11 +374,9 @@ func (j *JetStream) send(e *entry) {
 		e.setRelayHeaders(h)
 	}
 	h[jetstream.ExpectedStreamHeader] = j.streamValue
-	if j.lastID != "" && !j.cfg.unchained {
-		e.vals[len(e.vals)-1] = j.lastID
-		h[jetstream.ExpectedLastMsgIDHeader] = e.vals[len(e.vals)-1:]
-	} else {
-		delete(h, jetstream.ExpectedLastMsgIDHeader)
+	if !j.cfg.unchained {
+		e.vals[len(e.vals)-1] = strconv.FormatUint(j.lastSeq, 10)
+		h[jetstream.ExpectedLastSeqHeader] = e.vals[len(e.vals)-1:]
 	}
 	err := j.listen()
 	if err == nil {
@@ -356,7 +400,7 @@ func (j *JetStream) send(e *entry) {
 		return
 	}
 	e.failed = nil
-	j.lastID = e.id
+	j.lastSeq++
 }
 
 // listen sets up the reply subscription and the connection status listener, once. j.mu is
@@ -637,48 +681,73 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 		e.token = 0
 	}
 	j.popDone()
-	wait := backoff.next()
-	j.log.Warn().Err(first).Int("in_flight", len(q)).Dur("retry_in", wait).
-		Msg("publish failed; re-publishing from the first event not stored, in order")
+	var wait time.Duration
+	if wrongLastSequence(first) {
+		// The broker is up; the stream did not end where the chain expected (a duplicate
+		// took no new sequence, or another publisher stored a message): re-chain at once.
+		wait = 10 * time.Millisecond
+		j.mu.Lock()
+		j.stats.Resyncs++
+		j.mu.Unlock()
+		j.log.Debug().Err(first).Int("in_flight", len(q)).Msg("chain broken; re-publishing from the first event not stored, in order")
+	} else {
+		wait = backoff.next()
+		j.log.Warn().Err(first).Int("in_flight", len(q)).Dur("retry_in", wait).
+			Msg("publish failed; re-publishing from the first event not stored, in order")
+	}
 	select {
 	case <-time.After(wait):
 	case <-ctx.Done():
 		return nil
 	}
-	// The outcome of a failed publish is unknown (a lost ack, a reset connection), and the
-	// outage may have outlasted the duplicate window: ask the stream how far it got, and
-	// do not re-publish what it holds. Without an answer, retry later.
+	j.resync(ctx)
+	return nil
+}
+
+// wrongLastSequence reports whether err is the stream's refusal of Nats-Expected-Last-Sequence.
+func wrongLastSequence(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+}
+
+// resync starts the chain at the stream's last sequence and sends the queue, in order, from
+// the first event the stream does not hold. Nothing may be in flight. It reports false when
+// the stream could not be read (the queue stays unsent; call it again later).
+//
+// The outcome of a failed publish is unknown (a lost ack, a reset connection), and the outage
+// may have outlasted the duplicate window: ask the stream how far it got, and do not
+// re-publish what it holds.
+func (j *JetStream) resync(ctx context.Context) bool {
 	lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
-	last, seq, ok, err := LastStored(lctx, j.js, j.cfg)
+	last, seq, ok, streamLast, err := lastStored(lctx, j.js, j.cfg)
 	cancel()
 	if err != nil {
-		if ctx.Err() != nil {
-			return nil
+		if ctx.Err() == nil {
+			j.log.Warn().Err(err).Msg("cannot read the stream's last stored event; retrying")
 		}
-		j.log.Warn().Err(err).Msg("cannot read the stream's last stored event; retrying")
-		return nil
+		return false
 	}
 	if ok && seq > j.cfg.SeqFloor {
 		j.skipStored(last)
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	j.lastID = ""
+	j.lastSeq = streamLast
 	j.recovering = false
 	for _, e := range j.q {
 		if e.done {
-			// Stored after an entry whose outcome was unknown but which was stored too (it
-			// is its predecessor in the chain): keep the chain's view of the stream's tail.
-			j.lastID = e.id
 			continue
 		}
-		j.stats.Retries++
+		if e.sent != (time.Time{}) {
+			j.stats.Retries++
+		}
 		j.send(e)
 		if j.recovering {
 			break // the broker is still unreachable; Run comes back here
 		}
 	}
-	return nil
+	return true
 }
 
 // skipStored confirms the queued events at or before last, which the stream holds.

@@ -36,11 +36,24 @@ func (p Position) String() string { return fmt.Sprintf("%s#%d", p.CommitLSN, p.T
 // makes the relay replay-proof past the stream's duplicate window. It holds only while this
 // relay is the only publisher on its subjects.
 func LastStored(ctx context.Context, js jetstream.JetStream, cfg Config) (pos Position, seq uint64, ok bool, err error) {
+	pos, seq, ok, _, err = lastStored(ctx, js, cfg)
+	return pos, seq, ok, err
+}
+
+// lastStored is LastStored, also returning the stream's last sequence (read before the last
+// message).
+func lastStored(ctx context.Context, js jetstream.JetStream, cfg Config) (pos Position, seq uint64, ok bool, streamLast uint64, err error) {
 	cfg.fill()
 	s, err := js.Stream(ctx, cfg.Stream)
 	if err != nil {
-		return Position{}, 0, false, fmt.Errorf("look up stream %s: %w", cfg.Stream, err)
+		return Position{}, 0, false, 0, fmt.Errorf("look up stream %s: %w", cfg.Stream, err)
 	}
+	streamLast = s.CachedInfo().State.LastSeq
+	pos, seq, ok, err = lastStoredIn(ctx, s, cfg)
+	return pos, seq, ok, streamLast, err
+}
+
+func lastStoredIn(ctx context.Context, s jetstream.Stream, cfg Config) (pos Position, seq uint64, ok bool, err error) {
 	m, err := s.GetLastMsgForSubject(ctx, cfg.SubjectPrefix+".>")
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return Position{}, 0, false, nil

@@ -5,12 +5,20 @@
 // event id as Nats-Msg-Id so that JetStream drops a re-published copy. A plain async window can
 // reorder when one publish is lost while later ones are stored (nats.go says so in the
 // PublishMsgAsync doc), so the window is gap-free: every message carries
-// Nats-Expected-Last-Msg-Id with the id of the message published just before it. If one message
-// is not stored, every later one in the window is refused by the server too; the sink then
-// waits for all outstanding acks, and re-publishes from the first unstored message, in order,
-// with backoff. Re-published copies of stored messages come back as duplicates. The chain
-// assumes this relay is the only publisher on the stream; another publisher only costs a
-// resync (the chain restarts without an expectation), never order within this relay's events.
+// Nats-Expected-Last-Sequence with the stream sequence the message published just before it
+// gets (the first one: the stream's last sequence, read before the first publish). If one
+// message is not stored, every later one in the window is refused by the server too; the sink
+// then waits for all outstanding acks, reads how far the stream got, and re-publishes from the
+// first unstored message, in order, with backoff. A re-published copy of a stored message comes
+// back as a duplicate (or, when it expected a sequence a duplicate did not take, is refused
+// and then found stored). The chain needs this relay to be the only publisher on the stream;
+// another publisher costs a resync each time it stores a message between two of the relay's,
+// never order within this relay's events.
+//
+// The expectation is a sequence, not Nats-Expected-Last-Msg-Id, because of replicated streams:
+// the stream leader checks the last sequence before it proposes a message, while the last msg
+// id is checked only when the entry is applied on every replica, and nats-server v2.15.2 treats
+// that refusal as a critical write error that leaves the stream without a leader.
 package sink
 
 import (
@@ -86,7 +94,7 @@ type Config struct {
 	// source's events.
 	SeqFloor uint64
 
-	// unchained leaves out Nats-Expected-Last-Msg-Id (tests only: shows what the chain
+	// unchained leaves out Nats-Expected-Last-Sequence (tests only: shows what the chain
 	// prevents).
 	unchained bool
 }
