@@ -133,6 +133,44 @@ func TestEnsureStream_RefusesAStreamThatDoesNotCoverThePrefix(t *testing.T) {
 	require.ErrorContains(t, err, "--subject-prefix")
 }
 
+// Another relay (another prefix) or another publisher on the relay's stream would break the
+// stream-wide chain on nearly every message: a stream with subjects outside the prefix, or
+// sourcing from other streams, is refused, naming the stream.
+func TestEnsureStream_RefusesAStreamWiderThanThePrefix(t *testing.T) {
+	srv := testenv.JetStream(t)
+	nc, err := sink.Connect(srv.URL)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	ctx := context.Background()
+	for i, subjects := range [][]string{{"acme.outbox.>", "acme.billing.>"}, {"acme.>"}} {
+		name := fmt.Sprintf("WIDE%d", i)
+		_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: name, Subjects: subjects})
+		require.NoError(t, err)
+		_, err = sink.EnsureStream(ctx, js, sink.Config{Stream: name, SubjectPrefix: "acme.outbox"}, zerolog.Nop())
+		require.ErrorContains(t, err, "stream "+name+" also takes subjects")
+		require.ErrorContains(t, err, "only publisher")
+		require.NoError(t, js.DeleteStream(ctx, name))
+	}
+	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "NARROW", Subjects: []string{"outbox.a.>", "outbox.b.>"}})
+	require.NoError(t, err)
+	_, err = sink.EnsureStream(ctx, js, sink.Config{Stream: "NARROW"}, zerolog.Nop())
+	require.ErrorContains(t, err, "do not cover", "narrower than the prefix: refused as before")
+	require.NoError(t, js.DeleteStream(ctx, "NARROW"))
+	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "OWN", Subjects: []string{"outbox.>"}})
+	require.NoError(t, err)
+	_, err = sink.EnsureStream(ctx, js, sink.Config{Stream: "OWN"}, zerolog.Nop())
+	require.NoError(t, err)
+	require.NoError(t, js.DeleteStream(ctx, "OWN"))
+	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "OTHER", Subjects: []string{"other.>"}})
+	require.NoError(t, err)
+	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "SOURCING", Subjects: []string{"outbox.>"}, Sources: []*jetstream.StreamSource{{Name: "OTHER"}}})
+	require.NoError(t, err)
+	_, err = sink.EnsureStream(ctx, js, sink.Config{Stream: "SOURCING"}, zerolog.Nop())
+	require.ErrorContains(t, err, "stream SOURCING sources messages")
+}
+
 func TestEnsureStream_WarnsAboutAShortDuplicateWindow(t *testing.T) {
 	srv := testenv.JetStream(t)
 	nc, err := sink.Connect(srv.URL)

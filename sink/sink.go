@@ -138,8 +138,9 @@ func Connect(url string, opts ...nats.Option) (*nats.Conn, error) {
 	return nc, nil
 }
 
-// EnsureStream checks that cfg.Stream exists and takes the relay's subjects, creating it (file
-// storage, subjects <prefix>.>, cfg.DuplicateWindow) when it is missing.
+// EnsureStream checks that cfg.Stream exists and takes the relay's subjects and no others (the
+// relay must be its only publisher), creating it (file storage, subjects <prefix>.>,
+// cfg.DuplicateWindow) when it is missing.
 func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log zerolog.Logger) (*jetstream.StreamInfo, error) {
 	cfg.fill()
 	want := cfg.SubjectPrefix + ".>"
@@ -172,6 +173,22 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 	if !covered {
 		return nil, fmt.Errorf("stream %s takes subjects %v, which do not cover %s: add it (nats stream edit %s --subjects '%s') or choose another --stream / --subject-prefix",
 			cfg.Stream, info.Config.Subjects, want, cfg.Stream, want)
+	}
+	// The chain (Nats-Expected-Last-Sequence) is stream-wide: a message another publisher
+	// stores between two of the relay's breaks it, and on a busy stream that is nearly every
+	// message. Refuse a stream that others can write to.
+	var outside []string
+	for _, subj := range info.Config.Subjects {
+		if !SubjectCovers(want, subj) {
+			outside = append(outside, subj)
+		}
+	}
+	if len(outside) > 0 {
+		return nil, fmt.Errorf("stream %s also takes subjects %v, outside the relay's %s: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream (another relay or publisher there breaks the chain on nearly every message). Give this relay a stream of its own (--stream) with subjects %s, or narrow %s's subjects to %s",
+			cfg.Stream, outside, want, want, cfg.Stream, want)
+	}
+	if len(info.Config.Sources) > 0 {
+		return nil, fmt.Errorf("stream %s sources messages from other streams: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream. Give this relay a stream of its own (--stream)", cfg.Stream)
 	}
 	if d := info.Config.Duplicates; d < MinSafeDuplicateWindow {
 		log.Warn().Str("stream", cfg.Stream).Stringer("duplicate_window", d).
