@@ -47,11 +47,14 @@ type JetStream struct {
 
 	mu sync.Mutex
 	q  []*entry // in publish order; q[0] is the oldest unconfirmed event
-	// lastSeq is the stream sequence the next send expects the stream to end at
-	// (Nats-Expected-Last-Sequence): the sequence the previous message sent gets when stored.
-	// Valid while !recovering; the first Publish reads it from the stream, recover after a
-	// failure.
+	// The chain (see send). seqChain: the stream is replicated, the chain is
+	// Nats-Expected-Last-Sequence = lastSeq, the stream sequence the previous message sent gets
+	// when stored; otherwise it is Nats-Expected-Last-Msg-Id = lastID, the id of the newest
+	// message sent ("" after a resync: the chain restarts without an expectation). Valid while
+	// !recovering; the first Publish reads the stream (startChain), recover after a failure.
+	seqChain   bool
 	lastSeq    uint64
+	lastID     string
 	recovering bool // the chain is broken or not started: Publish only queues, Run (re-)publishes
 	notify     chan struct{}
 
@@ -73,6 +76,7 @@ type JetStream struct {
 	// Publish-goroutine scratch: header values of one event are built in one buffer and
 	// converted to one string; the subject string is reused while it does not change.
 	scratch     []byte
+	prevIDLen   int // length of the previous event's id (its Nats-Expected-Last-Msg-Id)
 	subject     string
 	streamValue []string // the Nats-Expected-Stream header value, shared read-only by every message
 
@@ -192,7 +196,7 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 	}
 	// send adds Nats-Expected-Stream and Nats-Expected-Last-Sequence; nats.go refuses a message
 	// over max_payload with them, and that refusal would be retried forever.
-	size += controlHeadersSize(j.cfg.Stream)
+	size += controlHeadersSize(j.cfg.Stream, j.prevIDLen)
 	var reason string
 	if max := j.maxPayload(); max > 0 && size > max {
 		reason = fmt.Sprintf("event is %d bytes with headers, over the server's max_payload of %d", size, max)
@@ -213,6 +217,7 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 // enqueue appends e to the window and sends it, unless the chain is being recovered (Run then
 // sends it in order), and wakes Run.
 func (j *JetStream) enqueue(e *entry) {
+	j.prevIDLen = len(e.id)
 	j.mu.Lock()
 	j.q = append(j.q, e)
 	if !j.recovering {
@@ -227,20 +232,20 @@ func (j *JetStream) enqueue(e *entry) {
 	}
 }
 
-// startChain reads the stream's last sequence, where the chain starts, before the first
-// publish. Without an answer the events queue and Run's recovery starts the chain (resync).
+// startChain reads the stream's replicas (which chain to use) and last sequence, where the
+// chain starts, before the first publish. Without an answer the events queue and Run's recovery starts the chain (resync).
 // Called once, by the publishing goroutine, while nothing is queued.
 func (j *JetStream) startChain(ctx context.Context) {
 	j.started = true
 	var err error
-	var last uint64
+	var info *jetstream.StreamInfo
 	if j.js == nil {
 		err = nats.ErrInvalidConnection
 	} else {
 		lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
 		var s jetstream.Stream
 		if s, err = j.js.Stream(lctx, j.cfg.Stream); err == nil {
-			last = s.CachedInfo().State.LastSeq
+			info = s.CachedInfo()
 		}
 		cancel()
 	}
@@ -251,7 +256,8 @@ func (j *JetStream) startChain(ctx context.Context) {
 		j.stats.Errors++
 		return
 	}
-	j.lastSeq, j.recovering = last, false
+	j.seqChain = info.Config.Replicas > 1
+	j.lastSeq, j.recovering = info.State.LastSeq, false
 }
 
 // PublishDeadLetter publishes what is known of an outbox row that cannot become an event (a
@@ -304,7 +310,7 @@ func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool) {
 	dl := &nats.Msg{Subject: j.cfg.SubjectPrefix + "." + DeadLetterToken, Header: h}
 	if keepPayload {
 		dl.Data = m.Data
-		if max := j.maxPayload(); max > 0 && msgSize(dl)+controlHeadersSize(j.cfg.Stream) > max {
+		if max := j.maxPayload(); max > 0 && msgSize(dl)+controlHeadersSize(j.cfg.Stream, j.prevIDLen) > max {
 			dl.Data = nil
 		}
 	}
@@ -329,10 +335,13 @@ func headerSafe(s string) string {
 	return string(b)
 }
 
-// controlHeadersSize is what send's headers add to a message at most: Nats-Expected-Stream
-// and Nats-Expected-Last-Sequence (up to 20 digits).
-func controlHeadersSize(stream string) int {
-	return len(jetstream.ExpectedStreamHeader) + len(stream) + 4 + len(jetstream.ExpectedLastSeqHeader) + 20 + 4
+// controlHeadersSize is what send's headers add to a message at most: Nats-Expected-Stream,
+// and Nats-Expected-Last-Sequence (up to 20 digits) or Nats-Expected-Last-Msg-Id with an id
+// of prevIDLen bytes (at least a UUID's 36: a re-publish after a dead-lettered event may chain
+// to another id).
+func controlHeadersSize(stream string, prevIDLen int) int {
+	expect := max(len(jetstream.ExpectedLastSeqHeader)+20, len(jetstream.ExpectedLastMsgIDHeader)+max(prevIDLen, 36))
+	return len(jetstream.ExpectedStreamHeader) + len(stream) + 4 + expect + 4
 }
 
 func (j *JetStream) maxPayload() int {
@@ -356,12 +365,15 @@ func msgSize(m *nats.Msg) int {
 
 // send publishes e as the next link of the chain. j.mu is held.
 //
-// The chain is Nats-Expected-Last-Sequence: e is stored only if the stream ends at lastSeq,
-// the sequence its predecessor got. On a replicated stream the leader checks it before it
-// proposes the message, so a refused message leaves nothing behind. Nats-Expected-Last-Msg-Id,
-// which the chain used before, is checked only when the entry is applied on every replica:
-// nats-server v2.15.2 then reports a "critical write error" on each, the replicas step down
-// and become observers, and the stream has no leader from then on.
+// On a single-replica stream the chain is Nats-Expected-Last-Msg-Id: e is stored only if the
+// stream's last message is its predecessor. On a replicated stream that check happens only
+// when the entry is applied on every replica, and nats-server v2.15.2 treats a refusal there
+// as a "critical write error": the replicas step down and turn observers, and the stream has
+// no leader from then on. There the chain is Nats-Expected-Last-Sequence (the sequence the
+// predecessor gets), which the leader checks before it proposes the message, so a refused
+// message leaves nothing behind. It needs the relay to be the stream's only publisher: a
+// message stored by another publisher can take the sequence a refused message of the relay
+// would have had, and the next one in the window is then stored after a gap.
 func (j *JetStream) send(e *entry) {
 	// The control headers are set directly rather than through PublishOpts (WithMsgID,
 	// WithExpectStream, WithExpectLastSequence), which cost an option slice, closures and a
@@ -374,9 +386,16 @@ func (j *JetStream) send(e *entry) {
 		e.setRelayHeaders(h)
 	}
 	h[jetstream.ExpectedStreamHeader] = j.streamValue
-	if !j.cfg.unchained {
+	switch {
+	case j.cfg.unchained:
+	case j.seqChain:
 		e.vals[len(e.vals)-1] = strconv.FormatUint(j.lastSeq, 10)
 		h[jetstream.ExpectedLastSeqHeader] = e.vals[len(e.vals)-1:]
+	case j.lastID != "":
+		e.vals[len(e.vals)-1] = j.lastID
+		h[jetstream.ExpectedLastMsgIDHeader] = e.vals[len(e.vals)-1:]
+	default:
+		delete(h, jetstream.ExpectedLastMsgIDHeader)
 	}
 	err := j.listen()
 	if err == nil {
@@ -401,6 +420,7 @@ func (j *JetStream) send(e *entry) {
 	}
 	e.failed = nil
 	j.lastSeq++
+	j.lastID = e.id
 }
 
 // listen sets up the reply subscription and the connection status listener, once. j.mu is
@@ -704,12 +724,16 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 	return nil
 }
 
-// wrongLastSequence reports whether err is the stream's refusal of Nats-Expected-Last-Sequence.
+// wrongLastSequence reports whether err is the stream's refusal of the chain's expectation.
 func wrongLastSequence(err error) bool {
 	var apiErr *jetstream.APIError
 	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
-		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant ||
+		apiErr.ErrorCode == errCodeWrongLastMsgID)
 }
+
+// errCodeWrongLastMsgID is JetStream's "wrong last msg ID" (nats.go names no constant for it).
+const errCodeWrongLastMsgID jetstream.ErrorCode = 10070
 
 // resync starts the chain at the stream's last sequence and sends the queue, in order, from
 // the first event the stream does not hold. Nothing may be in flight. It reports false when
@@ -720,7 +744,7 @@ func wrongLastSequence(err error) bool {
 // re-publish what it holds.
 func (j *JetStream) resync(ctx context.Context) bool {
 	lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
-	last, seq, ok, streamLast, err := lastStored(lctx, j.js, j.cfg)
+	last, seq, ok, info, err := lastStored(lctx, j.js, j.cfg)
 	cancel()
 	if err != nil {
 		if ctx.Err() == nil {
@@ -733,10 +757,15 @@ func (j *JetStream) resync(ctx context.Context) bool {
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	j.lastSeq = streamLast
+	j.seqChain = info.Config.Replicas > 1
+	j.lastSeq = info.State.LastSeq
+	j.lastID = ""
 	j.recovering = false
 	for _, e := range j.q {
 		if e.done {
+			// Stored after an entry whose outcome was unknown but which was stored too (it
+			// is its predecessor in the chain): keep the chain's view of the stream's tail.
+			j.lastID = e.id
 			continue
 		}
 		if e.sent != (time.Time{}) {

@@ -43,7 +43,7 @@ func TestJetStream_ControlHeadersCountAgainstMaxPayload(t *testing.T) {
 	require.ErrorContains(t, err, "over the server's max_payload of 4096")
 
 	// One that fits with them goes out.
-	ev.Payload = make([]byte, max-base-controlHeadersSize(cfg.Stream))
+	ev.Payload = make([]byte, max-base-controlHeadersSize(cfg.Stream, len(ev.ID)))
 	require.NoError(t, j.Publish(ctx, ev, 2))
 	require.Eventually(t, func() bool { return j.Stats().Published == 1 }, 5*time.Second, 10*time.Millisecond)
 }

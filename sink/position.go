@@ -40,17 +40,16 @@ func LastStored(ctx context.Context, js jetstream.JetStream, cfg Config) (pos Po
 	return pos, seq, ok, err
 }
 
-// lastStored is LastStored, also returning the stream's last sequence (read before the last
-// message).
-func lastStored(ctx context.Context, js jetstream.JetStream, cfg Config) (pos Position, seq uint64, ok bool, streamLast uint64, err error) {
+// lastStored is LastStored, also returning the stream's info (read before the last message).
+func lastStored(ctx context.Context, js jetstream.JetStream, cfg Config) (pos Position, seq uint64, ok bool, info *jetstream.StreamInfo, err error) {
 	cfg.fill()
 	s, err := js.Stream(ctx, cfg.Stream)
 	if err != nil {
-		return Position{}, 0, false, 0, fmt.Errorf("look up stream %s: %w", cfg.Stream, err)
+		return Position{}, 0, false, nil, fmt.Errorf("look up stream %s: %w", cfg.Stream, err)
 	}
-	streamLast = s.CachedInfo().State.LastSeq
+	info = s.CachedInfo()
 	pos, seq, ok, err = lastStoredIn(ctx, s, cfg)
-	return pos, seq, ok, streamLast, err
+	return pos, seq, ok, info, err
 }
 
 func lastStoredIn(ctx context.Context, s jetstream.Stream, cfg Config) (pos Position, seq uint64, ok bool, err error) {
