@@ -195,4 +195,6 @@ func TestEnsureStream_CreatesAFileStreamWithTheConfiguredWindow(t *testing.T) {
 	require.Equal(t, []string{"acme.outbox.>"}, info.Config.Subjects)
 	require.Equal(t, jetstream.FileStorage, info.Config.Storage)
 	require.Equal(t, time.Hour, info.Config.Duplicates)
+	require.Equal(t, 1, info.Config.Replicas, "one server: one replica")
+	require.Equal(t, jetstream.DiscardNew, info.Config.Discard)
 }

@@ -73,6 +73,9 @@ type Config struct {
 	// DuplicateWindow of a stream the relay creates (default 20m). JetStream's own default of
 	// 2 minutes is shorter than the replay after a Postgres restart can be.
 	DuplicateWindow time.Duration
+	// Replicas of a stream the relay creates; 0: 3 when the server is part of a cluster of 3 or
+	// more servers the client knows of, else 1.
+	Replicas int
 	// Window is the number of events in flight (published, ack not yet received); default 1024.
 	Window int
 	// AckTimeout: a publish without an ack after this long is treated as not stored and
@@ -146,16 +149,34 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 	want := cfg.SubjectPrefix + ".>"
 	s, err := js.Stream(ctx, cfg.Stream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		replicas := cfg.Replicas
+		if replicas <= 0 {
+			replicas = 1
+			// The client's server pool holds the URLs it was given and those the cluster
+			// advertises.
+			if nc := js.Conn(); nc != nil && nc.ConnectedClusterName() != "" && len(nc.Servers()) >= 3 {
+				replicas = 3
+			}
+		}
+		// discard: new: a stream at a limit refuses new events (the relay waits, Postgres keeps
+		// them) instead of dropping old ones nobody may have read yet.
 		s, err = js.CreateStream(ctx, jetstream.StreamConfig{
 			Name:       cfg.Stream,
 			Subjects:   []string{want},
 			Storage:    jetstream.FileStorage,
 			Duplicates: cfg.DuplicateWindow,
+			Replicas:   replicas,
+			Discard:    jetstream.DiscardNew,
 		})
 		if err != nil {
-			return nil, fmt.Errorf("create stream %s for subjects %s: %w", cfg.Stream, want, err)
+			hint := ""
+			if replicas > 1 && cfg.Replicas <= 0 {
+				hint = " (the relay asks for 3 replicas on a NATS cluster; set --stream-replicas)"
+			}
+			return nil, fmt.Errorf("create stream %s for subjects %s with %d replicas: %w%s", cfg.Stream, want, replicas, err, hint)
 		}
-		log.Info().Str("stream", cfg.Stream).Str("subjects", want).Stringer("duplicate_window", cfg.DuplicateWindow).Msg("created stream")
+		log.Info().Str("stream", cfg.Stream).Str("subjects", want).Stringer("duplicate_window", cfg.DuplicateWindow).
+			Int("replicas", replicas).Msg("created stream")
 	} else if err != nil {
 		if errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) {
 			return nil, fmt.Errorf("look up stream %s: %w (start nats-server with -js)", cfg.Stream, err)

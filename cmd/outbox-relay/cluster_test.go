@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/faultproxy"
@@ -276,4 +277,24 @@ func TestBackfill_RefusesAReplicatedStreamWhileARelayStreams(t *testing.T) {
 	waitStream(t, e.cluster.URL, uint64(n+500+m), 30*time.Second)
 	require.NoError(t, stop())
 	requireClean(t, check(t, outboxRows(t, e.pg), readClusterStream(t, e.cluster.URL)))
+}
+
+// On a 3-node cluster a stream the relay creates gets 3 replicas unless --stream-replicas says
+// otherwise, and discard policy new.
+func TestEnsureStream_CreatesAnR3StreamOnACluster(t *testing.T) {
+	c := testenv.StartNATSCluster(t, 3)
+	nc, err := sink.Connect(c.URL)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	info, err := sink.EnsureStream(ctx, js, sink.Config{}, zerolog.Nop())
+	require.NoError(t, err)
+	require.Equal(t, 3, info.Config.Replicas)
+	require.Equal(t, jetstream.DiscardNew, info.Config.Discard)
+	info, err = sink.EnsureStream(ctx, js, sink.Config{Stream: "ONE", SubjectPrefix: "one", Replicas: 1}, zerolog.Nop())
+	require.NoError(t, err)
+	require.Equal(t, 1, info.Config.Replicas)
 }

@@ -72,6 +72,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.StringVar(&template, "subject-template", decoder.DefaultSubjectTemplate, "subject of each event; placeholders {prefix}, {aggregate_type}, {aggregate_id}, {event_type} (values sanitized as tokens)")
 	registerColumnFlags(fs, &cfg.columns)
 	fs.DurationVar(&cfg.sink.DuplicateWindow, "duplicate-window", sink.DefaultDuplicateWindow, "duplicate window of a stream the relay creates")
+	fs.IntVar(&cfg.sink.Replicas, "stream-replicas", 0, "replicas of a stream the relay creates (default: 3 on a NATS cluster of 3 or more servers, else 1)")
 	fs.IntVar(&cfg.sink.Window, "max-in-flight", sink.DefaultWindow, "events published and not yet acknowledged by JetStream, at most")
 	fs.DurationVar(&cfg.sink.AckTimeout, "ack-timeout", sink.DefaultAckTimeout, "a publish not acknowledged after this long is re-published")
 	fs.DurationVar(&cfg.repl.StatusInterval, "status-interval", replication.DefaultStatusInterval, "longest time between two standby status updates to Postgres")
