@@ -4,21 +4,24 @@
 // Publishing is pipelined: up to Config.Window events are in flight at once, each carrying its
 // event id as Nats-Msg-Id so that JetStream drops a re-published copy. A plain async window can
 // reorder when one publish is lost while later ones are stored (nats.go says so in the
-// PublishMsgAsync doc), so the window is gap-free: every message carries
-// Nats-Expected-Last-Sequence with the stream sequence the message published just before it
-// gets (the first one: the stream's last sequence, read before the first publish). If one
-// message is not stored, every later one in the window is refused by the server too; the sink
-// then waits for all outstanding acks, reads how far the stream got, and re-publishes from the
-// first unstored message, in order, with backoff. A re-published copy of a stored message comes
-// back as a duplicate (or, when it expected a sequence a duplicate did not take, is refused
-// and then found stored). The chain needs this relay to be the only publisher on the stream;
-// another publisher costs a resync each time it stores a message between two of the relay's,
-// never order within this relay's events.
+// PublishMsgAsync doc), so the window is gap-free: every message carries an expectation of the
+// stream's tail. On a single-replica stream that is Nats-Expected-Last-Msg-Id with the id of
+// the message published just before it; on a replicated stream it is
+// Nats-Expected-Last-Sequence with the stream sequence that message gets (the chain starts at
+// the stream's last sequence, read before the first publish). If one message is not stored,
+// every later one in the window is refused by the server too; the sink then waits for all
+// outstanding acks, reads how far the stream got, and re-publishes from the first unstored
+// message, in order, with backoff. Re-published copies of stored messages come back as
+// duplicates (or, on a replicated stream, are refused for a sequence a duplicate did not take
+// and then found stored).
 //
-// The expectation is a sequence, not Nats-Expected-Last-Msg-Id, because of replicated streams:
-// the stream leader checks the last sequence before it proposes a message, while the last msg
-// id is checked only when the entry is applied on every replica, and nats-server v2.15.2 treats
-// that refusal as a critical write error that leaves the stream without a leader.
+// Why two chains: on a replicated stream nats-server v2.15.2 checks Nats-Expected-Last-Msg-Id
+// only when the entry is applied on every replica and treats a refusal there as a critical
+// write error that leaves the stream without a leader; the stream leader checks the last
+// sequence before it proposes a message. The sequence chain needs this relay to be the only
+// publisher on the stream (a message stored by another could take the sequence of a refused
+// publish of the relay, and the next one would be stored after a gap); EnsureStream refuses a
+// stream others can write to. On a single-replica stream another publisher only costs a resync.
 package sink
 
 import (
