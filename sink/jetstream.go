@@ -94,7 +94,7 @@ type Stats struct {
 	Retries    uint64 // re-publishes after a failure
 	Errors     uint64 // failed publish attempts
 	Skipped    uint64 // re-publishes skipped: the stream already held the event (LastStored)
-	Resyncs    uint64 // chain restarts after the stream's last sequence was not the expected one
+	Resyncs    uint64 // chain restarts after the stream's tail was not the expected one (broker up)
 	DeadLetter uint64 // events replaced by a dead-letter message
 }
 
@@ -103,7 +103,7 @@ type entry struct {
 	// are in vals: send fills a reused map from them (header builds the message's own map
 	// when it needs one: other headers, CloudEvents, dead-letter).
 	msg    nats.Msg
-	vals   [8]string // the relay's header values (one allocation for all) and Nats-Expected-Last-Sequence
+	vals   [8]string // the relay's header values (one allocation for all) and the chain's expectation
 	id     string
 	pos    Position
 	ticket checkpoint.Ticket
@@ -194,8 +194,9 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		addCloudEvents(e.header(), ev, j.cfg.CloudEventsSource)
 		size = msgSize(&e.msg)
 	}
-	// send adds Nats-Expected-Stream and Nats-Expected-Last-Sequence; nats.go refuses a message
-	// over max_payload with them, and that refusal would be retried forever.
+	// send adds Nats-Expected-Stream and the chain's expectation (Nats-Expected-Last-Msg-Id or
+	// -Sequence); nats.go refuses a message over max_payload with them, and that refusal would
+	// be retried forever.
 	size += controlHeadersSize(j.cfg.Stream, j.prevIDLen)
 	var reason string
 	if max := j.maxPayload(); max > 0 && size > max {
@@ -232,9 +233,10 @@ func (j *JetStream) enqueue(e *entry) {
 	}
 }
 
-// startChain reads the stream's replicas (which chain to use) and last sequence, where the
-// chain starts, before the first publish. Without an answer the events queue and Run's recovery starts the chain (resync).
-// Called once, by the publishing goroutine, while nothing is queued.
+// startChain reads the stream's replicas (which chain to use) and last sequence (where a
+// sequence chain starts) before the first publish. Without an answer the events queue and
+// Run's recovery starts the chain (resync). Called once, by the publishing goroutine, while
+// nothing is queued.
 func (j *JetStream) startChain(ctx context.Context) {
 	j.started = true
 	var err error
@@ -376,9 +378,9 @@ func msgSize(m *nats.Msg) int {
 // would have had, and the next one in the window is then stored after a gap.
 func (j *JetStream) send(e *entry) {
 	// The control headers are set directly rather than through PublishOpts (WithMsgID,
-	// WithExpectStream, WithExpectLastSequence), which cost an option slice, closures and a
+	// WithExpectStream, WithExpectLastMsgID/Sequence), which cost an option slice, closures and a
 	// Header.Set each per message. Nats-Msg-Id is set by buildMsg. A re-publish replaces the
-	// expectation.
+	// expectation, or removes it when a msg id chain restarts.
 	h := e.msg.Header
 	if h == nil {
 		h = j.sendHeader
