@@ -141,31 +141,34 @@ func TestEnsureStream_RefusesAStreamWiderThanThePrefix(t *testing.T) {
 	js, err := jetstream.New(nc)
 	require.NoError(t, err)
 	ctx := context.Background()
-	for i, subjects := range [][]string{{"acme.outbox.>", "acme.billing.>"}, {"acme.>"}} {
-		name := fmt.Sprintf("WIDE%d", i)
-		_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: name, Subjects: subjects})
+	// Each case has subjects of its own: streams may not overlap.
+	create := func(name string, subjects []string, sources ...string) {
+		t.Helper()
+		cfg := jetstream.StreamConfig{Name: name, Subjects: subjects, Storage: jetstream.MemoryStorage}
+		for _, src := range sources {
+			cfg.Sources = append(cfg.Sources, &jetstream.StreamSource{Name: src})
+		}
+		_, err := js.CreateStream(ctx, cfg)
 		require.NoError(t, err)
-		_, err = sink.EnsureStream(ctx, js, sink.Config{Stream: name, SubjectPrefix: "acme.outbox"}, zerolog.Nop())
+	}
+	ensure := func(name, prefix string) error {
+		_, err := sink.EnsureStream(ctx, js, sink.Config{Stream: name, SubjectPrefix: prefix}, zerolog.Nop())
+		return err
+	}
+	for i, subjects := range [][]string{{"w0.outbox.>", "w0.billing.>"}, {"w1.>"}} {
+		name := fmt.Sprintf("WIDE%d", i)
+		create(name, subjects)
+		err := ensure(name, fmt.Sprintf("w%d.outbox", i))
 		require.ErrorContains(t, err, "stream "+name+" also takes subjects")
 		require.ErrorContains(t, err, "only publisher")
-		require.NoError(t, js.DeleteStream(ctx, name))
 	}
-	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "NARROW", Subjects: []string{"outbox.a.>", "outbox.b.>"}})
-	require.NoError(t, err)
-	_, err = sink.EnsureStream(ctx, js, sink.Config{Stream: "NARROW"}, zerolog.Nop())
-	require.ErrorContains(t, err, "do not cover", "narrower than the prefix: refused as before")
-	require.NoError(t, js.DeleteStream(ctx, "NARROW"))
-	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "OWN", Subjects: []string{"outbox.>"}})
-	require.NoError(t, err)
-	_, err = sink.EnsureStream(ctx, js, sink.Config{Stream: "OWN"}, zerolog.Nop())
-	require.NoError(t, err)
-	require.NoError(t, js.DeleteStream(ctx, "OWN"))
-	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "OTHER", Subjects: []string{"other.>"}})
-	require.NoError(t, err)
-	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "SOURCING", Subjects: []string{"outbox.>"}, Sources: []*jetstream.StreamSource{{Name: "OTHER"}}})
-	require.NoError(t, err)
-	_, err = sink.EnsureStream(ctx, js, sink.Config{Stream: "SOURCING"}, zerolog.Nop())
-	require.ErrorContains(t, err, "stream SOURCING sources messages")
+	create("NARROW", []string{"n.outbox.a.>", "n.outbox.b.>"})
+	require.ErrorContains(t, ensure("NARROW", "n.outbox"), "do not cover", "narrower than the prefix: refused as before")
+	create("OWN", []string{"o.outbox.>"})
+	require.NoError(t, ensure("OWN", "o.outbox"))
+	create("OTHER", []string{"other.>"})
+	create("SOURCING", []string{"s.outbox.>"}, "OTHER")
+	require.ErrorContains(t, ensure("SOURCING", "s.outbox"), "stream SOURCING sources messages")
 }
 
 func TestEnsureStream_WarnsAboutAShortDuplicateWindow(t *testing.T) {
