@@ -44,8 +44,11 @@ type JetStream struct {
 	log     zerolog.Logger
 	confirm func(checkpoint.Ticket)
 
-	sem  chan struct{} // one token per event in flight
-	held bool          // the publishing goroutine holds a token (Wait succeeded)
+	sem     chan struct{} // one token per event in flight
+	held    bool          // the publishing goroutine holds a token (Wait succeeded)
+	started bool          // the publishing goroutine tried to start the chain (startChain)
+	// startErr: why the chain could not start; entries queued meanwhile carry it.
+	startErr error
 
 	// Bytes in flight (the sizes of the entries in the window), added by the publishing
 	// goroutine, subtracted by pop, which then signals freed; peakBytes is their maximum.
@@ -53,10 +56,17 @@ type JetStream struct {
 	peakBytes atomic.Int64
 	freed     chan struct{}
 
-	mu         sync.Mutex
-	q          []*entry // in publish order; q[0] is the oldest unconfirmed event
-	lastID     string   // Nats-Msg-Id of the newest message sent; "" after a resync
-	recovering bool     // the chain is broken: Publish only queues, Run re-publishes
+	mu sync.Mutex
+	q  []*entry // in publish order; q[0] is the oldest unconfirmed event
+	// The chain (see send). seqChain: the stream is replicated, the chain is
+	// Nats-Expected-Last-Sequence = lastSeq, the stream sequence the previous message sent gets
+	// when stored; otherwise it is Nats-Expected-Last-Msg-Id = lastID, the id of the newest
+	// message sent ("" after a resync: the chain restarts without an expectation). Valid while
+	// !recovering; the first Publish reads the stream (startChain), recover after a failure.
+	seqChain   bool
+	lastSeq    uint64
+	lastID     string
+	recovering bool // the chain is broken or not started: Publish only queues, Run (re-)publishes
 	notify     chan struct{}
 
 	// Ack routing, guarded by mu. token numbers the sends (never reused, so a late reply to
@@ -95,6 +105,7 @@ type Stats struct {
 	Retries    uint64 // re-publishes after a failure
 	Errors     uint64 // failed publish attempts
 	Skipped    uint64 // re-publishes skipped: the stream already held the event (LastStored)
+	Resyncs    uint64 // chain restarts after the stream's tail was not the expected one (broker up)
 	DeadLetter uint64 // events replaced by a dead-letter message
 	StreamFull uint64 // publishes refused because the stream is full (discard: new)
 	// PeakInFlightBytes is the most message bytes that were in flight at once.
@@ -106,7 +117,7 @@ type entry struct {
 	// are in vals: send fills a reused map from them (header builds the message's own map
 	// when it needs one: other headers, CloudEvents, dead-letter).
 	msg    nats.Msg
-	vals   [8]string // the relay's header values (one allocation for all) and Nats-Expected-Last-Msg-Id
+	vals   [8]string // the relay's header values (one allocation for all) and the chain's expectation
 	id     string
 	pos    Position
 	ticket checkpoint.Ticket
@@ -153,6 +164,7 @@ func NewJetStream(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ti
 
 		streamValue: []string{cfg.Stream},
 		sendHeader:  make(nats.Header, 10),
+		recovering:  true, // until the chain starts (startChain)
 	}
 	if js != nil {
 		j.nc = js.Conn()
@@ -230,6 +242,9 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		return err
 	}
 	j.held = false
+	if !j.started {
+		j.startChain(ctx)
+	}
 	e := &entry{ticket: tk}
 	size := j.buildMsg(e, ev)
 	e.pos = Position{ev.CommitLSN, ev.TxIndex}
@@ -237,9 +252,9 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		addCloudEvents(e.header(), ev, j.cfg.CloudEventsSource)
 		size = msgSize(&e.msg)
 	}
-	// send adds Nats-Expected-Stream and Nats-Expected-Last-Msg-Id (the previous event's id);
-	// nats.go refuses a message over max_payload with them, and that refusal would be retried
-	// forever.
+	// send adds Nats-Expected-Stream and the chain's expectation (Nats-Expected-Last-Msg-Id or
+	// -Sequence); nats.go refuses a message over max_payload with them, and that refusal would
+	// be retried forever.
 	size += controlHeadersSize(j.cfg.Stream, j.prevIDLen)
 	var reason string
 	keepPayload := false
@@ -296,6 +311,8 @@ func (j *JetStream) enqueue(ctx context.Context, e *entry, size int) error {
 	j.q = append(j.q, e)
 	if !j.recovering {
 		j.send(e)
+	} else if e.failed == nil {
+		e.failed = j.startErr
 	}
 	j.mu.Unlock()
 	select {
@@ -303,6 +320,35 @@ func (j *JetStream) enqueue(ctx context.Context, e *entry, size int) error {
 	default:
 	}
 	return nil
+}
+
+// startChain reads the stream's replicas (which chain to use) and last sequence (where a
+// sequence chain starts) before the first publish. Without an answer the events queue and
+// Run's recovery starts the chain (resync). Called once, by the publishing goroutine, while
+// nothing is queued.
+func (j *JetStream) startChain(ctx context.Context) {
+	j.started = true
+	var err error
+	var info *jetstream.StreamInfo
+	if j.js == nil {
+		err = nats.ErrInvalidConnection
+	} else {
+		lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
+		var s jetstream.Stream
+		if s, err = j.js.Stream(lctx, j.cfg.Stream); err == nil {
+			info = s.CachedInfo()
+		}
+		cancel()
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if err != nil {
+		j.startErr = fmt.Errorf("read the last sequence of stream %s: %w", j.cfg.Stream, err)
+		j.stats.Errors++
+		return
+	}
+	j.seqChain = info.Config.Replicas > 1
+	j.lastSeq, j.recovering = info.State.LastSeq, false
 }
 
 // PublishDeadLetter publishes what is known of an outbox row that cannot become an event (a
@@ -313,6 +359,9 @@ func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 		return err
 	}
 	j.held = false
+	if !j.started {
+		j.startChain(ctx)
+	}
 	e := &entry{ticket: tk, pos: Position{ev.CommitLSN, ev.TxIndex}}
 	j.buildMsg(e, ev)
 	if e.id == "" {
@@ -469,12 +518,13 @@ func headerSafe(s string) string {
 	return string(b)
 }
 
-// controlHeadersSize is what send's headers add to a message: Nats-Expected-Stream, and
-// Nats-Expected-Last-Msg-Id with an id of prevIDLen bytes (at least a UUID's 36: a re-publish
-// after a dead-lettered event may chain to another id).
+// controlHeadersSize is what send's headers add to a message at most: Nats-Expected-Stream,
+// and Nats-Expected-Last-Sequence (up to 20 digits) or Nats-Expected-Last-Msg-Id with an id
+// of prevIDLen bytes (at least a UUID's 36: a re-publish after a dead-lettered event may chain
+// to another id).
 func controlHeadersSize(stream string, prevIDLen int) int {
-	prevIDLen = max(prevIDLen, 36)
-	return len(jetstream.ExpectedStreamHeader) + len(stream) + 4 + len(jetstream.ExpectedLastMsgIDHeader) + prevIDLen + 4
+	expect := max(len(jetstream.ExpectedLastSeqHeader)+20, len(jetstream.ExpectedLastMsgIDHeader)+max(prevIDLen, 36))
+	return len(jetstream.ExpectedStreamHeader) + len(stream) + 4 + expect + 4
 }
 
 func (j *JetStream) maxPayload() int {
@@ -497,11 +547,21 @@ func msgSize(m *nats.Msg) int {
 }
 
 // send publishes e as the next link of the chain. j.mu is held.
+//
+// On a single-replica stream the chain is Nats-Expected-Last-Msg-Id: e is stored only if the
+// stream's last message is its predecessor. On a replicated stream that check happens only
+// when the entry is applied on every replica, and nats-server v2.15.2 treats a refusal there
+// as a "critical write error": the replicas step down and turn observers, and the stream has
+// no leader from then on. There the chain is Nats-Expected-Last-Sequence (the sequence the
+// predecessor gets), which the leader checks before it proposes the message, so a refused
+// message leaves nothing behind. It needs the relay to be the stream's only publisher: a
+// message stored by another publisher can take the sequence a refused message of the relay
+// would have had, and the next one in the window is then stored after a gap.
 func (j *JetStream) send(e *entry) {
 	// The control headers are set directly rather than through PublishOpts (WithMsgID,
-	// WithExpectStream, WithExpectLastMsgID), which cost an option slice, closures and a
+	// WithExpectStream, WithExpectLastMsgID/Sequence), which cost an option slice, closures and a
 	// Header.Set each per message. Nats-Msg-Id is set by buildMsg. A re-publish replaces the
-	// expectation, or removes it when the chain restarts.
+	// expectation, or removes it when a msg id chain restarts.
 	h := e.msg.Header
 	if h == nil {
 		h = j.sendHeader
@@ -509,10 +569,15 @@ func (j *JetStream) send(e *entry) {
 		e.setRelayHeaders(h)
 	}
 	h[jetstream.ExpectedStreamHeader] = j.streamValue
-	if j.lastID != "" && !j.cfg.unchained {
+	switch {
+	case j.cfg.unchained:
+	case j.seqChain:
+		e.vals[len(e.vals)-1] = strconv.FormatUint(j.lastSeq, 10)
+		h[jetstream.ExpectedLastSeqHeader] = e.vals[len(e.vals)-1:]
+	case j.lastID != "":
 		e.vals[len(e.vals)-1] = j.lastID
 		h[jetstream.ExpectedLastMsgIDHeader] = e.vals[len(e.vals)-1:]
-	} else {
+	default:
 		delete(h, jetstream.ExpectedLastMsgIDHeader)
 	}
 	err := j.listen()
@@ -538,6 +603,7 @@ func (j *JetStream) send(e *entry) {
 		return
 	}
 	e.failed = nil
+	j.lastSeq++
 	j.lastID = e.id
 }
 
@@ -867,14 +933,25 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 		e.token = 0
 	}
 	j.popDone()
-	wait := backoff.next()
-	if streamFull(first) {
+	var wait time.Duration
+	switch {
+	case wrongLastSequence(first):
+		// The broker is up; the stream did not end where the chain expected (a duplicate
+		// took no new sequence, or another publisher stored a message): re-chain at once.
+		wait = 10 * time.Millisecond
+		j.mu.Lock()
+		j.stats.Resyncs++
+		j.mu.Unlock()
+		j.log.Debug().Err(first).Int("in_flight", len(q)).Msg("chain broken; re-publishing from the first event not stored, in order")
+	case streamFull(first):
+		wait = backoff.next()
 		j.mu.Lock()
 		j.stats.StreamFull++
 		j.mu.Unlock()
 		j.log.Error().Err(first).Str("stream", j.cfg.Stream).Int("in_flight", len(q)).Dur("retry_in", wait).
 			Msg("the stream is full (a max_bytes, max_msgs or max_msgs_per_subject limit with discard: new): nothing from this event on is stored or confirmed, and Postgres keeps the WAL. The relay retries until space frees: raise the limit (nats stream edit), or let max_age or consumers (work-queue/interest retention) remove messages")
-	} else {
+	default:
+		wait = backoff.next()
 		j.log.Warn().Err(first).Int("in_flight", len(q)).Dur("retry_in", wait).
 			Msg("publish failed; re-publishing from the first event not stored, in order")
 	}
@@ -883,24 +960,45 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 	case <-ctx.Done():
 		return nil
 	}
-	// The outcome of a failed publish is unknown (a lost ack, a reset connection), and the
-	// outage may have outlasted the duplicate window: ask the stream how far it got, and
-	// do not re-publish what it holds. Without an answer, retry later.
+	j.resync(ctx)
+	return nil
+}
+
+// wrongLastSequence reports whether err is the stream's refusal of the chain's expectation.
+func wrongLastSequence(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant ||
+		apiErr.ErrorCode == errCodeWrongLastMsgID)
+}
+
+// errCodeWrongLastMsgID is JetStream's "wrong last msg ID" (nats.go names no constant for it).
+const errCodeWrongLastMsgID jetstream.ErrorCode = 10070
+
+// resync starts the chain at the stream's last sequence and sends the queue, in order, from
+// the first event the stream does not hold. Nothing may be in flight. It reports false when
+// the stream could not be read (the queue stays unsent; call it again later).
+//
+// The outcome of a failed publish is unknown (a lost ack, a reset connection), and the outage
+// may have outlasted the duplicate window: ask the stream how far it got, and do not
+// re-publish what it holds.
+func (j *JetStream) resync(ctx context.Context) bool {
 	lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
-	last, seq, ok, err := LastStored(lctx, j.js, j.cfg)
+	last, seq, ok, info, err := lastStored(lctx, j.js, j.cfg)
 	cancel()
 	if err != nil {
-		if ctx.Err() != nil {
-			return nil
+		if ctx.Err() == nil {
+			j.log.Warn().Err(err).Msg("cannot read the stream's last stored event; retrying")
 		}
-		j.log.Warn().Err(err).Msg("cannot read the stream's last stored event; retrying")
-		return nil
+		return false
 	}
 	if ok && seq > j.cfg.SeqFloor {
 		j.skipStored(last)
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
+	j.seqChain = info.Config.Replicas > 1
+	j.lastSeq = info.State.LastSeq
 	j.lastID = ""
 	j.recovering = false
 	for _, e := range j.q {
@@ -910,13 +1008,15 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 			j.lastID = e.id
 			continue
 		}
-		j.stats.Retries++
+		if e.sent != (time.Time{}) {
+			j.stats.Retries++
+		}
 		j.send(e)
 		if j.recovering {
 			break // the broker is still unreachable; Run comes back here
 		}
 	}
-	return nil
+	return true
 }
 
 // streamFull reports a refusal by a stream at one of its limits with discard: new.

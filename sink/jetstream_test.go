@@ -130,6 +130,47 @@ func TestEnsureStream_RefusesAStreamThatDoesNotCoverThePrefix(t *testing.T) {
 	require.ErrorContains(t, err, "--subject-prefix")
 }
 
+// Another relay (another prefix) or another publisher on the relay's stream would break the
+// stream-wide chain on nearly every message: a stream with subjects outside the prefix, or
+// sourcing from other streams, is refused, naming the stream.
+func TestEnsureStream_RefusesAStreamWiderThanThePrefix(t *testing.T) {
+	srv := testenv.JetStream(t)
+	nc, err := sink.Connect(srv.URL)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	ctx := context.Background()
+	// Each case has subjects of its own: streams may not overlap.
+	create := func(name string, subjects []string, sources ...string) {
+		t.Helper()
+		cfg := jetstream.StreamConfig{Name: name, Subjects: subjects, Storage: jetstream.MemoryStorage}
+		for _, src := range sources {
+			cfg.Sources = append(cfg.Sources, &jetstream.StreamSource{Name: src})
+		}
+		_, err := js.CreateStream(ctx, cfg)
+		require.NoError(t, err)
+	}
+	ensure := func(name, prefix string) error {
+		_, err := sink.EnsureStream(ctx, js, sink.Config{Stream: name, SubjectPrefix: prefix}, zerolog.Nop())
+		return err
+	}
+	for i, subjects := range [][]string{{"w0.outbox.>", "w0.billing.>"}, {"w1.>"}} {
+		name := fmt.Sprintf("WIDE%d", i)
+		create(name, subjects)
+		err := ensure(name, fmt.Sprintf("w%d.outbox", i))
+		require.ErrorContains(t, err, "stream "+name+" also takes subjects")
+		require.ErrorContains(t, err, "only publisher")
+	}
+	create("NARROW", []string{"n.outbox.a.>", "n.outbox.b.>"})
+	require.ErrorContains(t, ensure("NARROW", "n.outbox"), "do not cover", "narrower than the prefix: refused as before")
+	create("OWN", []string{"o.outbox.>"})
+	require.NoError(t, ensure("OWN", "o.outbox"))
+	create("OTHER", []string{"other.>"})
+	create("SOURCING", []string{"s.outbox.>"}, "OTHER")
+	require.ErrorContains(t, ensure("SOURCING", "s.outbox"), "stream SOURCING sources messages")
+}
+
 func TestEnsureStream_WarnsAboutAShortDuplicateWindow(t *testing.T) {
 	srv := testenv.JetStream(t)
 	nc, err := sink.Connect(srv.URL)
@@ -157,4 +198,6 @@ func TestEnsureStream_CreatesAFileStreamWithTheConfiguredWindow(t *testing.T) {
 	require.Equal(t, []string{"acme.outbox.>"}, info.Config.Subjects)
 	require.Equal(t, jetstream.FileStorage, info.Config.Storage)
 	require.Equal(t, time.Hour, info.Config.Duplicates)
+	require.Equal(t, 1, info.Config.Replicas, "one server: one replica")
+	require.Equal(t, jetstream.DiscardNew, info.Config.Discard)
 }

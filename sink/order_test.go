@@ -196,13 +196,18 @@ func TestJetStream_ResetsAndCutsMidWindowKeepOrder(t *testing.T) {
 func TestJetStream_AcksLostPastDuplicateWindowStoresNoDuplicate(t *testing.T) {
 	const n = 50
 	r := newSinkRig(t, Config{Window: 64, AckTimeout: 300 * time.Millisecond, DuplicateWindow: time.Second})
+	// One event first: the chain starts (the sink reads the stream's last sequence) while
+	// replies still come through.
+	require.NoError(t, r.sink.Publish(context.Background(), &decoder.Event{ID: []byte("first"), AggregateType: []byte("a"),
+		AggregateID: []byte("1"), EventType: []byte("E"), Subject: []byte("outbox.a.E"), Payload: []byte(`{}`)}, checkpoint.Ticket(n)))
+	r.waitConfirmed(t, 1)
 	r.proxy.HoldReplies()
 	r.publish(t, n)
 	time.Sleep(2 * time.Second) // longer than the duplicate window; re-publish attempts fail meanwhile
 	r.proxy.Pass()
-	r.waitConfirmed(t, n)
+	r.waitConfirmed(t, n+1)
 	ids := streamIDs(t, r.nats.URL)
-	require.Len(t, ids, n, "no event stored twice")
+	require.Len(t, ids, n+1, "no event stored twice")
 	require.Equal(t, uint64(n), r.sink.Stats().Skipped, "the stored events were recognised, not re-published")
 }
 

@@ -5,13 +5,24 @@
 // in flight at once, each carrying its event id as Nats-Msg-Id so that JetStream drops a
 // re-published copy. A plain async window can
 // reorder when one publish is lost while later ones are stored (nats.go says so in the
-// PublishMsgAsync doc), so the window is gap-free: every message carries
-// Nats-Expected-Last-Msg-Id with the id of the message published just before it. If one message
-// is not stored, every later one in the window is refused by the server too; the sink then
-// waits for all outstanding acks, and re-publishes from the first unstored message, in order,
-// with backoff. Re-published copies of stored messages come back as duplicates. The chain
-// assumes this relay is the only publisher on the stream; another publisher only costs a
-// resync (the chain restarts without an expectation), never order within this relay's events.
+// PublishMsgAsync doc), so the window is gap-free: every message carries an expectation of the
+// stream's tail. On a single-replica stream that is Nats-Expected-Last-Msg-Id with the id of
+// the message published just before it; on a replicated stream it is
+// Nats-Expected-Last-Sequence with the stream sequence that message gets (the chain starts at
+// the stream's last sequence, read before the first publish). If one message is not stored,
+// every later one in the window is refused by the server too; the sink then waits for all
+// outstanding acks, reads how far the stream got, and re-publishes from the first unstored
+// message, in order, with backoff. Re-published copies of stored messages come back as
+// duplicates (or, on a replicated stream, are refused for a sequence a duplicate did not take
+// and then found stored).
+//
+// Why two chains: on a replicated stream nats-server v2.15.2 checks Nats-Expected-Last-Msg-Id
+// only when the entry is applied on every replica and treats a refusal there as a critical
+// write error that leaves the stream without a leader; the stream leader checks the last
+// sequence before it proposes a message. The sequence chain needs this relay to be the only
+// publisher on the stream (a message stored by another could take the sequence of a refused
+// publish of the relay, and the next one would be stored after a gap); EnsureStream refuses a
+// stream others can write to. On a single-replica stream another publisher only costs a resync.
 package sink
 
 import (
@@ -75,6 +86,9 @@ type Config struct {
 	// DuplicateWindow of a stream the relay creates (default 20m). JetStream's own default of
 	// 2 minutes is shorter than the replay after a Postgres restart can be.
 	DuplicateWindow time.Duration
+	// Replicas of a stream the relay creates; 0: 3 when the server is part of a cluster of 3 or
+	// more servers the client knows of, else 1.
+	Replicas int
 	// Window is the number of events in flight (published, ack not yet received); default 1024.
 	Window int
 	// MaxInFlightBytes is the number of message bytes (payload, subject, headers) in flight,
@@ -101,7 +115,7 @@ type Config struct {
 	// source's events.
 	SeqFloor uint64
 
-	// unchained leaves out Nats-Expected-Last-Msg-Id (tests only: shows what the chain
+	// unchained leaves out Nats-Expected-Last-Sequence (tests only: shows what the chain
 	// prevents).
 	unchained bool
 }
@@ -149,23 +163,42 @@ func Connect(url string, opts ...nats.Option) (*nats.Conn, error) {
 	return nc, nil
 }
 
-// EnsureStream checks that cfg.Stream exists and takes the relay's subjects, creating it (file
-// storage, subjects <prefix>.>, cfg.DuplicateWindow) when it is missing.
+// EnsureStream checks that cfg.Stream exists and takes the relay's subjects and no others (the
+// relay must be its only publisher), creating it (file storage, subjects <prefix>.>,
+// cfg.DuplicateWindow) when it is missing.
 func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log zerolog.Logger) (*jetstream.StreamInfo, error) {
 	cfg.fill()
 	want := cfg.SubjectPrefix + ".>"
 	s, err := js.Stream(ctx, cfg.Stream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		replicas := cfg.Replicas
+		if replicas <= 0 {
+			replicas = 1
+			// The client's server pool holds the URLs it was given and those the cluster
+			// advertises.
+			if nc := js.Conn(); nc != nil && nc.ConnectedClusterName() != "" && len(nc.Servers()) >= 3 {
+				replicas = 3
+			}
+		}
+		// discard: new: a stream at a limit refuses new events (the relay waits, Postgres keeps
+		// them) instead of dropping old ones nobody may have read yet.
 		s, err = js.CreateStream(ctx, jetstream.StreamConfig{
 			Name:       cfg.Stream,
 			Subjects:   []string{want},
 			Storage:    jetstream.FileStorage,
 			Duplicates: cfg.DuplicateWindow,
+			Replicas:   replicas,
+			Discard:    jetstream.DiscardNew,
 		})
 		if err != nil {
-			return nil, fmt.Errorf("create stream %s for subjects %s: %w", cfg.Stream, want, err)
+			hint := ""
+			if replicas > 1 && cfg.Replicas <= 0 {
+				hint = " (the relay asks for 3 replicas on a NATS cluster; set --stream-replicas)"
+			}
+			return nil, fmt.Errorf("create stream %s for subjects %s with %d replicas: %w%s", cfg.Stream, want, replicas, err, hint)
 		}
-		log.Info().Str("stream", cfg.Stream).Str("subjects", want).Stringer("duplicate_window", cfg.DuplicateWindow).Msg("created stream")
+		log.Info().Str("stream", cfg.Stream).Str("subjects", want).Stringer("duplicate_window", cfg.DuplicateWindow).
+			Int("replicas", replicas).Msg("created stream")
 	} else if err != nil {
 		if errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) {
 			return nil, fmt.Errorf("look up stream %s: %w (start nats-server with -js)", cfg.Stream, err)
@@ -183,6 +216,22 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 	if !covered {
 		return nil, fmt.Errorf("stream %s takes subjects %v, which do not cover %s: add it (nats stream edit %s --subjects '%s') or choose another --stream / --subject-prefix",
 			cfg.Stream, info.Config.Subjects, want, cfg.Stream, want)
+	}
+	// The chain (Nats-Expected-Last-Sequence) is stream-wide: a message another publisher
+	// stores between two of the relay's breaks it, and on a busy stream that is nearly every
+	// message. Refuse a stream that others can write to.
+	var outside []string
+	for _, subj := range info.Config.Subjects {
+		if !SubjectCovers(want, subj) {
+			outside = append(outside, subj)
+		}
+	}
+	if len(outside) > 0 {
+		return nil, fmt.Errorf("stream %s also takes subjects %v, outside the relay's %s: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream (another relay or publisher there breaks the chain on nearly every message). Give this relay a stream of its own (--stream) with subjects %s, or narrow %s's subjects to %s",
+			cfg.Stream, outside, want, want, cfg.Stream, want)
+	}
+	if len(info.Config.Sources) > 0 {
+		return nil, fmt.Errorf("stream %s sources messages from other streams: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream. Give this relay a stream of its own (--stream)", cfg.Stream)
 	}
 	if d := info.Config.Duplicates; d < MinSafeDuplicateWindow {
 		log.Warn().Str("stream", cfg.Stream).Stringer("duplicate_window", d).

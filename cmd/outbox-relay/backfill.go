@@ -26,7 +26,8 @@ const backfillUsage = `Republish outbox rows created in a time range from the ta
 Rows with created_at in [since, until) are published in (created_at, id) order with the same
 subject, body and headers as the relay, Nats-Msg-Id = id, and Outbox-Backfill: true. JetStream
 drops those it still holds within its duplicate window. Per-aggregate order between backfilled
-and live events is not guaranteed.`
+and live events is not guaranteed. Next to a live relay it may run on a single-replica stream
+only; on a replicated stream stop the relay first.`
 
 // backfillWindow is how many publishes are in flight at once.
 const backfillWindow = 256
@@ -151,6 +152,9 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 	if err != nil {
 		return err
 	}
+	if err := backfillAlongsideRelay(ctx, conn, js, scfg.Stream); err != nil {
+		return err
+	}
 	// Backfilled messages carry the stream's current last position, so the relay's
 	// replay-skip position (LastStored) does not move.
 	pos, seq, _, err := sink.LastStored(ctx, js, scfg)
@@ -245,6 +249,42 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 	}
 	log.Info().Int("rows", n).Int("stored", stored).Int("duplicates", dups).Msg("backfill done")
 	fmt.Fprintf(stdout, "backfill: %d rows read, %d newly stored, %d duplicates (already in the stream)\n", n, stored-dups, dups)
+	return nil
+}
+
+// backfillAlongsideRelay refuses to publish into a replicated stream while a relay streams
+// from this database. There the relay chains its window on the stream's last sequence, and a
+// message the backfill stores can take the sequence of a relay publish that was refused, so
+// that the next one in the relay's window is stored after a gap. On a single-replica stream
+// the relay chains on the previous message's id and a backfill next to it only costs re-chains.
+func backfillAlongsideRelay(ctx context.Context, conn *pgx.Conn, js jetstream.JetStream, stream string) error {
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return fmt.Errorf("look up stream %s: %w", stream, err)
+	}
+	if r := s.CachedInfo().Config.Replicas; r <= 1 {
+		return nil
+	}
+	var slots []string
+	rows, err := conn.Query(ctx, `SELECT slot_name FROM pg_replication_slots WHERE database = current_database() AND slot_type = 'logical' AND plugin = 'pgoutput' AND active ORDER BY 1`)
+	if err != nil {
+		return fmt.Errorf("list the active replication slots: %w", err)
+	}
+	for rows.Next() {
+		var name string
+		if err := rows.Scan(&name); err != nil {
+			rows.Close()
+			return err
+		}
+		slots = append(slots, name)
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("list the active replication slots: %w", err)
+	}
+	if len(slots) > 0 {
+		return fmt.Errorf("stream %s is replicated (R%d) and slot(s) %v are streaming: a backfill next to a live relay on a replicated stream can let one of the relay's events be stored after a gap. Stop the relay for the backfill (it resumes from its slot afterwards)",
+			stream, s.CachedInfo().Config.Replicas, slots)
+	}
 	return nil
 }
 

@@ -64,8 +64,8 @@ func forkedCount(t *testing.T, msg string) int {
 	return n
 }
 
-// clusterEnv is an env on a private cluster (which the test may stop, snapshot, restore).
-func clusterEnv(t *testing.T) (*testenv.Cluster, *env) {
+// pgClusterEnv is an env on a private cluster (which the test may stop, snapshot, restore).
+func pgClusterEnv(t *testing.T) (*testenv.Cluster, *env) {
 	t.Helper()
 	c := testenv.NewCluster(t)
 	e := &env{pg: c.NewDatabase(t), nats: testenv.JetStream(t)}
@@ -90,7 +90,7 @@ func withTag(rows map[string]row, tags ...string) map[string]row {
 // snapshot restored. Before the fix the relay resumed at its old position, above the restored
 // server's WAL end, and never published the new history's events, logging nothing.
 func TestFork_RestoreUnderRunningRelay(t *testing.T) {
-	c, e := clusterEnv(t)
+	c, e := pgClusterEnv(t)
 	done, _ := runRelay(t, e.args())
 	waitStreaming(t, e.pg, "outbox_relay")
 	insertGapEvents(t, e.pg, "before", 100)
@@ -139,7 +139,7 @@ func TestFork_RestoreUnderRunningRelay(t *testing.T) {
 // reaches the stream's last event's position without yielding it, and the relay refuses
 // before confirming anything past the slot. Accepted, the new history is published.
 func TestFork_RestoreWhileStoppedAndWALOutgrewTheRecord(t *testing.T) {
-	c, e := clusterEnv(t)
+	c, e := pgClusterEnv(t)
 	stop, _ := inProcess(t, e.args())
 	waitStreaming(t, e.pg, "outbox_relay")
 	insertGapEvents(t, e.pg, "before", 50)
@@ -222,7 +222,7 @@ func TestSyncStandbySlot_FailoverLosesNoPublishedEvent(t *testing.T) {
 }
 
 func testPromotedStandby(t *testing.T, syncStandby bool) {
-	primary, e := clusterEnv(t)
+	primary, e := pgClusterEnv(t)
 	var args []string
 	slot := ""
 	if syncStandby {

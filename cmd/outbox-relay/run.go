@@ -76,6 +76,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.StringVar(&template, "subject-template", decoder.DefaultSubjectTemplate, "subject of each event; placeholders {prefix}, {aggregate_type}, {aggregate_id}, {event_type} (values sanitized as tokens)")
 	registerColumnFlags(fs, &cfg.columns)
 	fs.DurationVar(&cfg.sink.DuplicateWindow, "duplicate-window", sink.DefaultDuplicateWindow, "duplicate window of a stream the relay creates")
+	fs.IntVar(&cfg.sink.Replicas, "stream-replicas", 0, "replicas of a stream the relay creates (default: 3 on a NATS cluster of 3 or more servers, else 1)")
 	fs.IntVar(&cfg.sink.Window, "max-in-flight", sink.DefaultWindow, "events published and not yet acknowledged by JetStream, at most")
 	fs.Int64Var(&cfg.sink.MaxInFlightBytes, "max-in-flight-bytes", sink.DefaultMaxInFlightBytes, "bytes of messages (payload, subject, headers) published and not yet acknowledged, at most; an event larger than this is sent alone")
 	fs.DurationVar(&cfg.sink.AckTimeout, "ack-timeout", sink.DefaultAckTimeout, "a publish not acknowledged after this long is re-published")

@@ -245,6 +245,14 @@ func (p *NATSProcess) Log() string {
 func (p *NATSProcess) Start() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if err := p.spawnLocked(); err != nil {
+		return err
+	}
+	return p.waitReadyLocked(natsProcReadyWait)
+}
+
+// spawnLocked starts the process without waiting for it to serve. p.mu is held.
+func (p *NATSProcess) spawnLocked() error {
 	if p.cmd != nil {
 		return fmt.Errorf("start nats-server on port %d: already running as PID %d", p.Port, p.cmd.Process.Pid)
 	}
@@ -265,8 +273,14 @@ func (p *NATSProcess) Start() error {
 		close(done)
 	}()
 	p.cmd, p.done = cmd, done
+	return nil
+}
 
-	ctx, cancel := context.WithTimeout(context.Background(), natsProcReadyWait)
+// waitReadyLocked waits up to wait until JetStream answers at p.URL; on failure the process
+// is killed. p.mu is held.
+func (p *NATSProcess) waitReadyLocked(wait time.Duration) error {
+	cmd, done := p.cmd, p.done
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
 	go func() { // stop waiting early if the server dies
 		select {
@@ -309,6 +323,25 @@ func (p *NATSProcess) Stop() error {
 		}
 	}
 	return p.signalLocked(syscall.SIGKILL)
+}
+
+// Pause stops the server with SIGSTOP (it keeps its sockets but answers nothing); Resume
+// continues it with SIGCONT.
+func (p *NATSProcess) Pause() error { return p.signal(syscall.SIGSTOP) }
+
+// Resume continues a server stopped by Pause.
+func (p *NATSProcess) Resume() error { return p.signal(syscall.SIGCONT) }
+
+func (p *NATSProcess) signal(sig syscall.Signal) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cmd == nil {
+		return fmt.Errorf("signal nats-server on port %d with %v: %w", p.Port, sig, errNotRunning)
+	}
+	if err := syscall.Kill(p.cmd.Process.Pid, sig); err != nil {
+		return fmt.Errorf("signal nats-server PID %d with %v: %w", p.cmd.Process.Pid, sig, err)
+	}
+	return nil
 }
 
 // Restart kills the server with SIGKILL and starts it again.

@@ -330,3 +330,48 @@ func TestNATSProcessSurvivesKill(t *testing.T) {
 		t.Errorf("log does not capture server output:\n%s", p.Log())
 	}
 }
+
+func TestNATSClusterLeaderStepDownKillAndRestart(t *testing.T) {
+	t.Parallel()
+	c := testenv.StartNATSCluster(t, 3)
+	nc, err := nats.Connect(c.URL)
+	must(t, err, "connect to the cluster")
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	must(t, err, "jetstream")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "R3", Subjects: []string{"r3.>"}, Replicas: 3})
+	must(t, err, "create R3 stream")
+	_, err = js.Publish(ctx, "r3.a", []byte("1"))
+	must(t, err, "publish")
+
+	leader, err := c.StreamLeader(ctx, "R3")
+	must(t, err, "find the leader")
+	if c.Node(leader) == nil {
+		t.Fatalf("leader %q is not one of %v", leader, c.Names)
+	}
+	old, err := c.StepDown(ctx, "R3")
+	must(t, err, "step down")
+	next, err := c.WaitNewLeader(ctx, "R3", old)
+	must(t, err, "new leader after step-down")
+
+	p := c.Node(next)
+	pid := p.PID()
+	must(t, p.Kill(), "kill -9 the leader")
+	after, err := c.WaitNewLeader(ctx, "R3", next)
+	must(t, err, "new leader after kill -9")
+	_, err = js.Publish(ctx, "r3.a", []byte("2"))
+	must(t, err, "publish with a node down")
+	must(t, p.Start(), "restart the killed node")
+	if p.PID() == pid || p.PID() == 0 {
+		t.Errorf("restarted node has PID %d (was %d)", p.PID(), pid)
+	}
+
+	q := c.Node(after)
+	must(t, q.Pause(), "SIGSTOP the leader")
+	_, err = c.WaitNewLeader(ctx, "R3", after)
+	must(t, err, "new leader while the old one is stopped")
+	must(t, q.Resume(), "SIGCONT")
+	equal(t, streamMsgs(t, c.URL, "R3"), 2, "messages in the R3 stream")
+}

@@ -1,0 +1,300 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outbox-relay/outbox-relay/internal/faultproxy"
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// clusterEnv is one test's Postgres database (migrated) and a 3-node JetStream cluster with
+// the relay's stream created as R3.
+type clusterEnv struct {
+	pg      *testenv.PG
+	cluster *testenv.NATSCluster
+}
+
+func newClusterEnv(t *testing.T) *clusterEnv {
+	t.Helper()
+	e := &clusterEnv{pg: testenv.Postgres(t), cluster: testenv.StartNATSCluster(t, 3)}
+	(&env{pg: e.pg}).migrate(t)
+	js, closeNC := connectJS(t, e.cluster.URL)
+	defer closeNC()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := js.CreateStream(ctx, jetstream.StreamConfig{
+		Name: sink.DefaultStream, Subjects: []string{sink.DefaultSubjectPrefix + ".>"},
+		Storage: jetstream.FileStorage, Replicas: 3, Duplicates: sink.DefaultDuplicateWindow,
+	})
+	require.NoError(t, err)
+	for _, n := range e.cluster.Nodes {
+		dumpOnFailure(t, "nats-server "+n.URL, stringerFunc(n.Log))
+	}
+	return e
+}
+
+// readClusterStream returns every message of the relay's stream in stream order, reading them
+// one by one from the stream leader (an ordered consumer can be cut off by a leader change
+// right after the faults of a test).
+func readClusterStream(t *testing.T, url string) []record {
+	t.Helper()
+	js, closeNC := connectJS(t, url)
+	defer closeNC()
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	var s jetstream.Stream
+	require.Eventually(t, func() bool {
+		var err error
+		s, err = js.Stream(ctx, sink.DefaultStream)
+		return err == nil
+	}, 30*time.Second, 100*time.Millisecond)
+	st := s.CachedInfo().State
+	out := make([]record, 0, st.Msgs)
+	for seq := st.FirstSeq; seq <= st.LastSeq && st.Msgs > 0; seq++ {
+		var m *jetstream.RawStreamMsg
+		var err error
+		for try := 0; try < 50; try++ {
+			if m, err = s.GetMsg(ctx, seq); err == nil || errors.Is(err, jetstream.ErrMsgNotFound) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		require.NoError(t, err, "read sequence %d", seq)
+		out = append(out, record{Seq: m.Sequence, Subject: m.Subject, Data: m.Data, Header: m.Header})
+	}
+	return out
+}
+
+type stringerFunc func() string
+
+func (f stringerFunc) String() string { return f() }
+
+// A publish lost on its way to an R3 stream breaks the chain: the later messages of the window
+// reach the stream leader and must be refused there, before they are proposed. A chain on
+// Nats-Expected-Last-Msg-Id is checked only when the entry is applied: nats-server v2.15.2 logs
+// "Error applying stream entries ... last msgid mismatch" and "critical write error" on every
+// replica, they step down and turn observers, and the stream has no leader any more (publishes
+// time out, stream requests get 10008 "JetStream system temporarily unavailable"). The relay
+// must get past the lost publish in about an ack timeout.
+func TestRelay_R3LostPublishDoesNotStallTheChain(t *testing.T) {
+	e := newClusterEnv(t)
+	leader, err := e.cluster.StreamLeader(context.Background(), sink.DefaultStream)
+	require.NoError(t, err)
+	proxy, err := faultproxy.StartNATS(strings.TrimPrefix(e.cluster.Node(leader).URL, "nats://"))
+	require.NoError(t, err)
+	t.Cleanup(proxy.Close)
+	var n atomic.Int64
+	proxy.DropNATSPublish(func(subject string, _ []byte) bool {
+		if !strings.HasPrefix(subject, "outbox.") {
+			return false
+		}
+		k := n.Add(1)
+		return k == 300 || k == 2000 // a lost publish in the middle of a full window, twice
+	})
+	args := []string{"run", "--pg-url", e.pg.URL, "--nats-url", "nats://" + proxy.Addr(), "--create-slot",
+		"--log-format", "json", "--log-level", "info", "--ack-timeout", "1s", "--max-in-flight", "256"}
+	stop, log := inProcess(t, args)
+	waitStreaming(t, e.pg, "outbox_relay")
+
+	start := time.Now()
+	total := workload{Writers: 4, Aggregates: 30, Txs: 60, MaxTx: 30, Seed: 51}.run(t, e.pg)
+	// Two lost publishes cost about two ack timeouts plus backoff; a stall lasts 20 minutes.
+	waitStream(t, e.cluster.URL, uint64(total), 30*time.Second)
+	t.Logf("events %d stored in %s (2 publishes dropped)", total, time.Since(start).Round(time.Millisecond))
+	require.NoError(t, stop())
+	_, dropped := proxy.Stats()
+	require.Equal(t, 2, dropped)
+	requireClean(t, check(t, outboxRows(t, e.pg), readClusterStream(t, e.cluster.URL)))
+	require.Contains(t, log.String(), "re-publishing from the first event not stored")
+	for _, n := range e.cluster.Nodes {
+		require.NotContains(t, n.Log(), "critical write error")
+	}
+}
+
+// The relay publishes to an R3 stream under load while the stream leader is killed with
+// SIGKILL (and restarted) and, later, asked to step down. Every committed event must be in
+// the stream once, in per-aggregate order. How long the stream stops growing after each fault
+// is logged.
+func TestRelay_R3LeaderKillRestartAndStepDownUnderLoad(t *testing.T) {
+	e := newClusterEnv(t)
+	args := []string{"run", "--pg-url", e.pg.URL, "--nats-url", e.cluster.URL, "--create-slot",
+		"--log-format", "json", "--log-level", "info", "--ack-timeout", "2s", "--max-in-flight", "256"}
+	stop, log := inProcess(t, args)
+	waitStreaming(t, e.pg, "outbox_relay")
+
+	written := make(chan int, 1)
+	go func() {
+		written <- workload{Writers: 4, Aggregates: 40, Txs: 250, MaxTx: 30, Seed: 52}.run(t, e.pg)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	js, closeNC := connectJS(t, e.cluster.URL)
+	defer closeNC()
+	lastSeq := func() uint64 {
+		rctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		s, err := js.Stream(rctx, sink.DefaultStream)
+		if err != nil {
+			return 0
+		}
+		return s.CachedInfo().State.LastSeq
+	}
+	// recovered waits until the stream grew by 100 messages past where it was at the fault.
+	recovered := func(what string, at uint64, since time.Time) {
+		t.Helper()
+		require.Eventually(t, func() bool { return lastSeq() >= at+100 }, 60*time.Second, 20*time.Millisecond,
+			"the stream did not grow after %s", what)
+		t.Logf("%s: the stream grew by 100 messages %s after the fault (it held %d)", what, time.Since(since).Round(time.Millisecond), at)
+	}
+	require.Eventually(t, func() bool { return lastSeq() > 1000 }, 30*time.Second, 20*time.Millisecond)
+
+	leader, err := e.cluster.StreamLeader(ctx, sink.DefaultStream)
+	require.NoError(t, err)
+	node := e.cluster.Node(leader)
+	at, start := lastSeq(), time.Now()
+	require.NoError(t, node.Kill())
+	next, err := e.cluster.WaitNewLeader(ctx, sink.DefaultStream, leader)
+	require.NoError(t, err)
+	t.Logf("kill -9 of leader %s: %s leads after %s", leader, next, time.Since(start).Round(time.Millisecond))
+	recovered("kill -9 of the stream leader", at, start)
+	require.NoError(t, node.Start())
+	t.Logf("%s restarted", leader)
+
+	at, start = lastSeq(), time.Now()
+	old, err := e.cluster.StepDown(ctx, sink.DefaultStream)
+	require.NoError(t, err)
+	next, err = e.cluster.WaitNewLeader(ctx, sink.DefaultStream, old)
+	require.NoError(t, err)
+	t.Logf("step-down of leader %s: %s leads after %s", old, next, time.Since(start).Round(time.Millisecond))
+	recovered("leader step-down", at, start)
+
+	total := <-written
+	require.Eventually(t, func() bool { return lastSeq() >= uint64(total) }, 60*time.Second, 50*time.Millisecond,
+		"stream never reached %d messages", total)
+	require.NoError(t, stop())
+	requireClean(t, check(t, outboxRows(t, e.pg), readClusterStream(t, e.cluster.URL)))
+	for _, n := range e.cluster.Nodes {
+		require.NotContains(t, n.Log(), "critical write error")
+	}
+	t.Logf("events %d; relay log lines about failed publishes: %d", total, strings.Count(log.String(), "publish failed"))
+}
+
+// backfill next to a live relay on a single-replica stream: every message the backfill stores
+// lands between two of the relay's and breaks the relay's chain. The backfill must finish, the
+// relay must keep up, and the stream must hold every event once, the live ones in
+// per-aggregate order.
+func TestBackfill_NextToALiveRelayKeepsOrder(t *testing.T) {
+	e := newEnv(t)
+	since := time.Now().Add(-time.Minute).UTC().Format(time.RFC3339Nano)
+	const gap = 3000
+	insertGapEvents(t, e.pg, "lost", gap) // committed before the relay's slot exists
+	time.Sleep(10 * time.Millisecond)
+	until := time.Now().UTC().Format(time.RFC3339Nano)
+
+	stop, _ := inProcess(t, []string{"run", "--pg-url", e.pg.URL, "--nats-url", e.nats.URL, "--create-slot",
+		"--log-format", "json", "--log-level", "info", "--ack-timeout", "2s", "--max-in-flight", "256"})
+	waitStreaming(t, e.pg, "outbox_relay")
+	written := make(chan int, 1)
+	go func() {
+		written <- workload{Writers: 2, Aggregates: 20, Txs: 150, MaxTx: 20, Seed: 53}.run(t, e.pg)
+	}()
+	require.Eventually(t, func() bool { return streamMsgs(t, e.nats.URL, sink.DefaultStream) > 200 }, 30*time.Second, 20*time.Millisecond)
+
+	out, took := backfill(t, e.pg.URL, e.nats.URL, since, until)
+	require.Contains(t, out, itoa(gap)+" rows read, "+itoa(gap)+" newly stored")
+	t.Logf("backfill next to the live relay took %s", took)
+
+	total := <-written
+	waitStream(t, e.nats.URL, uint64(gap+total), 60*time.Second)
+	require.NoError(t, stop())
+	requireClean(t, check(t, outboxRows(t, e.pg), readStream(t, e.nats.URL, sink.DefaultStream)))
+}
+
+// backfill runs the backfill command and fails the test unless it succeeds within 60s.
+func backfill(t *testing.T, pgURL, natsURL, since, until string) (string, time.Duration) {
+	t.Helper()
+	var out testLog
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		done <- dispatch(context.Background(), []string{"backfill", "--pg-url", pgURL, "--nats-url", natsURL,
+			"--since", since, "--until", until, "--log-level", "warn"}, &out, &out, noEnv)
+	}()
+	select {
+	case err := <-done:
+		require.NoError(t, err, out.String())
+	case <-time.After(60 * time.Second):
+		t.Fatalf("backfill did not finish within 60s: %s", out.String())
+	}
+	return out.String(), time.Since(start).Round(time.Millisecond)
+}
+
+// On a replicated stream the relay chains on the stream's last sequence, which a backfill
+// publishing next to it could take over: backfill refuses while a relay streams, naming the
+// stream, and runs once the relay is stopped; the relay then goes on.
+func TestBackfill_RefusesAReplicatedStreamWhileARelayStreams(t *testing.T) {
+	e := newClusterEnv(t)
+	since := time.Now().Add(-time.Minute).UTC().Format(time.RFC3339Nano)
+	insertGapEvents(t, e.pg, "lost", 500)
+	time.Sleep(10 * time.Millisecond)
+	until := time.Now().UTC().Format(time.RFC3339Nano)
+	args := []string{"run", "--pg-url", e.pg.URL, "--nats-url", e.cluster.URL, "--create-slot", "--log-format", "json", "--log-level", "info"}
+	stop, _ := inProcess(t, args)
+	waitStreaming(t, e.pg, "outbox_relay")
+	n := workload{Writers: 2, Aggregates: 10, Txs: 20, MaxTx: 10, Seed: 54}.run(t, e.pg)
+
+	var out bytes.Buffer
+	err := dispatch(context.Background(), []string{"backfill", "--pg-url", e.pg.URL, "--nats-url", e.cluster.URL,
+		"--since", since, "--until", until, "--log-level", "warn"}, &out, &out, noEnv)
+	require.ErrorContains(t, err, "stream OUTBOX is replicated (R3) and slot(s) [outbox_relay] are streaming")
+
+	waitStream(t, e.cluster.URL, uint64(n), 30*time.Second)
+	require.NoError(t, stop())
+	require.Eventually(t, func() bool {
+		var active bool
+		return e.pg.QueryRow(t, `SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox_relay'`).Scan(&active) == nil && !active
+	}, 10*time.Second, 20*time.Millisecond)
+	got, _ := backfill(t, e.pg.URL, e.cluster.URL, since, until)
+	require.Contains(t, got, "500 rows read, 500 newly stored")
+
+	stop, _ = inProcess(t, args)
+	waitStreaming(t, e.pg, "outbox_relay")
+	m := workload{Writers: 2, Aggregates: 10, Txs: 20, MaxTx: 10, Seed: 55}.run(t, e.pg)
+	waitStream(t, e.cluster.URL, uint64(n+500+m), 30*time.Second)
+	require.NoError(t, stop())
+	requireClean(t, check(t, outboxRows(t, e.pg), readClusterStream(t, e.cluster.URL)))
+}
+
+// On a 3-node cluster a stream the relay creates gets 3 replicas unless --stream-replicas says
+// otherwise, and discard policy new.
+func TestEnsureStream_CreatesAnR3StreamOnACluster(t *testing.T) {
+	c := testenv.StartNATSCluster(t, 3)
+	nc, err := sink.Connect(c.URL)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	info, err := sink.EnsureStream(ctx, js, sink.Config{}, zerolog.Nop())
+	require.NoError(t, err)
+	require.Equal(t, 3, info.Config.Replicas)
+	require.Equal(t, jetstream.DiscardNew, info.Config.Discard)
+	info, err = sink.EnsureStream(ctx, js, sink.Config{Stream: "ONE", SubjectPrefix: "one", Replicas: 1}, zerolog.Nop())
+	require.NoError(t, err)
+	require.Equal(t, 1, info.Config.Replicas)
+}

@@ -1,0 +1,247 @@
+package testenv
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// NATSCluster is a JetStream cluster of nats-server processes on loopback, for tests of
+// replicated streams: each node has its own client and route port and store directory, and
+// can be killed with SIGKILL, paused with SIGSTOP and restarted.
+type NATSCluster struct {
+	Name  string
+	Nodes []*NATSProcess
+	Names []string // server_name of each node, n1, n2, ...
+	// URL lists every node's client URL, comma separated (nats.Connect takes it as is).
+	URL string
+}
+
+// StartNATSCluster starts a JetStream cluster of n nodes (n ≥ 3 for replicated streams),
+// waits until every node answers JetStream requests, and stops it in t.Cleanup.
+func StartNATSCluster(t testing.TB, n int) *NATSCluster {
+	t.Helper()
+	bin := NATSServerBinary(t)
+	c, err := startNATSCluster(bin, n, t.TempDir())
+	if err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	t.Cleanup(func() {
+		for _, p := range c.Nodes {
+			_ = p.Resume() // a paused node would ignore nothing but SIGKILL anyway
+			if err := p.Kill(); err != nil && !errors.Is(err, errNotRunning) {
+				t.Errorf("testenv: %v", err)
+			}
+		}
+	})
+	return c
+}
+
+func startNATSCluster(bin string, n int, dir string) (*NATSCluster, error) {
+	c := &NATSCluster{Name: "outbox-relay-test"}
+	clientPorts, routePorts := make([]int, n), make([]int, n)
+	for i := range n {
+		var err error
+		if clientPorts[i], err = freePort(); err != nil {
+			return nil, err
+		}
+		if routePorts[i], err = freePort(); err != nil {
+			return nil, err
+		}
+	}
+	var urls []string
+	for i := range n {
+		name := fmt.Sprintf("n%d", i+1)
+		nodeDir := filepath.Join(dir, name)
+		if err := os.MkdirAll(nodeDir, 0o755); err != nil {
+			return nil, err
+		}
+		var routes []string
+		for j := range n {
+			if j != i {
+				routes = append(routes, fmt.Sprintf("%q", fmt.Sprintf("nats://127.0.0.1:%d", routePorts[j])))
+			}
+		}
+		p := &NATSProcess{
+			URL:        fmt.Sprintf("nats://127.0.0.1:%d", clientPorts[i]),
+			Port:       clientPorts[i],
+			StoreDir:   filepath.Join(nodeDir, "jetstream"),
+			ConfigFile: filepath.Join(nodeDir, "nats-server.conf"),
+			LogFile:    filepath.Join(nodeDir, "nats-server.log"),
+			Binary:     bin,
+		}
+		conf := fmt.Sprintf(`server_name: %q
+listen: "127.0.0.1:%d"
+jetstream {
+  store_dir: %q
+}
+cluster {
+  name: %q
+  listen: "127.0.0.1:%d"
+  routes: [%s]
+}
+`, name, clientPorts[i], p.StoreDir, c.Name, routePorts[i], strings.Join(routes, ", "))
+		if err := os.WriteFile(p.ConfigFile, []byte(conf), 0o644); err != nil {
+			return nil, fmt.Errorf("write nats-server config: %w", err)
+		}
+		c.Nodes = append(c.Nodes, p)
+		c.Names = append(c.Names, name)
+		urls = append(urls, p.URL)
+	}
+	c.URL = strings.Join(urls, ",")
+
+	// No node serves JetStream before a quorum of them has elected a meta leader: start all,
+	// then wait for each.
+	kill := func() {
+		for _, p := range c.Nodes {
+			_ = p.Kill()
+		}
+	}
+	for _, p := range c.Nodes {
+		p.mu.Lock()
+		err := p.spawnLocked()
+		p.mu.Unlock()
+		if err != nil {
+			kill()
+			return nil, err
+		}
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i, p := range c.Nodes {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			errs[i] = p.waitReadyLocked(natsProcReadyWait)
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		kill()
+		return nil, fmt.Errorf("start a %d-node nats-server cluster: %w", n, err)
+	}
+	return c, nil
+}
+
+// Node returns the node whose server_name is name, or nil.
+func (c *NATSCluster) Node(name string) *NATSProcess {
+	for i, n := range c.Names {
+		if n == name {
+			return c.Nodes[i]
+		}
+	}
+	return nil
+}
+
+// connect connects to any running node.
+func (c *NATSCluster) connect() (*nats.Conn, error) {
+	return nats.Connect(c.URL, nats.Timeout(2*time.Second), nats.NoReconnect())
+}
+
+// StreamLeader returns the server_name of stream's current leader, asking the cluster until
+// one is elected or ctx ends.
+func (c *NATSCluster) StreamLeader(ctx context.Context, stream string) (string, error) {
+	var lastErr error
+	for {
+		leader, err := c.streamLeader(ctx, stream)
+		if err == nil && leader != "" {
+			return leader, nil
+		}
+		if err == nil {
+			err = errors.New("no leader")
+		}
+		lastErr = err
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("leader of stream %s: %w", stream, lastErr)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (c *NATSCluster) streamLeader(ctx context.Context, stream string) (string, error) {
+	nc, err := c.connect()
+	if err != nil {
+		return "", err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return "", err
+	}
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	s, err := js.Stream(rctx, stream)
+	if err != nil {
+		return "", err
+	}
+	if ci := s.CachedInfo().Cluster; ci != nil {
+		return ci.Leader, nil
+	}
+	return "", nil
+}
+
+// StepDown asks stream's leader to step down ($JS.API.STREAM.LEADER.STEPDOWN.<stream>) and
+// returns the leader that did.
+func (c *NATSCluster) StepDown(ctx context.Context, stream string) (string, error) {
+	old, err := c.StreamLeader(ctx, stream)
+	if err != nil {
+		return "", err
+	}
+	nc, err := c.connect()
+	if err != nil {
+		return "", err
+	}
+	defer nc.Close()
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	m, err := nc.RequestWithContext(rctx, "$JS.API.STREAM.LEADER.STEPDOWN."+stream, nil)
+	if err != nil {
+		return "", fmt.Errorf("step down the leader of stream %s: %w", stream, err)
+	}
+	var resp struct {
+		Success bool `json:"success"`
+		Error   *struct {
+			Code        int    `json:"code"`
+			ErrCode     int    `json:"err_code"`
+			Description string `json:"description"`
+		} `json:"error"`
+	}
+	if err := json.Unmarshal(m.Data, &resp); err != nil {
+		return "", fmt.Errorf("step down the leader of stream %s: %w: %s", stream, err, m.Data)
+	}
+	if !resp.Success {
+		if resp.Error != nil {
+			return "", fmt.Errorf("step down the leader of stream %s: %s (%d)", stream, resp.Error.Description, resp.Error.ErrCode)
+		}
+		return "", fmt.Errorf("step down the leader of stream %s: %s", stream, m.Data)
+	}
+	return old, nil
+}
+
+// WaitNewLeader waits until stream has a leader other than old and returns it.
+func (c *NATSCluster) WaitNewLeader(ctx context.Context, stream, old string) (string, error) {
+	for {
+		leader, err := c.streamLeader(ctx, stream)
+		if err == nil && leader != "" && leader != old {
+			return leader, nil
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("stream %s has no leader other than %s: %v", stream, old, err)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
