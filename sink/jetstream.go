@@ -1110,7 +1110,9 @@ func (j *JetStream) buildMsg(e *entry, ev *decoder.Event) int {
 			continue
 		}
 		if !validHeaderKey(kv.Key) {
-			if e.badKeys == 0 {
+			// The headers column's entries come in no fixed order: name the smallest key,
+			// so the error is the same on every try.
+			if e.badKeys == 0 || kv.Key < e.badKey {
 				e.badKey = kv.Key
 			}
 			e.badKeys++

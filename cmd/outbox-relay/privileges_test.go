@@ -63,7 +63,7 @@ func TestMinimalPrivileges(t *testing.T) {
 	requireClean(t, check(t, outboxRows(t, pg), readStream(t, admin, sink.DefaultStream)))
 
 	// The relay's user cannot publish outside its subjects: another prefix is refused.
-	nc, err := nats.Connect(natsURL, nats.UserInfo("relay", "relay-pw"))
+	nc, err := nats.Connect(natsURL, nats.UserInfo("relay", "relay-pw"), nats.ErrorHandler(func(*nats.Conn, *nats.Subscription, error) {}))
 	require.NoError(t, err)
 	defer nc.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
