@@ -375,9 +375,6 @@ func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 // bits; a larger one is refused with error 10097).
 const MaxHeaderSize = 65535
 
-// jsErrCodeHeaderExceedsMaximum is JetStream's "header size exceeds maximum allowed of 64k".
-const jsErrCodeHeaderExceedsMaximum jetstream.ErrorCode = 10097
-
 // MaxSubjectLen is the longest subject the relay publishes; a longer one is poison (the
 // server would close the connection over its max_control_line).
 const MaxSubjectLen = 3072
@@ -835,16 +832,15 @@ func (j *JetStream) failed(e *entry, err error) error {
 	j.mu.Lock()
 	j.stats.Errors++
 	j.mu.Unlock()
-	var apiErr *jetstream.APIError
 	var reason string
-	switch {
-	case errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamMessageExceedsMaximum:
+	switch code := apiErrorCode(err); {
+	case code == jetstream.JSErrCodeStreamMessageExceedsMaximum:
 		reason = fmt.Sprintf("larger than stream %s allows (max_msg_size): %v", j.cfg.Stream, err)
-	case errors.As(err, &apiErr) && apiErr.ErrorCode == jsErrCodeHeaderExceedsMaximum:
+	case code == jsErrCodeHeaderExceedsMaximum:
 		reason = fmt.Sprintf("headers over the %d bytes JetStream stores: %v", MaxHeaderSize, err)
-	case errors.As(err, &apiErr) && apiErr.ErrorCode == jsErrCodeMessageTTLDisabled:
+	case code == jsErrCodeMessageTTLDisabled:
 		reason = fmt.Sprintf("a %s header, and stream %s does not allow per-message TTLs (enable allow_msg_ttl: nats stream edit %s --allow-msg-ttl, nats-server 2.11+): %v", HeaderTTL, j.cfg.Stream, j.cfg.Stream, err)
-	case errors.As(err, &apiErr) && apiErr.ErrorCode == jsErrCodeMessageTTLInvalid:
+	case code == jsErrCodeMessageTTLInvalid:
 		reason = fmt.Sprintf("its %s header is not a valid TTL (a Go duration such as 30s, a number of seconds, or never): %v", HeaderTTL, err)
 	case errors.Is(err, nats.ErrMaxPayload):
 		reason = fmt.Sprintf("%v (the server's max_payload is %d)", err, j.maxPayload())
@@ -877,12 +873,6 @@ func (j *JetStream) failed(e *entry, err error) error {
 // HeaderTTL is JetStream's per-message TTL header (nats-server 2.11+, stream allow_msg_ttl): the
 // one Nats- header a headers-column entry may set.
 const HeaderTTL = "Nats-TTL"
-
-// JetStream's refusals of a Nats-TTL header.
-const (
-	jsErrCodeMessageTTLInvalid  = 10165
-	jsErrCodeMessageTTLDisabled = 10166
-)
 
 // refused reports whether err is nats.go refusing a message before sending it for what the
 // message is (too big, a header key it does not accept, a subject it does not accept):
@@ -964,16 +954,32 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 	return nil
 }
 
-// wrongLastSequence reports whether err is the stream's refusal of the chain's expectation.
-func wrongLastSequence(err error) bool {
+// JetStream error codes nats.go names no constant for.
+const (
+	jsErrCodeWrongLastMsgID       jetstream.ErrorCode = 10070 // wrong last msg ID
+	jsErrCodeStoreFailed          jetstream.ErrorCode = 10077 // storing failed ({err}), e.g. a limit with discard: new
+	jsErrCodeHeaderExceedsMaximum jetstream.ErrorCode = 10097 // header size exceeds maximum allowed of 64k
+	jsErrCodeMessageTTLInvalid    jetstream.ErrorCode = 10165 // invalid per-message TTL
+	jsErrCodeMessageTTLDisabled   jetstream.ErrorCode = 10166 // per-message TTL is disabled
+)
+
+// apiErrorCode is err's JetStream error code, or 0 when err is no JetStream API error.
+func apiErrorCode(err error) jetstream.ErrorCode {
 	var apiErr *jetstream.APIError
-	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
-		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant ||
-		apiErr.ErrorCode == errCodeWrongLastMsgID)
+	if errors.As(err, &apiErr) {
+		return apiErr.ErrorCode
+	}
+	return 0
 }
 
-// errCodeWrongLastMsgID is JetStream's "wrong last msg ID" (nats.go names no constant for it).
-const errCodeWrongLastMsgID jetstream.ErrorCode = 10070
+// wrongLastSequence reports whether err is the stream's refusal of the chain's expectation.
+func wrongLastSequence(err error) bool {
+	switch apiErrorCode(err) {
+	case jetstream.JSErrCodeStreamWrongLastSequence, jetstream.JSErrCodeStreamWrongLastSequenceConstant, jsErrCodeWrongLastMsgID:
+		return true
+	}
+	return false
+}
 
 // resync starts the chain at the stream's last sequence and sends the queue, in order, from
 // the first event the stream does not hold. Nothing may be in flight. It reports false when
@@ -984,7 +990,7 @@ const errCodeWrongLastMsgID jetstream.ErrorCode = 10070
 // re-publish what it holds.
 func (j *JetStream) resync(ctx context.Context) bool {
 	lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
-	last, seq, ok, info, err := lastStored(lctx, j.js, j.cfg)
+	last, ok, info, err := lastStored(lctx, j.js, j.cfg)
 	cancel()
 	if err != nil {
 		if ctx.Err() == nil {
@@ -992,8 +998,8 @@ func (j *JetStream) resync(ctx context.Context) bool {
 		}
 		return false
 	}
-	if ok && seq > j.cfg.SeqFloor {
-		j.skipStored(last)
+	if ok && last.Seq > j.cfg.SeqFloor {
+		j.skipStored(last.Position)
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
@@ -1022,7 +1028,7 @@ func (j *JetStream) resync(ctx context.Context) bool {
 // streamFull reports a refusal by a stream at one of its limits with discard: new.
 func streamFull(err error) bool {
 	var apiErr *jetstream.APIError
-	if !errors.As(err, &apiErr) || apiErr.ErrorCode != 10077 { // JSStreamStoreFailedF
+	if !errors.As(err, &apiErr) || apiErr.ErrorCode != jsErrCodeStoreFailed {
 		return false
 	}
 	switch apiErr.Description {

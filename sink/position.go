@@ -40,18 +40,6 @@ func LastStored(ctx context.Context, js jetstream.JetStream, cfg Config) (pos Po
 	return m.Position, m.Seq, ok, err
 }
 
-// lastStored is LastStored, also returning the stream's info (read before the last message).
-func lastStored(ctx context.Context, js jetstream.JetStream, cfg Config) (pos Position, seq uint64, ok bool, info *jetstream.StreamInfo, err error) {
-	cfg.fill()
-	s, err := js.Stream(ctx, cfg.Stream)
-	if err != nil {
-		return Position{}, 0, false, nil, fmt.Errorf("look up stream %s: %w", cfg.Stream, err)
-	}
-	info = s.CachedInfo()
-	m, ok, err := lastStoredIn(ctx, s, cfg)
-	return m.Position, m.Seq, ok, info, err
-}
-
 // StoredMsg is the relay's newest message in its stream, as LastStoredMsg reads it.
 type StoredMsg struct {
 	Position Position
@@ -67,14 +55,22 @@ type StoredMsg struct {
 // LastStoredMsg is LastStored with the message's id and the stream's last sequence (see
 // StoredMsg).
 func LastStoredMsg(ctx context.Context, js jetstream.JetStream, cfg Config) (last StoredMsg, ok bool, err error) {
+	last, ok, _, err = lastStored(ctx, js, cfg)
+	return last, ok, err
+}
+
+// lastStored is LastStoredMsg, also returning the stream's info (read before the last
+// message).
+func lastStored(ctx context.Context, js jetstream.JetStream, cfg Config) (last StoredMsg, ok bool, info *jetstream.StreamInfo, err error) {
 	cfg.fill()
 	s, err := js.Stream(ctx, cfg.Stream)
 	if err != nil {
-		return StoredMsg{}, false, fmt.Errorf("look up stream %s: %w", cfg.Stream, err)
+		return StoredMsg{}, false, nil, fmt.Errorf("look up stream %s: %w", cfg.Stream, err)
 	}
+	info = s.CachedInfo()
 	last, ok, err = lastStoredIn(ctx, s, cfg)
-	last.StreamLastSeq = s.CachedInfo().State.LastSeq
-	return last, ok, err
+	last.StreamLastSeq = info.State.LastSeq
+	return last, ok, info, err
 }
 
 // lastStoredIn reads the newest message of s under cfg's prefix.
