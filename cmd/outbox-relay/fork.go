@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -102,7 +103,7 @@ func forkedEvents(ctx context.Context, js jetstream.JetStream, cfg sink.Config, 
 		if err != nil {
 			return n, first, last, false, err
 		}
-		if len(m.Subject) <= len(prefix) || m.Subject[:len(prefix)] != prefix || m.Header.Get(sink.HeaderBackfill) != "" {
+		if !strings.HasPrefix(m.Subject, prefix) || m.Header.Get(sink.HeaderBackfill) != "" {
 			continue
 		}
 		lsn, err := pglogrepl.ParseLSN(m.Header.Get(sink.HeaderCommitLSN))
@@ -123,22 +124,22 @@ func forkedEvents(ctx context.Context, js jetstream.JetStream, cfg sink.Config, 
 
 // forkedEventsNote is the sentence of a fork message on the events the stream holds from
 // transactions the server's history lost.
-func forkedEventsNote(ctx context.Context, js jetstream.JetStream, cfg sink.Config, forkAt pglogrepl.LSN, floor, lastSeq uint64) (string, int) {
+func forkedEventsNote(ctx context.Context, js jetstream.JetStream, cfg sink.Config, forkAt pglogrepl.LSN, floor, lastSeq uint64) string {
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	n, first, last, capped, err := forkedEvents(cctx, js, cfg, forkAt, floor, lastSeq, 100_000)
 	switch {
 	case err != nil:
-		return fmt.Sprintf(" (counting the stream's events past %s failed: %v)", forkAt, err), 0
+		return fmt.Sprintf(" (counting the stream's events past %s failed: %v)", forkAt, err)
 	case n == 0:
-		return fmt.Sprintf(" The stream holds no event published from past %s.", forkAt), 0
+		return fmt.Sprintf(" The stream holds no event published from past %s.", forkAt)
 	}
 	more := ""
 	if capped {
 		more = " at least"
 	}
 	return fmt.Sprintf(" The stream holds%s %d events published from past %s (stream sequences %d to %d): consumers saw events of transactions this database's history does not have (lost by the restore or failover, unless the history parted later than the server can tell); reconcile them from the stream.",
-		more, n, forkAt, first, last), n
+		more, n, forkAt, first, last)
 }
 
 // replayCheck verifies that a session replaying the stream's last event finds the same event

@@ -63,15 +63,10 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	}
 	// Start from the slot's position, or from our own higher one: after a Postgres restart the
 	// slot may report an older position than the relay confirmed, and starting from ours
-	// avoids re-sending what is already stored.
+	// avoids re-sending what is already stored. resume.check made sure the server's history
+	// holds ours, so neither is past its WAL end.
 	if resume.lsn > start {
 		start = resume.lsn
-	}
-	if start == resume.lsn && start > slotLSN && start > sys.WALEnd {
-		// Postgres would skip every commit below start, and the first status update would
-		// write start into the slot (resume.check refuses this already; kept as the last
-		// guard before START_REPLICATION).
-		return fatalError{fmt.Errorf("%w: %s", errForkedHistory, forkMessage(sys, fmt.Sprintf("position %s, where this session would start", start), sys.WALEnd))}
 	}
 	if n, ok := failpointN(cfg.failpoint, "pause_before_start_ms"); ok {
 		log.Warn().Int64("ms", n).Msg("failpoint: pausing before START_REPLICATION") // test hook: a window for someone to move the slot

@@ -37,7 +37,6 @@ type slotGuard struct {
 	record   *sink.PositionRecord
 	recorded pglogrepl.LSN // what the record holds now
 	seqFloor uint64        // stream messages up to here came from an earlier cluster or history
-	timeline int32         // the timeline the record's position is on (0: not known)
 }
 
 // checkSlotGap compares the slot, the server and the stream with the feed's position record at
@@ -78,7 +77,7 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 		if err := record.Put(ctx, now); err != nil {
 			return g, err
 		}
-		g.recorded, g.timeline = start, sys.Timeline
+		g.recorded = start
 		return g, nil
 	}
 	// The stream's last event, unless it came from an earlier cluster or history.
@@ -110,7 +109,7 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 		cause = "the slot was dropped and recreated, or advanced by someone else (pg_replication_slot_advance, another consumer), while the relay was away"
 		now.SeqFloor = rec.SeqFloor
 	default:
-		g.recorded, g.seqFloor, g.timeline = rec.LSN, rec.SeqFloor, rec.Timeline
+		g.recorded, g.seqFloor = rec.LSN, rec.SeqFloor
 		if start > rec.LSN || rec.Timeline != sys.Timeline {
 			// --start-lsn moved ahead on purpose, or the server moved to a later timeline that
 			// holds the record (a switchover, a promoted standby that had all of it).
@@ -119,7 +118,7 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 			if err := record.Put(ctx, now); err != nil {
 				return g, err
 			}
-			g.recorded, g.timeline = now.LSN, sys.Timeline
+			g.recorded = now.LSN
 		}
 		return g, nil
 	}
@@ -128,7 +127,7 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 		// Everything the stream holds now is from the old history: the new one's events are
 		// all published, whatever their positions.
 		now.SeqFloor = max(rec.SeqFloor, last.Seq)
-		note, _ := forkedEventsNote(ctx, js, cfg.sink, forkAt, rec.SeqFloor, last.Seq)
+		note := forkedEventsNote(ctx, js, cfg.sink, forkAt, rec.SeqFloor, last.Seq)
 		msg = fmt.Sprintf("%s.%s This relay last confirmed %s on slot %q (recorded %s in %s/%s). Way out: restart once with --accept-slot-gap (the relay then publishes the new history from the slot's position %s, ignoring the stream's older positions); if the slot was recreated after the fork, republish what was committed before it: outbox-relay backfill --pg-url ... --nats-url ... --since %s",
 			found, note, rec.LSN, rec.Slot, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.positionBucket, record.Key(), slotLSN, backfillSince(rec.UpdatedAt))
 		if !cfg.acceptSlotGap {
@@ -145,7 +144,7 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 	if err := record.Put(ctx, now); err != nil {
 		return g, err
 	}
-	g.recorded, g.seqFloor, g.timeline = start, now.SeqFloor, sys.Timeline
+	g.recorded, g.seqFloor = start, now.SeqFloor
 	return g, nil
 }
 

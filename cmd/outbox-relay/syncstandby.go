@@ -136,26 +136,20 @@ func (g *standbyGate) run(ctx context.Context) error {
 // read returns the primary's flush position and the standby slot's restart_lsn (0 while the
 // standby never reported one).
 func (g *standbyGate) read(ctx context.Context, conn *pgx.Conn) (primary, standby pglogrepl.LSN, err error) {
-	var p string
-	var s *string
-	err = conn.QueryRow(ctx, `SELECT pg_current_wal_flush_lsn()::text, (SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1 AND slot_type = 'physical')`, g.slot).Scan(&p, &s)
+	var p, restart string
+	var exists bool
+	err = conn.QueryRow(ctx, `SELECT pg_current_wal_flush_lsn()::text, coalesce(s.restart_lsn, '0/0')::text, s.slot_name IS NOT NULL
+		FROM (SELECT) AS one LEFT JOIN pg_replication_slots s ON s.slot_name = $1 AND s.slot_type = 'physical'`, g.slot).Scan(&p, &restart, &exists)
 	if err != nil {
 		return 0, 0, fmt.Errorf("read the standby's flush position: %w", err)
+	}
+	if !exists {
+		return 0, 0, fatalError{fmt.Errorf("%w: no physical replication slot %q on the server. Create it for the standby (pg_basebackup -C -S %s, or SELECT pg_create_physical_replication_slot('%s')) and set primary_slot_name = '%s' on the standby",
+			errStandbySlotMissing, g.slot, g.slot, g.slot, g.slot)}
 	}
 	if primary, err = pglogrepl.ParseLSN(p); err != nil {
 		return 0, 0, err
 	}
-	if s == nil {
-		var exists bool
-		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1 AND slot_type = 'physical')`, g.slot).Scan(&exists); err != nil {
-			return 0, 0, err
-		}
-		if !exists {
-			return 0, 0, fatalError{fmt.Errorf("%w: no physical replication slot %q on the server. Create it for the standby (pg_basebackup -C -S %s, or SELECT pg_create_physical_replication_slot('%s')) and set primary_slot_name = '%s' on the standby",
-				errStandbySlotMissing, g.slot, g.slot, g.slot, g.slot)}
-		}
-		return primary, 0, nil
-	}
-	standby, err = pglogrepl.ParseLSN(*s)
+	standby, err = pglogrepl.ParseLSN(restart)
 	return primary, standby, err
 }
