@@ -91,11 +91,10 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 	if cols.CreatedAt == "" {
 		return usageError{errors.New("backfill selects rows by --column-created-at, which must name a column")}
 	}
-	subject, err := decoder.ParseSubjectTemplate(template, scfg.SubjectPrefix)
+	subject, err := subjectTemplate(template, &scfg)
 	if err != nil {
-		return usageError{fmt.Errorf("--subject-template: %w", err)}
+		return err
 	}
-	scfg.SubjectPrefix = subject.Prefix()
 	natsOpts, err := auth.options(natsURL)
 	if err != nil {
 		return usageError{err}

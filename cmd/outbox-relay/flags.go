@@ -13,7 +13,9 @@ import (
 	"github.com/rs/zerolog"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/sink"
 )
 
 // envName is the environment variable that may set a flag: OUTBOX_RELAY_<FLAG_IN_UPPER_SNAKE>.
@@ -249,4 +251,16 @@ func splitTable(s string) (schema, table string, err error) {
 		return parts[0], parts[1], nil
 	}
 	return "", "", fmt.Errorf("--table %q: use table or schema.table", s)
+}
+
+// subjectTemplate parses --subject-template against --subject-prefix and binds the feed to the
+// template's literal leading tokens: the stream must cover <them>.>, and the position record is
+// keyed by them.
+func subjectTemplate(template string, scfg *sink.Config) (*decoder.SubjectTemplate, error) {
+	subject, err := decoder.ParseSubjectTemplate(template, scfg.SubjectPrefix)
+	if err != nil {
+		return nil, usageError{fmt.Errorf("--subject-template: %w", err)}
+	}
+	scfg.SubjectPrefix = subject.Prefix()
+	return subject, nil
 }

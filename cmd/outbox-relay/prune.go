@@ -75,11 +75,9 @@ func cmdPrune(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	if bucket == "" && !skipCheck {
 		return usageError{errors.New("--position-bucket '' leaves prune nothing to check the slot against: pass --skip-source-check to prune without the check")}
 	}
-	subject, err := decoder.ParseSubjectTemplate(template, scfg.SubjectPrefix)
-	if err != nil {
-		return usageError{fmt.Errorf("--subject-template: %w", err)}
+	if _, err := subjectTemplate(template, &scfg); err != nil {
+		return err
 	}
-	scfg.SubjectPrefix = subject.Prefix()
 	natsOpts, err := auth.options(natsURL)
 	if err != nil {
 		return usageError{err}

@@ -104,11 +104,9 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	if !decoder.ValidPrefix(cfg.sink.SubjectPrefix) {
 		return usageError{fmt.Errorf("--subject-prefix %q is not a valid NATS subject prefix (tokens separated by dots, no spaces, '*' or '>')", cfg.sink.SubjectPrefix)}
 	}
-	if cfg.subject, err = decoder.ParseSubjectTemplate(template, cfg.sink.SubjectPrefix); err != nil {
-		return usageError{fmt.Errorf("--subject-template: %w", err)}
+	if cfg.subject, err = subjectTemplate(template, &cfg.sink); err != nil {
+		return err
 	}
-	// The stream is bound to the template's literal leading tokens.
-	cfg.sink.SubjectPrefix = cfg.subject.Prefix()
 	if err := checkColumns(cfg.columns); err != nil {
 		return usageError{err}
 	}
