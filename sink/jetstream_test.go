@@ -33,15 +33,21 @@ func event(i int) *decoder.Event {
 	}
 }
 
-func setup(t *testing.T, cfg sink.Config) (jetstream.JetStream, *sink.JetStream, *confirms) {
+// newJS connects to a new JetStream server through sink.Connect.
+func newJS(t *testing.T) jetstream.JetStream {
 	t.Helper()
-	srv := testenv.JetStream(t)
-	nc, err := sink.Connect(srv.URL)
+	nc, err := sink.Connect(testenv.JetStream(t).URL)
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)
 	js, err := jetstream.New(nc)
 	require.NoError(t, err)
-	_, err = sink.EnsureStream(context.Background(), js, cfg, zerolog.Nop())
+	return js
+}
+
+func setup(t *testing.T, cfg sink.Config) (jetstream.JetStream, *sink.JetStream, *confirms) {
+	t.Helper()
+	js := newJS(t)
+	_, err := sink.EnsureStream(context.Background(), js, cfg, zerolog.Nop())
 	require.NoError(t, err)
 	c := &confirms{}
 	return js, sink.NewJetStream(js, cfg, c.confirm, zerolog.Nop()), c
@@ -117,13 +123,8 @@ func TestJetStream_DuplicateAckCountsAsStored(t *testing.T) {
 }
 
 func TestEnsureStream_RefusesAStreamThatDoesNotCoverThePrefix(t *testing.T) {
-	srv := testenv.JetStream(t)
-	nc, err := sink.Connect(srv.URL)
-	require.NoError(t, err)
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	require.NoError(t, err)
-	_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: "OUTBOX", Subjects: []string{"orders.>"}})
+	js := newJS(t)
+	_, err := js.CreateStream(context.Background(), jetstream.StreamConfig{Name: "OUTBOX", Subjects: []string{"orders.>"}})
 	require.NoError(t, err)
 	_, err = sink.EnsureStream(context.Background(), js, sink.Config{}, zerolog.Nop())
 	require.ErrorContains(t, err, "do not cover outbox.>")
@@ -134,12 +135,7 @@ func TestEnsureStream_RefusesAStreamThatDoesNotCoverThePrefix(t *testing.T) {
 // stream-wide chain on nearly every message: a stream with subjects outside the prefix, or
 // sourcing from other streams, is refused, naming the stream.
 func TestEnsureStream_RefusesAStreamWiderThanThePrefix(t *testing.T) {
-	srv := testenv.JetStream(t)
-	nc, err := sink.Connect(srv.URL)
-	require.NoError(t, err)
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	require.NoError(t, err)
+	js := newJS(t)
 	ctx := context.Background()
 	// Each case has subjects of its own: streams may not overlap.
 	create := func(name string, subjects []string, sources ...string) {
@@ -172,13 +168,8 @@ func TestEnsureStream_RefusesAStreamWiderThanThePrefix(t *testing.T) {
 }
 
 func TestEnsureStream_WarnsAboutAShortDuplicateWindow(t *testing.T) {
-	srv := testenv.JetStream(t)
-	nc, err := sink.Connect(srv.URL)
-	require.NoError(t, err)
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	require.NoError(t, err)
-	_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: "OUTBOX", Subjects: []string{"outbox.>"}, Duplicates: 30 * time.Second})
+	js := newJS(t)
+	_, err := js.CreateStream(context.Background(), jetstream.StreamConfig{Name: "OUTBOX", Subjects: []string{"outbox.>"}, Duplicates: 30 * time.Second})
 	require.NoError(t, err)
 	var log bytes.Buffer
 	_, err = sink.EnsureStream(context.Background(), js, sink.Config{}, zerolog.New(&log))
@@ -187,12 +178,7 @@ func TestEnsureStream_WarnsAboutAShortDuplicateWindow(t *testing.T) {
 }
 
 func TestEnsureStream_CreatesAFileStreamWithTheConfiguredWindow(t *testing.T) {
-	srv := testenv.JetStream(t)
-	nc, err := sink.Connect(srv.URL)
-	require.NoError(t, err)
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	require.NoError(t, err)
+	js := newJS(t)
 	info, err := sink.EnsureStream(context.Background(), js, sink.Config{SubjectPrefix: "acme.outbox", DuplicateWindow: time.Hour}, zerolog.Nop())
 	require.NoError(t, err)
 	require.Equal(t, []string{"acme.outbox.>"}, info.Config.Subjects)
