@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -114,8 +113,7 @@ func TestFork_RestoreUnderRunningRelay(t *testing.T) {
 	// Restarted, the relay refuses too (the position record), and counts the events the stream
 	// holds from transactions the restore lost.
 	insertGapEvents(t, e.pg, "new", 10)
-	var out bytes.Buffer
-	err = dispatch(context.Background(), freeHTTPAddr(e.args()), &out, &out, noEnv)
+	err = runToStop(t, e.args())
 	require.ErrorIs(t, err, errForkedHistory)
 	require.Contains(t, err.Error(), "no longer holds the recorded position")
 	lost := forkedCount(t, err.Error())
@@ -164,8 +162,7 @@ func TestFork_RestoreWhileStoppedAndWALOutgrewTheRecord(t *testing.T) {
 	insertGapEvents(t, e.pg, "later", 5)
 	slotBefore := confirmedFlush(t, e.pg, "outbox_relay")
 
-	var out bytes.Buffer
-	err = dispatch(context.Background(), freeHTTPAddr(e.args()), &out, &out, noEnv)
+	err = runToStop(t, e.args())
 	require.ErrorIs(t, err, errForkedHistory)
 	require.Contains(t, err.Error(), "but replaying the slot from")
 	require.Equal(t, uint64(100), streamMsgs(t, e.nats.URL, sink.DefaultStream), "nothing published")
@@ -267,8 +264,7 @@ func testPromotedStandby(t *testing.T, syncStandby bool) {
 	insertGapEvents(t, onStandby, "new", 10)
 
 	e2 := &env{pg: onStandby, nats: e.nats}
-	var out bytes.Buffer
-	err := dispatch(context.Background(), freeHTTPAddr(e2.args()), &out, &out, noEnv)
+	err := runToStop(t, e2.args())
 	require.ErrorIs(t, err, errSlotGap)
 	msg := err.Error()
 	if !syncStandby || errors.Is(err, errForkedHistory) {
@@ -326,8 +322,7 @@ func TestStreamLostAcknowledgedMessagesRefused(t *testing.T) {
 	e.nats.Restart(t)
 	require.Equal(t, uint64(10), streamMsgs(t, e.nats.URL, sink.DefaultStream))
 
-	var out bytes.Buffer
-	err := dispatch(context.Background(), freeHTTPAddr(e.args()), &out, &out, noEnv)
+	err := runToStop(t, e.args())
 	require.ErrorIs(t, err, errSlotGap)
 	require.Contains(t, err.Error(), "stream OUTBOX ends at sequence 10, before sequence 20")
 	require.Contains(t, err.Error(), "the broker lost messages it had acknowledged")

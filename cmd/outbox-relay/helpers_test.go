@@ -128,6 +128,17 @@ func inProcess(t *testing.T, args []string) (stop func() error, log *testLog) {
 	return stop, log
 }
 
+// runToStop runs the relay in this process until it stops by itself (at most 60 s) and returns
+// its error; its output is dumped if the test fails.
+func runToStop(t *testing.T, args []string) error {
+	t.Helper()
+	log := &testLog{}
+	dumpOnFailure(t, "relay", log)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	return dispatch(ctx, freeHTTPAddr(args), log, log, noEnv)
+}
+
 var (
 	buildOnce sync.Once
 	binPath   string

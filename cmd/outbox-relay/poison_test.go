@@ -76,11 +76,7 @@ func TestRelay_PoisonEventsStopOrGoToDeadLetter(t *testing.T) {
 			pg.Exec(t, ins+`('g2', 'order', 'g', 'Good', '{"n": 2}', NULL)`)
 			args := []string{"run", "--pg-url", pg.URL, "--nats-url", ns.URL, "--table", "public.loose_outbox", "--log-format", "json"}
 
-			log := &testLog{}
-			dumpOnFailure(t, "relay", log)
-			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-			defer cancel()
-			err := dispatch(ctx, freeHTTPAddr(args), log, log, noEnv)
+			err := runToStop(t, args)
 			require.Error(t, err, "the default policy stops the relay")
 			require.ErrorContains(t, err, c.wantErr)
 			require.ErrorContains(t, err, "--on-poison dead-letter")
@@ -135,11 +131,7 @@ func TestMessageMode_MalformedMessageStopsOrGoesToDeadLetter(t *testing.T) {
 			pg.Exec(t, `SELECT outbox_emit('order', 'g', 'Good', '{"n": 2}', id => '00000000-0000-4000-8000-000000000002')`)
 			args := []string{"run", "--source", "messages", "--pg-url", pg.URL, "--nats-url", ns.URL, "--log-format", "json"}
 
-			log := &testLog{}
-			dumpOnFailure(t, "relay", log)
-			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-			defer cancel()
-			err := dispatch(ctx, freeHTTPAddr(args), log, log, noEnv)
+			err := runToStop(t, args)
 			require.Error(t, err, "the default policy stops the relay")
 			require.ErrorContains(t, err, c.wantErr)
 			require.ErrorContains(t, err, "--on-poison dead-letter")

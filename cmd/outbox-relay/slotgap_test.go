@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"net/http"
 	"strings"
@@ -65,8 +64,7 @@ func TestSlotGap_RecreatedSlotRefusedThenAccepted(t *testing.T) {
 	insertGapEvents(t, e.pg, "lost", 30)
 	e.pg.Exec(t, `SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')`)
 
-	var out bytes.Buffer
-	err := dispatch(context.Background(), freeHTTPAddr(e.args()), &out, &out, noEnv)
+	err := runToStop(t, e.args())
 	require.ErrorIs(t, err, errSlotGap)
 	msg := err.Error()
 	require.Contains(t, msg, `replication slot "outbox_relay" is at `)
@@ -109,8 +107,7 @@ func TestSlotGap_AdvancedSlotRefused(t *testing.T) {
 	// Someone skips the slot past events the relay never saw.
 	insertGapEvents(t, e.pg, "skipped", 4)
 	e.pg.Exec(t, `SELECT pg_replication_slot_advance('outbox_relay', pg_current_wal_lsn())`)
-	var out bytes.Buffer
-	err := dispatch(context.Background(), freeHTTPAddr(e.args()), &out, &out, noEnv)
+	err := runToStop(t, e.args())
 	require.ErrorIs(t, err, errSlotGap)
 	require.Contains(t, err.Error(), "advanced by someone else")
 	require.Equal(t, uint64(3), streamMsgs(t, e.nats.URL, sink.DefaultStream))
@@ -121,8 +118,7 @@ func TestSlotGap_CreateSlotRefusesReplacement(t *testing.T) {
 	relayEvents(t, e, "before", 3)
 	e.pg.Exec(t, `SELECT pg_drop_replication_slot('outbox_relay')`)
 
-	var out bytes.Buffer
-	err := dispatch(context.Background(), freeHTTPAddr(e.args()), &out, &out, noEnv)
+	err := runToStop(t, e.args())
 	require.Error(t, err)
 	require.Contains(t, err.Error(), "--create-slot refuses to create a replacement")
 	require.Contains(t, err.Error(), "--accept-slot-gap")
@@ -201,11 +197,10 @@ func TestSlotGap_NewClusterRefusedThenPublishedDespiteLowerLSNs(t *testing.T) {
 	fresh := testenv.NewCluster(t)
 	e2 := &env{pg: fresh.NewDatabase(t), nats: e.nats}
 	e2.migrate(t)
-	var out bytes.Buffer
-	err := dispatch(context.Background(), freeHTTPAddr(e2.args()), &out, &out, noEnv)
+	err := runToStop(t, e2.args())
 	require.ErrorContains(t, err, "--create-slot refuses to create a replacement")
 	e2.createSlot(t)
-	err = dispatch(context.Background(), freeHTTPAddr(e2.args()), &out, &out, noEnv)
+	err = runToStop(t, e2.args())
 	require.ErrorIs(t, err, errSlotGap)
 	require.Contains(t, err.Error(), "is on Postgres cluster")
 
