@@ -158,7 +158,7 @@ func Connect(url string, opts ...nats.Option) (*nats.Conn, error) {
 	nc, err := nats.Connect(url, append(base, opts...)...)
 	if err != nil {
 		// nats.go echoes a URL it cannot parse (with its password or token).
-		return nil, fmt.Errorf("connect to NATS at %s: %w (is nats-server running with JetStream? set --nats-url)", RedactURL(url), redact.Echoed(err, url))
+		return nil, fmt.Errorf("connect to NATS at %s: %w (is nats-server running with JetStream? set --nats-url)", redact.URL(url), redact.Echoed(err, url))
 	}
 	return nc, nil
 }
@@ -274,8 +274,3 @@ func splitTokens(s string) []string {
 	}
 	return out
 }
-
-// RedactURL hides the secrets of a URL-like string: the password of user:password@, a NATS
-// token (nats://token@host, token@host), password= and sslpassword= in a Postgres URL's query
-// or a key/value DSN, in every URL of a comma-separated NATS list.
-func RedactURL(s string) string { return redact.URL(s) }

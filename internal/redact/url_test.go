@@ -1,15 +1,16 @@
-package sink
+package redact
 
 import (
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // Every form a Postgres or NATS URL/DSN takes in a flag, the environment or the config file:
 // the secret is replaced by xxxxx and the rest is left readable.
-func TestRedactURL_EveryForm(t *testing.T) {
+func TestURL_EveryForm(t *testing.T) {
 	for _, c := range []struct{ in, want string }{
 		// Postgres URLs.
 		{"postgres://app:hunter2pw@db:5432/app", "postgres://app:xxxxx@db:5432/app"},
@@ -48,10 +49,21 @@ func TestRedactURL_EveryForm(t *testing.T) {
 		{"search_path=app password=hunter2pw host=db", "search_path=app password=xxxxx host=db"},
 		{"password=hunter2pw", "password=xxxxx"},
 	} {
-		got := RedactURL(c.in)
-		assert.Equal(t, c.want, got, "RedactURL(%q)", c.in)
+		got := URL(c.in)
+		assert.Equal(t, c.want, got, "URL(%q)", c.in)
 		for _, secret := range []string{"hunter", "2pw", "keypass99", "s3cr3ttoken", "pw1secret", "tok2secret", "p%40ss", "w0rd"} {
-			assert.False(t, strings.Contains(got, secret), "RedactURL(%q) = %q shows %q", c.in, got, secret)
+			assert.False(t, strings.Contains(got, secret), "URL(%q) = %q shows %q", c.in, got, secret)
 		}
 	}
+}
+
+func TestURL(t *testing.T) {
+	require.Equal(t, "nats://u:xxxxx@h:4222", URL("nats://u:secret@h:4222"))
+	require.Equal(t, "postgres://app:xxxxx@db/app?sslmode=verify-full", URL("postgres://app:p@ss@db/app?sslmode=verify-full"))
+	require.Equal(t, "nats://h:4222", URL("nats://h:4222"))
+	require.Equal(t, "nats://xxxxx@h", URL("nats://s3cr3t-token@h"), "a bare NATS userinfo is a token")
+	require.Equal(t, "postgres://app@db/app", URL("postgres://app@db/app"), "a bare Postgres userinfo is the user name")
+	require.Equal(t, "nats://u:xxxxx@a:4222,nats://xxxxx@b:4222", URL("nats://u:p1@a:4222,nats://tok@b:4222"))
+	require.Equal(t, "host=db user=app password=xxxxx dbname=app", URL("host=db user=app password=hunter2 dbname=app"))
+	require.Equal(t, "host=db password=xxxxx dbname=app", URL("host=db password='a b\\' c' dbname=app"))
 }
