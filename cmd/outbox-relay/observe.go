@@ -150,14 +150,18 @@ func (o *observer) stats() sink.Stats {
 	s, pub := o.prev, o.pub
 	o.mu.Unlock()
 	if pub != nil {
-		c := pub.Stats()
-		s.Published += c.Published
-		s.Duplicates += c.Duplicates
-		s.Errors += c.Errors
-		s.Retries += c.Retries
-		s.StreamFull += c.StreamFull
+		addStats(&s, pub.Stats())
 	}
 	return s
+}
+
+// addStats adds the counters the metrics export of a session's sink, c, to s.
+func addStats(s *sink.Stats, c sink.Stats) {
+	s.Published += c.Published
+	s.Duplicates += c.Duplicates
+	s.Errors += c.Errors
+	s.Retries += c.Retries
+	s.StreamFull += c.StreamFull
 }
 
 func (o *observer) ackedLSN() pglogrepl.LSN {
@@ -204,12 +208,7 @@ func (o *observer) endSession() {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.pub != nil {
-		c := o.pub.Stats()
-		o.prev.Published += c.Published
-		o.prev.Duplicates += c.Duplicates
-		o.prev.Errors += c.Errors
-		o.prev.Retries += c.Retries
-		o.prev.StreamFull += c.StreamFull
+		addStats(&o.prev, o.pub.Stats())
 	}
 	o.pub, o.trk, o.times = nil, nil, o.times[:0]
 }
