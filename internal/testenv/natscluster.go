@@ -49,16 +49,11 @@ func StartNATSCluster(t testing.TB, n int) *NATSCluster {
 
 func startNATSCluster(bin string, n int, dir string) (*NATSCluster, error) {
 	c := &NATSCluster{Name: "outbox-relay-test"}
-	clientPorts, routePorts := make([]int, n), make([]int, n)
-	for i := range n {
-		var err error
-		if clientPorts[i], err = freePort(); err != nil {
-			return nil, err
-		}
-		if routePorts[i], err = freePort(); err != nil {
-			return nil, err
-		}
+	ports, err := freePorts(2 * n) // distinct: a route port equal to a client port fails to bind
+	if err != nil {
+		return nil, err
 	}
+	clientPorts, routePorts := ports[:n], ports[n:]
 	var urls []string
 	for i := range n {
 		name := fmt.Sprintf("n%d", i+1)

@@ -83,6 +83,21 @@ func FreePort(t testing.TB) int {
 	return port
 }
 
+// freePorts returns n distinct free ports: their listeners are all open while the ports are
+// read (freePort called n times may return the same port twice).
+func freePorts(n int) ([]int, error) {
+	ports := make([]int, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		defer l.Close()
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
 func freePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
