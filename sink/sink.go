@@ -115,12 +115,47 @@ type Config struct {
 	// source's events.
 	SeqFloor uint64
 
+	// Publish is how events are published: PublishSingle (default: each event its own
+	// publish and ack) or PublishAtomic (each transaction one atomic batch, see
+	// PublishAtomic).
+	Publish PublishMode
+
 	// unchained leaves out Nats-Expected-Last-Sequence (tests only: shows what the chain
 	// prevents).
 	unchained bool
 }
 
+// PublishMode is how the sink publishes events (--publish).
+type PublishMode string
+
+const (
+	// PublishSingle publishes every event on its own and confirms it on its own PubAck.
+	PublishSingle PublishMode = "single"
+	// PublishAtomic publishes the events of one Postgres transaction as one JetStream atomic
+	// batch (nats-server 2.12+, stream allow_atomic): the stream stores all of them or none,
+	// and one PubAck confirms them all. A transaction of more than MaxAtomicBatch events (or
+	// more than the window, or more bytes than the byte bound) is split into consecutive
+	// batches, each stored whole or not at all, in order.
+	PublishAtomic PublishMode = "atomic"
+)
+
+// MaxAtomicBatch is the most messages nats-server stores in one atomic batch (its
+// max_batch_size default; a larger batch is refused).
+const MaxAtomicBatch = 1000
+
+// ParsePublishMode parses --publish.
+func ParsePublishMode(s string) (PublishMode, error) {
+	switch m := PublishMode(s); m {
+	case PublishSingle, PublishAtomic:
+		return m, nil
+	}
+	return "", fmt.Errorf("--publish must be single or atomic, not %q", s)
+}
+
 func (c *Config) fill() {
+	if c.Publish == "" {
+		c.Publish = PublishSingle
+	}
 	if c.Stream == "" {
 		c.Stream = DefaultStream
 	}
@@ -189,6 +224,9 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 			Duplicates: cfg.DuplicateWindow,
 			Replicas:   replicas,
 			Discard:    jetstream.DiscardNew,
+			// Atomic batches need it (nats-server 2.12+); a server that does not know the
+			// field refuses the stream, which the error below names.
+			AllowAtomicPublish: cfg.Publish == PublishAtomic,
 		})
 		if err != nil {
 			hint := ""
@@ -229,6 +267,10 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 	if len(outside) > 0 {
 		return nil, fmt.Errorf("stream %s also takes subjects %v, outside the relay's %s: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream (another relay or publisher there breaks the chain on nearly every message). Give this relay a stream of its own (--stream) with subjects %s, or narrow %s's subjects to %s",
 			cfg.Stream, outside, want, want, cfg.Stream, want)
+	}
+	if cfg.Publish == PublishAtomic && !info.Config.AllowAtomicPublish {
+		return nil, fmt.Errorf("stream %s does not allow atomic batch publishing, which --publish atomic needs: set allow_atomic: true in its config (nats stream info %s --json, add the field, nats stream edit %s --config <file>; nats-server 2.12+), or run with --publish single",
+			cfg.Stream, cfg.Stream, cfg.Stream)
 	}
 	if len(info.Config.Sources) > 0 {
 		return nil, fmt.Errorf("stream %s sources messages from other streams: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream. Give this relay a stream of its own (--stream)", cfg.Stream)

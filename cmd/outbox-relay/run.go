@@ -82,6 +82,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.DurationVar(&cfg.sink.AckTimeout, "ack-timeout", sink.DefaultAckTimeout, "a publish not acknowledged after this long is re-published")
 	fs.DurationVar(&cfg.repl.StatusInterval, "status-interval", replication.DefaultStatusInterval, "longest time between two standby status updates to Postgres")
 	fs.DurationVar(&cfg.repl.IdleTimeout, "pg-idle-timeout", replication.DefaultIdleTimeout, "no message from Postgres for this long while reading: probe the connection, and reconnect if another period passes silently")
+	publish := fs.String("publish", string(sink.PublishSingle), "how events are published: single (each event its own publish and ack) or atomic (each Postgres transaction one JetStream atomic batch, stored whole or not at all; the stream needs allow_atomic, nats-server 2.12+; transactions over 1,000 events or --max-in-flight are split into consecutive batches)")
 	fs.StringVar(&cfg.onPoison, "on-poison", "stop", "an outbox row that cannot be published (NULL/empty id, bad headers JSON, a header key NATS refuses, too big, rejected by the stream): stop (halt, confirm nothing after it) or dead-letter (publish it, or its metadata, to <subject-prefix>.dead-letter and go on)")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", 10*time.Second, "on SIGINT/SIGTERM, how long to wait for in-flight acks before the final status update")
 	fs.StringVar(&cfg.source, "source", "table", "where events come from: table (rows inserted into --table) or messages (pg_logical_emit_message, table-less)")
@@ -122,6 +123,9 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 		cfg.sink.DeadLetter = true
 	default:
 		return usageError{fmt.Errorf("--on-poison must be stop or dead-letter, not %q", cfg.onPoison)}
+	}
+	if cfg.sink.Publish, err = sink.ParsePublishMode(*publish); err != nil {
+		return usageError{err}
 	}
 	if cfg.sink.Window < 1 {
 		return usageError{fmt.Errorf("--max-in-flight must be at least 1")}
