@@ -11,8 +11,10 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -135,4 +137,104 @@ func TestPublish_KilledRelayLeavesWholeTransactionsOnlyWhenAtomic(t *testing.T) 
 			require.NotZero(t, seen, "a relay killed while publishing 500-event transactions one event at a time leaves part of one in the stream")
 		})
 	}
+}
+
+// Poison under --publish atomic: one bad event in a transaction of three. With --on-poison
+// stop nothing of the transaction is stored and the relay halts naming the event; with
+// dead-letter the transaction is stored with the dead letter in the bad event's place. An
+// event refused before it is sent (NULL id, over max_payload) is replaced inside the batch, so
+// the transaction is still stored by one batch; one the stream refuses (max_msg_size) makes
+// the batch fail, and the transaction is then published event by event: with stop, the events
+// before the refused one are stored.
+func TestPublish_AtomicPoisonStopsOrDeadLettersInItsTransaction(t *testing.T) {
+	for _, c := range []struct {
+		name       string
+		bad        string // the poison row's VALUES
+		maxPayload int32
+		maxMsgSize int32
+		wantErr    string
+		oneBatch   bool
+	}{
+		{name: "null id", bad: `(NULL, 'order', 'p', 'Bad', '{"p": 1}', NULL)`, wantErr: "column id is NULL or empty", oneBatch: true},
+		{name: "over max_payload", bad: `('p1', 'order', 'p', 'Big', repeat('x', 20000), NULL)`, maxPayload: 8192, wantErr: "over the server's max_payload of 8192", oneBatch: true},
+		{name: "stream refuses it", bad: `('p1', 'order', 'p', 'Big', repeat('x', 6000), NULL)`, maxMsgSize: 4096, wantErr: "rejected by the stream"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			pg := testenv.Postgres(t)
+			var opts []testenv.NATSOption
+			if c.maxPayload > 0 {
+				opts = append(opts, testenv.WithMaxPayload(c.maxPayload))
+			}
+			ns := testenv.JetStream(t, opts...)
+			if c.maxMsgSize > 0 {
+				js, err := jetstream.New(ns.Connect(t))
+				require.NoError(t, err)
+				_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: sink.DefaultStream, Subjects: []string{"outbox.>"},
+					MaxMsgSize: c.maxMsgSize, Duplicates: 20 * time.Minute, AllowAtomicPublish: true})
+				require.NoError(t, err)
+			}
+			pg.Exec(t, `CREATE TABLE loose_outbox (id text, aggregate_type text NOT NULL, aggregate_id text NOT NULL, event_type text NOT NULL,
+				payload text NOT NULL, headers text, created_at timestamptz NOT NULL DEFAULT now())`)
+			pg.Exec(t, `CREATE PUBLICATION outbox_pub FOR TABLE loose_outbox WITH (publish = 'insert')`)
+			pg.Exec(t, `SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')`)
+			pg.Exec(t, `INSERT INTO loose_outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) VALUES
+				('g1', 'order', 'g', 'Good', '{"n": 1}', NULL), `+c.bad+`, ('g2', 'order', 'g', 'Good', '{"n": 2}', NULL)`)
+			args := []string{"run", "--pg-url", pg.URL, "--nats-url", ns.URL, "--table", "public.loose_outbox", "--log-format", "json", "--publish", "atomic"}
+
+			err := runToStop(t, args)
+			require.ErrorContains(t, err, c.wantErr)
+			if c.oneBatch {
+				require.Empty(t, readStream(t, ns.URL, sink.DefaultStream), "nothing of the poison's transaction is stored")
+			} else {
+				// Published event by event to find the refused one: the events before it are
+				// stored (the README says so).
+				recs := readStream(t, ns.URL, sink.DefaultStream)
+				require.Len(t, recs, 1)
+				require.Equal(t, "g1", recs[0].Header.Get(sink.HeaderMsgID))
+			}
+
+			stop, _ := inProcess(t, append(args, "--on-poison", "dead-letter"))
+			waitStream(t, ns.URL, 3, 30*time.Second)
+			require.NoError(t, stop())
+			recs := readStream(t, ns.URL, sink.DefaultStream)
+			require.Len(t, recs, 3)
+			require.Equal(t, "g1", recs[0].Header.Get(sink.HeaderMsgID))
+			require.Equal(t, "outbox.dead-letter", recs[1].Subject)
+			require.Equal(t, "g2", recs[2].Header.Get(sink.HeaderMsgID))
+			batch := recs[0].Header.Get("Nats-Batch-Id")
+			if c.oneBatch {
+				require.NotEmpty(t, batch)
+				for _, r := range recs {
+					require.Equal(t, batch, r.Header.Get("Nats-Batch-Id"), "the transaction is stored by one batch")
+				}
+			} else {
+				for _, r := range recs {
+					require.Empty(t, r.Header.Get("Nats-Batch-Id"), "published event by event")
+				}
+			}
+		})
+	}
+}
+
+// --publish atomic needs allow_atomic: a stream the relay creates gets it; an existing one
+// without it is refused, naming how to enable it.
+func TestPublish_AtomicNeedsAllowAtomic(t *testing.T) {
+	e := newEnv(t)
+	js, err := jetstream.New(e.nats.Connect(t))
+	require.NoError(t, err)
+	_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: sink.DefaultStream, Subjects: []string{"outbox.>"}, Duplicates: 20 * time.Minute})
+	require.NoError(t, err)
+	err = runToStop(t, e.args("--publish", "atomic"))
+	require.ErrorContains(t, err, "does not allow atomic batch publishing")
+	require.ErrorContains(t, err, "allow_atomic: true")
+
+	require.NoError(t, js.DeleteStream(context.Background(), sink.DefaultStream))
+	stop, _ := inProcess(t, e.args("--publish", "atomic"))
+	waitStreaming(t, e.pg, "outbox_relay")
+	e.pg.Exec(t, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('order', '1', 'Created', '{}')`)
+	waitStream(t, e.nats.URL, 1, 30*time.Second)
+	require.NoError(t, stop())
+	s, err := js.Stream(context.Background(), sink.DefaultStream)
+	require.NoError(t, err)
+	require.True(t, s.CachedInfo().Config.AllowAtomicPublish, "the stream the relay created allows atomic batches")
 }
