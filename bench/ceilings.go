@@ -245,14 +245,16 @@ func (e *env) barePipeHeaders(ctx context.Context, d *db, slot, stream, prefix s
 
 // ceilingDAtomic: ceiling D with each transaction published as one JetStream atomic batch
 // (Nats-Batch-Id, -Sequence, -Commit on the last): the messages before the commit without a
-// reply, the commit async, waiting for every commit's ack at the end.
-func (e *env) ceilingDAtomic(ctx context.Context, d *db, slot, stream, prefix string, n int) (float64, error) {
+// reply, the commit async, waiting for every commit's ack at the end. At most 4,000 messages
+// are in flight, as in D (nats.go's default), counted in batches of perTx: messages without a
+// reply beyond the server's ingest queue would be dropped, and their batch refused.
+func (e *env) ceilingDAtomic(ctx context.Context, d *db, slot, stream, prefix string, n, perTx int) (float64, error) {
 	if _, err := e.newStream(ctx, stream, prefix); err != nil {
 		return 0, err
 	}
 	defer e.js.DeleteStream(context.Background(), stream)
 	start := time.Now()
-	if err := e.barePipeAtomic(ctx, d, slot, prefix, n); err != nil {
+	if err := e.barePipeAtomic(ctx, d, slot, prefix, n, max(1, 4000/perTx)); err != nil {
 		return 0, fmt.Errorf("ceiling D-atomic: %w", err)
 	}
 	el := time.Since(start)
@@ -262,11 +264,12 @@ func (e *env) ceilingDAtomic(ctx context.Context, d *db, slot, stream, prefix st
 	return float64(n) / el.Seconds(), nil
 }
 
-func (e *env) barePipeAtomic(ctx context.Context, d *db, slot, prefix string, n int) error {
-	js, err := jetstream.New(e.nc)
+func (e *env) barePipeAtomic(ctx context.Context, d *db, slot, prefix string, n, maxBatches int) error {
+	js, err := jetstream.New(e.nc, jetstream.WithPublishAsyncMaxPending(maxBatches))
 	if err != nil {
 		return err
 	}
+	var acks []jetstream.PubAckFuture
 	idCol, payCol, typCol, evCol := -1, -1, -1, -1
 	var tx []*nats.Msg
 	batches := 0
@@ -307,9 +310,11 @@ func (e *env) barePipeAtomic(ctx context.Context, d *db, slot, prefix string, n 
 				continue
 			}
 			m.Header.Set("Nats-Batch-Commit", "1")
-			if _, err := publishAsync(js, m); err != nil {
+			f, err := publishAsync(js, m)
+			if err != nil {
 				return err
 			}
+			acks = append(acks, f)
 		}
 		tx = tx[:0]
 		return nil
@@ -317,5 +322,15 @@ func (e *env) barePipeAtomic(ctx context.Context, d *db, slot, prefix string, n 
 	if err != nil {
 		return err
 	}
-	return waitAsync(ctx, js)
+	if err := waitAsync(ctx, js); err != nil {
+		return err
+	}
+	for _, f := range acks {
+		select {
+		case err := <-f.Err():
+			return fmt.Errorf("batch refused: %w", err)
+		default:
+		}
+	}
+	return nil
 }

@@ -78,7 +78,7 @@ func (e *env) drainTxs(ctx context.Context, o opts, rep, events, perTx int, labe
 	f[label+"ceiling D: CPU s per 100k rows (bench process)"] = (selfCPU() - cpu0).Seconds() * 100000 / float64(events)
 	daKey := label + "ceiling D-atomic: bare pipe, one atomic batch per transaction, rows/s"
 	cpu0 = selfCPU()
-	if f[daKey], err = e.ceilingDAtomic(ctx, d, "ceil_datomic", "CEIL_DA", "ceilda", events); err != nil {
+	if f[daKey], err = e.ceilingDAtomic(ctx, d, "ceil_datomic", "CEIL_DA", "ceilda", events, perTx); err != nil {
 		return nil, err
 	}
 	f[label+"ceiling D-atomic: CPU s per 100k rows (bench process)"] = (selfCPU() - cpu0).Seconds() * 100000 / float64(events)

@@ -238,3 +238,44 @@ func TestPublish_AtomicNeedsAllowAtomic(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, s.CachedInfo().Config.AllowAtomicPublish, "the stream the relay created allows atomic batches")
 }
+
+// --publish atomic on an R3 stream: publishes lost on their way to the stream leader (twice,
+// inside batches) make the batches incomplete; the relay re-sends them, and the stream holds
+// every event once, in order, with every transaction stored by one batch, and no replica hits
+// a critical write error.
+func TestPublish_AtomicR3LostPublishes(t *testing.T) {
+	e := newClusterEnv(t)
+	js, closeNC := connectJS(t, e.cluster.URL)
+	defer closeNC()
+	ctx := context.Background()
+	s, err := js.Stream(ctx, sink.DefaultStream)
+	require.NoError(t, err)
+	cfg := s.CachedInfo().Config
+	cfg.AllowAtomicPublish = true
+	_, err = js.UpdateStream(ctx, cfg)
+	require.NoError(t, err)
+	proxy := e.leaderProxyDropping(t, 300, 2000)
+	args := []string{"run", "--pg-url", e.pg.URL, "--nats-url", "nats://" + proxy.Addr(), "--create-slot",
+		"--log-format", "json", "--log-level", "info", "--ack-timeout", "1s", "--publish", "atomic"}
+	stop, _ := inProcess(t, args)
+	waitStreaming(t, e.pg, "outbox_relay")
+	total := workload{Writers: 4, Aggregates: 30, Txs: 60, MaxTx: 30, Seed: 53}.run(t, e.pg)
+	waitStream(t, e.cluster.URL, uint64(total), 60*time.Second)
+	require.NoError(t, stop())
+	_, dropped := proxy.Stats()
+	require.Equal(t, 2, dropped)
+	recs := readClusterStream(t, e.cluster.URL)
+	requireClean(t, check(t, outboxRows(t, e.pg), recs))
+	batchOf := map[string]string{}
+	for _, r := range recs {
+		lsn, b := r.Header.Get(sink.HeaderCommitLSN), r.Header.Get("Nats-Batch-Id")
+		require.NotEmpty(t, b, "event %s stored by a batch", r.Header.Get(sink.HeaderMsgID))
+		if prev, ok := batchOf[lsn]; ok {
+			require.Equal(t, prev, b, "transaction %s stored by one batch", lsn)
+		}
+		batchOf[lsn] = b
+	}
+	for _, n := range e.cluster.Nodes {
+		require.NotContains(t, n.Log(), "critical write error")
+	}
+}

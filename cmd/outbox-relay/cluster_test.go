@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -79,6 +80,22 @@ func readClusterStream(t *testing.T, url string) []record {
 	return out
 }
 
+// leaderProxyDropping starts a fault proxy in front of the stream leader that drops the
+// relay's publishes number k (counted from 1) for each k given.
+func (e *clusterEnv) leaderProxyDropping(t *testing.T, ks ...int64) *faultproxy.Proxy {
+	t.Helper()
+	leader, err := e.cluster.StreamLeader(context.Background(), sink.DefaultStream)
+	require.NoError(t, err)
+	proxy, err := faultproxy.StartNATS(strings.TrimPrefix(e.cluster.Node(leader).URL, "nats://"))
+	require.NoError(t, err)
+	t.Cleanup(proxy.Close)
+	var n atomic.Int64
+	proxy.DropNATSPublish(func(subject string, _ []byte) bool {
+		return strings.HasPrefix(subject, "outbox.") && slices.Contains(ks, n.Add(1))
+	})
+	return proxy
+}
+
 type stringerFunc func() string
 
 func (f stringerFunc) String() string { return f() }
@@ -92,19 +109,7 @@ func (f stringerFunc) String() string { return f() }
 // must get past the lost publish in about an ack timeout.
 func TestRelay_R3LostPublishDoesNotStallTheChain(t *testing.T) {
 	e := newClusterEnv(t)
-	leader, err := e.cluster.StreamLeader(context.Background(), sink.DefaultStream)
-	require.NoError(t, err)
-	proxy, err := faultproxy.StartNATS(strings.TrimPrefix(e.cluster.Node(leader).URL, "nats://"))
-	require.NoError(t, err)
-	t.Cleanup(proxy.Close)
-	var n atomic.Int64
-	proxy.DropNATSPublish(func(subject string, _ []byte) bool {
-		if !strings.HasPrefix(subject, "outbox.") {
-			return false
-		}
-		k := n.Add(1)
-		return k == 300 || k == 2000 // a lost publish in the middle of a full window, twice
-	})
+	proxy := e.leaderProxyDropping(t, 300, 2000) // a lost publish in the middle of a full window, twice
 	args := []string{"run", "--pg-url", e.pg.URL, "--nats-url", "nats://" + proxy.Addr(), "--create-slot",
 		"--log-format", "json", "--log-level", "info", "--ack-timeout", "1s", "--max-in-flight", "256"}
 	stop, log := inProcess(t, args)
