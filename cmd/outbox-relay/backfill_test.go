@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -112,7 +113,7 @@ func TestBackfill_SameHeadersAsLive(t *testing.T) {
 	live := readStream(t, e.nats.URL, sink.DefaultStream)[0]
 
 	// The same row backfilled into a second broker's stream.
-	other := testenv.JetStream(t)
+	other := natsembed.JetStream(t)
 	js, closeNC := connectJS(t, other.URL)
 	defer closeNC()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
