@@ -45,7 +45,7 @@ func setup(t *testing.T) fixture {
 // newStream starts a nats-server process (the inbox's tests do not embed one, so the package
 // keeps the nats-server module out of its importers' module graph) with a stream OUTBOX whose
 // duplicate window is short enough to store a re-published copy.
-func newStream(t *testing.T) jetstream.JetStream {
+func newStream(t testing.TB) jetstream.JetStream {
 	t.Helper()
 	n := testenv.StartNATSProcess(t, 0, "")
 	nc, err := nats.Connect(n.URL)
