@@ -81,6 +81,8 @@ var (
 	codeSpan    = regexp.MustCompile("`([^`\n]+)`")
 	commandLine = regexp.MustCompile(`^(?:\./bin/)?(?:outbox-relay )?(run|migrate|backfill|prune|publication(?: create| drop| show)?|slot(?: create| drop| list)?)(?:\s|$)`)
 	headingLine = regexp.MustCompile("^### `outbox-relay ([a-z]+)")
+	yamlKey     = regexp.MustCompile(`^([a-z][a-z0-9_-]*):`)
+	envVar      = regexp.MustCompile(`OUTBOX_RELAY_([A-Z][A-Z0-9_]*[A-Z0-9])`)
 )
 
 // known reports whether name (a flag, or a prefix ending in "-*" such as column-*) is one of flags.
@@ -131,8 +133,8 @@ func commandFragments(line string, inCode bool) []string {
 }
 
 // Every --flag the README and docs/ name is a flag of the relay (of the command the text shows
-// it with, where it shows one), every flag of run is in the run table, and every flag of the
-// other commands is named in their section.
+// it with, where it shows one; of run for a key of a YAML config file; of any command for an
+// OUTBOX_RELAY_* variable), and each command's section in docs/cli.md names all of its flags.
 func TestDocs_FlagsMatchTheCommands(t *testing.T) {
 	docs := docFiles(t)
 	cmds := commandFlags(t)
@@ -145,7 +147,7 @@ func TestDocs_FlagsMatchTheCommands(t *testing.T) {
 	var problems []string
 	section := map[string]string{} // command → its section of docs/cli.md
 	for path, text := range docs {
-		inCode := false
+		inCode, inYAML := false, false
 		current := ""
 		for i, line := range strings.Split(text, "\n") {
 			where := func(format string, args ...any) {
@@ -153,7 +155,17 @@ func TestDocs_FlagsMatchTheCommands(t *testing.T) {
 			}
 			if strings.HasPrefix(line, "```") {
 				inCode = !inCode
+				inYAML = inCode && strings.HasPrefix(line, "```yaml")
 				continue
+			}
+			// A YAML block is a config file: its keys are run's flags (run refuses other keys).
+			if m := yamlKey.FindStringSubmatch(line); inYAML && m != nil && !cmds["run"][strings.ReplaceAll(m[1], "_", "-")] {
+				where("config file key %s: run has no flag --%s", m[1], m[1])
+			}
+			for _, m := range envVar.FindAllStringSubmatch(line, -1) {
+				if f := strings.ToLower(strings.ReplaceAll(m[1], "_", "-")); !all[f] {
+					where("%s names no flag (--%s)", m[0], f)
+				}
 			}
 			if !inCode && strings.HasPrefix(line, "#") {
 				current = ""
