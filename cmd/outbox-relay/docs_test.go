@@ -18,12 +18,13 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// The documentation this test keeps honest: the README and every page under docs/.
-func docFiles(t *testing.T) map[string]string {
+// The documentation these tests keep honest: the README, every page under docs/, and extra.
+func docFiles(t *testing.T, extra ...string) map[string]string {
 	t.Helper()
 	paths, err := filepath.Glob("../../docs/*.md")
 	require.NoError(t, err)
 	paths = append(paths, "../../README.md")
+	paths = append(paths, extra...)
 	docs := map[string]string{}
 	for _, p := range paths {
 		b, err := os.ReadFile(p)
@@ -281,10 +282,10 @@ func anchors(text string) map[string]bool {
 	return out
 }
 
-// Every relative link of the README and docs/ leads to a file that exists, and to a heading
+// Every relative link of the README, docs/ and bench/README.md leads to a file that exists, and to a heading
 // of it when it names one.
 func TestDocs_RelativeLinksResolve(t *testing.T) {
-	docs := docFiles(t)
+	docs := docFiles(t, "../../bench/README.md")
 	link := regexp.MustCompile(`\]\(([^)\s]+)\)`)
 	var problems []string
 	checked := 0
