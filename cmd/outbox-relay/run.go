@@ -287,6 +287,7 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 		}
 		if cfg.standby && errors.Is(err, replication.ErrSlotInUse) {
 			// Another relay holds the slot: poll until it is released, logging once a minute.
+			obs.standingBy.Store(true)
 			if standbySince.IsZero() {
 				standbySince = time.Now()
 			}
@@ -304,6 +305,7 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 		}
 		if !standbySince.IsZero() {
 			standbySince, standbyLogged = time.Time{}, time.Time{}
+			obs.standingBy.Store(false)
 		}
 		obs.reconnected()
 		if time.Since(started) > time.Minute {
