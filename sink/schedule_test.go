@@ -56,7 +56,7 @@ func TestMessageSchedulesBreakTheRelaysStream(t *testing.T) {
 	far := time.Now().Add(time.Hour).UTC().Format(time.RFC3339)
 	_, err = js.PublishMsg(ctx, schedule("s1", "0", far))
 	require.NoError(t, err)
-	soon := time.Now().Add(2 * time.Second).UTC().Format(time.RFC3339)
+	soon := time.Now().Add(3 * time.Second).UTC().Format(time.RFC3339) // whole seconds: 2-3 s from now
 	ack, err := js.PublishMsg(ctx, schedule("s2", "1", soon))
 	require.NoError(t, err)
 	info, err := s.Info(ctx, jetstream.WithSubjectFilter("outbox.>"))
