@@ -71,10 +71,11 @@ func commandFlags(t *testing.T) map[string]map[string]bool {
 	return out
 }
 
-// Flags of other tools the docs show next to the relay's: the nats CLI's and libpq's.
+// Flags of other tools the docs show next to the relay's: the nats CLI's, libpq's and kubectl's.
 var foreignFlags = map[string]string{
 	"server": "nats CLI", "pull": "nats CLI", "deliver": "nats CLI", "ack": "nats CLI",
 	"defaults": "nats CLI", "subjects": "nats CLI", "count": "nats CLI", "version": "outbox-relay --version",
+	"from-file": "kubectl",
 }
 
 var (
