@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -161,11 +162,11 @@ func TestPublish_AtomicPoisonStopsOrDeadLettersInItsTransaction(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			pg := testenv.Postgres(t)
-			var opts []testenv.NATSOption
+			var opts []natsembed.NATSOption
 			if c.maxPayload > 0 {
-				opts = append(opts, testenv.WithMaxPayload(c.maxPayload))
+				opts = append(opts, natsembed.WithMaxPayload(c.maxPayload))
 			}
-			ns := testenv.JetStream(t, opts...)
+			ns := natsembed.JetStream(t, opts...)
 			if c.maxMsgSize > 0 {
 				js, err := jetstream.New(ns.Connect(t))
 				require.NoError(t, err)
