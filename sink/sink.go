@@ -269,8 +269,8 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 			cfg.Stream, outside, want, want, cfg.Stream, want)
 	}
 	if cfg.Publish == PublishAtomic && !info.Config.AllowAtomicPublish {
-		return nil, fmt.Errorf("stream %s does not allow atomic batch publishing, which --publish atomic needs: set allow_atomic: true in its config (nats stream info %s --json, add the field, nats stream edit %s --config <file>; nats-server 2.12+), or run with --publish single",
-			cfg.Stream, cfg.Stream, cfg.Stream)
+		return nil, fmt.Errorf("stream %s does not allow atomic batch publishing, which --publish atomic needs: set allow_atomic: true in its config (its JSON config from nats stream info with the field added, applied with nats stream edit %s --config <file>; nats-server 2.12+), or run with --publish single",
+			cfg.Stream, cfg.Stream)
 	}
 	if len(info.Config.Sources) > 0 {
 		return nil, fmt.Errorf("stream %s sources messages from other streams: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream. Give this relay a stream of its own (--stream)", cfg.Stream)
