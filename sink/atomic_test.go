@@ -80,6 +80,17 @@ func TestJetStream_AtomicPublishesEachTransactionAsOneBatch(t *testing.T) {
 	requireWholeTxs(t, r.nats.URL, 20, 7, 100)
 	require.Equal(t, uint64(140), r.sink.Stats().Published)
 
+	// Single-event transactions go out on their own (no batch: one event is stored whole).
+	r1 := newSinkRig(t, Config{Publish: PublishAtomic, Window: 100})
+	r1.publishTxs(t, 300, 1)
+	r1.waitConfirmed(t, 300)
+	ids, batches := storedBatches(t, r1.nats.URL)
+	require.Len(t, ids, 300)
+	for i := range ids {
+		require.Equal(t, fmt.Sprintf("tx-%04d-0000", i), ids[i])
+		require.Empty(t, batches[i])
+	}
+
 	r2 := newSinkRig(t, Config{Publish: PublishAtomic, Window: 100})
 	r2.publishTxs(t, 2, 250)
 	r2.waitConfirmed(t, 500)

@@ -401,6 +401,12 @@ func (j *JetStream) sealBatch() {
 		return
 	}
 	commit := j.open[len(j.open)-1]
+	if len(j.open) == 1 {
+		// One event is stored whole anyway: it goes out on its own, which spares the server
+		// a batch (on a file stream each batch is staged in a store of its own: a 1-event
+		// batch costs it several times a plain publish).
+		commit = nil
+	}
 	for _, e := range j.open {
 		e.unsealed, e.batch = false, commit
 	}
