@@ -143,6 +143,11 @@ type entry struct {
 	ackErr    error
 	ackStream []byte
 	ackDup    bool
+
+	// traced: Config.Tracer's function for this event (nil without a tracer); ackSeq: the
+	// stream sequence of the ack (read only for a traced event).
+	traced func(seq uint64, duplicate bool)
+	ackSeq uint64
 }
 
 // NewJetStream returns a sink publishing through js. confirm receives the ticket of every
@@ -246,6 +251,9 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		j.startChain(ctx)
 	}
 	e := &entry{ticket: tk}
+	if j.cfg.Tracer != nil {
+		e.traced = j.cfg.Tracer.Start(ev)
+	}
 	size := j.buildMsg(e, ev)
 	e.pos = Position{ev.CommitLSN, ev.TxIndex}
 	if j.cfg.CloudEvents {
@@ -363,6 +371,9 @@ func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 		j.startChain(ctx)
 	}
 	e := &entry{ticket: tk, pos: Position{ev.CommitLSN, ev.TxIndex}}
+	if j.cfg.Tracer != nil {
+		e.traced = j.cfg.Tracer.Start(ev)
+	}
 	j.buildMsg(e, ev)
 	if e.id == "" {
 		e.id = fmt.Sprintf("dead-letter:%s:%d", ev.CommitLSN, ev.TxIndex)
@@ -583,7 +594,7 @@ func (j *JetStream) send(e *entry) {
 		tok := j.token
 		j.replyBuf = strconv.AppendUint(append(j.replyBuf[:0], j.inbox...), tok, 10)
 		m := nats.Msg{Subject: e.msg.Subject, Reply: string(j.replyBuf), Header: h, Data: e.msg.Data}
-		e.token, e.resolved, e.ackErr = tok, false, nil
+		e.token, e.resolved, e.ackErr, e.ackSeq = tok, false, nil, 0
 		j.pending[tok] = e // before the publish: j.mu keeps Run from reading the reply earlier
 		e.sent = time.Now()
 		if err = j.nc.PublishMsg(&m); err != nil {
@@ -759,6 +770,9 @@ func (j *JetStream) reply(m *nats.Msg) {
 		return
 	}
 	e.ackStream, e.ackDup, e.ackErr = parsePubAck(m.Data)
+	if e.traced != nil && e.ackErr == nil {
+		e.ackSeq = pubAckSeq(m.Data)
+	}
 }
 
 // resolve fails e's send with err, unless it already has an outcome.
@@ -816,14 +830,22 @@ func (j *JetStream) pop(e *entry) {
 	}
 	j.mu.Unlock()
 	if !e.done {
-		e.done = true
-		j.confirm(e.ticket)
+		j.stored(e)
 	}
 	j.bytes.Add(-e.size)
 	<-j.sem
 	select {
 	case j.freed <- struct{}{}:
 	default:
+	}
+}
+
+// stored marks e stored: confirm, and end its trace.
+func (j *JetStream) stored(e *entry) {
+	e.done = true
+	j.confirm(e.ticket)
+	if e.traced != nil {
+		e.traced(e.ackSeq, e.ackDup)
 	}
 }
 
@@ -910,8 +932,7 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 			if err := j.checkAck(e); err != nil {
 				return err
 			}
-			e.done = true
-			j.confirm(e.ticket)
+			j.stored(e)
 		} else {
 			if err := j.failed(e, e.ackErr); err != nil {
 				return err
@@ -1053,8 +1074,7 @@ func (j *JetStream) skipStored(last Position) {
 	}
 	j.mu.Unlock()
 	for _, e := range stored {
-		e.done = true
-		j.confirm(e.ticket)
+		j.stored(e)
 	}
 	j.popDone()
 }

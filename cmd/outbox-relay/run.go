@@ -12,9 +12,11 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/internal/redact"
+	"github.com/outbox-relay/outbox-relay/internal/tracing"
 	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
@@ -47,7 +49,12 @@ type runConfig struct {
 	onPoison                   string
 	// natsOpts: the --nats-* authentication and TLS options, for every NATS connection.
 	natsOpts []nats.Option
+	// tracer: a span per published event (OTEL_* variables, see tracing.Configured); nil: off.
+	tracer *tracing.Tracer
 }
+
+// spanExporter replaces the OTLP exporter of the relay's spans (tests); nil: OTLP/HTTP.
+var spanExporter sdktrace.SpanExporter
 
 func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(string) (string, bool)) error {
 	fs := newFlagSet("run", "Relay every row inserted into the outbox table to NATS JetStream.", stderr)
@@ -157,6 +164,20 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	}
 	if cfg.natsOpts, err = auth.options(cfg.natsURL); err != nil {
 		return usageError{err}
+	}
+	tracer, stopTracing, err := tracing.Setup(ctx, env, cfg.sink.Stream, spanExporter, log)
+	if err != nil {
+		return usageError{err}
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := stopTracing(sctx); err != nil {
+			log.Warn().Err(err).Msg("tracing: spans not exported at exit")
+		}
+	}()
+	if tracer != nil {
+		cfg.tracer, cfg.sink.Tracer = tracer, tracer
 	}
 	if cfg.embedded.enabled {
 		url, stop, err := cfg.embedded.start(log)
