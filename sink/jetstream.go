@@ -140,14 +140,12 @@ type entry struct {
 	// The outcome of the send under token, set by Run: resolved, then ackErr (not stored) or
 	// ackStream/ackDup (stored). ackStream points into the reply's data.
 	resolved  bool
+	ackDup    bool
 	ackErr    error
 	ackStream []byte
-	ackDup    bool
 
-	// traced: Config.Tracer's function for this event (nil without a tracer); ackSeq: the
-	// stream sequence of the ack (read only for a traced event).
+	// traced: Config.Tracer's function for this event, until called (nil without a tracer).
 	traced func(seq uint64, duplicate bool)
-	ackSeq uint64
 }
 
 // NewJetStream returns a sink publishing through js. confirm receives the ticket of every
@@ -594,7 +592,7 @@ func (j *JetStream) send(e *entry) {
 		tok := j.token
 		j.replyBuf = strconv.AppendUint(append(j.replyBuf[:0], j.inbox...), tok, 10)
 		m := nats.Msg{Subject: e.msg.Subject, Reply: string(j.replyBuf), Header: h, Data: e.msg.Data}
-		e.token, e.resolved, e.ackErr, e.ackSeq = tok, false, nil, 0
+		e.token, e.resolved, e.ackErr = tok, false, nil
 		j.pending[tok] = e // before the publish: j.mu keeps Run from reading the reply earlier
 		e.sent = time.Now()
 		if err = j.nc.PublishMsg(&m); err != nil {
@@ -771,7 +769,8 @@ func (j *JetStream) reply(m *nats.Msg) {
 	}
 	e.ackStream, e.ackDup, e.ackErr = parsePubAck(m.Data)
 	if e.traced != nil && e.ackErr == nil {
-		e.ackSeq = pubAckSeq(m.Data)
+		e.traced(pubAckSeq(m.Data), e.ackDup)
+		e.traced = nil
 	}
 }
 
@@ -830,22 +829,14 @@ func (j *JetStream) pop(e *entry) {
 	}
 	j.mu.Unlock()
 	if !e.done {
-		j.stored(e)
+		e.done = true
+		j.confirm(e.ticket)
 	}
 	j.bytes.Add(-e.size)
 	<-j.sem
 	select {
 	case j.freed <- struct{}{}:
 	default:
-	}
-}
-
-// stored marks e stored: confirm, and end its trace.
-func (j *JetStream) stored(e *entry) {
-	e.done = true
-	j.confirm(e.ticket)
-	if e.traced != nil {
-		e.traced(e.ackSeq, e.ackDup)
 	}
 }
 
@@ -932,7 +923,8 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 			if err := j.checkAck(e); err != nil {
 				return err
 			}
-			j.stored(e)
+			e.done = true
+			j.confirm(e.ticket)
 		} else {
 			if err := j.failed(e, e.ackErr); err != nil {
 				return err
@@ -1074,7 +1066,12 @@ func (j *JetStream) skipStored(last Position) {
 	}
 	j.mu.Unlock()
 	for _, e := range stored {
-		j.stored(e)
+		e.done = true
+		j.confirm(e.ticket)
+		if e.traced != nil { // stored, with no ack to tell the sequence
+			e.traced(0, false)
+			e.traced = nil
+		}
 	}
 	j.popDone()
 }

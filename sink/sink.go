@@ -126,10 +126,10 @@ type Config struct {
 
 // Tracer follows events through the sink. Start is called on the publishing goroutine when
 // Publish or PublishDeadLetter takes ev (ev is reused after the call returns); the function
-// it returns (nil: nothing to follow) is called once, from Run, when the stream stored the
-// event: seq is its stream sequence (0 when not known: the event was found stored by a
-// resync, not acknowledged), duplicate that the ack reported it stored before. It is not
-// called for an event that is never stored (the relay stopped or the event is poison).
+// it returns (nil: nothing to follow) is called once, from Run, when JetStream acknowledged
+// the event as stored (seq: its stream sequence from the ack; duplicate: the ack said the
+// stream held it already) or a resync found it stored (seq 0, not known). It is not called
+// for an event that is never stored (the relay stopped, or the event is poison).
 type Tracer interface {
 	Start(ev *decoder.Event) (stored func(seq uint64, duplicate bool))
 }

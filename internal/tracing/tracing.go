@@ -1,7 +1,7 @@
 // Package tracing records an OpenTelemetry span for every event the relay publishes, as a
 // child of the producer's trace context (the traceparent and tracestate entries of the
 // event's headers column), from the decoding of the event's WAL message to JetStream's publish
-// ack. Spans are exported over OTLP/HTTP, configured by the standard OTEL_* environment
+// ack. Spans are exported over OTLP (HTTP or gRPC), configured by the standard OTEL_* environment
 // variables, and only when those ask for it (Configured): otherwise no tracer provider exists
 // and the sink calls nothing.
 package tracing
@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/sdk/resource"
@@ -37,14 +38,15 @@ const (
 // OTEL_SDK_DISABLED=true, and OTEL_TRACES_EXPORTER=otlp, or OTEL_TRACES_EXPORTER unset and an
 // OTLP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) set. The
 // OTel specification's default exporter is otlp; the relay exports nothing unless configured,
-// so that a relay without a collector does not retry sends to localhost:4318 forever. Values
-// the relay cannot honour (another exporter, the grpc or http/json protocol) are an error.
-func Configured(env func(string) (string, bool)) (bool, error) {
+// so that a relay without a collector does not retry sends to localhost:4318 forever. protocol
+// is the OTLP protocol (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or OTEL_EXPORTER_OTLP_PROTOCOL):
+// http/protobuf (the default) or grpc. Values the relay cannot honour (another exporter,
+// http/json) are an error.
+func Configured(env func(string) (string, bool)) (on bool, protocol string, err error) {
 	get := func(k string) string { v, _ := env(k); return strings.TrimSpace(v) }
 	if strings.EqualFold(get("OTEL_SDK_DISABLED"), "true") {
-		return false, nil
+		return false, "", nil
 	}
-	on := false
 	if exp := get("OTEL_TRACES_EXPORTER"); exp == "" {
 		on = get("OTEL_EXPORTER_OTLP_ENDPOINT") != "" || get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") != ""
 	} else {
@@ -54,21 +56,24 @@ func Configured(env func(string) (string, bool)) (bool, error) {
 				on = true
 			case "none":
 			default:
-				return false, fmt.Errorf("OTEL_TRACES_EXPORTER=%s: the relay exports traces over OTLP only: set otlp (or none)", exp)
+				return false, "", fmt.Errorf("OTEL_TRACES_EXPORTER=%s: the relay exports traces over OTLP only: set otlp (or none)", exp)
 			}
 		}
 	}
 	if !on {
-		return false, nil
+		return false, "", nil
 	}
-	proto := get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-	if proto == "" {
-		proto = get("OTEL_EXPORTER_OTLP_PROTOCOL")
+	protocol = get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+	if protocol == "" {
+		protocol = get("OTEL_EXPORTER_OTLP_PROTOCOL")
 	}
-	if proto != "" && proto != "http/protobuf" {
-		return false, fmt.Errorf("OTLP protocol %s: the relay exports traces over OTLP/HTTP with protobuf only: set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf (or leave it unset) and point OTEL_EXPORTER_OTLP_ENDPOINT at the collector's HTTP port (4318)", proto)
+	switch protocol {
+	case "", "http/protobuf":
+		return true, "http/protobuf", nil
+	case "grpc":
+		return true, protocol, nil
 	}
-	return true, nil
+	return false, "", fmt.Errorf("OTLP protocol %s: the relay exports traces with http/protobuf (the default; the collector's port 4318) or grpc (port 4317)", protocol)
 }
 
 // Tracer makes the spans. It implements sink.Tracer; Decoding and Start are called by the
@@ -83,19 +88,25 @@ type Tracer struct {
 
 // Setup returns the relay's tracer for events published to stream, or nil when the OTEL_*
 // variables do not ask for traces (Configured). exporter replaces the OTLP exporter (tests);
-// nil: OTLP/HTTP, configured by the OTEL_EXPORTER_OTLP_* variables. OTEL_SERVICE_NAME and
+// nil: OTLP, configured by the OTEL_EXPORTER_OTLP_* variables. OTEL_SERVICE_NAME and
 // OTEL_RESOURCE_ATTRIBUTES describe the relay (service.name defaults to outbox-relay),
 // OTEL_TRACES_SAMPLER(_ARG) and OTEL_BSP_* apply as the SDK reads them. shutdown exports what
 // is buffered (within ctx) and stops the provider; it is a no-op when tracing is off.
 func Setup(ctx context.Context, env func(string) (string, bool), stream string, exporter sdktrace.SpanExporter, log zerolog.Logger) (t *Tracer, shutdown func(context.Context) error, err error) {
 	shutdown = func(context.Context) error { return nil }
-	on, err := Configured(env)
+	on, protocol, err := Configured(env)
 	if err != nil || !on {
 		return nil, shutdown, err
 	}
 	if exporter == nil {
-		if exporter, err = otlptracehttp.New(ctx); err != nil {
-			return nil, shutdown, fmt.Errorf("OTLP trace exporter: %w", err)
+		// The exporters read the OTEL_EXPORTER_OTLP_* variables themselves and connect lazily.
+		if protocol == "grpc" {
+			exporter, err = otlptracegrpc.New(ctx)
+		} else {
+			exporter, err = otlptracehttp.New(ctx)
+		}
+		if err != nil {
+			return nil, shutdown, fmt.Errorf("OTLP trace exporter (%s): %w", protocol, err)
 		}
 	}
 	res, err := resource.New(ctx,
@@ -110,7 +121,7 @@ func Setup(ctx context.Context, env func(string) (string, bool), stream string, 
 	otel.SetErrorHandler(otel.ErrorHandlerFunc(func(err error) {
 		log.Warn().Err(err).Msg("tracing: OpenTelemetry SDK error")
 	}))
-	log.Info().Str("stream", stream).Msg("tracing: recording a span per published event, exported over OTLP")
+	log.Info().Str("stream", stream).Str("protocol", protocol).Msg("tracing: recording a span per published event, exported over OTLP")
 	return &Tracer{
 		tracer: tp.Tracer("github.com/outbox-relay/outbox-relay"),
 		name:   "send " + stream,

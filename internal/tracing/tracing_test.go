@@ -10,33 +10,37 @@ import (
 
 func TestConfigured(t *testing.T) {
 	for _, c := range []struct {
-		env     map[string]string
-		on      bool
-		errWant string
+		env      map[string]string
+		on       bool
+		protocol string
+		errWant  string
 	}{
 		{env: nil},
 		{env: map[string]string{"OTEL_SERVICE_NAME": "orders-relay"}},
-		{env: map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, on: true},
-		{env: map[string]string{"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, on: true},
-		{env: map[string]string{"OTEL_TRACES_EXPORTER": "otlp"}, on: true},
+		{env: map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, on: true, protocol: "http/protobuf"},
+		{env: map[string]string{"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, on: true, protocol: "http/protobuf"},
+		{env: map[string]string{"OTEL_TRACES_EXPORTER": "otlp"}, on: true, protocol: "http/protobuf"},
 		{env: map[string]string{"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}},
 		{env: map[string]string{"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp"}},
-		{env: map[string]string{"OTEL_SDK_DISABLED": "false", "OTEL_TRACES_EXPORTER": "otlp"}, on: true},
-		{env: map[string]string{"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, on: true},
+		{env: map[string]string{"OTEL_SDK_DISABLED": "false", "OTEL_TRACES_EXPORTER": "otlp"}, on: true, protocol: "http/protobuf"},
+		{env: map[string]string{"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, on: true, protocol: "http/protobuf"},
+		{env: map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, on: true, protocol: "grpc"},
+		{env: map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"}, on: true, protocol: "grpc"},
 		{env: map[string]string{"OTEL_TRACES_EXPORTER": "zipkin"}, errWant: "OTLP only"},
-		{env: map[string]string{"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, errWant: "http/protobuf"},
-		{env: map[string]string{"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"}, errWant: "http/protobuf"},
+		{env: map[string]string{"OTEL_TRACES_EXPORTER": "otlp,console"}, errWant: "OTLP only"},
+		{env: map[string]string{"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, errWant: "http/protobuf"},
 		// The protocol matters only when traces are on.
 		{env: map[string]string{"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}},
 	} {
 		env := func(k string) (string, bool) { v, ok := c.env[k]; return v, ok }
-		on, err := Configured(env)
+		on, protocol, err := Configured(env)
 		if c.errWant != "" {
 			require.ErrorContains(t, err, c.errWant, "%v", c.env)
 			continue
 		}
 		require.NoError(t, err, "%v", c.env)
 		require.Equal(t, c.on, on, "%v", c.env)
+		require.Equal(t, c.protocol, protocol, "%v", c.env)
 
 		tr, shutdown, err := Setup(context.Background(), env, "OUTBOX", nil, zerolog.Nop())
 		require.NoError(t, err)
