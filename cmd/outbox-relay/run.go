@@ -53,7 +53,7 @@ type runConfig struct {
 	tracer *tracing.Tracer
 }
 
-// spanExporter replaces the OTLP exporter of the relay's spans (tests); nil: OTLP/HTTP.
+// spanExporter replaces the OTLP exporter of the relay's spans (tests); nil: OTLP.
 var spanExporter sdktrace.SpanExporter
 
 func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(string) (string, bool)) error {
