@@ -344,3 +344,13 @@ func insertMsg(b []byte, vals [][]byte) []byte {
 	}
 	return b
 }
+
+func checkColumns(c decoder.Columns) error {
+	for flag, v := range map[string]string{"column-id": c.ID, "column-aggregate-type": c.AggregateType,
+		"column-aggregate-id": c.AggregateID, "column-event-type": c.EventType, "column-payload": c.Payload} {
+		if v == "" {
+			return fmt.Errorf("--%s must name a column", flag)
+		}
+	}
+	return nil
+}

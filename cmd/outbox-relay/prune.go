@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -82,7 +83,7 @@ func cmdPrune(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	if err != nil {
 		return usageError{err}
 	}
-	conn, err := connectPG(ctx, pgURL)
+	conn, err := relay.ConnectPG(ctx, pgURL)
 	if err != nil {
 		return err
 	}
@@ -96,13 +97,13 @@ func cmdPrune(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	err = conn.QueryRow(ctx, `SELECT catalog_xmin::text, confirmed_flush_lsn::text, (SELECT system_identifier::text FROM pg_control_system())
 		FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()`, slot).Scan(&catalogXmin, &confirmed, &sysID)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return fatalError{fmt.Errorf("replication slot %q does not exist in this database: prune deletes only rows the relay's slot has confirmed; pass the relay's --slot", slot)}
+		return relay.Fatal(fmt.Errorf("replication slot %q does not exist in this database: prune deletes only rows the relay's slot has confirmed; pass the relay's --slot", slot))
 	}
 	if err != nil {
 		return fmt.Errorf("read slot %q: %w", slot, err)
 	}
 	if catalogXmin == nil {
-		return fatalError{fmt.Errorf("replication slot %q has no catalog_xmin (not a logical slot, or invalidated): nothing can be proven published", slot)}
+		return relay.Fatal(fmt.Errorf("replication slot %q has no catalog_xmin (not a logical slot, or invalidated): nothing can be proven published", slot))
 	}
 	if skipCheck {
 		log.Warn().Str("slot", slot).Msg("--skip-source-check: the slot is not compared with the relay's position record; if it is not the relay's, or skipped events, rows that were never published are deleted")
@@ -183,16 +184,16 @@ func checkSourceSlot(ctx context.Context, natsURL string, natsOpts []nats.Option
 	}
 	key := sink.PositionKey(scfg.Stream, scfg.SubjectPrefix)
 	if !ok {
-		return fatalError{fmt.Errorf("prune refuses: there is no position record %s/%s, so nothing shows that slot %q is the relay's. Fix: pass the --stream, --subject-prefix and --position-bucket the relay runs with (and its --nats-url), or start the relay once; --skip-source-check prunes without the check", bucket, key, slot)}
+		return relay.Fatal(fmt.Errorf("prune refuses: there is no position record %s/%s, so nothing shows that slot %q is the relay's. Fix: pass the --stream, --subject-prefix and --position-bucket the relay runs with (and its --nats-url), or start the relay once; --skip-source-check prunes without the check", bucket, key, slot))
 	}
 	where := fmt.Sprintf("the relay feeding stream %s (record %s/%s, updated %s) last confirmed %s on slot %q of cluster %s", scfg.Stream, bucket, key, rec.UpdatedAt.UTC().Format(time.RFC3339), rec.LSN, rec.Slot, rec.SystemID)
 	switch {
 	case rec.SystemID != sysID:
-		return fatalError{fmt.Errorf("%w: prune refuses: this database is on Postgres cluster %s (system identifier), but %s. Its slot's catalog_xmin proves nothing about what the relay published. Fix: point --pg-url at the relay's database; if the database was replaced, start the relay, which refuses with this gap: accept it with --accept-slot-gap and run the backfill it names, then prune", errSlotGap, sysID, where)}
+		return relay.Fatal(fmt.Errorf("%w: prune refuses: this database is on Postgres cluster %s (system identifier), but %s. Its slot's catalog_xmin proves nothing about what the relay published. Fix: point --pg-url at the relay's database; if the database was replaced, start the relay, which refuses with this gap: accept it with --accept-slot-gap and run the backfill it names, then prune", relay.ErrSlotGap, sysID, where))
 	case rec.Slot != slot:
-		return fatalError{fmt.Errorf("%w: prune refuses slot %q: %s. Fix: pass --slot %s, or the --stream/--subject-prefix/--position-bucket of the relay that uses slot %q", errSlotGap, slot, where, rec.Slot, slot)}
+		return relay.Fatal(fmt.Errorf("%w: prune refuses slot %q: %s. Fix: pass --slot %s, or the --stream/--subject-prefix/--position-bucket of the relay that uses slot %q", relay.ErrSlotGap, slot, where, rec.Slot, slot))
 	case slotLSN > rec.LSN:
-		return fatalError{fmt.Errorf("%w: prune refuses: replication slot %q is at %s, ahead of what the relay recorded: %s. The slot was dropped and recreated, or advanced by someone else: rows committed in between are not in the stream and backfill needs them in the table. Fix: start the relay, which refuses with this gap; accept it with --accept-slot-gap and run the backfill it names (outbox-relay backfill --since %s), then prune", errSlotGap, slot, slotLSN, where, backfillSince(rec.UpdatedAt))}
+		return relay.Fatal(fmt.Errorf("%w: prune refuses: replication slot %q is at %s, ahead of what the relay recorded: %s. The slot was dropped and recreated, or advanced by someone else: rows committed in between are not in the stream and backfill needs them in the table. Fix: start the relay, which refuses with this gap; accept it with --accept-slot-gap and run the backfill it names (outbox-relay backfill --since %s), then prune", relay.ErrSlotGap, slot, slotLSN, where, relay.BackfillSince(rec.UpdatedAt)))
 	}
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 const publicationUsage = `Manage the publication the relay reads (for your own table; migrate does it for the default one).
@@ -55,7 +56,7 @@ func cmdPublication(ctx context.Context, args []string, stdout, stderr io.Writer
 	if output != "table" && output != "json" {
 		return usageError{fmt.Errorf("--output %q: use table or json", output)}
 	}
-	conn, err := connectPG(ctx, pgURL)
+	conn, err := relay.ConnectPG(ctx, pgURL)
 	if err != nil {
 		return err
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/replication"
 )
 
@@ -64,7 +65,7 @@ func cmdSlot(ctx context.Context, args []string, stdout, stderr io.Writer, env f
 	if temp {
 		return usageError{errors.New("slot create --temporary: a temporary slot is dropped as soon as the session that created it ends, which is when this command exits; for a slot that lives only while the relay runs, use outbox-relay run --temporary-slot")}
 	}
-	conn, err := connectPG(ctx, pgURL)
+	conn, err := relay.ConnectPG(ctx, pgURL)
 	if err != nil {
 		return err
 	}
@@ -89,7 +90,7 @@ func slotCreate(ctx context.Context, conn *pgx.Conn, stdout io.Writer, name stri
 	case err == nil && !ifNotExists:
 		return fmt.Errorf("replication slot %q already exists (confirmed_flush_lsn %s): pass --if-not-exists to accept it, or drop it first with outbox-relay slot drop --slot %s", name, s.ConfirmedFlush, name)
 	case err == nil:
-		if problem := slotMismatch(s); problem != "" {
+		if problem := relay.SlotMismatch(s); problem != "" {
 			return fmt.Errorf("replication slot %q exists but %s", name, problem)
 		}
 		fmt.Fprintf(stdout, "replication slot %s exists (confirmed_flush_lsn %s)\n", name, s.ConfirmedFlush)
@@ -103,18 +104,6 @@ func slotCreate(ctx context.Context, conn *pgx.Conn, stdout io.Writer, name stri
 	}
 	fmt.Fprintf(stdout, "created replication slot %s at %s\n", name, lsn)
 	return nil
-}
-
-// slotMismatch says why an existing slot cannot serve the relay on this connection's database,
-// or "" when it can.
-func slotMismatch(s replication.Slot) string {
-	switch {
-	case s.SlotType != "logical" || s.Plugin != "pgoutput":
-		return fmt.Sprintf("uses plugin %q (%s slot); the relay needs a logical pgoutput slot", s.Plugin, s.SlotType)
-	case !s.CurrentDatabase:
-		return fmt.Sprintf("belongs to database %q, not the one in --pg-url", s.Database)
-	}
-	return ""
 }
 
 func slotDrop(ctx context.Context, conn *pgx.Conn, stdout io.Writer, name string, ifExists, force bool, wait time.Duration) error {
