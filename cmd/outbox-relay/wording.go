@@ -9,8 +9,8 @@ import (
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
-// configFlags maps the relay.Config fields, as the library's errors and logs name them, to the
-// commands' flags.
+// configFlags maps the relay.Config (and relay.SlotOptions) fields, as the library's errors and
+// logs name them, to the commands' flags.
 var configFlags = map[string]string{
 	"Config.PGURL":                 "--pg-url",
 	"Config.NATSURL":               "--nats-url",
@@ -43,6 +43,9 @@ var configFlags = map[string]string{
 	"Config.HTTPAddr":              "--http-addr",
 	"Config.StallTimeout":          "--stall-timeout",
 	"Config.DrainTimeout":          "--drain-timeout",
+	// slot's
+	"SlotOptions.Force":        "--force",
+	"SlotOptions.ForceTimeout": "--force-timeout",
 }
 
 // flagWording rewrites Config field names to flag names, longest name first (Config.Slot must
