@@ -45,6 +45,14 @@ func WithNATSConnectHint(hint func(error) string) Option {
 // can follow its lifecycle (Streaming, Done, Err).
 func OnSession(f func(*Session)) Option { return func(o *options) { o.onSession = f } }
 
+func newOptions(opts []Option) options {
+	o := options{log: zerolog.Nop()}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return o
+}
+
 // fatalError marks errors that reconnecting cannot fix.
 type fatalError struct{ error }
 
@@ -65,10 +73,7 @@ func IsFatal(err error) bool {
 // (nil) or a fatal error; each session reconnects to Postgres and resumes from the highest
 // position confirmed so far.
 func Run(ctx context.Context, cfg Config, opts ...Option) error {
-	o := options{log: zerolog.Nop()}
-	for _, opt := range opts {
-		opt(&o)
-	}
+	o := newOptions(opts)
 	cfg, err := cfg.resolve()
 	if err != nil {
 		return err

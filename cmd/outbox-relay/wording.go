@@ -9,7 +9,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
-// configFlags maps the relay.Config (and relay.SlotOptions) fields, as the library's errors and
+// configFlags maps the relay.Config (and relay.PruneOptions) fields, as the library's errors and
 // logs name them, to the commands' flags.
 var configFlags = map[string]string{
 	"Config.PGURL":                 "--pg-url",
@@ -46,6 +46,10 @@ var configFlags = map[string]string{
 	// slot's
 	"SlotOptions.Force":        "--force",
 	"SlotOptions.ForceTimeout": "--force-timeout",
+	// prune's
+	"PruneOptions.OlderThan":       "--older-than",
+	"PruneOptions.Batch":           "--batch",
+	"PruneOptions.SkipSourceCheck": "--skip-source-check",
 }
 
 // flagWording rewrites Config field names to flag names, longest name first (Config.Slot must
