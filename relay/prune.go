@@ -75,13 +75,13 @@ func Prune(ctx context.Context, cfg Config, p PruneOptions, opts ...Option) (Pru
 	err = conn.QueryRow(ctx, `SELECT catalog_xmin::text, confirmed_flush_lsn::text, (SELECT system_identifier::text FROM pg_control_system())
 		FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()`, cfg.Slot).Scan(&catalogXmin, &confirmed, &sysID)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return res, Fatal(fmt.Errorf("replication slot %q does not exist in this database: prune deletes only rows the relay's slot has confirmed; pass the relay's Config.Slot", cfg.Slot))
+		return res, fatalError{fmt.Errorf("replication slot %q does not exist in this database: prune deletes only rows the relay's slot has confirmed; pass the relay's Config.Slot", cfg.Slot)}
 	}
 	if err != nil {
 		return res, fmt.Errorf("read slot %q: %w", cfg.Slot, err)
 	}
 	if catalogXmin == nil {
-		return res, Fatal(fmt.Errorf("replication slot %q has no catalog_xmin (not a logical slot, or invalidated): nothing can be proven published", cfg.Slot))
+		return res, fatalError{fmt.Errorf("replication slot %q has no catalog_xmin (not a logical slot, or invalidated): nothing can be proven published", cfg.Slot)}
 	}
 	if p.SkipSourceCheck {
 		log.Warn().Str("slot", cfg.Slot).Msg("PruneOptions.SkipSourceCheck: the slot is not compared with the relay's position record; if it is not the relay's, or skipped events, rows that were never published are deleted")
@@ -158,16 +158,16 @@ func checkSourceSlot(ctx context.Context, cfg Config, sysID string, slotLSN pglo
 	}
 	key := sink.PositionKey(scfg.Stream, scfg.SubjectPrefix)
 	if !ok {
-		return Fatal(fmt.Errorf("prune refuses: there is no position record %s/%s, so nothing shows that slot %q is the relay's. Fix: pass the Config.Sink.Stream, Config.Sink.SubjectPrefix and Config.PositionBucket the relay runs with (and its Config.NATSURL), or start the relay once; PruneOptions.SkipSourceCheck prunes without the check", bucket, key, slot))
+		return fatalError{fmt.Errorf("prune refuses: there is no position record %s/%s, so nothing shows that slot %q is the relay's. Fix: pass the Config.Sink.Stream, Config.Sink.SubjectPrefix and Config.PositionBucket the relay runs with (and its Config.NATSURL), or start the relay once; PruneOptions.SkipSourceCheck prunes without the check", bucket, key, slot)}
 	}
 	where := fmt.Sprintf("the relay feeding stream %s (record %s/%s, updated %s) last confirmed %s on slot %q of cluster %s", scfg.Stream, bucket, key, rec.UpdatedAt.UTC().Format(time.RFC3339), rec.LSN, rec.Slot, rec.SystemID)
 	switch {
 	case rec.SystemID != sysID:
-		return Fatal(fmt.Errorf("%w: prune refuses: this database is on Postgres cluster %s (system identifier), but %s. Its slot's catalog_xmin proves nothing about what the relay published. Fix: point Config.PGURL at the relay's database; if the database was replaced, start the relay, which refuses with this gap: accept it with Config.AcceptSlotGap and run the backfill it names, then prune", ErrSlotGap, sysID, where))
+		return fatalError{fmt.Errorf("%w: prune refuses: this database is on Postgres cluster %s (system identifier), but %s. Its slot's catalog_xmin proves nothing about what the relay published. Fix: point Config.PGURL at the relay's database; if the database was replaced, start the relay, which refuses with this gap: accept it with Config.AcceptSlotGap and run the backfill it names, then prune", ErrSlotGap, sysID, where)}
 	case rec.Slot != slot:
-		return Fatal(fmt.Errorf("%w: prune refuses slot %q: %s. Fix: pass Config.Slot %s, or the Config.Sink.Stream/Config.Sink.SubjectPrefix/Config.PositionBucket of the relay that uses slot %q", ErrSlotGap, slot, where, rec.Slot, slot))
+		return fatalError{fmt.Errorf("%w: prune refuses slot %q: %s. Fix: pass Config.Slot %s, or the Config.Sink.Stream/Config.Sink.SubjectPrefix/Config.PositionBucket of the relay that uses slot %q", ErrSlotGap, slot, where, rec.Slot, slot)}
 	case slotLSN > rec.LSN:
-		return Fatal(fmt.Errorf("%w: prune refuses: replication slot %q is at %s, ahead of what the relay recorded: %s. The slot was dropped and recreated, or advanced by someone else: rows committed in between are not in the stream and backfill needs them in the table. Fix: start the relay, which refuses with this gap; accept it with Config.AcceptSlotGap and run the backfill it names (outbox-relay backfill --since %s), then prune", ErrSlotGap, slot, slotLSN, where, BackfillSince(rec.UpdatedAt)))
+		return fatalError{fmt.Errorf("%w: prune refuses: replication slot %q is at %s, ahead of what the relay recorded: %s. The slot was dropped and recreated, or advanced by someone else: rows committed in between are not in the stream and backfill needs them in the table. Fix: start the relay, which refuses with this gap; accept it with Config.AcceptSlotGap and run the backfill it names (outbox-relay backfill --since %s), then prune", ErrSlotGap, slot, slotLSN, where, backfillSince(rec.UpdatedAt))}
 	}
 	return nil
 }

@@ -146,6 +146,24 @@ func Run(ctx context.Context, cfg Config, opts ...Option) error {
 	}
 }
 
+// Preflight runs the checks Run starts with, Postgres and NATS alike, and returns a
+// *PreflightError listing every problem with its fix (warnings are logged). When nothing is
+// wrong it creates the slot if cfg.CreateSlot asks for it, as Run does.
+func Preflight(ctx context.Context, cfg Config, opts ...Option) error {
+	o := newOptions(opts)
+	cfg, err := cfg.resolve()
+	if err != nil {
+		return err
+	}
+	cfg.natsHintFn = o.natsHint
+	b, err := preflight(ctx, cfg, o.log)
+	if err != nil {
+		return err
+	}
+	b.nc.Close()
+	return nil
+}
+
 // reconnect paces the sessions: a standby polls for the slot, a failed session is retried
 // with an exponential backoff.
 type reconnect struct {
@@ -160,6 +178,7 @@ type reconnect struct {
 func (r *reconnect) pause(ctx context.Context, err error, started time.Time, resume resumePoint) bool {
 	if r.cfg.Standby && errors.Is(err, replication.ErrSlotInUse) {
 		// Another relay holds the slot: poll until it is released, logging once a minute.
+		r.obs.standingBy.Store(true)
 		if r.standbySince.IsZero() {
 			r.standbySince = time.Now()
 		}
@@ -172,6 +191,7 @@ func (r *reconnect) pause(ctx context.Context, err error, started time.Time, res
 	}
 	if !r.standbySince.IsZero() {
 		r.standbySince, r.standbyLogged = time.Time{}, time.Time{}
+		r.obs.standingBy.Store(false)
 	}
 	r.obs.reconnected()
 	if time.Since(started) > time.Minute {
@@ -245,6 +265,3 @@ func ConnectPG(ctx context.Context, url string) (*pgx.Conn, error) {
 	}
 	return conn, nil
 }
-
-// Fatal marks err as one that reconnecting (or retrying) cannot fix: IsFatal reports it.
-func Fatal(err error) error { return fatalError{err} }

@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
@@ -28,12 +29,12 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 // testEnv is one test's Postgres database (migrated) and JetStream server.
 type testEnv struct {
 	pg   *testenv.PG
-	nats *testenv.NATS
+	nats *natsembed.NATS
 }
 
 func newTestEnv(t *testing.T) *testEnv {
 	t.Helper()
-	e := &testEnv{pg: testenv.Postgres(t), nats: testenv.JetStream(t)}
+	e := &testEnv{pg: testenv.Postgres(t), nats: natsembed.JetStream(t)}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	conn, err := ConnectPG(ctx, e.pg.URL)
@@ -257,4 +258,25 @@ func TestConfig_Validate(t *testing.T) {
 		require.NotContains(t, err.Error(), "--", "a library error names no command-line flag")
 		require.ErrorContains(t, Run(context.Background(), c), tc.field, "Run validates too")
 	}
+}
+
+// Preflight, on its own: a missing slot is a *PreflightError whose fix names the Config field
+// (no command-line flag); with CreateSlot it creates the slot and reports nothing.
+func TestPreflight_NamesConfigFieldsAndCreatesTheSlot(t *testing.T) {
+	e := newTestEnv(t)
+	cfg := e.config()
+	cfg.CreateSlot = false
+	err := Preflight(context.Background(), cfg)
+	var pe *PreflightError
+	require.ErrorAs(t, err, &pe)
+	require.True(t, IsFatal(err))
+	require.Contains(t, err.Error(), `replication slot "outbox_relay" does not exist`)
+	require.Contains(t, err.Error(), "Config.CreateSlot")
+	require.NotContains(t, err.Error(), "--create-slot")
+
+	cfg.CreateSlot = true
+	require.NoError(t, Preflight(context.Background(), cfg))
+	var n int
+	require.NoError(t, e.pg.QueryRow(t, `SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_relay'`).Scan(&n))
+	require.Equal(t, 1, n)
 }

@@ -19,17 +19,17 @@ import (
 // feeds the stream now; events may be missing from the WAL stream.
 var ErrSlotGap = errors.New("replication slot gap")
 
-// BackfillSince is the --since to propose for a gap that began at t: a margin before it, for
+// backfillSince is the --since to propose for a gap that began at t: a margin before it, for
 // clock skew between the relay and the database's created_at defaults and for transactions
 // that committed late.
-func BackfillSince(t time.Time) string {
+func backfillSince(t time.Time) string {
 	return t.Add(-5 * time.Minute).UTC().Format(time.RFC3339)
 }
 
 // slotGapMessage explains a gap: what was recorded, what is found, the likely cause, the way out.
 func slotGapMessage(cfg Config, rec sink.SourcePosition, key, found, cause string) string {
 	return fmt.Sprintf(`%s, but this relay last confirmed %s on slot %q of cluster %s (recorded %s in %s/%s): %s. Events committed in between are not in the WAL stream and would be silently lost. Way out: restart once with Config.AcceptSlotGap, then republish the gap from the table: outbox-relay backfill Config.PGURL ... Config.NATSURL ... --since %s (ids deduplicate the overlap within the stream's duplicate window; per-aggregate order between backfilled and live events is not guaranteed)`,
-		found, rec.LSN, rec.Slot, rec.SystemID, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.PositionBucket, key, cause, BackfillSince(rec.UpdatedAt))
+		found, rec.LSN, rec.Slot, rec.SystemID, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.PositionBucket, key, cause, backfillSince(rec.UpdatedAt))
 }
 
 // slotGuard is the outcome of checkSlotGap for one session.
@@ -129,7 +129,7 @@ func checkSlotGap(ctx context.Context, cfg Config, js jetstream.JetStream, sys r
 		now.SeqFloor = max(rec.SeqFloor, last.Seq)
 		note := forkedEventsNote(ctx, js, cfg.Sink, forkAt, rec.SeqFloor, last.Seq)
 		msg = fmt.Sprintf("%s.%s This relay last confirmed %s on slot %q (recorded %s in %s/%s). Way out: restart once with Config.AcceptSlotGap (the relay then publishes the new history from the slot's position %s, ignoring the stream's older positions); if the slot was recreated after the fork, republish what was committed before it: outbox-relay backfill Config.PGURL ... Config.NATSURL ... --since %s",
-			found, note, rec.LSN, rec.Slot, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.PositionBucket, record.Key(), slotLSN, BackfillSince(rec.UpdatedAt))
+			found, note, rec.LSN, rec.Slot, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.PositionBucket, record.Key(), slotLSN, backfillSince(rec.UpdatedAt))
 		if !cfg.AcceptSlotGap {
 			return g, fatalError{fmt.Errorf("%w: %s", ErrForkedHistory, msg)}
 		}
@@ -139,7 +139,7 @@ func checkSlotGap(ctx context.Context, cfg Config, js jetstream.JetStream, sys r
 			return g, fatalError{fmt.Errorf("%w: %s", ErrSlotGap, msg)}
 		}
 	}
-	log.Warn().Str("gap", msg).Str("backfill", "outbox-relay backfill --since "+BackfillSince(rec.UpdatedAt)).
+	log.Warn().Str("gap", msg).Str("backfill", "outbox-relay backfill --since "+backfillSince(rec.UpdatedAt)).
 		Msg("Config.AcceptSlotGap: continuing past a slot gap; events committed in it are NOT relayed from the WAL: run the backfill command")
 	if err := record.Put(ctx, now); err != nil {
 		return g, err

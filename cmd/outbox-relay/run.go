@@ -49,7 +49,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.DurationVar(&cfg.Sink.AckTimeout, "ack-timeout", d.Sink.AckTimeout, "a publish not acknowledged after this long is re-published")
 	fs.DurationVar(&cfg.Replication.StatusInterval, "status-interval", d.Replication.StatusInterval, "longest time between two standby status updates to Postgres")
 	fs.DurationVar(&cfg.Replication.IdleTimeout, "pg-idle-timeout", d.Replication.IdleTimeout, "no message from Postgres for this long while reading: probe the connection, and reconnect if another period passes silently")
-	fs.StringVar(&cfg.OnPoison, "on-poison", d.OnPoison, "an outbox row that cannot be published (NULL/empty id, bad headers JSON, a header key NATS refuses, too big, rejected by the stream): stop (halt, confirm nothing after it) or dead-letter (publish it, or its metadata, to <subject-prefix>.dead-letter and go on)")
+	fs.StringVar(&cfg.OnPoison, "on-poison", d.OnPoison, "an outbox row that cannot be published (NULL/empty id, bad headers JSON, a header key NATS refuses or a Nats-Schedule header, too big, rejected by the stream): stop (halt, confirm nothing after it) or dead-letter (publish it, or its metadata, to <subject-prefix>.dead-letter and go on)")
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", d.DrainTimeout, "on SIGINT/SIGTERM, how long to wait for in-flight acks before the final status update")
 	fs.StringVar(&cfg.Source, "source", d.Source, "where events come from: table (rows inserted into --table) or messages (pg_logical_emit_message, table-less)")
 	fs.StringVar(&cfg.MessagePrefix, "message-prefix", d.MessagePrefix, "with --source messages: prefix of the transactional logical decoding messages that are events")
