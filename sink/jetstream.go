@@ -165,9 +165,12 @@ type entry struct {
 	// The outcome of the send under token, set by Run: resolved, then ackErr (not stored) or
 	// ackStream/ackDup (stored). ackStream points into the reply's data.
 	resolved  bool
+	ackDup    bool
 	ackErr    error
 	ackStream []byte
-	ackDup    bool
+
+	// traced: Config.Tracer's function for this event, until called (nil without a tracer).
+	traced func(seq uint64, duplicate bool)
 }
 
 // NewJetStream returns a sink publishing through js. confirm receives the ticket of every
@@ -285,6 +288,9 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		j.startChain(ctx)
 	}
 	e := &entry{ticket: tk}
+	if j.cfg.Tracer != nil {
+		e.traced = j.cfg.Tracer.Start(ev)
+	}
 	size := j.buildMsg(e, ev)
 	e.pos = Position{ev.CommitLSN, ev.TxIndex}
 	if j.cfg.CloudEvents {
@@ -467,6 +473,9 @@ func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 		j.startChain(ctx)
 	}
 	e := &entry{ticket: tk, pos: Position{ev.CommitLSN, ev.TxIndex}}
+	if j.cfg.Tracer != nil {
+		e.traced = j.cfg.Tracer.Start(ev)
+	}
 	j.buildMsg(e, ev)
 	if e.id == "" {
 		e.id = fmt.Sprintf("dead-letter:%s:%d", ev.CommitLSN, ev.TxIndex)
@@ -929,6 +938,10 @@ func (j *JetStream) reply(m *nats.Msg) {
 		return
 	}
 	e.ackStream, e.ackDup, e.ackErr = parsePubAck(m.Data)
+	if e.traced != nil && e.ackErr == nil {
+		e.traced(pubAckSeq(m.Data), e.ackDup)
+		e.traced = nil
+	}
 }
 
 // resolve fails e's send with err, unless it already has an outcome.
@@ -1311,6 +1324,10 @@ func (j *JetStream) skipStored(last Position) {
 	for _, e := range stored {
 		e.done = true
 		j.confirm(e.ticket)
+		if e.traced != nil { // stored, with no ack to tell the sequence
+			e.traced(0, false)
+			e.traced = nil
+		}
 	}
 	j.popDone()
 }

@@ -106,12 +106,18 @@ func freeHTTPAddr(args []string) []string {
 // inProcess runs the relay in this process until stop is called; stop returns its error.
 func inProcess(t *testing.T, args []string) (stop func() error, log *testLog) {
 	t.Helper()
+	return inProcessEnv(t, args, noEnv)
+}
+
+// inProcessEnv is inProcess with the environment variables env gives the relay.
+func inProcessEnv(t *testing.T, args []string, env func(string) (string, bool)) (stop func() error, log *testLog) {
+	t.Helper()
 	args = freeHTTPAddr(args)
 	log = &testLog{}
 	dumpOnFailure(t, "relay", log)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- dispatch(ctx, args, log, log, noEnv) }()
+	go func() { done <- dispatch(ctx, args, log, log, env) }()
 	var once sync.Once
 	var err error
 	stop = func() error {
@@ -214,6 +220,7 @@ func (p *proc) exited() bool {
 // record is one message read back from the stream.
 type record struct {
 	Seq     uint64
+	Time    time.Time // when the stream stored it
 	Subject string
 	Data    []byte
 	Header  nats.Header
@@ -255,7 +262,7 @@ func readStream(t *testing.T, url, stream string) []record {
 		for m := range batch.Messages() {
 			md, err := m.Metadata()
 			require.NoError(t, err)
-			out = append(out, record{Seq: md.Sequence.Stream, Subject: m.Subject(), Data: m.Data(), Header: m.Headers()})
+			out = append(out, record{Seq: md.Sequence.Stream, Time: md.Timestamp, Subject: m.Subject(), Data: m.Data(), Header: m.Headers()})
 			n++
 		}
 		require.NoError(t, batch.Error())
