@@ -51,7 +51,7 @@ type observer struct {
 
 	mu   sync.Mutex
 	prev sink.Stats // counters of ended sessions
-	pub  *sink.JetStream
+	pub  *sink.Publisher
 	trk  *checkpoint.Tracker
 	// times of the events published and not yet stored, oldest first (the sink confirms in
 	// publish order, except after a retry where an event stored out of turn is attributed
@@ -184,7 +184,7 @@ func (o *observer) ackedLSN() pglogrepl.LSN {
 }
 
 // startSession is called once a session streams: its sink and tracker feed the metrics.
-func (o *observer) startSession(pub *sink.JetStream, trk *checkpoint.Tracker) {
+func (o *observer) startSession(pub *sink.Publisher, trk *checkpoint.Tracker) {
 	if o == nil {
 		return
 	}

@@ -69,7 +69,7 @@ type Session struct {
 	stopRec func()
 	lastMsg sink.StoredMsg
 	check   *replayCheck // nil: the replay does not reach the stream's last event
-	pub     *sink.JetStream
+	pub     *sink.Publisher
 	p       *pipeline
 }
 
@@ -286,7 +286,7 @@ func (s *Session) newPipeline() {
 	}
 	scfg := cfg.Sink
 	scfg.SeqFloor = s.guard.seqFloor
-	s.pub = sink.NewJetStream(s.js, scfg, confirm, log)
+	s.pub = sink.NewPublisher(s.js, scfg, confirm, log)
 	p := s.p
 	p.dec, p.trk, p.pub, p.log, p.obs, p.deadLetter = dec, trk, s.pub, log, cfg.obs, cfg.Sink.DeadLetter
 	if cfg.SyncStandbySlot != "" {
@@ -387,7 +387,7 @@ func settle(trk *checkpoint.Tracker, sinkDone <-chan struct{}, max time.Duration
 type pipeline struct {
 	dec *decoder.Decoder
 	trk *checkpoint.Tracker
-	pub *sink.JetStream
+	pub *sink.Publisher
 	log zerolog.Logger
 	obs *observer // nil: no metrics
 	// commit time of the open transaction (for the commit-to-ack histogram)

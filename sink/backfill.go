@@ -20,7 +20,7 @@ const HeaderBackfill = "Outbox-Backfill"
 func BackfillMsg(cfg Config, ev *decoder.Event, pos Position) (*nats.Msg, error) {
 	cfg.fill()
 	ev.CommitLSN, ev.TxIndex = pos.CommitLSN, pos.TxIndex
-	j := &JetStream{cfg: cfg}
+	j := &Publisher{cfg: cfg}
 	e := &entry{}
 	j.buildMsg(e, ev)
 	if reason := e.headerRefusal(); reason != "" {

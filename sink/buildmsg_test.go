@@ -27,7 +27,7 @@ func testEvent() *decoder.Event {
 }
 
 func TestBuildMsg_HeadersAndCopies(t *testing.T) {
-	j := NewJetStream(nil, Config{Stream: "S"}, nil, zerologNop())
+	j := NewPublisher(nil, Config{Stream: "S"}, nil, zerologNop())
 	ev := testEvent()
 	e := &entry{}
 	size := j.buildMsg(e, ev)
@@ -71,7 +71,7 @@ func TestBuildMsg_HeadersAndCopies(t *testing.T) {
 // Without headers-column entries buildMsg leaves the header map out (send fills a reused one
 // from e.vals); header() and send build the same headers as the map path.
 func TestBuildMsg_RelayHeadersOnlyHaveNoMapUntilNeeded(t *testing.T) {
-	j := NewJetStream(nil, Config{Stream: "S"}, nil, zerologNop())
+	j := NewPublisher(nil, Config{Stream: "S"}, nil, zerologNop())
 	ev := testEvent()
 	ev.Headers = []decoder.Header{{Key: "Nats-Rollup", Value: "all"}} // reserved: skipped
 	e := &entry{}
@@ -107,7 +107,7 @@ func TestAppendLSN(t *testing.T) {
 
 // BenchmarkBuildMsg reports the sink's allocations per event before the nats.go publish.
 func BenchmarkBuildMsg(b *testing.B) {
-	j := NewJetStream(nil, Config{Stream: "S"}, nil, zerologNop())
+	j := NewPublisher(nil, Config{Stream: "S"}, nil, zerologNop())
 	ev := testEvent()
 	ev.Headers = nil
 	b.ReportAllocs()

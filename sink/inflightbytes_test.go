@@ -29,7 +29,7 @@ func TestJetStream_InFlightBytesNeverExceedTheBound(t *testing.T) {
 	_, err = EnsureStream(context.Background(), js, cfg, zerologNop())
 	require.NoError(t, err)
 	var confirmed atomic.Int64
-	j := NewJetStream(js, cfg, func(checkpoint.Ticket) { confirmed.Add(1) }, zerologNop())
+	j := NewPublisher(js, cfg, func(checkpoint.Ticket) { confirmed.Add(1) }, zerologNop())
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	go func() { _ = j.Run(ctx) }()

@@ -26,7 +26,7 @@ func TestJetStream_ControlHeadersCountAgainstMaxPayload(t *testing.T) {
 	require.NoError(t, err)
 	_, err = EnsureStream(context.Background(), js, cfg, zerologNop())
 	require.NoError(t, err)
-	j := NewJetStream(js, cfg, func(checkpoint.Ticket) {}, zerologNop())
+	j := NewPublisher(js, cfg, func(checkpoint.Ticket) {}, zerologNop())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	go func() { _ = j.Run(ctx) }()

@@ -23,7 +23,7 @@ type sinkRig struct {
 	nats  *natsembed.NATS
 	proxy *faultproxy.Proxy
 	js    jetstream.JetStream
-	sink  *JetStream
+	sink  *Publisher
 
 	mu        sync.Mutex
 	confirmed []checkpoint.Ticket
@@ -44,7 +44,7 @@ func newSinkRig(t *testing.T, cfg Config) *sinkRig {
 	ctx := context.Background()
 	_, err = EnsureStream(ctx, r.js, cfg, zerolog.Nop())
 	require.NoError(t, err)
-	r.sink = NewJetStream(r.js, cfg, func(tk checkpoint.Ticket) {
+	r.sink = NewPublisher(r.js, cfg, func(tk checkpoint.Ticket) {
 		r.mu.Lock()
 		r.confirmed = append(r.confirmed, tk)
 		r.mu.Unlock()
@@ -226,7 +226,7 @@ func TestJetStream_RunStopsOnCancelWhileBrokerUnreachable(t *testing.T) {
 	require.NoError(t, err)
 	_, err = EnsureStream(context.Background(), js, cfg, zerolog.Nop())
 	require.NoError(t, err)
-	s := NewJetStream(js, cfg, func(checkpoint.Ticket) {}, zerolog.Nop())
+	s := NewPublisher(js, cfg, func(checkpoint.Ticket) {}, zerolog.Nop())
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Run(ctx) }()

@@ -72,7 +72,7 @@ func benchPublishConfirm(b *testing.B, cfg sink.Config) {
 		b.Fatal(err)
 	}
 	var confirmed atomic.Int64
-	pub := sink.NewJetStream(js, cfg, func(checkpoint.Ticket) { confirmed.Add(1) }, zerolog.Nop())
+	pub := sink.NewPublisher(js, cfg, func(checkpoint.Ticket) { confirmed.Add(1) }, zerolog.Nop())
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- pub.Run(ctx) }()

@@ -23,7 +23,7 @@ import (
 type refusalRig struct {
 	srv  *natsembed.NATS
 	js   jetstream.JetStream
-	sink *JetStream
+	sink *Publisher
 	run  chan error
 }
 
@@ -42,7 +42,7 @@ func newRefusalRig(t *testing.T, ctx context.Context, deadLetter bool, maxPayloa
 	cfg := Config{Stream: DefaultStream, SubjectPrefix: "outbox", DeadLetter: deadLetter}
 	_, err = EnsureStream(ctx, r.js, cfg, zerologNop())
 	require.NoError(t, err)
-	r.sink = NewJetStream(r.js, cfg, func(checkpoint.Ticket) {}, zerologNop())
+	r.sink = NewPublisher(r.js, cfg, func(checkpoint.Ticket) {}, zerologNop())
 	go func() { r.run <- r.sink.Run(ctx) }()
 	return r
 }

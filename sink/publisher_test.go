@@ -45,13 +45,13 @@ func newJS(t *testing.T) jetstream.JetStream {
 	return js
 }
 
-func setup(t *testing.T, cfg sink.Config) (jetstream.JetStream, *sink.JetStream, *confirms) {
+func setup(t *testing.T, cfg sink.Config) (jetstream.JetStream, *sink.Publisher, *confirms) {
 	t.Helper()
 	js := newJS(t)
 	_, err := sink.EnsureStream(context.Background(), js, cfg, zerolog.Nop())
 	require.NoError(t, err)
 	c := &confirms{}
-	return js, sink.NewJetStream(js, cfg, c.confirm, zerolog.Nop()), c
+	return js, sink.NewPublisher(js, cfg, c.confirm, zerolog.Nop()), c
 }
 
 type confirms struct {

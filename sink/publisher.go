@@ -28,7 +28,7 @@ import (
 // help; the relay stops.
 var ErrPoison = errors.New("event cannot be published")
 
-// JetStream publishes events with a bounded, gap-free in-flight window (see the package doc).
+// Publisher publishes events with a bounded, gap-free in-flight window (see the package doc).
 //
 // Goroutines: Wait and Publish are called by one goroutine (the replication loop); Run is the
 // ack loop in its own goroutine. confirm is called from Run, once per published event, after
@@ -39,7 +39,7 @@ var ErrPoison = errors.New("event cannot be published")
 // the replies, resolves the entry waiting under that token, and times acks out with one timer
 // for the whole window. This is what jetstream.PublishMsgAsync does, without its per-message
 // future, channels, timer and reflection-based JSON decoding.
-type JetStream struct {
+type Publisher struct {
 	js      jetstream.JetStream
 	nc      *nats.Conn
 	cfg     Config
@@ -112,7 +112,7 @@ type JetStream struct {
 	replyBuf   []byte
 }
 
-// Stats are counters of the sink, read with (*JetStream).Stats.
+// Stats are counters of the sink, read with (*Publisher).Stats.
 type Stats struct {
 	Published  uint64 // events stored (new or duplicate)
 	Duplicates uint64 // acks with Duplicate: true
@@ -173,11 +173,11 @@ type entry struct {
 	traced func(seq uint64, duplicate bool)
 }
 
-// NewJetStream returns a sink publishing through js. confirm receives the ticket of every
+// NewPublisher returns a sink publishing through js. confirm receives the ticket of every
 // stored event.
-func NewJetStream(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ticket), log zerolog.Logger) *JetStream {
+func NewPublisher(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ticket), log zerolog.Logger) *Publisher {
 	cfg.fill()
-	j := &JetStream{
+	j := &Publisher{
 		js:      js,
 		cfg:     cfg,
 		log:     log.With().Str("component", "sink").Logger(),
@@ -210,7 +210,7 @@ func NewJetStream(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ti
 // Wait blocks until Publish can take one more event without blocking, or ctx ends: an event
 // slot is free and the bytes in flight leave room for an event of up to max_payload (at most
 // half of MaxInFlightBytes: Publish of a larger event may wait for more acks).
-func (j *JetStream) Wait(ctx context.Context) error {
+func (j *Publisher) Wait(ctx context.Context) error {
 	if !j.held {
 		select {
 		case j.sem <- struct{}{}:
@@ -238,7 +238,7 @@ func (j *JetStream) Wait(ctx context.Context) error {
 
 // reserve is the room Wait keeps for the next event: max_payload, at most half the byte
 // bound. Below half the bound there is room for it: max_payload is read only above.
-func (j *JetStream) reserve() int64 {
+func (j *Publisher) reserve() int64 {
 	limit := j.cfg.MaxInFlightBytes
 	if j.bytes.Load() <= limit/2 {
 		return 0
@@ -248,24 +248,24 @@ func (j *JetStream) reserve() int64 {
 
 // roomFor reports whether n more bytes may be in flight: nothing is, or they stay within the
 // bound.
-func (j *JetStream) roomFor(n int64) bool {
+func (j *Publisher) roomFor(n int64) bool {
 	b := j.bytes.Load()
 	return b == 0 || b+n <= j.cfg.MaxInFlightBytes
 }
 
 // Full reports whether the in-flight window is full (Publish would block).
-func (j *JetStream) Full() bool {
+func (j *Publisher) Full() bool {
 	return (!j.held && len(j.sem) == cap(j.sem)) || !j.roomFor(j.reserve())
 }
 
 // InFlight returns the number of events published and not yet confirmed.
-func (j *JetStream) InFlight() int { return len(j.sem) }
+func (j *Publisher) InFlight() int { return len(j.sem) }
 
 // InFlightBytes returns the message bytes published and not yet confirmed.
-func (j *JetStream) InFlightBytes() int64 { return j.bytes.Load() }
+func (j *Publisher) InFlightBytes() int64 { return j.bytes.Load() }
 
 // Stats returns a snapshot of the counters.
-func (j *JetStream) Stats() Stats {
+func (j *Publisher) Stats() Stats {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	st := j.stats
@@ -279,7 +279,7 @@ func (j *JetStream) Stats() Stats {
 // not fit the bytes in flight until acks free room. An error is
 // returned only for an event that can never be published (ErrPoison) or when ctx ends; a
 // broker failure is handled by Run, which re-publishes.
-func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoint.Ticket) error {
+func (j *Publisher) Publish(ctx context.Context, ev *decoder.Event, tk checkpoint.Ticket) error {
 	if err := j.Wait(ctx); err != nil {
 		return err
 	}
@@ -326,7 +326,7 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 
 // take counts size bytes in flight, waiting while they do not fit (unless nothing is in
 // flight: an event larger than the bound goes alone). On error the event's slot is given back.
-func (j *JetStream) take(ctx context.Context, size int64) error {
+func (j *Publisher) take(ctx context.Context, size int64) error {
 	for !j.roomFor(size) {
 		j.sealIfAlone()
 		select {
@@ -345,7 +345,7 @@ func (j *JetStream) take(ctx context.Context, size int64) error {
 
 // enqueue counts e's size bytes in flight (see take), appends e to the window and sends it,
 // unless the chain is being recovered (Run then sends it in order), and wakes Run.
-func (j *JetStream) enqueue(ctx context.Context, e *entry, size int) error {
+func (j *Publisher) enqueue(ctx context.Context, e *entry, size int) error {
 	e.size = int64(size)
 	if err := j.take(ctx, e.size); err != nil {
 		return err
@@ -374,7 +374,7 @@ func (j *JetStream) enqueue(ctx context.Context, e *entry, size int) error {
 }
 
 // wake tells Run that the window changed.
-func (j *JetStream) wake() {
+func (j *Publisher) wake() {
 	select {
 	case j.notify <- struct{}{}:
 	default:
@@ -384,12 +384,12 @@ func (j *JetStream) wake() {
 // EndTx ends the transaction whose events were published since the last EndTx: in atomic mode
 // they go out as one batch (the last part of it when it was split); otherwise it does nothing.
 // Called by the publishing goroutine.
-func (j *JetStream) EndTx() { j.sealBatch() }
+func (j *Publisher) EndTx() { j.sealBatch() }
 
 // sealIfAlone is called when the window is full: when all it holds is the open batch, no ack
 // would ever free room, so the batch goes out as it is (the transaction is split). Otherwise
 // acks of earlier batches will free room and the transaction may still fit whole.
-func (j *JetStream) sealIfAlone() {
+func (j *Publisher) sealIfAlone() {
 	j.mu.Lock()
 	alone := len(j.open) > 0 && len(j.open) == len(j.q)
 	j.mu.Unlock()
@@ -400,7 +400,7 @@ func (j *JetStream) sealIfAlone() {
 
 // sealBatch closes the open batch (atomic mode): its entries become one batch acknowledged by
 // its last one, and are sent unless the chain is being recovered (Run then sends them).
-func (j *JetStream) sealBatch() {
+func (j *Publisher) sealBatch() {
 	j.mu.Lock()
 	if len(j.open) == 0 {
 		j.mu.Unlock()
@@ -435,7 +435,7 @@ func (j *JetStream) sealBatch() {
 // sequence chain starts) before the first publish. Without an answer the events queue and
 // Run's recovery starts the chain (resync). Called once, by the publishing goroutine, while
 // nothing is queued.
-func (j *JetStream) startChain(ctx context.Context) {
+func (j *Publisher) startChain(ctx context.Context) {
 	j.started = true
 	var err error
 	var info *jetstream.StreamInfo
@@ -464,7 +464,7 @@ func (j *JetStream) startChain(ctx context.Context) {
 // PublishDeadLetter publishes what is known of an outbox row that cannot become an event (a
 // decoder.ErrPoison) to <prefix>.dead-letter, with reason, in its place in the order. Its
 // Nats-Msg-Id is the row's id, or dead-letter:<commit LSN>:<tx index> when it has none.
-func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, reason string, tk checkpoint.Ticket) error {
+func (j *Publisher) PublishDeadLetter(ctx context.Context, ev *decoder.Event, reason string, tk checkpoint.Ticket) error {
 	if err := j.Wait(ctx); err != nil {
 		return err
 	}
@@ -500,7 +500,7 @@ const MaxSubjectLen = 3072
 // left out (no room, or a key nats.go refuses) are counted in Outbox-Dropped-Headers. The
 // payload is kept only when keepPayload and it still fits. prevIDLen is (at most) the length
 // of the id send will put in Nats-Expected-Last-Msg-Id.
-func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool, prevIDLen int) {
+func (j *Publisher) deadLetter(e *entry, reason string, keepPayload bool, prevIDLen int) {
 	e.header()
 	m := e.msg
 	dl := &nats.Msg{Subject: j.cfg.SubjectPrefix + "." + DeadLetterToken}
@@ -639,7 +639,7 @@ func controlHeadersSize(stream string, prevIDLen int) int {
 
 // controlSize is controlHeadersSize for j's stream, with the atomic batch headers in atomic
 // mode (an id of up to 64 bytes, a sequence of up to 4 digits, the commit flag).
-func (j *JetStream) controlSize(prevIDLen int) int {
+func (j *Publisher) controlSize(prevIDLen int) int {
 	n := controlHeadersSize(j.cfg.Stream, prevIDLen)
 	if j.atomic {
 		n += len(headerBatchID) + 64 + 4 + len(headerBatchSeq) + 4 + 4 + len(headerBatchCommit) + 1 + 4
@@ -647,7 +647,7 @@ func (j *JetStream) controlSize(prevIDLen int) int {
 	return n
 }
 
-func (j *JetStream) maxPayload() int {
+func (j *Publisher) maxPayload() int {
 	if j.nc == nil {
 		return 0
 	}
@@ -677,7 +677,7 @@ func msgSize(m *nats.Msg) int {
 // message leaves nothing behind. It needs the relay to be the stream's only publisher: a
 // message stored by another publisher can take the sequence a refused message of the relay
 // would have had, and the next one in the window is then stored after a gap.
-func (j *JetStream) send(e *entry) {
+func (j *Publisher) send(e *entry) {
 	// The control headers are set directly rather than through PublishOpts (WithMsgID,
 	// WithExpectStream, WithExpectLastMsgID/Sequence), which cost an option slice, closures and a
 	// Header.Set each per message. Nats-Msg-Id is set by buildMsg. A re-publish replaces the
@@ -758,7 +758,7 @@ var batchCommitValue = []string{"1"}
 // first message sent of a batch starts a new batch id, so a batch re-sent after a failure (or
 // re-sent from a later entry, its first ones found stored) is numbered from 1 again. It
 // returns e's number in the batch. j.mu is held.
-func (j *JetStream) batchHeaders(e *entry, h nats.Header) int {
+func (j *Publisher) batchHeaders(e *entry, h nats.Header) int {
 	if j.sendingBatch != e.batch {
 		j.sendingBatch, j.bseq = e.batch, 0
 		j.batchN++
@@ -778,7 +778,7 @@ func (j *JetStream) batchHeaders(e *entry, h nats.Header) int {
 
 // listen sets up the reply subscription and the connection status listener, once. j.mu is
 // held.
-func (j *JetStream) listen() error {
+func (j *Publisher) listen() error {
 	if j.nc == nil {
 		return nats.ErrInvalidConnection
 	}
@@ -801,7 +801,7 @@ func (j *JetStream) listen() error {
 
 // stopListening removes the reply subscription and the status listener (Run returns; a later
 // send sets them up again).
-func (j *JetStream) stopListening() {
+func (j *Publisher) stopListening() {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if j.sub != nil {
@@ -817,7 +817,7 @@ func (j *JetStream) stopListening() {
 // Run resolves acks in publish order, confirms stored events and re-publishes after failures.
 // It returns when ctx ends (events still in flight stay unconfirmed: Postgres re-sends them) or
 // on an error that retrying cannot fix.
-func (j *JetStream) Run(ctx context.Context) error {
+func (j *Publisher) Run(ctx context.Context) error {
 	defer j.stopListening()
 	j.mu.Lock()
 	_ = j.listen() // a failure shows at the next send, which retries it
@@ -890,7 +890,7 @@ func (j *JetStream) Run(ctx context.Context) error {
 // no reply within AckTimeout of the send); false when ctx ended first. One timer serves the
 // whole window: it is armed for the awaited entry's deadline unless it already fires earlier
 // (sends are awaited in send order, so deadlines only grow) and re-armed when it fires.
-func (j *JetStream) await(ctx context.Context, e *entry, timer *time.Timer, status <-chan nats.Status) bool {
+func (j *Publisher) await(ctx context.Context, e *entry, timer *time.Timer, status <-chan nats.Status) bool {
 	for !e.resolved {
 		deadline := e.sent.Add(j.cfg.AckTimeout)
 		if j.timerAt.IsZero() || deadline.Before(j.timerAt) {
@@ -919,7 +919,7 @@ func (j *JetStream) await(ctx context.Context, e *entry, timer *time.Timer, stat
 
 // reply resolves the entry waiting for m (an ack or error reply); a reply nothing waits for
 // (its send timed out, or the entry was re-sent under a new token) is dropped.
-func (j *JetStream) reply(m *nats.Msg) {
+func (j *Publisher) reply(m *nats.Msg) {
 	tok, ok := replyToken(m.Subject)
 	if !ok {
 		return
@@ -945,7 +945,7 @@ func (j *JetStream) reply(m *nats.Msg) {
 }
 
 // resolve fails e's send with err, unless it already has an outcome.
-func (j *JetStream) resolve(e *entry, err error) {
+func (j *Publisher) resolve(e *entry, err error) {
 	j.mu.Lock()
 	if j.pending[e.token] == e {
 		delete(j.pending, e.token)
@@ -957,7 +957,7 @@ func (j *JetStream) resolve(e *entry, err error) {
 }
 
 // disconnected fails every send waiting for an ack: the connection they went out on is gone.
-func (j *JetStream) disconnected() {
+func (j *Publisher) disconnected() {
 	j.mu.Lock()
 	for tok, e := range j.pending {
 		e.resolved, e.ackErr = true, nats.ErrDisconnected
@@ -976,7 +976,7 @@ func replyToken(subject string) (uint64, bool) {
 	return tok, err == nil && tok != 0
 }
 
-func (j *JetStream) checkAck(e *entry) error {
+func (j *Publisher) checkAck(e *entry) error {
 	if string(e.ackStream) != j.cfg.Stream {
 		return fmt.Errorf("event %s was stored in stream %q, not %q: two streams take subject %s; fix the stream subjects", e.id, e.ackStream, j.cfg.Stream, e.msg.Subject)
 	}
@@ -1000,7 +1000,7 @@ func (j *JetStream) checkAck(e *entry) error {
 
 // confirmBatch confirms every entry of the batch whose commit entry is c (stored: its ack
 // came) and pops the stored entries off the window.
-func (j *JetStream) confirmBatch(c *entry) {
+func (j *Publisher) confirmBatch(c *entry) {
 	j.mu.Lock()
 	var stored []*entry
 	for _, e := range j.q {
@@ -1020,7 +1020,7 @@ func (j *JetStream) confirmBatch(c *entry) {
 }
 
 // pop confirms the oldest entry e (stored) and releases its window slot.
-func (j *JetStream) pop(e *entry) {
+func (j *Publisher) pop(e *entry) {
 	j.mu.Lock()
 	j.q[0] = nil
 	j.q = j.q[1:]
@@ -1041,7 +1041,7 @@ func (j *JetStream) pop(e *entry) {
 }
 
 // failed classifies a publish error: permanent ones end the relay, others are retried.
-func (j *JetStream) failed(e *entry, err error) error {
+func (j *Publisher) failed(e *entry, err error) error {
 	j.mu.Lock()
 	j.stats.Errors++
 	j.mu.Unlock()
@@ -1092,7 +1092,7 @@ func (j *JetStream) failed(e *entry, err error) error {
 // as in single mode; so is a batch refused as incomplete three times (the stream's pre-checks
 // refuse a message inside a batch without a reply, and the batch then has a gap). Other
 // refusals are retried as a batch.
-func (j *JetStream) batchFailed(c *entry, err error, reason string) error {
+func (j *Publisher) batchFailed(c *entry, err error, reason string) error {
 	switch code := apiErrorCode(err); {
 	case code == jsErrCodeAtomicDisabled:
 		return fmt.Errorf("stream %s refuses atomic batches (%v): set allow_atomic: true in its config (nats-server 2.12+), or run with --publish single", j.cfg.Stream, err)
@@ -1131,7 +1131,7 @@ func refused(err error) bool {
 
 // recover restores the chain after a failed publish: wait until every message in flight has
 // an outcome, then re-publish, in order, everything not known to be stored.
-func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.Timer, status <-chan nats.Status) error {
+func (j *Publisher) recover(ctx context.Context, backoff *backoff, timer *time.Timer, status <-chan nats.Status) error {
 	j.mu.Lock()
 	j.recovering = true
 	q := append([]*entry(nil), j.q...)
@@ -1253,7 +1253,7 @@ func wrongLastSequence(err error) bool {
 // The outcome of a failed publish is unknown (a lost ack, a reset connection), and the outage
 // may have outlasted the duplicate window: ask the stream how far it got, and do not
 // re-publish what it holds.
-func (j *JetStream) resync(ctx context.Context) bool {
+func (j *Publisher) resync(ctx context.Context) bool {
 	lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
 	last, ok, info, err := lastStored(lctx, j.js, j.cfg)
 	cancel()
@@ -1308,7 +1308,7 @@ func streamFull(err error) bool {
 }
 
 // skipStored confirms the queued events at or before last, which the stream holds.
-func (j *JetStream) skipStored(last Position) {
+func (j *Publisher) skipStored(last Position) {
 	j.mu.Lock()
 	var stored []*entry
 	for _, e := range j.q {
@@ -1333,7 +1333,7 @@ func (j *JetStream) skipStored(last Position) {
 }
 
 // popDone pops the stored (done) entries off the front of the window.
-func (j *JetStream) popDone() {
+func (j *Publisher) popDone() {
 	for {
 		j.mu.Lock()
 		if len(j.q) == 0 || !j.q[0].done {
@@ -1348,7 +1348,7 @@ func (j *JetStream) popDone() {
 
 // buildMsg copies the event into e.msg: the payload bytes as Postgres sent them and the relay's
 // headers, then the string entries of the headers column. A headers-column key that names a
-// relay header or starts with "Nats-" (JetStream's control headers) is skipped; one nats.go
+// relay header or starts with "Nats-" (Publisher's control headers) is skipped; one nats.go
 // refuses (validHeaderKey) is left out and counted in e.badKeys (Publish makes it poison). It returns the
 // message size the server's max_payload applies to (without the control headers).
 //
@@ -1356,7 +1356,7 @@ func (j *JetStream) popDone() {
 // header values share one string (built in j.scratch) and one []string backing array
 // (e.vals), there is no header map unless the headers column has entries (send fills a reused
 // one), and the subject string is reused while consecutive events share it.
-func (j *JetStream) buildMsg(e *entry, ev *decoder.Event) int {
+func (j *Publisher) buildMsg(e *entry, ev *decoder.Event) int {
 	b := j.scratch[:0]
 	var ends [7]int
 	b = append(b, ev.ID...)
