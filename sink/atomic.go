@@ -1,0 +1,142 @@
+package sink
+
+import (
+	"fmt"
+	"strconv"
+
+	"github.com/nats-io/nats.go"
+)
+
+// EndTx ends the transaction whose events were published since the last EndTx: in atomic mode
+// they go out as one batch (the last part of it when it was split); otherwise it does nothing.
+// Called by the publishing goroutine.
+func (j *Publisher) EndTx() { j.sealBatch() }
+
+// sealIfAlone is called when the window is full: when all it holds is the open batch, no ack
+// would ever free room, so the batch goes out as it is (the transaction is split). Otherwise
+// acks of earlier batches will free room and the transaction may still fit whole.
+func (j *Publisher) sealIfAlone() {
+	j.mu.Lock()
+	alone := len(j.open) > 0 && len(j.open) == len(j.q)
+	j.mu.Unlock()
+	if alone {
+		j.sealBatch()
+	}
+}
+
+// sealBatch closes the open batch (atomic mode): its entries become one batch acknowledged by
+// its last one, and are sent unless the chain is being recovered (Run then sends them).
+func (j *Publisher) sealBatch() {
+	j.mu.Lock()
+	if len(j.open) == 0 {
+		j.mu.Unlock()
+		return
+	}
+	commit := j.open[len(j.open)-1]
+	if len(j.open) == 1 {
+		// One event is stored whole anyway: it goes out on its own, which spares the server
+		// a batch (on a file stream each batch is staged in a store of its own: a 1-event
+		// batch costs it several times a plain publish).
+		commit = nil
+	}
+	for _, e := range j.open {
+		e.unsealed, e.batch = false, commit
+	}
+	for _, e := range j.open {
+		if j.recovering {
+			if e.failed == nil {
+				e.failed = j.startErr
+			}
+			continue
+		}
+		j.send(e)
+	}
+	clear(j.open)
+	j.open = j.open[:0]
+	j.mu.Unlock()
+	j.wake()
+}
+
+// Atomic batch headers (nats-server 2.12+).
+const (
+	headerBatchID     = "Nats-Batch-Id"
+	headerBatchSeq    = "Nats-Batch-Sequence"
+	headerBatchCommit = "Nats-Batch-Commit"
+)
+
+var batchCommitValue = []string{"1"}
+
+// batchHeaders sets the atomic batch headers of e, the next message of its batch, on h. The
+// first message sent of a batch starts a new batch id, so a batch re-sent after a failure (or
+// re-sent from a later entry, its first ones found stored) is numbered from 1 again. It
+// returns e's number in the batch. j.mu is held.
+func (j *Publisher) batchHeaders(e *entry, h nats.Header) int {
+	if j.sendingBatch != e.batch {
+		j.sendingBatch, j.bseq = e.batch, 0
+		j.batchN++
+		j.batchID = []string{j.batchPrefix + strconv.FormatUint(j.batchN, 10)}
+	}
+	j.bseq++
+	h[headerBatchID] = j.batchID
+	h[headerBatchSeq] = []string{strconv.Itoa(j.bseq)}
+	if e == e.batch {
+		h[headerBatchCommit] = batchCommitValue
+		j.sendingBatch = nil
+	} else {
+		delete(h, headerBatchCommit)
+	}
+	return j.bseq
+}
+
+// confirmBatch confirms every entry of the batch whose commit entry is c (stored: its ack
+// came) and pops the stored entries off the window.
+func (j *Publisher) confirmBatch(c *entry) {
+	j.mu.Lock()
+	var stored []*entry
+	for _, e := range j.q {
+		if e.batch == c && !e.done {
+			stored = append(stored, e)
+		}
+		if e == c {
+			break
+		}
+	}
+	j.mu.Unlock()
+	for _, e := range stored {
+		e.done = true
+		j.confirm(e.ticket)
+	}
+	j.popDone()
+}
+
+// batchFailed handles the refusal of the atomic batch whose commit entry is c. Its ack does
+// not say which event the stream refused, so a batch refused for what an event is (reason) is
+// published again event by event, where that event is found and stopped at or dead-lettered
+// as in single mode; so is a batch refused as incomplete three times (the stream's pre-checks
+// refuse a message inside a batch without a reply, and the batch then has a gap). Other
+// refusals are retried as a batch.
+func (j *Publisher) batchFailed(c *entry, err error, reason string) error {
+	switch code := apiErrorCode(err); {
+	case code == jsErrCodeAtomicDisabled:
+		return fmt.Errorf("stream %s refuses atomic batches (%v): set allow_atomic: true in its config (nats-server 2.12+), or run with --publish single", j.cfg.Stream, err)
+	case code == jsErrCodeBatchIncomplete:
+		if c.incomplete++; c.incomplete >= 3 {
+			reason = fmt.Sprintf("refused as incomplete %d times: %v", c.incomplete, err)
+		}
+	}
+	if reason != "" {
+		j.mu.Lock()
+		n := 0
+		for _, e := range j.q {
+			if e.batch == c {
+				e.batch = nil
+				n++
+			}
+		}
+		j.mu.Unlock()
+		j.log.Warn().Err(err).Str("last_event_id", c.id).Stringer("position", c.pos).Int("events", n).Str("reason", reason).
+			Msg("the stream refused an atomic batch for one of its events: publishing its events one by one, which finds the event (stopped at or dead-lettered as --on-poison says); this part of the transaction is not stored atomically")
+	}
+	c.failed = err
+	return nil
+}

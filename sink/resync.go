@@ -1,0 +1,275 @@
+package sink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// startChain reads the stream's replicas (which chain to use) and last sequence (where a
+// sequence chain starts) before the first publish. Without an answer the events queue and
+// Run's recovery starts the chain (resync). Called once, by the publishing goroutine, while
+// nothing is queued.
+func (j *Publisher) startChain(ctx context.Context) {
+	j.started = true
+	var err error
+	var info *jetstream.StreamInfo
+	if j.js == nil {
+		err = nats.ErrInvalidConnection
+	} else {
+		lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
+		var s jetstream.Stream
+		if s, err = j.js.Stream(lctx, j.cfg.Stream); err == nil {
+			info = s.CachedInfo()
+		}
+		cancel()
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if err != nil {
+		j.startErr = fmt.Errorf("read the last sequence of stream %s: %w", j.cfg.Stream, err)
+		j.stats.Errors++
+		return
+	}
+	// Atomic batches refuse Nats-Expected-Last-Msg-Id: they chain on the sequence.
+	j.seqChain = info.Config.Replicas > 1 || j.atomic
+	j.lastSeq, j.recovering = info.State.LastSeq, false
+}
+
+// recover restores the chain after a failed publish: wait until every message in flight has
+// an outcome, then re-publish, in order, everything not known to be stored.
+func (j *Publisher) recover(ctx context.Context, backoff *backoff, timer *time.Timer, status <-chan nats.Status) error {
+	j.mu.Lock()
+	j.recovering = true
+	q := append([]*entry(nil), j.q...)
+	j.mu.Unlock()
+
+	var first error
+	for _, e := range q {
+		if e.unsealed {
+			break // not sent yet: its batch is still open
+		}
+		if e.batch != nil && e.batch != e {
+			// Inside an atomic batch: its outcome is its commit's.
+			if first == nil && e.failed != nil {
+				first = e.failed // its send failed (disconnected)
+			}
+			continue
+		}
+		if e.token == 0 {
+			if refused(e.failed) {
+				// nats.go refused to send it: the same message would be refused again.
+				if err := j.failed(e, e.failed); err != nil {
+					return err
+				}
+			}
+			if first == nil {
+				first = e.failed
+			}
+			continue
+		}
+		if !j.await(ctx, e, timer, status) {
+			return nil
+		}
+		if e.ackErr == nil {
+			if err := j.checkAck(e); err != nil {
+				return err
+			}
+			if e.batch != nil {
+				j.confirmBatch(e)
+			} else {
+				e.done = true
+				j.confirm(e.ticket)
+			}
+		} else {
+			if err := j.failed(e, e.ackErr); err != nil {
+				return err
+			}
+			if first == nil {
+				first = e.ackErr
+			}
+		}
+		e.token = 0
+	}
+	j.popDone()
+	var wait time.Duration
+	switch {
+	case wrongLastSequence(first) || apiErrorCode(first) == jsErrCodeBatchDuplicate:
+		// The broker is up; the stream did not end where the chain expected (a duplicate
+		// took no new sequence, or another publisher stored a message): re-chain at once.
+		wait = 10 * time.Millisecond
+		j.mu.Lock()
+		j.stats.Resyncs++
+		j.mu.Unlock()
+		j.log.Debug().Err(first).Int("in_flight", len(q)).Msg("chain broken; re-publishing from the first event not stored, in order")
+	case streamFull(first):
+		wait = backoff.next()
+		j.mu.Lock()
+		j.stats.StreamFull++
+		j.mu.Unlock()
+		j.log.Error().Err(first).Str("stream", j.cfg.Stream).Int("in_flight", len(q)).Dur("retry_in", wait).
+			Msg("the stream is full (a max_bytes, max_msgs or max_msgs_per_subject limit with discard: new): nothing from this event on is stored or confirmed, and Postgres keeps the WAL. The relay retries until space frees: raise the limit (nats stream edit), or let max_age or consumers (work-queue/interest retention) remove messages")
+	default:
+		wait = backoff.next()
+		j.log.Warn().Err(first).Int("in_flight", len(q)).Dur("retry_in", wait).
+			Msg("publish failed; re-publishing from the first event not stored, in order")
+	}
+	select {
+	case <-time.After(wait):
+	case <-ctx.Done():
+		return nil
+	}
+	j.resync(ctx)
+	return nil
+}
+
+// JetStream error codes nats.go names no constant for.
+const (
+	jsErrCodeWrongLastMsgID       jetstream.ErrorCode = 10070 // wrong last msg ID
+	jsErrCodeStoreFailed          jetstream.ErrorCode = 10077 // storing failed ({err}), e.g. a limit with discard: new
+	jsErrCodeHeaderExceedsMaximum jetstream.ErrorCode = 10097 // header size exceeds maximum allowed of 64k
+	jsErrCodeMessageTTLInvalid    jetstream.ErrorCode = 10165 // invalid per-message TTL
+	jsErrCodeMessageTTLDisabled   jetstream.ErrorCode = 10166 // per-message TTL is disabled
+	jsErrCodeAtomicDisabled       jetstream.ErrorCode = 10174 // atomic publish is disabled
+	jsErrCodeBatchIncomplete      jetstream.ErrorCode = 10176 // atomic publish batch is incomplete
+	jsErrCodeBatchDuplicate       jetstream.ErrorCode = 10201 // atomic publish batch contains duplicate message id
+)
+
+// apiErrorCode is err's JetStream error code, or 0 when err is no JetStream API error.
+func apiErrorCode(err error) jetstream.ErrorCode {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		return apiErr.ErrorCode
+	}
+	return 0
+}
+
+// wrongLastSequence reports whether err is the stream's refusal of the chain's expectation.
+func wrongLastSequence(err error) bool {
+	switch apiErrorCode(err) {
+	case jetstream.JSErrCodeStreamWrongLastSequence, jetstream.JSErrCodeStreamWrongLastSequenceConstant, jsErrCodeWrongLastMsgID:
+		return true
+	}
+	return false
+}
+
+// resync starts the chain at the stream's last sequence and sends the queue, in order, from
+// the first event the stream does not hold. Nothing may be in flight. It reports false when
+// the stream could not be read (the queue stays unsent; call it again later).
+//
+// The outcome of a failed publish is unknown (a lost ack, a reset connection), and the outage
+// may have outlasted the duplicate window: ask the stream how far it got, and do not
+// re-publish what it holds.
+func (j *Publisher) resync(ctx context.Context) bool {
+	lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
+	last, ok, info, err := lastStored(lctx, j.js, j.cfg)
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil {
+			j.log.Warn().Err(err).Msg("cannot read the stream's last stored event; retrying")
+		}
+		return false
+	}
+	if ok && last.Seq > j.cfg.SeqFloor {
+		j.skipStored(last.Position)
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.seqChain = info.Config.Replicas > 1 || j.atomic
+	j.lastSeq = info.State.LastSeq
+	j.lastID = ""
+	j.recovering = false
+	j.sendingBatch = nil
+	for _, e := range j.q {
+		if e.unsealed {
+			break // its batch is still open: sealBatch sends it
+		}
+		if e.done {
+			// Stored after an entry whose outcome was unknown but which was stored too (it
+			// is its predecessor in the chain): keep the chain's view of the stream's tail.
+			j.lastID = e.id
+			continue
+		}
+		if e.sent != (time.Time{}) {
+			j.stats.Retries++
+		}
+		j.send(e)
+		if j.recovering {
+			break // the broker is still unreachable; Run comes back here
+		}
+	}
+	return true
+}
+
+// streamFull reports a refusal by a stream at one of its limits with discard: new.
+func streamFull(err error) bool {
+	var apiErr *jetstream.APIError
+	if !errors.As(err, &apiErr) || apiErr.ErrorCode != jsErrCodeStoreFailed {
+		return false
+	}
+	switch apiErr.Description {
+	case "maximum bytes exceeded", "maximum messages exceeded", "maximum messages per subject exceeded":
+		return true
+	}
+	return false
+}
+
+// skipStored confirms the queued events at or before last, which the stream holds.
+func (j *Publisher) skipStored(last Position) {
+	j.mu.Lock()
+	var stored []*entry
+	for _, e := range j.q {
+		if !e.pos.AtOrBefore(last) {
+			break
+		}
+		if !e.done {
+			stored = append(stored, e)
+			j.stats.Skipped++
+		}
+	}
+	j.mu.Unlock()
+	for _, e := range stored {
+		e.done = true
+		j.confirm(e.ticket)
+		if e.traced != nil { // stored, with no ack to tell the sequence
+			e.traced(0, false)
+			e.traced = nil
+		}
+	}
+	j.popDone()
+}
+
+// popDone pops the stored (done) entries off the front of the window.
+func (j *Publisher) popDone() {
+	for {
+		j.mu.Lock()
+		if len(j.q) == 0 || !j.q[0].done {
+			j.mu.Unlock()
+			return
+		}
+		e := j.q[0]
+		j.mu.Unlock()
+		j.pop(e)
+	}
+}
+
+type backoff struct {
+	min, max, cur time.Duration
+}
+
+func newBackoff(min, max time.Duration) *backoff { return &backoff{min: min, max: max} }
+
+func (b *backoff) next() time.Duration {
+	if b.cur == 0 {
+		b.cur = b.min
+	} else if b.cur *= 2; b.cur > b.max {
+		b.cur = b.max
+	}
+	return b.cur
+}
+
+func (b *backoff) reset() { b.cur = 0 }
