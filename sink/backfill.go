@@ -20,9 +20,9 @@ const HeaderBackfill = "Outbox-Backfill"
 func BackfillMsg(cfg Config, ev *decoder.Event, pos Position) (*nats.Msg, error) {
 	cfg.fill()
 	ev.CommitLSN, ev.TxIndex = pos.CommitLSN, pos.TxIndex
-	j := &Publisher{cfg: cfg}
+	var mb msgBuilder
 	e := &entry{}
-	j.buildMsg(e, ev)
+	mb.build(e, ev)
 	if reason := e.headerRefusal(); reason != "" {
 		return nil, fmt.Errorf("%w: event %s: %s", ErrPoison, e.id, reason)
 	}

@@ -30,7 +30,7 @@ func TestBuildMsg_HeadersAndCopies(t *testing.T) {
 	j := NewPublisher(nil, Config{Stream: "S"}, nil, zerologNop())
 	ev := testEvent()
 	e := &entry{}
-	size := j.buildMsg(e, ev)
+	size := j.msgs.build(e, ev)
 	require.Equal(t, nats.Header{
 		HeaderMsgID:         {"0b5a4c1e-0000-4000-8000-000000000001"},
 		HeaderAggregateType: {"order"},
@@ -59,7 +59,7 @@ func TestBuildMsg_HeadersAndCopies(t *testing.T) {
 	}
 	ev.CreatedAt = nil
 	e2 := &entry{}
-	j.buildMsg(e2, ev)
+	j.msgs.build(e2, ev)
 	require.Equal(t, "0b5a4c1e-0000-4000-8000-000000000001", e.msg.Header.Get(HeaderMsgID))
 	require.Equal(t, `{"total": 10}`, string(e.msg.Data))
 	require.Equal(t, "outbox.order.OrderCreated", e.msg.Subject)
@@ -68,14 +68,14 @@ func TestBuildMsg_HeadersAndCopies(t *testing.T) {
 	require.Equal(t, "XXXXXXXXXXXXXXXXXXXXXXXXX", e2.msg.Subject)
 }
 
-// Without headers-column entries buildMsg leaves the header map out (send fills a reused one
+// Without headers-column entries build leaves the header map out (send fills a reused one
 // from e.vals); header() and send build the same headers as the map path.
 func TestBuildMsg_RelayHeadersOnlyHaveNoMapUntilNeeded(t *testing.T) {
 	j := NewPublisher(nil, Config{Stream: "S"}, nil, zerologNop())
 	ev := testEvent()
 	ev.Headers = []decoder.Header{{Key: "Nats-Rollup", Value: "all"}} // reserved: skipped
 	e := &entry{}
-	size := j.buildMsg(e, ev)
+	size := j.msgs.build(e, ev)
 	require.Nil(t, e.msg.Header)
 	want := nats.Header{
 		HeaderMsgID:         {"0b5a4c1e-0000-4000-8000-000000000001"},
@@ -95,7 +95,7 @@ func TestBuildMsg_RelayHeadersOnlyHaveNoMapUntilNeeded(t *testing.T) {
 
 	ev.CreatedAt = nil
 	e2 := &entry{}
-	j.buildMsg(e2, ev)
+	j.msgs.build(e2, ev)
 	require.NotContains(t, e2.header(), HeaderCreatedAt)
 }
 
@@ -112,7 +112,7 @@ func BenchmarkBuildMsg(b *testing.B) {
 	ev.Headers = nil
 	b.ReportAllocs()
 	for i := 0; i < b.N; i++ {
-		j.buildMsg(&entry{}, ev)
+		j.msgs.build(&entry{}, ev)
 	}
 }
 

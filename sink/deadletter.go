@@ -30,7 +30,7 @@ func (j *Publisher) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 	if j.cfg.Tracer != nil {
 		e.traced = j.cfg.Tracer.Start(ev)
 	}
-	j.buildMsg(e, ev)
+	j.msgs.build(e, ev)
 	if e.id == "" {
 		e.id = fmt.Sprintf("dead-letter:%s:%d", ev.CommitLSN, ev.TxIndex)
 	}

@@ -34,7 +34,7 @@ func TestJetStream_ControlHeadersCountAgainstMaxPayload(t *testing.T) {
 	ev := testEvent()
 	ev.Headers = nil
 	ev.Payload = nil
-	base := j.buildMsg(&entry{}, ev)
+	base := j.msgs.build(&entry{}, ev)
 	// Fits without the control headers, by 10 bytes.
 	ev.Payload = make([]byte, max-base-10)
 	require.LessOrEqual(t, base+len(ev.Payload), max)

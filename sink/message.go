@@ -56,7 +56,7 @@ func controlHeadersSize(stream string, prevIDLen int) int {
 }
 
 // msgSize is the size max_payload applies to, for a message whose headers were changed after
-// buildMsg (CloudEvents attributes).
+// build (CloudEvents attributes).
 func msgSize(m *nats.Msg) int {
 	n := len(m.Data) + len(m.Subject)
 	for k, vs := range m.Header {
@@ -71,41 +71,63 @@ func msgSize(m *nats.Msg) int {
 // one Nats- header a headers-column entry may set.
 const HeaderTTL = "Nats-TTL"
 
-// buildMsg copies the event into e.msg: the payload bytes as Postgres sent them and the relay's
+// msgBuilder builds the message of each event, on the publishing goroutine: the header values of
+// one event are built in one buffer and converted to one string, and the subject string is
+// reused while it does not change. Its zero value is ready to use.
+type msgBuilder struct {
+	scratch []byte
+	subject string
+}
+
+// Indexes of entry.vals: the relay's header values, in the order of relayHeaderKeys, then the
+// chain's expectation (set by send).
+const (
+	valMsgID = iota
+	valAggregateType
+	valAggregateID
+	valEventType
+	valCreatedAt // "" when the event has no created_at: Outbox-Created-At is left out
+	valCommitLSN
+	valTxIndex
+	valExpect // Nats-Expected-Last-Sequence or Nats-Expected-Last-Msg-Id
+	numVals
+)
+
+// build copies the event into e.msg: the payload bytes as Postgres sent them and the relay's
 // headers, then the string entries of the headers column. A headers-column key that names a
-// relay header or starts with "Nats-" (Publisher's control headers) is skipped; one nats.go
+// relay header or starts with "Nats-" (JetStream's control headers) is skipped; one nats.go
 // refuses (validHeaderKey) is left out and counted in e.badKeys (Publish makes it poison). It returns the
 // message size the server's max_payload applies to (without the control headers).
 //
 // This runs once per event on the publishing goroutine, so it allocates little: the relay's
-// header values share one string (built in j.scratch) and one []string backing array
+// header values share one string (built in mb.scratch) and one []string backing array
 // (e.vals), there is no header map unless the headers column has entries (send fills a reused
 // one), and the subject string is reused while consecutive events share it.
-func (j *Publisher) buildMsg(e *entry, ev *decoder.Event) int {
-	b := j.scratch[:0]
-	var ends [7]int
+func (mb *msgBuilder) build(e *entry, ev *decoder.Event) int {
+	b := mb.scratch[:0]
+	var ends [valExpect]int
 	b = append(b, ev.ID...)
-	ends[0] = len(b)
+	ends[valMsgID] = len(b)
 	b = append(b, ev.AggregateType...)
-	ends[1] = len(b)
+	ends[valAggregateType] = len(b)
 	b = append(b, ev.AggregateID...)
-	ends[2] = len(b)
+	ends[valAggregateID] = len(b)
 	b = append(b, ev.EventType...)
-	ends[3] = len(b)
+	ends[valEventType] = len(b)
 	b = append(b, ev.CreatedAt...)
-	ends[4] = len(b)
+	ends[valCreatedAt] = len(b)
 	b = appendLSN(b, ev.CommitLSN)
-	ends[5] = len(b)
+	ends[valCommitLSN] = len(b)
 	b = strconv.AppendInt(b, int64(ev.TxIndex), 10)
-	ends[6] = len(b)
-	j.scratch = b
+	ends[valTxIndex] = len(b)
+	mb.scratch = b
 	all := string(b)
 	start := 0
 	for i, end := range ends {
 		e.vals[i] = all[start:end]
 		start = end
 	}
-	e.id = e.vals[0]
+	e.id = e.vals[valMsgID]
 
 	var h nats.Header // only for headers-column entries; see entry.msg
 	size := 12        // "NATS/1.0\r\n" + final CRLF
@@ -132,7 +154,7 @@ func (j *Publisher) buildMsg(e *entry, ev *decoder.Event) int {
 		size += len(kv.Key) + len(kv.Value) + 4
 	}
 	for i, k := range relayHeaderKeys {
-		if i == 4 && len(ev.CreatedAt) == 0 {
+		if i == valCreatedAt && len(ev.CreatedAt) == 0 {
 			continue
 		}
 		size += len(k) + len(e.vals[i]) + 4
@@ -140,11 +162,11 @@ func (j *Publisher) buildMsg(e *entry, ev *decoder.Event) int {
 	if h != nil {
 		e.setRelayHeaders(h)
 	}
-	if string(ev.Subject) != j.subject {
-		j.subject = string(ev.Subject)
+	if string(ev.Subject) != mb.subject {
+		mb.subject = string(ev.Subject)
 	}
 	e.msg = nats.Msg{
-		Subject: j.subject,
+		Subject: mb.subject,
 		Data:    append([]byte(nil), ev.Payload...),
 		Header:  h,
 	}
@@ -152,19 +174,27 @@ func (j *Publisher) buildMsg(e *entry, ev *decoder.Event) int {
 }
 
 // relayHeaderKeys are the names of the relay's headers, in the order of entry.vals.
-var relayHeaderKeys = [7]string{HeaderMsgID, HeaderAggregateType, HeaderAggregateID, HeaderEventType, HeaderCreatedAt, HeaderCommitLSN, HeaderTxIndex}
+var relayHeaderKeys = [valExpect]string{
+	valMsgID:         HeaderMsgID,
+	valAggregateType: HeaderAggregateType,
+	valAggregateID:   HeaderAggregateID,
+	valEventType:     HeaderEventType,
+	valCreatedAt:     HeaderCreatedAt,
+	valCommitLSN:     HeaderCommitLSN,
+	valTxIndex:       HeaderTxIndex,
+}
 
 // setRelayHeaders sets the relay's headers of e on h (Outbox-Created-At only when known).
 func (e *entry) setRelayHeaders(h nats.Header) {
 	for i, k := range relayHeaderKeys {
-		if i == 4 && e.vals[i] == "" {
+		if i == valCreatedAt && e.vals[i] == "" {
 			continue
 		}
 		h[k] = e.vals[i : i+1 : i+1]
 	}
 }
 
-// header returns e's header map, building it from the relay's headers if buildMsg left it out.
+// header returns e's header map, building it from the relay's headers if build left it out.
 func (e *entry) header() nats.Header {
 	if e.msg.Header == nil {
 		e.msg.Header = make(nats.Header, 10)

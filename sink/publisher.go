@@ -94,11 +94,9 @@ type Publisher struct {
 	batchN       uint64
 	batchID      []string
 
-	// Publish-goroutine scratch: header values of one event are built in one buffer and
-	// converted to one string; the subject string is reused while it does not change.
-	scratch     []byte
-	prevIDLen   int // length of the previous event's id (its Nats-Expected-Last-Msg-Id)
-	subject     string
+	// Publish-goroutine state: msgs builds the messages.
+	msgs        msgBuilder
+	prevIDLen   int      // length of the previous event's id (its Nats-Expected-Last-Msg-Id)
 	streamValue []string // the Nats-Expected-Stream header value, shared read-only by every message
 
 	// send's scratch (j.mu): the header map of a message that carries only the relay's
@@ -127,7 +125,7 @@ type entry struct {
 	// are in vals: send fills a reused map from them (header builds the message's own map
 	// when it needs one: other headers, CloudEvents, dead-letter).
 	msg    nats.Msg
-	vals   [8]string // the relay's header values (one allocation for all) and the chain's expectation
+	vals   [numVals]string // the relay's header values (one allocation for all) and the chain's expectation
 	id     string
 	pos    Position
 	ticket checkpoint.Ticket
@@ -139,7 +137,7 @@ type entry struct {
 	done   bool  // stored; confirm was called
 	failed error
 
-	// Headers-column keys nats.go refuses (see validHeaderKey), left out of msg by buildMsg:
+	// Headers-column keys nats.go refuses (see validHeaderKey), left out of msg by build:
 	// the first one and how many.
 	badKey  string
 	badKeys int
@@ -287,7 +285,7 @@ func (j *Publisher) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 	if j.cfg.Tracer != nil {
 		e.traced = j.cfg.Tracer.Start(ev)
 	}
-	size := j.buildMsg(e, ev)
+	size := j.msgs.build(e, ev)
 	e.pos = Position{ev.CommitLSN, ev.TxIndex}
 	if j.cfg.CloudEvents {
 		addCloudEvents(e.header(), ev, j.cfg.CloudEventsSource)
@@ -408,7 +406,7 @@ func (j *Publisher) maxPayload() int {
 func (j *Publisher) send(e *entry) {
 	// The control headers are set directly rather than through PublishOpts (WithMsgID,
 	// WithExpectStream, WithExpectLastMsgID/Sequence), which cost an option slice, closures and a
-	// Header.Set each per message. Nats-Msg-Id is set by buildMsg. A re-publish replaces the
+	// Header.Set each per message. Nats-Msg-Id is set by msgBuilder.build. A re-publish replaces the
 	// expectation, or removes it when a msg id chain restarts.
 	h := e.msg.Header
 	if h == nil {
@@ -420,11 +418,11 @@ func (j *Publisher) send(e *entry) {
 	switch {
 	case j.cfg.unchained:
 	case j.seqChain:
-		e.vals[len(e.vals)-1] = strconv.FormatUint(j.lastSeq, 10)
-		h[jetstream.ExpectedLastSeqHeader] = e.vals[len(e.vals)-1:]
+		e.vals[valExpect] = strconv.FormatUint(j.lastSeq, 10)
+		h[jetstream.ExpectedLastSeqHeader] = e.vals[valExpect:]
 	case j.lastID != "":
-		e.vals[len(e.vals)-1] = j.lastID
-		h[jetstream.ExpectedLastMsgIDHeader] = e.vals[len(e.vals)-1:]
+		e.vals[valExpect] = j.lastID
+		h[jetstream.ExpectedLastMsgIDHeader] = e.vals[valExpect:]
 	default:
 		delete(h, jetstream.ExpectedLastMsgIDHeader)
 	}

@@ -80,7 +80,7 @@ func TestJetStream_MessageRefusedForWhatItIsIsPoison(t *testing.T) {
 				j.held = false
 				ev := refusalEvent(2)
 				e := &entry{ticket: 2, pos: Position{ev.CommitLSN, ev.TxIndex}}
-				size := j.buildMsg(e, ev)
+				size := j.msgs.build(e, ev)
 				c.spoil(e)
 				require.NoError(t, j.enqueue(ctx, e, size))
 				require.NoError(t, j.Publish(ctx, refusalEvent(3), 3))
