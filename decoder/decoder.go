@@ -101,7 +101,7 @@ const (
 	// prefix. It is not part of any transaction (it is decoded when written, even if its
 	// transaction later rolls back), so it is not published; the relay warns.
 	NonTransactional
-	// Poison: returned with an ErrPoison error for an outbox row that cannot become an event;
+	// Poison: returned with a *PoisonError for an outbox row that cannot become an event;
 	// Change.Event holds what could be read (CommitLSN and TxIndex always, ID if any).
 	Poison
 )
@@ -114,10 +114,6 @@ type Change struct {
 	// every event of the transaction, and of all earlier ones, is stored by the broker.
 	CommitEnd pglogrepl.LSN
 }
-
-// ErrPoison marks a row that cannot be turned into an event (NULL id, invalid headers...).
-// The relay fails closed on it: nothing after it is confirmed.
-var ErrPoison = errors.New("outbox row cannot become an event")
 
 // Decoder holds the relation cache and the current transaction. It is not safe for concurrent
 // use: one replication loop owns it.
@@ -366,8 +362,8 @@ func (d *Decoder) decodeInsert(r *reader) (Change, error) {
 		if pc := d.cols[rel.payload]; pc.kind == 't' && ev.Payload == nil {
 			ev.Payload = pc.data
 		}
-		return Change{Kind: Poison, Event: ev}, fmt.Errorf("%w: row %d of transaction committed at %s (id %q): %s",
-			ErrPoison, idx, d.commitLSN, ev.ID, fmt.Sprintf(format, args...))
+		return Change{Kind: Poison, Event: ev}, Poisonf(d.commitLSN, idx, string(ev.ID), "outbox row cannot become an event: row %d of transaction committed at %s (id %q): %s",
+			idx, d.commitLSN, ev.ID, fmt.Sprintf(format, args...))
 	}
 	c := d.cfg.Columns
 	get := func(i int) column { return d.cols[i] }

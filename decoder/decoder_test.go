@@ -2,7 +2,6 @@ package decoder_test
 
 import (
 	"encoding/binary"
-	"errors"
 	"testing"
 
 	"github.com/jackc/pglogrepl"
@@ -152,7 +151,9 @@ func TestDecode_PoisonRows(t *testing.T) {
 			d := decoder.New(decoder.Config{})
 			decodeAll(t, d, relation(1, "public", "outbox", outboxCols...), begin(0xABC))
 			_, err := d.Decode(insert(1, vals...))
-			require.True(t, errors.Is(err, decoder.ErrPoison), "%v", err)
+			var poison *decoder.PoisonError
+			require.ErrorAs(t, err, &poison)
+			require.Equal(t, pglogrepl.LSN(0xABC), poison.CommitLSN)
 			require.ErrorContains(t, err, "0/ABC")
 		})
 	}

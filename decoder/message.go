@@ -61,8 +61,8 @@ func (d *Decoder) decodeMessage(r *reader) (Change, error) {
 				ev.Payload = content
 			}
 		}
-		return Change{Kind: Poison, Event: ev}, fmt.Errorf("%w: message %d of transaction committed at %s (prefix %q, id %q): %s",
-			ErrPoison, idx, d.commitLSN, prefix, m.ID, fmt.Sprintf(format, args...))
+		return Change{Kind: Poison, Event: ev}, Poisonf(d.commitLSN, idx, m.ID, "outbox row cannot become an event: message %d of transaction committed at %s (prefix %q, id %q): %s",
+			idx, d.commitLSN, prefix, m.ID, fmt.Sprintf(format, args...))
 	}
 	if err := json.Unmarshal(content, m); err != nil {
 		// A field of the wrong type: json.Unmarshal still decodes the others.

@@ -78,7 +78,7 @@ func TestDecode_MalformedMessageContentIsPoison(t *testing.T) {
 		d := decoder.New(decoder.Config{MessagePrefix: "outbox"})
 		decodeAll(t, d, begin(0x500))
 		_, err := d.Decode(message(true, "outbox", content))
-		require.True(t, errors.Is(err, decoder.ErrPoison), "%s: %v", name, err)
+		require.True(t, errors.As(err, new(*decoder.PoisonError)), "%s: %v", name, err)
 	}
 	// A truncated message is a protocol error, not poison.
 	d := decoder.New(decoder.Config{MessagePrefix: "outbox"})
@@ -86,7 +86,7 @@ func TestDecode_MalformedMessageContentIsPoison(t *testing.T) {
 	m := message(true, "outbox", emitted)
 	_, err := d.Decode(m[:len(m)-3])
 	require.Error(t, err)
-	require.False(t, errors.Is(err, decoder.ErrPoison))
+	require.False(t, errors.As(err, new(*decoder.PoisonError)))
 }
 
 // A malformed message is a Poison change carrying what could be salvaged, for a dead-letter
@@ -107,7 +107,9 @@ func TestDecode_MalformedMessageIsAPoisonEventWithWhatCanBeSalvaged(t *testing.T
 		_, err := d.Decode(message(true, "outbox", emitted))
 		require.NoError(t, err)
 		ch, err := d.Decode(message(true, "outbox", c.content))
-		require.True(t, errors.Is(err, decoder.ErrPoison), "%s: %v", c.name, err)
+		var poison *decoder.PoisonError
+		require.True(t, errors.As(err, &poison), "%s: %v", c.name, err)
+		require.Equal(t, c.id, poison.ID, c.name)
 		require.Equal(t, decoder.Poison, ch.Kind, c.name)
 		require.NotNil(t, ch.Event, c.name)
 		require.Equal(t, c.id, string(ch.Event.ID), c.name)

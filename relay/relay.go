@@ -15,7 +15,6 @@ import (
 	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/internal/redact"
 	"github.com/outbox-relay/outbox-relay/replication"
-	"github.com/outbox-relay/outbox-relay/sink"
 )
 
 // Option adjusts how Run runs (not what it relays: that is Config).
@@ -65,8 +64,7 @@ func IsFatal(err error) bool {
 		errors.Is(err, replication.ErrSlotInvalidated) ||
 		errors.Is(err, replication.ErrPublicationMissing) ||
 		errors.Is(err, replication.ErrSlotMissing) ||
-		errors.Is(err, decoder.ErrPoison) ||
-		errors.Is(err, sink.ErrPoison)
+		errors.As(err, new(*decoder.PoisonError))
 }
 
 // Run checks Postgres and JetStream (Preflight), then runs replication sessions until ctx ends

@@ -348,7 +348,7 @@ func (s *Session) finish(err error) error {
 		// was confirmed. The next session publishes everything from the slot's position.
 		err = acceptReplayFork(cfg, err, s.guard, s.stopRec, s.sys, s.start, s.lastMsg, &s.resume, s.log)
 	}
-	if errors.Is(err, decoder.ErrPoison) || errors.Is(err, sink.ErrPoison) {
+	if errors.As(err, new(*decoder.PoisonError)) {
 		err = fmt.Errorf("%w. Nothing from this event on is confirmed; the relay stops. Way out: remove the cause and restart, or restart with Config.OnPoison dead-letter to publish the event (or its metadata) to %s.%s and go on",
 			err, cfg.Sink.SubjectPrefix, sink.DeadLetterToken)
 	}

@@ -1,8 +1,6 @@
 package sink
 
 import (
-	"fmt"
-
 	"github.com/nats-io/nats.go"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
@@ -15,8 +13,8 @@ const HeaderBackfill = "Outbox-Backfill"
 // headers), stamped at pos instead of the event's own position and marked with
 // Outbox-Backfill: true. pos is the stream's last stored position when the backfill began, so
 // that backfilled messages do not move the position the relay skips replays up to
-// (LastStored). An event the relay treats as poison for its header keys is an ErrPoison
-// error.
+// (LastStored). An event the relay treats as poison for its header keys is a
+// *decoder.PoisonError.
 func BackfillMsg(cfg Config, ev *decoder.Event, pos Position) (*nats.Msg, error) {
 	cfg.fill()
 	ev.CommitLSN, ev.TxIndex = pos.CommitLSN, pos.TxIndex
@@ -24,7 +22,7 @@ func BackfillMsg(cfg Config, ev *decoder.Event, pos Position) (*nats.Msg, error)
 	e := &entry{}
 	mb.build(e, ev)
 	if reason := e.headerRefusal(); reason != "" {
-		return nil, fmt.Errorf("%w: event %s: %s", ErrPoison, e.id, reason)
+		return nil, decoder.Poisonf(pos.CommitLSN, pos.TxIndex, e.id, "event cannot be published: event %s: %s", e.id, reason)
 	}
 	if cfg.CloudEvents {
 		addCloudEvents(e.header(), ev, cfg.CloudEventsSource)

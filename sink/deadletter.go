@@ -16,7 +16,7 @@ import (
 )
 
 // PublishDeadLetter publishes what is known of an outbox row that cannot become an event (a
-// decoder.ErrPoison) to <prefix>.dead-letter, with reason, in its place in the order. Its
+// *decoder.PoisonError) to <prefix>.dead-letter, with reason, in its place in the order. Its
 // Nats-Msg-Id is the row's id, or dead-letter:<commit LSN>:<tx index> when it has none.
 func (j *Publisher) PublishDeadLetter(ctx context.Context, ev *decoder.Event, reason string, tk checkpoint.Ticket) error {
 	if err := j.Wait(ctx); err != nil {
@@ -174,7 +174,7 @@ func (j *Publisher) failed(e *entry, err error) error {
 	if reason != "" {
 		isDL := e.msg.Subject == j.cfg.SubjectPrefix+"."+DeadLetterToken
 		if !j.cfg.DeadLetter || isDL && e.minimal {
-			return fmt.Errorf("%w: event %s (position %s, transaction committed at %s) rejected by the stream: %s", ErrPoison, e.id, e.pos, e.pos.CommitLSN, reason)
+			return decoder.Poisonf(e.pos.CommitLSN, e.pos.TxIndex, e.id, "event cannot be published: event %s (position %s, transaction committed at %s) rejected by the stream: %s", e.id, e.pos, e.pos.CommitLSN, reason)
 		}
 		// A dead letter without payload refused as well: its headers are over the stream's
 		// max_msg_size; send the minimal one.

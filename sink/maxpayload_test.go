@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/checkpoint"
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 )
 
@@ -39,7 +40,10 @@ func TestJetStream_ControlHeadersCountAgainstMaxPayload(t *testing.T) {
 	ev.Payload = make([]byte, max-base-10)
 	require.LessOrEqual(t, base+len(ev.Payload), max)
 	err = j.Publish(ctx, ev, 1)
-	require.True(t, errors.Is(err, ErrPoison), "got %v", err)
+	var poison *decoder.PoisonError
+	require.True(t, errors.As(err, &poison), "got %v", err)
+	require.Equal(t, string(ev.ID), poison.ID)
+	require.Equal(t, Position{ev.CommitLSN, ev.TxIndex}, Position{poison.CommitLSN, poison.TxIndex})
 	require.ErrorContains(t, err, "over the server's max_payload of 4096")
 
 	// One that fits with them goes out.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"strconv"
 	"sync"
@@ -18,11 +17,6 @@ import (
 	"github.com/outbox-relay/outbox-relay/checkpoint"
 	"github.com/outbox-relay/outbox-relay/decoder"
 )
-
-// ErrPoison marks an event the broker will never store as it is (too large for the server's
-// max_payload or the stream's max_msg_size, a header key nats.go refuses). Retrying cannot
-// help; the relay stops.
-var ErrPoison = errors.New("event cannot be published")
 
 // Publisher publishes events with a bounded, gap-free in-flight window (see the package doc).
 //
@@ -271,7 +265,7 @@ func (j *Publisher) Stats() Stats {
 // blocks only when called without a successful Wait and the window is full, or when the event
 // is larger than the room Wait keeps (max_payload, at most half of MaxInFlightBytes) and does
 // not fit the bytes in flight until acks free room. An error is
-// returned only for an event that can never be published (ErrPoison) or when ctx ends; a
+// returned only for an event that can never be published (a *decoder.PoisonError) or when ctx ends; a
 // broker failure is handled by Run, which re-publishes.
 func (j *Publisher) Publish(ctx context.Context, ev *decoder.Event, tk checkpoint.Ticket) error {
 	if err := j.Wait(ctx); err != nil {
@@ -310,7 +304,7 @@ func (j *Publisher) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 	if reason != "" {
 		if !j.cfg.DeadLetter {
 			<-j.sem
-			return fmt.Errorf("%w: event %s (position %s, transaction committed at %s): %s", ErrPoison, e.id, e.pos, ev.CommitLSN, reason)
+			return decoder.Poisonf(e.pos.CommitLSN, e.pos.TxIndex, e.id, "event cannot be published: event %s (position %s, transaction committed at %s): %s", e.id, e.pos, ev.CommitLSN, reason)
 		}
 		j.deadLetter(e, reason, keepPayload, j.prevIDLen)
 		size = msgSize(&e.msg) + j.controlSize(j.prevIDLen)

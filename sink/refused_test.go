@@ -88,7 +88,9 @@ func TestJetStream_MessageRefusedForWhatItIsIsPoison(t *testing.T) {
 				if !deadLetter {
 					select {
 					case err := <-r.run:
-						require.True(t, errors.Is(err, ErrPoison), "got %v", err)
+						var poison *decoder.PoisonError
+						require.True(t, errors.As(err, &poison), "got %v", err)
+						require.Equal(t, "ev-2", poison.ID)
 						require.ErrorContains(t, err, "event ev-2 ")
 						require.ErrorContains(t, err, c.reason)
 					case <-ctx.Done():

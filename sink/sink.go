@@ -109,7 +109,7 @@ type Config struct {
 	// the stream's max_msg_size, headers over 64k, a header key nats.go refuses, subject over
 	// the protocol limit) is replaced by a message to <SubjectPrefix>.dead-letter with the
 	// reason in a header, in its place in the order (see deadLetter for what it keeps).
-	// Otherwise such an event stops the relay (ErrPoison).
+	// Otherwise such an event stops the relay (a *decoder.PoisonError).
 	DeadLetter bool
 	// SeqFloor: stream messages up to this sequence came from an earlier source (another
 	// Postgres cluster, see SourcePosition); their positions are not compared with this

@@ -8,6 +8,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -54,7 +55,7 @@ func TestNatsTTLHeaderPassesThrough(t *testing.T) {
 	require.Contains(t, log.String(), "stream OUTBOX does not allow per-message TTLs", "preflight names the stream option")
 	insertWithHeaders(t, e2, "refused", `{"Nats-TTL": "1s"}`)
 	err = relayExit(t, done, 30*time.Second, "a Nats-TTL header on a stream without allow_msg_ttl")
-	require.ErrorIs(t, err, sink.ErrPoison)
+	require.ErrorAs(t, err, new(*decoder.PoisonError))
 	require.Contains(t, err.Error(), "does not allow per-message TTLs")
 }
 
@@ -69,7 +70,7 @@ func TestNatsScheduleHeaderIsPoison(t *testing.T) {
 	waitStreaming(t, e.pg, "outbox_relay")
 	insertWithHeaders(t, e, "later", `{"Nats-Schedule": "@at 2030-01-01T00:00:00Z", "Nats-Schedule-Target": "outbox.gap.Remind", "traceparent": "00-x"}`)
 	err := relayExit(t, done, 30*time.Second, "a Nats-Schedule header")
-	require.ErrorIs(t, err, sink.ErrPoison)
+	require.ErrorAs(t, err, new(*decoder.PoisonError))
 	require.Contains(t, err.Error(), `headers column key "Nats-Schedule" asks for a JetStream message schedule, which the relay refuses`)
 
 	stop, _ := inProcess(t, e.args("--on-poison", "dead-letter"))
