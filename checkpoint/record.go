@@ -14,8 +14,10 @@ type Store interface {
 	Record(ctx context.Context, lsn pglogrepl.LSN) error
 }
 
-// Source is what a Recorder caps: the Tracker.
-type Source interface {
+// FlushSource is the position the relay may confirm: the Tracker's, or a Recorder's capped by
+// its record. The replication loop reads it (replication.Stream.Run and Drain), and a Recorder
+// caps one (the Tracker).
+type FlushSource interface {
 	Flushed() (lsn pglogrepl.LSN, idle bool)
 	Pending() int
 }
@@ -26,7 +28,7 @@ type Source interface {
 // was therefore moved by someone else (dropped and recreated, advanced), and the events in
 // between may be missing from the WAL stream.
 type Recorder struct {
-	src      Source
+	src      FlushSource
 	store    Store
 	recorded atomic.Uint64
 	failures atomic.Uint64
@@ -36,7 +38,7 @@ type Recorder struct {
 }
 
 // NewRecorder returns a Recorder whose record holds recorded.
-func NewRecorder(src Source, store Store, recorded pglogrepl.LSN) *Recorder {
+func NewRecorder(src FlushSource, store Store, recorded pglogrepl.LSN) *Recorder {
 	r := &Recorder{src: src, store: store}
 	r.recorded.Store(uint64(recorded))
 	return r

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
+	"github.com/outbox-relay/outbox-relay/checkpoint"
 	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/sink"
@@ -148,7 +149,7 @@ func forkedEventsNote(ctx context.Context, js jetstream.JetStream, cfg sink.Conf
 // old one (a restore the relay did not see happen). Until the replay reached it, the
 // confirmable position is held at the session's start (Flushed).
 type replayCheck struct {
-	src     replication.FlushSource
+	src     checkpoint.FlushSource
 	start   pglogrepl.LSN
 	last    sink.Position
 	id      string
@@ -157,7 +158,7 @@ type replayCheck struct {
 
 // newReplayCheck returns a check of last (an event with id) for a session starting at start,
 // or nil when the replay cannot reach it (the slot is past it, or it is no live event).
-func newReplayCheck(src replication.FlushSource, start pglogrepl.LSN, last sink.StoredMsg) *replayCheck {
+func newReplayCheck(src checkpoint.FlushSource, start pglogrepl.LSN, last sink.StoredMsg) *replayCheck {
 	if last.ID == "" || start > last.Position.CommitLSN {
 		return nil
 	}

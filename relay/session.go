@@ -64,7 +64,7 @@ type Session struct {
 	start   pglogrepl.LSN
 	slotLSN pglogrepl.LSN // the slot's confirmed_flush_lsn
 	trk     *checkpoint.Tracker
-	flush   replication.FlushSource
+	flush   checkpoint.FlushSource
 	guard   slotGuard
 	stopRec func()
 	lastMsg sink.StoredMsg

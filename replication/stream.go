@@ -21,6 +21,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/rs/zerolog"
 
+	"github.com/outbox-relay/outbox-relay/checkpoint"
 	"github.com/outbox-relay/outbox-relay/internal/redact"
 )
 
@@ -74,12 +75,6 @@ type Handler interface {
 	Handle(ctx context.Context, data []byte) error
 	// Keepalive reports a primary keepalive's server WAL end; an error ends Run.
 	Keepalive(walEnd pglogrepl.LSN) error
-}
-
-// FlushSource is the position the relay may confirm. It is read by the replication loop.
-type FlushSource interface {
-	Flushed() (lsn pglogrepl.LSN, idle bool)
-	Pending() int
 }
 
 // Sentinel errors for Postgres answers the caller branches on.
@@ -182,7 +177,7 @@ func containsFold(s, sub string) bool {
 // status update at least every StatusInterval, within FlushInterval after the flushed position
 // moved, and at once when Postgres asks for one; the position sent is always flush.Flushed(),
 // as write, flush and apply alike.
-func (s *Stream) Run(ctx context.Context, h Handler, flush FlushSource) error {
+func (s *Stream) Run(ctx context.Context, h Handler, flush checkpoint.FlushSource) error {
 	var (
 		reply   bool
 		lastMsg = time.Now()
@@ -314,7 +309,7 @@ func (s *Stream) Confirmed() pglogrepl.LSN { return s.lastSent }
 // Drain is the graceful end of a session, called after Run returned because its context
 // ended: it waits (until ctx ends) for the events in flight to be stored, sending status
 // updates meanwhile, then sends the final position on a fresh short context.
-func (s *Stream) Drain(ctx context.Context, flush FlushSource) error {
+func (s *Stream) Drain(ctx context.Context, flush checkpoint.FlushSource) error {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	for flush.Pending() > 0 {
@@ -336,7 +331,7 @@ func (s *Stream) Drain(ctx context.Context, flush FlushSource) error {
 	return s.final(flush)
 }
 
-func (s *Stream) final(flush FlushSource) error {
+func (s *Stream) final(flush checkpoint.FlushSource) error {
 	lsn, _ := flush.Flushed()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
