@@ -59,67 +59,36 @@ func (j *Publisher) deadLetter(e *entry, reason string, keepPayload bool, prevID
 			reason = r
 		}
 	}
-	// Room for headers and payload under max_payload (-1: unlimited), and for headers under
-	// MaxHeaderSize, as msgSize counts them, with the control headers send adds and room for
-	// Outbox-Dropped-Headers.
-	reserved := 12 + j.controlSize(prevIDLen) + len(HeaderDroppedHeaders) + 10 + 4
-	room := -1
-	if max := j.maxPayload(); max > 0 {
-		room = max - len(dl.Subject) - reserved
-	}
-	hroom := MaxHeaderSize - reserved
-	if room >= 0 && room < hroom {
-		hroom = room
-	}
-	if e.minimal {
-		hroom = min(hroom, minimalDeadLetterHeaders)
-	}
-	h := make(nats.Header, len(m.Header)+3)
-	used := 0
-	put := func(k, v string) {
-		h[k] = []string{v}
-		used += len(k) + len(v) + 4
-	}
-	// fit adds k: v if it fits, cut to the room left when cut allows; false when left out.
-	fit := func(k, v string, cut bool) bool {
-		left := hroom - used - len(k) - 4
-		if len(v) > left {
-			if !cut || left <= 0 {
-				return false
-			}
-			v = v[:left]
-		}
-		put(k, v)
-		return true
-	}
-	put(HeaderMsgID, e.id)
+	room, hroom := j.deadLetterRoom(len(dl.Subject), prevIDLen, e.minimal)
+	f := &headerFit{h: make(nats.Header, len(m.Header)+3), room: hroom}
+	f.put(HeaderMsgID, e.id)
 	for _, k := range []string{HeaderCommitLSN, HeaderTxIndex} {
 		if v := m.Header.Get(k); v != "" {
-			put(k, v)
+			f.put(k, v)
 		}
 	}
-	fit(HeaderPoisonReason, headerSafe(reason), true)
-	fit(HeaderOriginalSubject, headerSafe(clip(orig, 256)), true)
+	f.fit(HeaderPoisonReason, headerSafe(reason), true)
+	f.fit(HeaderOriginalSubject, headerSafe(clip(orig, 256)), true)
 	for _, k := range []string{HeaderAggregateType, HeaderEventType, HeaderAggregateID, HeaderCreatedAt} {
-		if v := m.Header.Get(k); v != "" && !fit(k, clip(v, 1024), false) {
+		if v := m.Header.Get(k); v != "" && !f.fit(k, clip(v, 1024), false) {
 			dropped++
 		}
 	}
 	keys := slices.Sorted(maps.Keys(m.Header))
 	for _, k := range keys {
-		if _, done := h[k]; done || reservedHeader(k) || len(m.Header[k]) == 0 ||
+		if _, done := f.h[k]; done || reservedHeader(k) || len(m.Header[k]) == 0 ||
 			k == HeaderPoisonReason || k == HeaderOriginalSubject || k == HeaderDroppedHeaders {
 			continue
 		}
-		if !validHeaderKey(k) || !fit(k, clip(m.Header[k][0], 1024), false) {
+		if !validHeaderKey(k) || !f.fit(k, clip(m.Header[k][0], 1024), false) {
 			dropped++
 		}
 	}
 	if dropped > 0 {
-		put(HeaderDroppedHeaders, strconv.Itoa(dropped))
+		f.put(HeaderDroppedHeaders, strconv.Itoa(dropped))
 	}
-	dl.Header = h
-	if keepPayload && (room < 0 || used+len(m.Data) <= room) {
+	dl.Header = f.h
+	if keepPayload && (room < 0 || f.used+len(m.Data) <= room) {
 		dl.Data = m.Data
 	}
 	e.msg = *dl
@@ -128,6 +97,51 @@ func (j *Publisher) deadLetter(e *entry, reason string, keepPayload bool, prevID
 	j.mu.Unlock()
 	j.log.Warn().Str("event_id", e.id).Stringer("position", e.pos).Str("reason", reason).
 		Str("subject", dl.Subject).Int("dropped_headers", dropped).Msg("poison event sent to the dead-letter subject")
+}
+
+// deadLetterRoom is the room of a dead-letter message on subject of subjectLen bytes, as
+// msgSize counts it, with the control headers send adds (prevIDLen: see deadLetter) and room
+// for Outbox-Dropped-Headers: room for headers and payload under max_payload (-1: unlimited),
+// and hroom for headers under MaxHeaderSize (and room; minimalDeadLetterHeaders when minimal).
+func (j *Publisher) deadLetterRoom(subjectLen, prevIDLen int, minimal bool) (room, hroom int) {
+	reserved := 12 + j.controlSize(prevIDLen) + len(HeaderDroppedHeaders) + 10 + 4
+	room = -1
+	if max := j.maxPayload(); max > 0 {
+		room = max - subjectLen - reserved
+	}
+	hroom = MaxHeaderSize - reserved
+	if room >= 0 && room < hroom {
+		hroom = room
+	}
+	if minimal {
+		hroom = min(hroom, minimalDeadLetterHeaders)
+	}
+	return room, hroom
+}
+
+// headerFit fills the headers h of a dead-letter message within room bytes (used so far), as
+// msgSize counts them.
+type headerFit struct {
+	h          nats.Header
+	used, room int
+}
+
+func (f *headerFit) put(k, v string) {
+	f.h[k] = []string{v}
+	f.used += len(k) + len(v) + 4
+}
+
+// fit adds k: v if it fits, cut to the room left when cut allows; false when left out.
+func (f *headerFit) fit(k, v string, cut bool) bool {
+	left := f.room - f.used - len(k) - 4
+	if len(v) > left {
+		if !cut || left <= 0 {
+			return false
+		}
+		v = v[:left]
+	}
+	f.put(k, v)
+	return true
 }
 
 // minimalDeadLetterHeaders bounds the headers of a minimal dead-letter message (besides the

@@ -48,7 +48,24 @@ func (j *Publisher) recover(ctx context.Context, backoff *backoff, timer *time.T
 	q := append([]*entry(nil), j.q...)
 	j.mu.Unlock()
 
-	var first error
+	first, ok, err := j.settle(ctx, q, timer, status)
+	if !ok {
+		return err
+	}
+	j.popDone()
+	select {
+	case <-time.After(j.retryDelay(first, backoff, len(q))):
+	case <-ctx.Done():
+		return nil
+	}
+	j.resync(ctx)
+	return nil
+}
+
+// settle waits until every send in q (the window when recovery began) has an outcome, and
+// consumes it: stored events are confirmed, failures classified (failed). It returns the first
+// failure; ok is false when ctx ended first (err nil) or on an error retrying cannot fix (err).
+func (j *Publisher) settle(ctx context.Context, q []*entry, timer *time.Timer, status <-chan nats.Status) (first error, ok bool, err error) {
 	for _, e := range q {
 		if e.unsealed {
 			break // not sent yet: its batch is still open
@@ -64,7 +81,7 @@ func (j *Publisher) recover(ctx context.Context, backoff *backoff, timer *time.T
 			if refused(e.failed) {
 				// nats.go refused to send it: the same message would be refused again.
 				if err := j.failed(e, e.failed); err != nil {
-					return err
+					return nil, false, err
 				}
 			}
 			if first == nil {
@@ -73,11 +90,11 @@ func (j *Publisher) recover(ctx context.Context, backoff *backoff, timer *time.T
 			continue
 		}
 		if !j.await(ctx, e, timer, status) {
-			return nil
+			return nil, false, nil
 		}
 		if e.ackErr == nil {
 			if err := j.checkAck(e); err != nil {
-				return err
+				return nil, false, err
 			}
 			if e.batch != nil {
 				j.confirmBatch(e)
@@ -87,7 +104,7 @@ func (j *Publisher) recover(ctx context.Context, backoff *backoff, timer *time.T
 			}
 		} else {
 			if err := j.failed(e, e.ackErr); err != nil {
-				return err
+				return nil, false, err
 			}
 			if first == nil {
 				first = e.ackErr
@@ -95,7 +112,12 @@ func (j *Publisher) recover(ctx context.Context, backoff *backoff, timer *time.T
 		}
 		e.token = 0
 	}
-	j.popDone()
+	return first, true, nil
+}
+
+// retryDelay counts and logs first, the failure that broke the chain (inFlight events were in
+// the window), and returns how long to wait before re-publishing.
+func (j *Publisher) retryDelay(first error, backoff *backoff, inFlight int) time.Duration {
 	var wait time.Duration
 	switch {
 	case wrongLastSequence(first) || apiErrorCode(first) == jsErrCodeBatchDuplicate:
@@ -105,26 +127,20 @@ func (j *Publisher) recover(ctx context.Context, backoff *backoff, timer *time.T
 		j.mu.Lock()
 		j.stats.Resyncs++
 		j.mu.Unlock()
-		j.log.Debug().Err(first).Int("in_flight", len(q)).Msg("chain broken; re-publishing from the first event not stored, in order")
+		j.log.Debug().Err(first).Int("in_flight", inFlight).Msg("chain broken; re-publishing from the first event not stored, in order")
 	case streamFull(first):
 		wait = backoff.next()
 		j.mu.Lock()
 		j.stats.StreamFull++
 		j.mu.Unlock()
-		j.log.Error().Err(first).Str("stream", j.cfg.Stream).Int("in_flight", len(q)).Dur("retry_in", wait).
+		j.log.Error().Err(first).Str("stream", j.cfg.Stream).Int("in_flight", inFlight).Dur("retry_in", wait).
 			Msg("the stream is full (a max_bytes, max_msgs or max_msgs_per_subject limit with discard: new): nothing from this event on is stored or confirmed, and Postgres keeps the WAL. The relay retries until space frees: raise the limit (nats stream edit), or let max_age or consumers (work-queue/interest retention) remove messages")
 	default:
 		wait = backoff.next()
-		j.log.Warn().Err(first).Int("in_flight", len(q)).Dur("retry_in", wait).
+		j.log.Warn().Err(first).Int("in_flight", inFlight).Dur("retry_in", wait).
 			Msg("publish failed; re-publishing from the first event not stored, in order")
 	}
-	select {
-	case <-time.After(wait):
-	case <-ctx.Done():
-		return nil
-	}
-	j.resync(ctx)
-	return nil
+	return wait
 }
 
 // JetStream error codes nats.go names no constant for.
