@@ -12,65 +12,6 @@ import (
 	"github.com/outbox-relay/outbox-relay/decoder"
 )
 
-// MaxHeaderSize is the largest header block JetStream stores (it encodes the length in 16
-// bits; a larger one is refused with error 10097).
-const MaxHeaderSize = 65535
-
-// MaxSubjectLen is the longest subject the relay publishes; a longer one is poison (the
-// server would close the connection over its max_control_line).
-const MaxSubjectLen = 3072
-
-// clip returns s cut to at most n bytes.
-func clip(s string, n int) string {
-	if len(s) > n {
-		return s[:n]
-	}
-	return s
-}
-
-// headerKeyForbidden are the printable ASCII bytes nats.go refuses in a header key.
-const headerKeyForbidden = `"()/,:;<=>?@[\]{}`
-
-// validHeaderKey reports whether nats.go accepts k as a header key (Msg.headerSize refuses the
-// whole message with nats.ErrBadHeaderMsg otherwise): non-empty, bytes 33-126 only (no space,
-// control character or non-ASCII), none of headerKeyForbidden.
-func validHeaderKey(k string) bool {
-	if k == "" {
-		return false
-	}
-	for i := 0; i < len(k); i++ {
-		if c := k[i]; c < 33 || c > 126 || strings.IndexByte(headerKeyForbidden, c) >= 0 {
-			return false
-		}
-	}
-	return true
-}
-
-// controlHeadersSize is what send's headers add to a message at most: Nats-Expected-Stream,
-// and Nats-Expected-Last-Sequence (up to 20 digits) or Nats-Expected-Last-Msg-Id with an id
-// of prevIDLen bytes (at least a UUID's 36: a re-publish after a dead-lettered event may chain
-// to another id).
-func controlHeadersSize(stream string, prevIDLen int) int {
-	expect := max(len(jetstream.ExpectedLastSeqHeader)+20, len(jetstream.ExpectedLastMsgIDHeader)+max(prevIDLen, 36))
-	return len(jetstream.ExpectedStreamHeader) + len(stream) + 4 + expect + 4
-}
-
-// msgSize is the size max_payload applies to, for a message whose headers were changed after
-// build (CloudEvents attributes).
-func msgSize(m *nats.Msg) int {
-	n := len(m.Data) + len(m.Subject)
-	for k, vs := range m.Header {
-		for _, v := range vs {
-			n += len(k) + len(v) + 4
-		}
-	}
-	return n + 12 // "NATS/1.0\r\n" + final CRLF
-}
-
-// HeaderTTL is JetStream's per-message TTL header (nats-server 2.11+, stream allow_msg_ttl): the
-// one Nats- header a headers-column entry may set.
-const HeaderTTL = "Nats-TTL"
-
 // msgBuilder builds the message of each event, on the publishing goroutine: the header values of
 // one event are built in one buffer and converted to one string, and the subject string is
 // reused while it does not change. Its zero value is ready to use.
@@ -270,3 +211,62 @@ func reservedHeader(k string) bool {
 	}
 	return false
 }
+
+// MaxHeaderSize is the largest header block JetStream stores (it encodes the length in 16
+// bits; a larger one is refused with error 10097).
+const MaxHeaderSize = 65535
+
+// MaxSubjectLen is the longest subject the relay publishes; a longer one is poison (the
+// server would close the connection over its max_control_line).
+const MaxSubjectLen = 3072
+
+// clip returns s cut to at most n bytes.
+func clip(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+// headerKeyForbidden are the printable ASCII bytes nats.go refuses in a header key.
+const headerKeyForbidden = `"()/,:;<=>?@[\]{}`
+
+// validHeaderKey reports whether nats.go accepts k as a header key (Msg.headerSize refuses the
+// whole message with nats.ErrBadHeaderMsg otherwise): non-empty, bytes 33-126 only (no space,
+// control character or non-ASCII), none of headerKeyForbidden.
+func validHeaderKey(k string) bool {
+	if k == "" {
+		return false
+	}
+	for i := 0; i < len(k); i++ {
+		if c := k[i]; c < 33 || c > 126 || strings.IndexByte(headerKeyForbidden, c) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// controlHeadersSize is what send's headers add to a message at most: Nats-Expected-Stream,
+// and Nats-Expected-Last-Sequence (up to 20 digits) or Nats-Expected-Last-Msg-Id with an id
+// of prevIDLen bytes (at least a UUID's 36: a re-publish after a dead-lettered event may chain
+// to another id).
+func controlHeadersSize(stream string, prevIDLen int) int {
+	expect := max(len(jetstream.ExpectedLastSeqHeader)+20, len(jetstream.ExpectedLastMsgIDHeader)+max(prevIDLen, 36))
+	return len(jetstream.ExpectedStreamHeader) + len(stream) + 4 + expect + 4
+}
+
+// msgSize is the size max_payload applies to, for a message whose headers were changed after
+// build (CloudEvents attributes).
+func msgSize(m *nats.Msg) int {
+	n := len(m.Data) + len(m.Subject)
+	for k, vs := range m.Header {
+		for _, v := range vs {
+			n += len(k) + len(v) + 4
+		}
+	}
+	return n + 12 // "NATS/1.0\r\n" + final CRLF
+}
+
+// HeaderTTL is JetStream's per-message TTL header (nats-server 2.11+, stream allow_msg_ttl): the
+// one Nats- header a headers-column entry may set.
+const HeaderTTL = "Nats-TTL"

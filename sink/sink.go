@@ -23,6 +23,11 @@
 // publisher on the stream (a message stored by another could take the sequence of a refused
 // publish of the relay, and the next one would be stored after a gap); EnsureStream refuses a
 // stream others can write to. On a single-replica stream another publisher only costs a resync.
+//
+// The Publisher by concern: publisher.go holds the window and publishing (Publish, send),
+// ack.go the ack loop (Run: reply routing, the ack timer, confirms), resync.go the chain's start
+// and its recovery after a failure, deadletter.go refusals and dead-letter messages, atomic.go
+// atomic batches (PublishAtomic), message.go the message of an event (msgBuilder).
 package sink
 
 import (
