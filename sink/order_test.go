@@ -3,6 +3,7 @@ package sink
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -244,4 +245,69 @@ func TestJetStream_RunStopsOnCancelWhileBrokerUnreachable(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Run did not return after its context ended")
 	}
+}
+
+// A reconnect while the sink waits out its retry backoff (acks held for seconds, then the
+// connection reset): the sink re-publishes as soon as the connection is back, not when the
+// backoff ends, and the disconnect it learns of late fails none of the sends made on the new
+// connection (each such failure costs a re-publish of the window and a longer backoff).
+func TestJetStream_ReconnectDuringBackoffRepublishesAtOnce(t *testing.T) {
+	const n = 100
+	var log syncBuffer
+	r := &sinkRig{nats: testenv.JetStream(t)}
+	var err error
+	r.proxy, err = faultproxy.StartNATS(fmt.Sprintf("127.0.0.1:%d", r.nats.Port))
+	require.NoError(t, err)
+	t.Cleanup(r.proxy.Close)
+	// No stale-connection pings while the replies are held: the only disconnect is the reset.
+	nc, err := Connect("nats://"+r.proxy.Addr(), nats.PingInterval(time.Hour))
+	require.NoError(t, err)
+	t.Cleanup(nc.Close)
+	r.js, err = jetstream.New(nc)
+	require.NoError(t, err)
+	cfg := Config{Window: 128, AckTimeout: 300 * time.Millisecond}
+	_, err = EnsureStream(context.Background(), r.js, cfg, zerolog.Nop())
+	require.NoError(t, err)
+	r.sink = NewJetStream(r.js, cfg, func(tk checkpoint.Ticket) {
+		r.mu.Lock()
+		r.confirmed = append(r.confirmed, tk)
+		r.mu.Unlock()
+	}, zerolog.New(&log).Level(zerolog.WarnLevel))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.sink.Run(ctx) }()
+	t.Cleanup(func() { cancel(); require.NoError(t, <-done) })
+
+	r.proxy.HoldReplies()
+	r.publish(t, n)
+	// Retries time out, the backoff grows; wait until it is 3.2 s.
+	require.Eventually(t, func() bool { return strings.Contains(log.String(), `"retry_in":3200`) }, 30*time.Second, 10*time.Millisecond)
+	errorsBefore := r.sink.Stats().Errors
+	r.proxy.Pass()
+	reset := time.Now()
+	r.proxy.Reset()
+	r.waitConfirmed(t, n)
+	took := time.Since(reset)
+	t.Logf("confirmed %s after the reconnect", took.Round(time.Millisecond))
+	require.Equal(t, errorsBefore, r.sink.Stats().Errors, "a send on the new connection failed: %s", log.String())
+	require.Less(t, took, 1500*time.Millisecond, "the sink waited out its backoff after the reconnect")
+	require.Len(t, streamIDs(t, r.nats.URL), n)
+}
+
+// syncBuffer is a bytes.Buffer safe for concurrent writes and reads.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
