@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -32,12 +33,18 @@ type sinkRig struct {
 
 func newSinkRig(t *testing.T, cfg Config) *sinkRig {
 	t.Helper()
+	return newSinkRigWith(t, cfg, zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel))
+}
+
+// newSinkRigWith is newSinkRig with the sink's logger and extra connection options.
+func newSinkRigWith(t *testing.T, cfg Config, log zerolog.Logger, opts ...nats.Option) *sinkRig {
+	t.Helper()
 	r := &sinkRig{nats: testenv.JetStream(t)}
 	var err error
 	r.proxy, err = faultproxy.StartNATS(fmt.Sprintf("127.0.0.1:%d", r.nats.Port))
 	require.NoError(t, err)
 	t.Cleanup(r.proxy.Close)
-	nc, err := Connect("nats://" + r.proxy.Addr())
+	nc, err := Connect("nats://"+r.proxy.Addr(), opts...)
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)
 	r.js, err = jetstream.New(nc)
@@ -49,7 +56,7 @@ func newSinkRig(t *testing.T, cfg Config) *sinkRig {
 		r.mu.Lock()
 		r.confirmed = append(r.confirmed, tk)
 		r.mu.Unlock()
-	}, zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel))
+	}, log)
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- r.sink.Run(runCtx) }()
@@ -253,35 +260,21 @@ func TestJetStream_RunStopsOnCancelWhileBrokerUnreachable(t *testing.T) {
 // connection (each such failure costs a re-publish of the window and a longer backoff).
 func TestJetStream_ReconnectDuringBackoffRepublishesAtOnce(t *testing.T) {
 	const n = 100
-	var log syncBuffer
-	r := &sinkRig{nats: testenv.JetStream(t)}
-	var err error
-	r.proxy, err = faultproxy.StartNATS(fmt.Sprintf("127.0.0.1:%d", r.nats.Port))
-	require.NoError(t, err)
-	t.Cleanup(r.proxy.Close)
+	var backedOff atomic.Bool // the sink logged a 3.2 s backoff
+	flag := writerFunc(func(p []byte) (int, error) {
+		if strings.Contains(string(p), `"retry_in":3200`) {
+			backedOff.Store(true)
+		}
+		return len(p), nil
+	})
 	// No stale-connection pings while the replies are held: the only disconnect is the reset.
-	nc, err := Connect("nats://"+r.proxy.Addr(), nats.PingInterval(time.Hour))
-	require.NoError(t, err)
-	t.Cleanup(nc.Close)
-	r.js, err = jetstream.New(nc)
-	require.NoError(t, err)
-	cfg := Config{Window: 128, AckTimeout: 300 * time.Millisecond}
-	_, err = EnsureStream(context.Background(), r.js, cfg, zerolog.Nop())
-	require.NoError(t, err)
-	r.sink = NewJetStream(r.js, cfg, func(tk checkpoint.Ticket) {
-		r.mu.Lock()
-		r.confirmed = append(r.confirmed, tk)
-		r.mu.Unlock()
-	}, zerolog.New(&log).Level(zerolog.WarnLevel))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.sink.Run(ctx) }()
-	t.Cleanup(func() { cancel(); require.NoError(t, <-done) })
+	r := newSinkRigWith(t, Config{Window: 128, AckTimeout: 300 * time.Millisecond},
+		zerolog.New(zerolog.MultiLevelWriter(zerolog.NewTestWriter(t), flag)).Level(zerolog.WarnLevel), nats.PingInterval(time.Hour))
 
 	r.proxy.HoldReplies()
 	r.publish(t, n)
 	// Retries time out, the backoff grows; wait until it is 3.2 s.
-	require.Eventually(t, func() bool { return strings.Contains(log.String(), `"retry_in":3200`) }, 30*time.Second, 10*time.Millisecond)
+	require.Eventually(t, backedOff.Load, 30*time.Second, 10*time.Millisecond)
 	errorsBefore := r.sink.Stats().Errors
 	r.proxy.Pass()
 	reset := time.Now()
@@ -289,25 +282,11 @@ func TestJetStream_ReconnectDuringBackoffRepublishesAtOnce(t *testing.T) {
 	r.waitConfirmed(t, n)
 	took := time.Since(reset)
 	t.Logf("confirmed %s after the reconnect", took.Round(time.Millisecond))
-	require.Equal(t, errorsBefore, r.sink.Stats().Errors, "a send on the new connection failed: %s", log.String())
+	require.Equal(t, errorsBefore, r.sink.Stats().Errors, "a send on the new connection failed")
 	require.Less(t, took, 1500*time.Millisecond, "the sink waited out its backoff after the reconnect")
 	require.Len(t, streamIDs(t, r.nats.URL), n)
 }
 
-// syncBuffer is a bytes.Buffer safe for concurrent writes and reads.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf strings.Builder
-}
+type writerFunc func([]byte) (int, error)
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -19,22 +20,26 @@ import (
 )
 
 // clusterChaosConfig: OUTBOX_RELAY_CHAOS=long (make chaos) repeats every fault, anything else
-// runs each once (part of the normal test run).
+// runs each once (part of the normal test run, skipped with -short).
 type clusterChaosConfig struct {
 	name          string
 	rounds        int           // each fault once per round
 	followerDown  time.Duration // how long a follower stays down
 	frozenAtLeast time.Duration // a frozen node stays frozen at least this long (and until the relay recovered)
 	writers       int           // producers
+	pause         time.Duration // between two transactions of a producer
 	reportTo      string        // markdown file whose cluster section is rewritten, "" for none
 }
 
-func clusterChaosSettings() clusterChaosConfig {
+func clusterChaosSettings(t *testing.T) clusterChaosConfig {
 	if os.Getenv("OUTBOX_RELAY_CHAOS") == "long" {
 		return clusterChaosConfig{name: "long", rounds: 4, followerDown: 30 * time.Second, frozenAtLeast: 30 * time.Second,
-			writers: 2, reportTo: os.Getenv("OUTBOX_RELAY_CHAOS_REPORT")}
+			writers: 2, pause: 10 * time.Millisecond, reportTo: os.Getenv("OUTBOX_RELAY_CHAOS_REPORT")}
 	}
-	return clusterChaosConfig{name: "short", rounds: 1, followerDown: 10 * time.Second, writers: 1}
+	if testing.Short() {
+		t.Skip("cluster fault-injection suite skipped with -short")
+	}
+	return clusterChaosConfig{name: "short", rounds: 1, followerDown: 10 * time.Second, writers: 1, pause: 40 * time.Millisecond}
 }
 
 // clusterRecoveryTarget is the longest a fault may keep the relay from confirming new events.
@@ -61,7 +66,9 @@ type clusterFault struct {
 // commit order. OUTBOX_RELAY_CHAOS=long (make chaos) repeats each fault and writes the figures
 // to OUTBOX_RELAY_CHAOS_REPORT.
 func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
-	cc := clusterChaosSettings()
+	cc := clusterChaosSettings(t)
+	loadAtStart := loadAverage()
+	began := time.Now()
 	e := newClusterEnv(t)
 	args := []string{"run", "--pg-url", e.pg.URL, "--nats-url", e.cluster.URL, "--create-slot", "--stream-replicas", "3",
 		"--log-format", "json", "--log-level", "info", "--ack-timeout", "2s", "--max-in-flight", "256"}
@@ -75,7 +82,7 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 		wg.Add(1)
 		go func(w int) {
 			defer wg.Done()
-			chaosProduce(e.pg.URL, w, 61, &stopProducer, &rolledBack, &txErrors)
+			chaosProduce(e.pg.URL, w, 61, cc.pause, &stopProducer, &rolledBack, &txErrors)
 		}(w)
 	}
 	defer func() { stopProducer.Store(true); wg.Wait() }()
@@ -147,6 +154,7 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 	}
 	const bound = 3 * time.Minute // past waitConfirmed's own deadline
 
+	t.Logf("cluster up, relay streaming after %s", time.Since(began).Round(time.Millisecond))
 	for round := 0; round < cc.rounds; round++ {
 		// The stream leader killed, restarted once the relay recovered without it.
 		l := leader()
@@ -212,6 +220,7 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 	}
 	stopProducer.Store(true)
 	wg.Wait()
+	t.Logf("faults done after %s", time.Since(began).Round(time.Millisecond))
 
 	var committed int
 	require.NoError(t, e.pg.QueryRow(t, `SELECT count(*) FROM outbox`).Scan(&committed))
@@ -219,6 +228,7 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 	require.NoError(t, stop())
 	rows := outboxRows(t, e.pg)
 	recs := readClusterStream(t, e.cluster.URL)
+	t.Logf("stream read after %s", time.Since(began).Round(time.Millisecond))
 	v := check(t, rows, recs)
 	commitOrder := commitOrderBreaks(t, recs)
 
@@ -260,10 +270,22 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 	for _, name := range order {
 		fs = append(fs, faults[name])
 	}
-	report := clusterChaosReport(cc, fs, v, len(commitOrder), rolledBack.Load())
+	report := clusterChaosReport(cc, fs, v, len(commitOrder), rolledBack.Load()) +
+		fmt.Sprintf("\nMachine: %d CPUs, load average (1, 5, 15 min) %s at the start, %s at the end.\n", runtime.NumCPU(), loadAtStart, loadAverage())
 	t.Log("\n" + report)
 	if cc.reportTo != "" {
-		require.NoError(t, writeReportSection(cc.reportTo, "cluster", report))
+		section := "## 3-node JetStream cluster, R3 stream\n\nWritten by `make chaos` (`TestChaos_R3ClusterFaultsUnderLoad` in\n" +
+			"`cmd/outbox-relay/cluster_chaos_test.go`): the relay (in the test process) publishing to an R3 stream on three\n" +
+			"nats-server processes (default `sync_interval`), producers writing continuously into Postgres 15 (1-20 rows per\n" +
+			"transaction, one in ten rolled back, 40 aggregates each), and, one after the other in each round: the stream leader killed with\n" +
+			"SIGKILL (restarted once the relay recovered), a leader step-down (`$JS.API.STREAM.LEADER.STEPDOWN.OUTBOX`), a\n" +
+			"follower killed and kept down, a rolling restart (each node stopped with SIGTERM, started, caught up), and a node\n" +
+			"frozen with SIGSTOP (in turn the relay's server, the stream leader, a follower) until the relay recovered and at\n" +
+			"least the time shown, then SIGCONT. Recovery: from the fault until the slot's `confirmed_flush_lsn` passes the WAL\n" +
+			"position of the fault (every event committed before it is stored and confirmed); the target is 30 s. Events: those\n" +
+			"committed from the fault until the next one. Out of order: per aggregate, and against the stream's commit order\n" +
+			"(`Outbox-Commit-Lsn`, `Outbox-Tx-Index`).\n\n" + report
+		require.NoError(t, writeReportSection(cc.reportTo, "cluster", section))
 	}
 	requireClean(t, v)
 	require.Empty(t, commitOrder, "stream out of commit order")
@@ -330,9 +352,18 @@ func commitOrderBreaks(t *testing.T, recs []record) []string {
 	return out
 }
 
+// loadAverage is the machine's 1, 5 and 15 minute load averages (Linux), or "unknown".
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) >= 3 {
+		return strings.Join(f[:3], " ")
+	}
+	return "unknown"
+}
+
 func clusterChaosReport(cc clusterChaosConfig, fs []*clusterFault, v verdict, commitOrder int, rolledBack int64) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "## Cluster fault run (%s, %s)\n\n", cc.name, time.Now().UTC().Format("2006-01-02"))
+	fmt.Fprintf(&b, "### Cluster fault run (%s, %s, %d rounds, frozen at least %s)\n\n", cc.name, time.Now().UTC().Format("2006-01-02"), cc.rounds, cc.frozenAtLeast)
 	fmt.Fprintf(&b, "| fault | count | events | recovery p50 | recovery max | lost | duplicated | out of order |\n|---|---|---|---|---|---|---|---|\n")
 	for _, f := range fs {
 		d := append([]time.Duration(nil), f.recoveries...)
@@ -348,28 +379,4 @@ func clusterChaosReport(cc clusterChaosConfig, fs []*clusterFault, v verdict, co
 		"%d out of the stream's commit order, %d transactions rolled back (none published: %d unexpected).\n",
 		v.Committed, v.Read, len(v.Lost), len(v.Dup), len(v.OutOfOrder), commitOrder, rolledBack, len(v.Unexpected))
 	return b.String()
-}
-
-// writeReportSection replaces the section named key of the markdown file at path (the text
-// between "<!-- begin key -->" and "<!-- end key -->") with text, or appends it when the file
-// has none, so that each chaos test rewrites its own figures and keeps the rest of the file.
-func writeReportSection(path, key, text string) error {
-	begin, end := "<!-- begin "+key+" -->\n", "<!-- end "+key+" -->\n"
-	old, err := os.ReadFile(path)
-	if err != nil && !os.IsNotExist(err) {
-		return err
-	}
-	doc := string(old)
-	section := begin + text + end
-	i, j := strings.Index(doc, begin), strings.Index(doc, end)
-	switch {
-	case i >= 0 && j > i:
-		doc = doc[:i] + section + doc[j+len(end):]
-	default:
-		if doc != "" && !strings.HasSuffix(doc, "\n\n") {
-			doc = strings.TrimRight(doc, "\n") + "\n\n"
-		}
-		doc += section
-	}
-	return os.WriteFile(path, []byte(doc), 0o644)
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"errors"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -44,14 +43,14 @@ func newClusterEnv(t *testing.T) *clusterEnv {
 	return e
 }
 
-// readClusterStream returns every message of the relay's stream in stream order, reading them
-// one by one from the stream leader (an ordered consumer can be cut off by a leader change
-// right after the faults of a test).
+// readClusterStream returns every message of the relay's stream in stream order. An ordered
+// consumer can be cut off by a leader change right after the faults of a test: it is then
+// created again from the next sequence, until the read ends at the stream's last sequence.
 func readClusterStream(t *testing.T, url string) []record {
 	t.Helper()
 	js, closeNC := connectJS(t, url)
 	defer closeNC()
-	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	var s jetstream.Stream
 	require.Eventually(t, func() bool {
@@ -61,21 +60,37 @@ func readClusterStream(t *testing.T, url string) []record {
 	}, 30*time.Second, 100*time.Millisecond)
 	st := s.CachedInfo().State
 	out := make([]record, 0, st.Msgs)
-	for seq := st.FirstSeq; seq <= st.LastSeq && st.Msgs > 0; seq++ {
-		var m *jetstream.RawStreamMsg
-		var err error
-		for try := 0; try < 50; try++ {
-			if m, err = s.GetMsg(ctx, seq); err == nil || errors.Is(err, jetstream.ErrMsgNotFound) {
-				break
-			}
+	next := st.FirstSeq
+	for st.Msgs > 0 && next <= st.LastSeq {
+		require.NoError(t, ctx.Err(), "stream read stopped at sequence %d of %d", next, st.LastSeq)
+		c, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
+			DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: next})
+		if err != nil {
 			time.Sleep(100 * time.Millisecond)
-		}
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			continue
 		}
-		require.NoError(t, err, "read sequence %d", seq)
-		out = append(out, record{Seq: m.Sequence, Subject: m.Subject, Data: m.Data, Header: m.Header})
+		for next <= st.LastSeq {
+			batch, err := c.Fetch(int(min(1000, st.LastSeq-next+1)), jetstream.FetchMaxWait(5*time.Second))
+			if err != nil {
+				break
+			}
+			n := 0
+			for m := range batch.Messages() {
+				md, err := m.Metadata()
+				require.NoError(t, err)
+				n++
+				if md.Sequence.Stream < next {
+					continue // redelivered by a reset of the consumer
+				}
+				out = append(out, record{Seq: md.Sequence.Stream, Subject: m.Subject(), Data: m.Data(), Header: m.Headers()})
+				next = md.Sequence.Stream + 1
+			}
+			if batch.Error() != nil || n == 0 {
+				break // a new consumer from next
+			}
+		}
 	}
+	require.Len(t, out, int(st.Msgs))
 	return out
 }
 
