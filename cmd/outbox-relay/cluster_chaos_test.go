@@ -60,8 +60,8 @@ type clusterFault struct {
 // killed with SIGKILL (restarted once the relay recovered), a leader step-down, a follower
 // down, a rolling restart of all three nodes (SIGTERM, start, caught up, next), and a node
 // frozen with SIGSTOP (the one the relay is connected to, the stream leader, a follower, in
-// turn) until SIGCONT. After each fault the relay must confirm, within 30 s, everything
-// committed before it (the slot's confirmed_flush_lsn passes the WAL position of the fault).
+// turn) until SIGCONT. A probe event committed just after each fault must be stored and
+// confirmed (the slot's confirmed_flush_lsn passes its commit) within 30 s of the fault.
 // At the end the stream must hold every committed event once, in per-aggregate order and in
 // commit order. OUTBOX_RELAY_CHAOS=long (make chaos) repeats each fault and writes the figures
 // to OUTBOX_RELAY_CHAOS_REPORT.
@@ -115,10 +115,12 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 		start time.Time
 	}
 	var windows []window
-	// measure starts a fault: it notes the server's WAL position and returns a wait that
-	// returns once the relay has confirmed it (or after timeout), recording how long that took
-	// from now.
-	measure := func(name string) (wait func(timeout time.Duration) bool) {
+	// measure injects a fault, then commits a probe event, and returns a wait that returns
+	// once the relay has confirmed the probe's commit (it was stored: the relay got past the
+	// fault), or after timeout; it records how long that took from the fault. A WAL position
+	// taken before the probe would do when the relay was caught up at the fault, with nothing
+	// stored after it.
+	measure := func(name string, inject func()) (wait func(timeout time.Duration) bool) {
 		f := faults[name]
 		if f == nil {
 			f = &clusterFault{name: name}
@@ -126,14 +128,16 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 			order = append(order, name)
 		}
 		f.count++
-		var wal string
-		require.NoError(t, e.pg.QueryRow(t, `SELECT pg_current_wal_lsn()::text`).Scan(&wal))
-		at, err := pglogrepl.ParseLSN(wal)
-		require.NoError(t, err)
 		start := time.Now()
 		windows = append(windows, window{name, start})
+		inject()
+		e.pg.Exec(t, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('probe', 'probe', 'Probe', '{}')`)
+		var wal string
+		require.NoError(t, e.pg.QueryRow(t, `SELECT pg_current_wal_lsn()::text`).Scan(&wal)) // past the probe's commit
+		at, err := pglogrepl.ParseLSN(wal)
+		require.NoError(t, err)
 		done := make(chan time.Duration, 1)
-		go func() { done <- waitConfirmed(e.pg.URL, at, start.Add(2*time.Minute)) }()
+		go func() { done <- waitConfirmed(e.pg.URL, at, start) }()
 		got := false
 		return func(timeout time.Duration) bool {
 			t.Helper()
@@ -145,7 +149,7 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 				got = true
 				require.NotEqual(t, time.Duration(-1), d, "%s: the relay did not confirm %s within 2 minutes", name, at)
 				f.recoveries = append(f.recoveries, d)
-				t.Logf("%s: everything committed before the fault confirmed after %s", name, d.Round(time.Millisecond))
+				t.Logf("%s: the probe committed after the fault confirmed %s after the fault", name, d.Round(time.Millisecond))
 				return true
 			case <-time.After(timeout):
 				return false
@@ -158,24 +162,23 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 	for round := 0; round < cc.rounds; round++ {
 		// The stream leader killed, restarted once the relay recovered without it.
 		l := leader()
-		wait := measure("stream leader kill -9, restarted")
-		require.NoError(t, node(l).Kill())
+		wait := measure("stream leader kill -9, restarted", func() { require.NoError(t, node(l).Kill()) })
 		wait(bound)
 		require.NoError(t, node(l).Start())
 		current()
 
 		// Leader step-down.
-		wait = measure("stream leader step-down")
-		_, err := c.StepDown(ctx, sink.DefaultStream)
-		require.NoError(t, err)
+		wait = measure("stream leader step-down", func() {
+			_, err := c.StepDown(ctx, sink.DefaultStream)
+			require.NoError(t, err)
+		})
 		wait(bound)
 		current()
 
 		// A follower down.
 		f := follower(leader())
-		wait = measure(fmt.Sprintf("follower down %s", cc.followerDown))
 		down := time.Now()
-		require.NoError(t, node(f).Kill())
+		wait = measure(fmt.Sprintf("follower down %s", cc.followerDown), func() { require.NoError(t, node(f).Kill()) })
 		wait(bound)
 		time.Sleep(time.Until(down.Add(cc.followerDown)))
 		require.NoError(t, node(f).Start())
@@ -183,8 +186,7 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 
 		// Rolling restart: each node stopped cleanly, started, caught up.
 		for _, n := range c.Names {
-			wait = measure("rolling restart (per node)")
-			require.NoError(t, node(n).Stop())
+			wait = measure("rolling restart (per node)", func() { require.NoError(t, node(n).Stop()) })
 			require.NoError(t, node(n).Start())
 			wait(bound)
 			current()
@@ -192,6 +194,7 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 
 		// A node frozen: the relay's, the leader, a follower, in turn.
 		var frozen, role string
+		var err error
 		switch round % 3 {
 		case 0:
 			frozen, err = c.ClientNode(ctx, "outbox-relay")
@@ -207,9 +210,8 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 			role += " (stream leader)"
 		}
 		t.Logf("freezing %s: %s", frozen, role)
-		wait = measure("node frozen (SIGSTOP), then SIGCONT")
 		paused := time.Now()
-		require.NoError(t, node(frozen).Pause())
+		wait = measure("node frozen (SIGSTOP), then SIGCONT", func() { require.NoError(t, node(frozen).Pause()) })
 		// Frozen until the relay recovered without it (at most a minute) and frozenAtLeast.
 		recoveredFrozen := wait(time.Minute)
 		time.Sleep(time.Until(paused.Add(cc.frozenAtLeast)))
@@ -281,8 +283,8 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 			"SIGKILL (restarted once the relay recovered), a leader step-down (`$JS.API.STREAM.LEADER.STEPDOWN.OUTBOX`), a\n" +
 			"follower killed and kept down, a rolling restart (each node stopped with SIGTERM, started, caught up), and a node\n" +
 			"frozen with SIGSTOP (in turn the relay's server, the stream leader, a follower) until the relay recovered and at\n" +
-			"least the time shown, then SIGCONT. Recovery: from the fault until the slot's `confirmed_flush_lsn` passes the WAL\n" +
-			"position of the fault (every event committed before it is stored and confirmed); the target is 30 s. Events: those\n" +
+			"least the time shown, then SIGCONT. Recovery: from the fault until a probe event committed just after it is stored\n" +
+			"and confirmed (the slot's `confirmed_flush_lsn` passes its commit); the target is 30 s. Events: those\n" +
 			"committed from the fault until the next one. Out of order: per aggregate, and against the stream's commit order\n" +
 			"(`Outbox-Commit-Lsn`, `Outbox-Tx-Index`).\n\n" + report
 		require.NoError(t, writeReportSection(cc.reportTo, "cluster", section))
@@ -300,10 +302,9 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 }
 
 // waitConfirmed polls the relay's slot until its confirmed_flush_lsn reaches at and returns
-// how long that took, or -1 at deadline.
-func waitConfirmed(pgURL string, at pglogrepl.LSN, deadline time.Time) time.Duration {
-	start := time.Now()
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+// the time since from, or -1 two minutes after from.
+func waitConfirmed(pgURL string, at pglogrepl.LSN, from time.Time) time.Duration {
+	ctx, cancel := context.WithDeadline(context.Background(), from.Add(2*time.Minute))
 	defer cancel()
 	var conn *pgx.Conn
 	defer func() {
@@ -319,7 +320,7 @@ func waitConfirmed(pgURL string, at pglogrepl.LSN, deadline time.Time) time.Dura
 			var ok bool
 			err := conn.QueryRow(ctx, `SELECT coalesce(confirmed_flush_lsn >= $1::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = 'outbox_relay'`, at.String()).Scan(&ok)
 			if err == nil && ok {
-				return time.Since(start)
+				return time.Since(from)
 			}
 			if err != nil {
 				conn.Close(context.Background())
