@@ -15,6 +15,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/checkpoint"
 	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -36,7 +37,7 @@ func event(i int) *decoder.Event {
 // newJS connects to a new JetStream server through sink.Connect.
 func newJS(t *testing.T) jetstream.JetStream {
 	t.Helper()
-	nc, err := sink.Connect(testenv.JetStream(t).URL)
+	nc, err := sink.Connect(natsembed.JetStream(t).URL)
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)
 	js, err := jetstream.New(nc)
@@ -186,4 +187,55 @@ func TestEnsureStream_CreatesAFileStreamWithTheConfiguredWindow(t *testing.T) {
 	require.Equal(t, time.Hour, info.Config.Duplicates)
 	require.Equal(t, 1, info.Config.Replicas, "one server: one replica")
 	require.Equal(t, jetstream.DiscardNew, info.Config.Discard)
+}
+
+// spans is a sink.Tracer recording, per event id, what the sink told it at the ack.
+type spans struct {
+	mu     sync.Mutex
+	stored []string // "id seq duplicate", in the order told
+}
+
+func (s *spans) Start(ev *decoder.Event) func(uint64, bool) {
+	id := string(ev.ID)
+	return func(seq uint64, dup bool) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.stored = append(s.stored, fmt.Sprintf("%s %d %t", id, seq, dup))
+	}
+}
+
+func (s *spans) told() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.stored...)
+}
+
+// The tracer hears of each event once, at its ack, with the stream sequence the message has
+// (for a duplicate: the stored copy's) and whether the ack was a duplicate.
+func TestJetStream_TracerToldTheAckedSequence(t *testing.T) {
+	tr := &spans{}
+	js, pub, c := setup(t, sink.Config{Window: 8, Tracer: tr})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = pub.Run(ctx) }()
+	for i := 0; i < 3; i++ {
+		require.NoError(t, pub.Publish(ctx, event(i), checkpoint.Ticket(i)))
+	}
+	require.Eventually(t, func() bool { return c.n() == 3 }, 5*time.Second, 10*time.Millisecond)
+	for i := 0; i < 3; i++ {
+		require.NoError(t, pub.Publish(ctx, event(i), checkpoint.Ticket(10+i)))
+	}
+	require.Eventually(t, func() bool { return c.n() == 6 }, 5*time.Second, 10*time.Millisecond)
+
+	s, err := js.Stream(ctx, sink.DefaultStream)
+	require.NoError(t, err)
+	var want []string
+	for _, dup := range []bool{false, true} {
+		for seq := uint64(1); seq <= 3; seq++ {
+			m, err := s.GetMsg(ctx, seq)
+			require.NoError(t, err)
+			want = append(want, fmt.Sprintf("%s %d %t", m.Header.Get(sink.HeaderMsgID), seq, dup))
+		}
+	}
+	require.Equal(t, want, tr.told())
 }

@@ -142,3 +142,23 @@ func hasWord(b []byte, w string) bool {
 	}
 	return false
 }
+
+// pubAckSeq returns the "seq" of an ack parsePubAck accepted (the stream sequence of the
+// message, or of the stored copy for a duplicate); 0 if it has none.
+func pubAckSeq(b []byte) uint64 {
+	// "seq": cannot occur inside a string of the ack: a quote there is escaped.
+	i := bytes.Index(b, []byte(`"seq"`))
+	if i < 0 {
+		return 0
+	}
+	i = skipSpace(b, i+len(`"seq"`))
+	if i == len(b) || b[i] != ':' {
+		return 0
+	}
+	i = skipSpace(b, i+1)
+	var seq uint64
+	for ; i < len(b) && b[i] >= '0' && b[i] <= '9'; i++ {
+		seq = seq*10 + uint64(b[i]-'0')
+	}
+	return seq
+}

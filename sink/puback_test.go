@@ -83,3 +83,15 @@ func BenchmarkParsePubAck(b *testing.B) {
 		}
 	}
 }
+
+func TestPubAckSeq(t *testing.T) {
+	for in, seq := range map[string]uint64{
+		`{"stream":"OUTBOX","seq":1}`:                                     1,
+		`{"stream":"OUTBOX","seq":18446744073709551615,"duplicate":true}`: 18446744073709551615,
+		` { "seq" : 7 , "stream" : "S" } `:                                7,
+		`{"stream":"S\"seq\":9","seq":3}`:                                 3, // an escaped quote in a string
+		`{"stream":"S"}`:                                                  0,
+	} {
+		require.Equal(t, seq, pubAckSeq([]byte(in)), in)
+	}
+}

@@ -10,10 +10,12 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 
 	"github.com/outbox-relay/outbox-relay/checkpoint"
 	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/tracing"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -21,7 +23,35 @@ import (
 // payload, the relay's headers) through the sink to a nats-server process (file storage) and
 // waits until every one is confirmed. The server is a separate process (default sync interval), so allocs/op and
 // cpu-ns/op (this process's user+system CPU) are the sink's and nats.go's cost per event.
-func BenchmarkJetStream_PublishConfirm(b *testing.B) {
+//
+// Tracing is off (Config.Tracer nil), as without OTEL_* configuration: allocs/op is what the
+// relay pays with tracing off. BenchmarkJetStream_PublishConfirmTraced is the same with a span
+// per event.
+func BenchmarkJetStream_PublishConfirm(b *testing.B) { benchPublishConfirm(b, sink.Config{}) }
+
+// BenchmarkJetStream_PublishConfirmTraced is BenchmarkJetStream_PublishConfirm with tracing on
+// (every span sampled, exported in batches to a discarding exporter).
+func BenchmarkJetStream_PublishConfirmTraced(b *testing.B) {
+	env := func(k string) (string, bool) {
+		if k == "OTEL_TRACES_EXPORTER" {
+			return "otlp", true
+		}
+		return "", false
+	}
+	tr, shutdown, err := tracing.Setup(context.Background(), env, "BENCH", discardSpans{}, zerolog.Nop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = shutdown(context.Background()) }()
+	benchPublishConfirm(b, sink.Config{Tracer: tr})
+}
+
+type discardSpans struct{}
+
+func (discardSpans) ExportSpans(context.Context, []sdktrace.ReadOnlySpan) error { return nil }
+func (discardSpans) Shutdown(context.Context) error                             { return nil }
+
+func benchPublishConfirm(b *testing.B, cfg sink.Config) {
 	// Default sync interval, as in the bench: CPU, not fsync, is what is measured.
 	srv, err := testenv.StartNATSServer(b.TempDir(), false)
 	if err != nil {
@@ -33,7 +63,7 @@ func BenchmarkJetStream_PublishConfirm(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer nc.Close()
-	cfg := sink.Config{Stream: fmt.Sprintf("BENCH%d", b.N)}
+	cfg.Stream = fmt.Sprintf("BENCH%d", b.N)
 	js, err := jetstream.New(nc)
 	if err != nil {
 		b.Fatal(err)

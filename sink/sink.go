@@ -35,6 +35,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/internal/redact"
 )
 
@@ -114,10 +115,23 @@ type Config struct {
 	// Postgres cluster, see SourcePosition); their positions are not compared with this
 	// source's events.
 	SeqFloor uint64
+	// Tracer, when set, is told of every event the sink publishes and when the stream stored
+	// it (tracing spans). nil: nothing is called and nothing is allocated for it.
+	Tracer Tracer
 
 	// unchained leaves out Nats-Expected-Last-Sequence (tests only: shows what the chain
 	// prevents).
 	unchained bool
+}
+
+// Tracer follows events through the sink. Start is called on the publishing goroutine when
+// Publish or PublishDeadLetter takes ev (ev is reused after the call returns); the function
+// it returns (nil: nothing to follow) is called once, from Run, when JetStream acknowledged
+// the event as stored (seq: its stream sequence from the ack; duplicate: the ack said the
+// stream held it already) or a resync found it stored (seq 0, not known). It is not called
+// for an event that is never stored (the relay stopped, or the event is poison).
+type Tracer interface {
+	Start(ev *decoder.Event) (stored func(seq uint64, duplicate bool))
 }
 
 func (c *Config) fill() {

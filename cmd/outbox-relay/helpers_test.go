@@ -22,6 +22,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -30,12 +31,12 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 // env is one test's Postgres database (migrated) and JetStream server.
 type env struct {
 	pg   *testenv.PG
-	nats *testenv.NATS
+	nats *natsembed.NATS
 }
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	e := &env{pg: testenv.Postgres(t), nats: testenv.JetStream(t)}
+	e := &env{pg: testenv.Postgres(t), nats: natsembed.JetStream(t)}
 	e.migrate(t)
 	return e
 }
@@ -105,12 +106,18 @@ func freeHTTPAddr(args []string) []string {
 // inProcess runs the relay in this process until stop is called; stop returns its error.
 func inProcess(t *testing.T, args []string) (stop func() error, log *testLog) {
 	t.Helper()
+	return inProcessEnv(t, args, noEnv)
+}
+
+// inProcessEnv is inProcess with the environment variables env gives the relay.
+func inProcessEnv(t *testing.T, args []string, env func(string) (string, bool)) (stop func() error, log *testLog) {
+	t.Helper()
 	args = freeHTTPAddr(args)
 	log = &testLog{}
 	dumpOnFailure(t, "relay", log)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- dispatch(ctx, args, log, log, noEnv) }()
+	go func() { done <- dispatch(ctx, args, log, log, env) }()
 	var once sync.Once
 	var err error
 	stop = func() error {
@@ -213,6 +220,7 @@ func (p *proc) exited() bool {
 // record is one message read back from the stream.
 type record struct {
 	Seq     uint64
+	Time    time.Time // when the stream stored it
 	Subject string
 	Data    []byte
 	Header  nats.Header
@@ -254,7 +262,7 @@ func readStream(t *testing.T, url, stream string) []record {
 		for m := range batch.Messages() {
 			md, err := m.Metadata()
 			require.NoError(t, err)
-			out = append(out, record{Seq: md.Sequence.Stream, Subject: m.Subject(), Data: m.Data(), Header: m.Headers()})
+			out = append(out, record{Seq: md.Sequence.Stream, Time: md.Timestamp, Subject: m.Subject(), Data: m.Data(), Header: m.Headers()})
 			n++
 		}
 		require.NoError(t, batch.Error())

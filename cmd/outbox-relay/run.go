@@ -12,9 +12,11 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/internal/redact"
+	"github.com/outbox-relay/outbox-relay/internal/tracing"
 	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
@@ -47,7 +49,12 @@ type runConfig struct {
 	onPoison                   string
 	// natsOpts: the --nats-* authentication and TLS options, for every NATS connection.
 	natsOpts []nats.Option
+	// tracer: a span per published event (OTEL_* variables, see tracing.Configured); nil: off.
+	tracer *tracing.Tracer
 }
+
+// spanExporter replaces the OTLP exporter of the relay's spans (tests); nil: OTLP.
+var spanExporter sdktrace.SpanExporter
 
 func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(string) (string, bool)) error {
 	fs := newFlagSet("run", "Relay every row inserted into the outbox table to NATS JetStream.", stderr)
@@ -82,7 +89,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.DurationVar(&cfg.sink.AckTimeout, "ack-timeout", sink.DefaultAckTimeout, "a publish not acknowledged after this long is re-published")
 	fs.DurationVar(&cfg.repl.StatusInterval, "status-interval", replication.DefaultStatusInterval, "longest time between two standby status updates to Postgres")
 	fs.DurationVar(&cfg.repl.IdleTimeout, "pg-idle-timeout", replication.DefaultIdleTimeout, "no message from Postgres for this long while reading: probe the connection, and reconnect if another period passes silently")
-	fs.StringVar(&cfg.onPoison, "on-poison", "stop", "an outbox row that cannot be published (NULL/empty id, bad headers JSON, a header key NATS refuses, too big, rejected by the stream): stop (halt, confirm nothing after it) or dead-letter (publish it, or its metadata, to <subject-prefix>.dead-letter and go on)")
+	fs.StringVar(&cfg.onPoison, "on-poison", "stop", "an outbox row that cannot be published (NULL/empty id, bad headers JSON, a header key NATS refuses or a Nats-Schedule header, too big, rejected by the stream): stop (halt, confirm nothing after it) or dead-letter (publish it, or its metadata, to <subject-prefix>.dead-letter and go on)")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", 10*time.Second, "on SIGINT/SIGTERM, how long to wait for in-flight acks before the final status update")
 	fs.StringVar(&cfg.source, "source", "table", "where events come from: table (rows inserted into --table) or messages (pg_logical_emit_message, table-less)")
 	fs.StringVar(&cfg.messagePrefix, "message-prefix", "outbox", "with --source messages: prefix of the transactional logical decoding messages that are events")
@@ -157,6 +164,20 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	}
 	if cfg.natsOpts, err = auth.options(cfg.natsURL); err != nil {
 		return usageError{err}
+	}
+	tracer, stopTracing, err := tracing.Setup(ctx, env, cfg.sink.Stream, spanExporter, log)
+	if err != nil {
+		return usageError{err}
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := stopTracing(sctx); err != nil {
+			log.Warn().Err(err).Msg("tracing: spans not exported at exit")
+		}
+	}()
+	if tracer != nil {
+		cfg.tracer, cfg.sink.Tracer = tracer, tracer
 	}
 	if cfg.embedded.enabled {
 		url, stop, err := cfg.embedded.start(log)
@@ -287,6 +308,7 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 		}
 		if cfg.standby && errors.Is(err, replication.ErrSlotInUse) {
 			// Another relay holds the slot: poll until it is released, logging once a minute.
+			obs.standingBy.Store(true)
 			if standbySince.IsZero() {
 				standbySince = time.Now()
 			}
@@ -304,6 +326,7 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 		}
 		if !standbySince.IsZero() {
 			standbySince, standbyLogged = time.Time{}, time.Time{}
+			obs.standingBy.Store(false)
 		}
 		obs.reconnected()
 		if time.Since(started) > time.Minute {

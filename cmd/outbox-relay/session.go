@@ -202,7 +202,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 			case <-rctx.Done():
 			}
 		}()
-		err := st.Run(rctx, p, flush)
+		err := st.Run(rctx, p.handler(cfg.tracer), flush)
 		defer func() {
 			lsn, _ := flush.Flushed()
 			resume.advance(lsn, sys)
