@@ -34,7 +34,7 @@ type clusterChaosConfig struct {
 func clusterChaosSettings(t *testing.T) clusterChaosConfig {
 	if os.Getenv("OUTBOX_RELAY_CHAOS") == "long" {
 		return clusterChaosConfig{name: "long", rounds: 4, followerDown: 30 * time.Second, frozenAtLeast: 30 * time.Second,
-			writers: 2, pause: 10 * time.Millisecond, reportTo: os.Getenv("OUTBOX_RELAY_CHAOS_REPORT")}
+			writers: 2, pause: 20 * time.Millisecond, reportTo: os.Getenv("OUTBOX_RELAY_CHAOS_REPORT")}
 	}
 	if testing.Short() {
 		t.Skip("cluster fault-injection suite skipped with -short")
