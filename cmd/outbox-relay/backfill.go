@@ -2,21 +2,11 @@ package main
 
 import (
 	"context"
-	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"time"
 
-	"github.com/jackc/pglogrepl"
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/outbox-relay/outbox-relay/decoder"
-	"github.com/outbox-relay/outbox-relay/internal/redact"
-	"github.com/outbox-relay/outbox-relay/sink"
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 const backfillUsage = `Republish outbox rows created in a time range from the table itself, e.g. after a slot gap.
@@ -29,318 +19,69 @@ drops those it still holds within its duplicate window. Per-aggregate order betw
 and live events is not guaranteed. Next to a live relay it may run on a single-replica stream
 only; on a replicated stream stop the relay first.`
 
-// backfillWindow is how many publishes are in flight at once.
-const backfillWindow = 256
-
 func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) (string, bool)) error {
 	fs := newFlagSet("backfill", backfillUsage, stderr)
+	d := relay.DefaultConfig()
+	cfg := d
 	var (
-		lf                              logFlags
-		auth                            natsAuth
-		pgURL, natsURL, table, template string
-		since, until, bucket            string
-		dryRun                          bool
-		scfg                            sink.Config
-		cols                            decoder.Columns
+		lf                  logFlags
+		auth                natsAuth
+		table, since, until string
+		headers             string
+		dryRun              bool
 	)
-	fs.StringVar(&pgURL, "pg-url", "", "Postgres connection URL or DSN (required)")
-	fs.StringVar(&natsURL, "nats-url", nats.DefaultURL, "NATS server URL(s), comma separated")
+	fs.StringVar(&cfg.PGURL, "pg-url", d.PGURL, "Postgres connection URL or DSN (required)")
+	fs.StringVar(&cfg.NATSURL, "nats-url", d.NATSURL, "NATS server URL(s), comma separated")
 	auth.register(fs)
-	fs.StringVar(&table, "table", "public.outbox", "outbox table, schema.table")
-	fs.StringVar(&scfg.Stream, "stream", sink.DefaultStream, "JetStream stream (must exist)")
-	fs.StringVar(&scfg.SubjectPrefix, "subject-prefix", sink.DefaultSubjectPrefix, "as for run")
-	fs.StringVar(&template, "subject-template", decoder.DefaultSubjectTemplate, "as for run")
-	registerColumnFlags(fs, &cols)
+	fs.StringVar(&table, "table", d.Schema+"."+d.Table, "outbox table, schema.table")
+	fs.StringVar(&cfg.Sink.Stream, "stream", d.Sink.Stream, "JetStream stream (must exist)")
+	fs.StringVar(&cfg.Sink.SubjectPrefix, "subject-prefix", d.Sink.SubjectPrefix, "as for run")
+	fs.StringVar(&cfg.SubjectTemplate, "subject-template", d.SubjectTemplate, "as for run")
+	registerColumnFlags(fs, &cfg.Columns)
 	fs.StringVar(&since, "since", "", "republish rows with created_at at or after this RFC 3339 time (required)")
 	fs.StringVar(&until, "until", "", "and before this RFC 3339 time (default: no bound)")
 	fs.BoolVar(&dryRun, "dry-run", false, "count the rows, publish nothing")
-	fs.StringVar(&bucket, "position-bucket", sink.DefaultPositionBucket, "as for run")
-	headers := fs.String("headers", "outbox", "as for run: outbox or cloudevents (give the relay's value: backfilled messages carry the same headers as live ones)")
-	fs.StringVar(&scfg.CloudEventsSource, "cloudevents-source", sink.DefaultCloudEventsSource, "as for run")
+	fs.StringVar(&cfg.PositionBucket, "position-bucket", d.PositionBucket, "as for run")
+	fs.StringVar(&headers, "headers", "outbox", "as for run: outbox or cloudevents (give the relay's value: backfilled messages carry the same headers as live ones)")
+	fs.StringVar(&cfg.Sink.CloudEventsSource, "cloudevents-source", d.Sink.CloudEventsSource, "as for run")
 	lf.register(fs)
-	log, err := parseCommand(fs, args, env, &lf, stderr, &pgURL)
+	log, err := parseCommand(fs, args, env, &lf, stderr, &cfg.PGURL)
 	if err != nil {
 		return err
 	}
-	switch *headers {
+	switch headers {
 	case "outbox":
 	case "cloudevents":
-		scfg.CloudEvents = true
+		cfg.Sink.CloudEvents = true
 	default:
-		return usageError{fmt.Errorf("--headers %q: use outbox or cloudevents", *headers)}
+		return usageError{fmt.Errorf("--headers %q: use outbox or cloudevents", headers)}
 	}
-	from, err := time.Parse(time.RFC3339Nano, since)
-	if err != nil {
+	var r relay.BackfillRange
+	if r.Since, err = time.Parse(time.RFC3339Nano, since); err != nil {
 		return usageError{fmt.Errorf("--since %q: use an RFC 3339 time, e.g. 2026-05-01T12:00:00Z", since)}
 	}
-	var to *time.Time
 	if until != "" {
 		t, err := time.Parse(time.RFC3339Nano, until)
 		if err != nil {
 			return usageError{fmt.Errorf("--until %q: use an RFC 3339 time", until)}
 		}
-		to = &t
+		r.Until = &t
 	}
-	schema, tbl, err := splitTable(table)
-	if err != nil {
+	r.DryRun = dryRun
+	if cfg.Schema, cfg.Table, err = splitTable(table); err != nil {
 		return usageError{err}
 	}
-	if err := checkColumns(cols); err != nil {
+	if cfg.NATSOptions, err = auth.options(cfg.NATSURL); err != nil {
 		return usageError{err}
 	}
-	if cols.CreatedAt == "" {
-		return usageError{errors.New("backfill selects rows by --column-created-at, which must name a column")}
-	}
-	subject, err := subjectTemplate(template, &scfg)
+	res, err := relay.Backfill(ctx, cfg, r, relay.WithLogger(log))
 	if err != nil {
 		return err
 	}
-	natsOpts, err := auth.options(natsURL)
-	if err != nil {
-		return usageError{err}
-	}
-
-	// Text output as the replication connection gets it, so the decoder sees the same bytes.
-	pcfg, err := pgx.ParseConfig(pgURL)
-	if err != nil {
-		return usageError{fmt.Errorf("parse --pg-url %s: %w", redact.URL(pgURL), redact.Echoed(err, pgURL))}
-	}
-	pcfg.RuntimeParams["DateStyle"] = "ISO, MDY"
-	pcfg.RuntimeParams["TimeZone"] = "UTC"
-	pcfg.RuntimeParams["bytea_output"] = "hex"
-	if pcfg.RuntimeParams["application_name"] == "" {
-		pcfg.RuntimeParams["application_name"] = "outbox-relay backfill"
-	}
-	conn, err := pgx.ConnectConfig(ctx, pcfg)
-	if err != nil {
-		return fmt.Errorf("connect to Postgres at %s:%d: %w", pcfg.Host, pcfg.Port, err)
-	}
-	defer conn.Close(context.Background())
-
-	names := []string{cols.ID, cols.AggregateType, cols.AggregateID, cols.EventType, cols.Payload, cols.CreatedAt}
-	if cols.Headers != "" {
-		names = append(names, cols.Headers)
-	}
-	sel := ""
-	for i, n := range names {
-		if i > 0 {
-			sel += ", "
-		}
-		sel += pgx.Identifier{n}.Sanitize()
-	}
-	ca, id := pgx.Identifier{cols.CreatedAt}.Sanitize(), pgx.Identifier{cols.ID}.Sanitize()
-	sql := fmt.Sprintf(`SELECT %s FROM %s WHERE %s >= $1::timestamptz AND ($2::timestamptz IS NULL OR %s < $2::timestamptz) ORDER BY %s, %s`,
-		sel, pgx.Identifier{schema, tbl}.Sanitize(), ca, ca, ca, id)
 	if dryRun {
-		var n int64
-		err := conn.QueryRow(ctx, fmt.Sprintf(`SELECT count(*) FROM %s WHERE %s >= $1::timestamptz AND ($2::timestamptz IS NULL OR %s < $2::timestamptz)`,
-			pgx.Identifier{schema, tbl}.Sanitize(), ca, ca), from, to).Scan(&n)
-		if err != nil {
-			return fmt.Errorf("count the rows to backfill: %w", err)
-		}
-		fmt.Fprintf(stdout, "dry run: %d rows with %s in range would be republished to stream %s\n", n, cols.CreatedAt, scfg.Stream)
+		fmt.Fprintf(stdout, "dry run: %d rows with %s in range would be republished to stream %s\n", res.Rows, cfg.Columns.CreatedAt, cfg.Sink.Stream)
 		return nil
 	}
-
-	nc, err := sink.Connect(natsURL, natsOpts...)
-	if err != nil {
-		return err
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(backfillWindow))
-	if err != nil {
-		return err
-	}
-	if err := backfillAlongsideRelay(ctx, conn, js, scfg.Stream); err != nil {
-		return err
-	}
-	// Backfilled messages carry the stream's current last position, so the relay's
-	// replay-skip position (LastStored) does not move.
-	pos, seq, _, err := sink.LastStored(ctx, js, scfg)
-	if err != nil {
-		return err
-	}
-	if bucket != "" {
-		// After a change of cluster the stream's last message may still be the old cluster's:
-		// its position must not become the new cluster's skip position. 0/0 skips nothing.
-		rec, ok, err := sink.ReadPositionRecord(ctx, js, bucket, scfg)
-		if err != nil {
-			return err
-		}
-		if ok && seq <= rec.SeqFloor {
-			pos = sink.Position{}
-		}
-	}
-
-	var toParam any
-	if to != nil {
-		toParam = to.UTC().Format(time.RFC3339Nano)
-	}
-	rr := conn.PgConn().ExecParams(ctx, sql, [][]byte{[]byte(from.UTC().Format(time.RFC3339Nano)), nilOrBytes(toParam)}, nil, nil, nil)
-	dec := decoder.New(decoder.Config{Schema: schema, Table: tbl, Columns: cols, Subject: subject})
-	if _, err := dec.Decode(relationMsg(schema, tbl, names, rr.FieldDescriptions())); err != nil {
-		rr.Close()
-		return fmt.Errorf("backfill: %w", err)
-	}
-	var (
-		futs            []jetstream.PubAckFuture
-		stored, dups, n int
-		ackErr          error
-		insert          []byte
-	)
-	wait := func() {
-		for _, f := range futs {
-			select {
-			case ack := <-f.Ok():
-				stored++
-				if ack.Duplicate {
-					dups++
-				}
-			case err := <-f.Err():
-				if ackErr == nil {
-					ackErr = fmt.Errorf("publish %s: %w", f.Msg().Header.Get(sink.HeaderMsgID), err)
-				}
-			}
-		}
-		futs = futs[:0]
-	}
-	for rr.NextRow() {
-		if _, err := dec.Decode(beginMsg(pos.CommitLSN)); err != nil {
-			rr.Close()
-			return err
-		}
-		insert = insertMsg(insert[:0], rr.Values())
-		ch, err := dec.Decode(insert)
-		if err != nil {
-			rr.Close()
-			return fmt.Errorf("backfill row %d: %w", n+1, err)
-		}
-		m, err := sink.BackfillMsg(scfg, ch.Event, pos)
-		if err != nil {
-			rr.Close()
-			return fmt.Errorf("backfill row %d: %w", n+1, err)
-		}
-		if _, err := dec.Decode(commitMsg(pos.CommitLSN)); err != nil {
-			rr.Close()
-			return err
-		}
-		f, err := js.PublishMsgAsync(m, jetstream.WithExpectStream(scfg.Stream))
-		if err != nil {
-			rr.Close()
-			return fmt.Errorf("publish %s: %w", m.Header.Get(sink.HeaderMsgID), err)
-		}
-		futs = append(futs, f)
-		n++
-		if len(futs) >= backfillWindow {
-			wait()
-			if ackErr != nil {
-				rr.Close()
-				return ackErr
-			}
-		}
-	}
-	if _, err := rr.Close(); err != nil {
-		return fmt.Errorf("read %s: %w", table, err)
-	}
-	wait()
-	if ackErr != nil {
-		return ackErr
-	}
-	log.Info().Int("rows", n).Int("stored", stored).Int("duplicates", dups).Msg("backfill done")
-	fmt.Fprintf(stdout, "backfill: %d rows read, %d newly stored, %d duplicates (already in the stream)\n", n, stored-dups, dups)
+	fmt.Fprintf(stdout, "backfill: %d rows read, %d newly stored, %d duplicates (already in the stream)\n", res.Rows, res.Stored-res.Duplicates, res.Duplicates)
 	return nil
-}
-
-// backfillAlongsideRelay refuses to publish into a replicated stream while a relay streams
-// from this database. There the relay chains its window on the stream's last sequence, and a
-// message the backfill stores can take the sequence of a relay publish that was refused, so
-// that the next one in the relay's window is stored after a gap. On a single-replica stream
-// the relay chains on the previous message's id and a backfill next to it only costs re-chains.
-func backfillAlongsideRelay(ctx context.Context, conn *pgx.Conn, js jetstream.JetStream, stream string) error {
-	s, err := js.Stream(ctx, stream)
-	if err != nil {
-		return fmt.Errorf("look up stream %s: %w", stream, err)
-	}
-	if r := s.CachedInfo().Config.Replicas; r <= 1 {
-		return nil
-	}
-	var slots []string
-	rows, err := conn.Query(ctx, `SELECT slot_name FROM pg_replication_slots WHERE database = current_database() AND slot_type = 'logical' AND plugin = 'pgoutput' AND active ORDER BY 1`)
-	if err != nil {
-		return fmt.Errorf("list the active replication slots: %w", err)
-	}
-	for rows.Next() {
-		var name string
-		if err := rows.Scan(&name); err != nil {
-			rows.Close()
-			return err
-		}
-		slots = append(slots, name)
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("list the active replication slots: %w", err)
-	}
-	if len(slots) > 0 {
-		return fmt.Errorf("stream %s is replicated (R%d) and slot(s) %v are streaming: a backfill next to a live relay on a replicated stream can let one of the relay's events be stored after a gap. Stop the relay for the backfill (it resumes from its slot afterwards)",
-			stream, s.CachedInfo().Config.Replicas, slots)
-	}
-	return nil
-}
-
-func nilOrBytes(v any) []byte {
-	if s, ok := v.(string); ok {
-		return []byte(s)
-	}
-	return nil
-}
-
-// The backfill feeds each row through the relay's own pgoutput decoder as a one-row
-// transaction, so columns are interpreted exactly as the relay does: the SELECT returns the
-// type's text output, the same bytes pgoutput sends.
-
-func relationMsg(schema, table string, names []string, fds []pgconn.FieldDescription) []byte {
-	b := []byte{'R'}
-	b = binary.BigEndian.AppendUint32(b, 1)
-	b = append(append(b, schema...), 0)
-	b = append(append(b, table...), 0)
-	b = append(b, 'd')
-	b = binary.BigEndian.AppendUint16(b, uint16(len(names)))
-	for i, n := range names {
-		b = append(b, 0)
-		b = append(append(b, n...), 0)
-		b = binary.BigEndian.AppendUint32(b, fds[i].DataTypeOID)
-		b = binary.BigEndian.AppendUint32(b, uint32(fds[i].TypeModifier))
-	}
-	return b
-}
-
-func beginMsg(lsn pglogrepl.LSN) []byte {
-	b := []byte{'B'}
-	b = binary.BigEndian.AppendUint64(b, uint64(lsn))
-	b = binary.BigEndian.AppendUint64(b, 0)
-	return binary.BigEndian.AppendUint32(b, 0)
-}
-
-func commitMsg(lsn pglogrepl.LSN) []byte {
-	b := []byte{'C', 0}
-	b = binary.BigEndian.AppendUint64(b, uint64(lsn))
-	b = binary.BigEndian.AppendUint64(b, uint64(lsn))
-	return binary.BigEndian.AppendUint64(b, 0)
-}
-
-func insertMsg(b []byte, vals [][]byte) []byte {
-	b = append(b, 'I')
-	b = binary.BigEndian.AppendUint32(b, 1)
-	b = append(b, 'N')
-	b = binary.BigEndian.AppendUint16(b, uint16(len(vals)))
-	for _, v := range vals {
-		if v == nil {
-			b = append(b, 'n')
-			continue
-		}
-		b = append(b, 't')
-		b = binary.BigEndian.AppendUint32(b, uint32(len(v)))
-		b = append(b, v...)
-	}
-	return b
 }

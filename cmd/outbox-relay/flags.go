@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/rs/zerolog"
 	"go.yaml.in/yaml/v3"
 
@@ -263,4 +264,16 @@ func subjectTemplate(template string, scfg *sink.Config) (*decoder.SubjectTempla
 	}
 	scfg.SubjectPrefix = subject.Prefix()
 	return subject, nil
+}
+
+// parseStartLSN parses --start-lsn ("" is none).
+func parseStartLSN(s string) (pglogrepl.LSN, error) {
+	if s == "" {
+		return 0, nil
+	}
+	lsn, err := pglogrepl.ParseLSN(s)
+	if err != nil {
+		return 0, fmt.Errorf("--start-lsn %q: use the X/Y form Postgres prints, e.g. 0/16B3748", s)
+	}
+	return lsn, nil
 }

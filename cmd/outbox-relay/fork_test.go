@@ -18,6 +18,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
+	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -105,7 +106,7 @@ func TestFork_RestoreUnderRunningRelay(t *testing.T) {
 	require.NoError(t, c.Restore(snap))
 
 	err = relayExit(t, done, 60*time.Second, "the restore")
-	require.ErrorIs(t, err, errForkedHistory)
+	require.ErrorIs(t, err, relay.ErrForkedHistory)
 	msg := err.Error()
 	require.Contains(t, msg, "which this relay confirmed on timeline 1 before it reconnected")
 	require.Contains(t, msg, "--accept-slot-gap")
@@ -115,7 +116,7 @@ func TestFork_RestoreUnderRunningRelay(t *testing.T) {
 	// holds from transactions the restore lost.
 	insertGapEvents(t, e.pg, "new", 10)
 	err = runToStop(t, e.args())
-	require.ErrorIs(t, err, errForkedHistory)
+	require.ErrorIs(t, err, relay.ErrForkedHistory)
 	require.Contains(t, err.Error(), "no longer holds the recorded position")
 	lost := forkedCount(t, err.Error())
 	t.Logf("the stream holds %d events from transactions the restore lost (100 were published after the snapshot)", lost)
@@ -164,7 +165,7 @@ func TestFork_RestoreWhileStoppedAndWALOutgrewTheRecord(t *testing.T) {
 	slotBefore := confirmedFlush(t, e.pg, "outbox_relay")
 
 	err = runToStop(t, e.args())
-	require.ErrorIs(t, err, errForkedHistory)
+	require.ErrorIs(t, err, relay.ErrForkedHistory)
 	require.Contains(t, err.Error(), "but replaying the slot from")
 	require.Equal(t, uint64(100), streamMsgs(t, e.nats.URL, sink.DefaultStream), "nothing published")
 	require.Equal(t, slotBefore, confirmedFlush(t, e.pg, "outbox_relay"), "nothing past the slot confirmed")
@@ -266,10 +267,10 @@ func testPromotedStandby(t *testing.T, syncStandby bool) {
 
 	e2 := &env{pg: onStandby, nats: e.nats}
 	err := runToStop(t, e2.args())
-	require.ErrorIs(t, err, errSlotGap)
+	require.ErrorIs(t, err, relay.ErrSlotGap)
 	msg := err.Error()
-	if !syncStandby || errors.Is(err, errForkedHistory) {
-		require.ErrorIs(t, err, errForkedHistory)
+	if !syncStandby || errors.Is(err, relay.ErrForkedHistory) {
+		require.ErrorIs(t, err, relay.ErrForkedHistory)
 		require.Contains(t, msg, "no longer holds the recorded position")
 		require.Contains(t, msg, "on timeline 2, which began at")
 		require.Equal(t, lost, forkedCount(t, msg), "events from the transactions the failover lost: %s", msg)
@@ -324,7 +325,7 @@ func TestStreamLostAcknowledgedMessagesRefused(t *testing.T) {
 	require.Equal(t, uint64(10), streamMsgs(t, e.nats.URL, sink.DefaultStream))
 
 	err := runToStop(t, e.args())
-	require.ErrorIs(t, err, errSlotGap)
+	require.ErrorIs(t, err, relay.ErrSlotGap)
 	require.Contains(t, err.Error(), "stream OUTBOX ends at sequence 10, before sequence 20")
 	require.Contains(t, err.Error(), "the broker lost messages it had acknowledged")
 	require.Contains(t, err.Error(), "outbox-relay backfill")
@@ -365,7 +366,7 @@ func TestSlotGap_SlotAdvancedBeforeItIsHeldRefused(t *testing.T) {
 	e.pg.Exec(t, `SELECT pg_replication_slot_advance('outbox_relay', pg_current_wal_lsn())`)
 	select {
 	case err := <-done:
-		require.ErrorIs(t, err, errSlotGap)
+		require.ErrorIs(t, err, relay.ErrSlotGap)
 		require.Contains(t, err.Error(), "advanced by someone else")
 	case <-time.After(30 * time.Second):
 		t.Fatal("the relay ran on past a slot advanced before it held it")
@@ -424,7 +425,7 @@ func TestForgedLastMessageRefused(t *testing.T) {
 	t0 := time.Now()
 	err = relayExit(t, done, 60*time.Second, "a forged last message")
 	t.Logf("refused %s after the next event", time.Since(t0))
-	require.ErrorIs(t, err, errForkedHistory)
+	require.ErrorIs(t, err, relay.ErrForkedHistory)
 	require.Contains(t, err.Error(), "another publisher wrote that message")
 	require.Equal(t, uint64(4), streamMsgs(t, e.nats.URL, sink.DefaultStream), "the hidden events were neither published nor...")
 	require.Equal(t, slotBefore, confirmedFlush(t, e.pg, "outbox_relay"), "...confirmed")

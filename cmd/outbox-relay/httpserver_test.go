@@ -5,11 +5,12 @@ import (
 	"context"
 	"flag"
 	"net"
-	"net/http"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 // A taken --http-addr port stops the relay before it changes anything (here: before it
@@ -32,22 +33,12 @@ func TestHTTP_PortInUseRefusesBeforeCreatingTheSlot(t *testing.T) {
 	require.Zero(t, slots, "the relay created its slot although it could not serve --http-addr")
 }
 
-// The metrics server cannot be held by slow or idle clients.
-func TestHTTP_ServerHasTimeouts(t *testing.T) {
-	srv := newHTTPServer(http.NotFoundHandler())
-	require.NotZero(t, srv.ReadHeaderTimeout)
-	require.NotZero(t, srv.ReadTimeout)
-	require.NotZero(t, srv.WriteTimeout)
-	require.NotZero(t, srv.IdleTimeout)
-	require.NotZero(t, srv.MaxHeaderBytes)
-}
-
 // The default port is not postgres_exporter's 9187 (nor any port of the Prometheus exporter
 // range 9100-9999), which the relay often runs next to.
 func TestRun_DefaultHTTPAddrIsOutsideTheExporterRange(t *testing.T) {
 	var out bytes.Buffer
 	err := dispatch(context.Background(), []string{"run", "--help"}, &out, &out, noEnv)
 	require.ErrorIs(t, err, flag.ErrHelp)
-	require.Contains(t, out.String(), `(default ":`+defaultHTTPPort+`")`)
-	require.False(t, strings.HasPrefix(defaultHTTPPort, "9") && len(defaultHTTPPort) == 4, defaultHTTPPort)
+	require.Contains(t, out.String(), `(default ":`+relay.DefaultHTTPPort+`")`)
+	require.False(t, strings.HasPrefix(relay.DefaultHTTPPort, "9") && len(relay.DefaultHTTPPort) == 4, relay.DefaultHTTPPort)
 }

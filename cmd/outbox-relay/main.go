@@ -63,9 +63,10 @@ const commands = `commands:
   version      print the version`
 
 func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) (string, bool)) (err error) {
-	// No secret reaches the output or the error (see secrets.go).
-	stdout, stderr = maskedOutput(stdout), maskedOutput(stderr)
-	defer func() { err = printedSecrets.Error(err) }()
+	// No secret reaches the output or the error (see secrets.go); the relay's errors and log
+	// name flags, not Config fields (see wording.go).
+	stdout, stderr = maskedOutput(stdout), wordedOutput{maskedOutput(stderr)}
+	defer func() { err = printedSecrets.Error(cliError(err)) }()
 	if len(args) == 0 {
 		return usageError{fmt.Errorf("no command\n%s", commands)}
 	}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
+	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -34,7 +35,7 @@ func TestRelay_CustomTableColumnsAndSubjectTemplate(t *testing.T) {
 	require.Contains(t, out, "already publishes")
 	out, err = runCmd("publication", "show", "--pg-url", pg.URL, "--publication", "events_pub", "--output", "json")
 	require.NoError(t, err)
-	var pv publicationView
+	var pv relay.Publication
 	require.NoError(t, json.Unmarshal([]byte(out), &pv))
 	require.Equal(t, []string{"app.domain_events"}, pv.Tables)
 	require.True(t, pv.Insert)

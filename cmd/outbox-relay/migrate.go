@@ -5,10 +5,8 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/jackc/pgx/v5"
-
-	"github.com/outbox-relay/outbox-relay/internal/redact"
 	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, env func(string) (string, bool)) error {
@@ -45,7 +43,7 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 	if source != "table" && source != "messages" {
 		return usageError{fmt.Errorf("--source %q: use table or messages", source)}
 	}
-	conn, err := connectPG(ctx, pgURL)
+	conn, err := relay.ConnectPG(ctx, pgURL)
 	if err != nil {
 		return err
 	}
@@ -91,20 +89,4 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 		}
 	}
 	return nil
-}
-
-// connectPG opens a normal (non-replication) connection for queries.
-func connectPG(ctx context.Context, url string) (*pgx.Conn, error) {
-	cfg, err := pgx.ParseConfig(url)
-	if err != nil {
-		return nil, usageError{fmt.Errorf("parse --pg-url %s: %w", redact.URL(url), redact.Echoed(err, url))}
-	}
-	if cfg.RuntimeParams["application_name"] == "" {
-		cfg.RuntimeParams["application_name"] = "outbox-relay"
-	}
-	conn, err := pgx.ConnectConfig(ctx, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("connect to Postgres at %s:%d: %w", cfg.Host, cfg.Port, err)
-	}
-	return conn, nil
 }

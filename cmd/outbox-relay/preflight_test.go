@@ -14,6 +14,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 // runPreflight runs the relay with args and requires it to stop at preflight; it returns the
@@ -24,9 +25,9 @@ func runPreflight(t *testing.T, args ...string) (msg, log string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	err := dispatch(ctx, append([]string{"run", "--http-addr", "off", "--log-format", "json"}, args...), &out, &out, noEnv)
-	var pe *PreflightError
+	var pe *relay.PreflightError
 	require.ErrorAs(t, err, &pe, "log: %s", out.String())
-	require.True(t, isFatal(err))
+	require.True(t, relay.IsFatal(err))
 	return err.Error(), out.String()
 }
 

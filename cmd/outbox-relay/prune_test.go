@@ -9,6 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -27,7 +28,7 @@ func pruneRefused(t *testing.T, e *env, extra ...string) string {
 	args := append([]string{"prune", "--pg-url", e.pg.URL, "--nats-url", e.nats.URL, "--older-than", "1s", "--log-level", "warn"}, extra...)
 	err := dispatch(context.Background(), args, &out, &out, noEnv)
 	require.Error(t, err, "prune did not refuse: %s", out.String())
-	require.True(t, isFatal(err))
+	require.True(t, relay.IsFatal(err))
 	require.NotContains(t, out.String(), "deleted")
 	return err.Error()
 }

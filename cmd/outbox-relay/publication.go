@@ -9,9 +9,8 @@ import (
 	"text/tabwriter"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 
-	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 const publicationUsage = `Manage the publication the relay reads (for your own table; migrate does it for the default one).
@@ -55,12 +54,11 @@ func cmdPublication(ctx context.Context, args []string, stdout, stderr io.Writer
 	if output != "table" && output != "json" {
 		return usageError{fmt.Errorf("--output %q: use table or json", output)}
 	}
-	conn, err := connectPG(ctx, pgURL)
+	conn, err := relay.ConnectPG(ctx, pgURL)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.Background())
-	pub := pgx.Identifier{publication}.Sanitize()
 	switch sub {
 	case "create":
 		schema, tbl, err := splitTable(table)
@@ -69,20 +67,21 @@ func cmdPublication(ctx context.Context, args []string, stdout, stderr io.Writer
 		}
 		return publicationCreate(ctx, conn, stdout, publication, schema, tbl)
 	case "drop":
-		if _, err := conn.Exec(ctx, `DROP PUBLICATION `+pub); err != nil {
-			if isPgCode(err, "42704") {
-				if ifExists {
-					fmt.Fprintf(stdout, "publication %s does not exist\n", publication)
-					return nil
-				}
-				return fmt.Errorf("publication %q does not exist (pass --if-exists to accept that)", publication)
+		existed, err := relay.DropPublication(ctx, conn, publication)
+		if err != nil {
+			return err
+		}
+		if !existed {
+			if ifExists {
+				fmt.Fprintf(stdout, "publication %s does not exist\n", publication)
+				return nil
 			}
-			return fmt.Errorf("drop publication %s: %w", pub, err)
+			return fmt.Errorf("publication %q does not exist (pass --if-exists to accept that)", publication)
 		}
 		fmt.Fprintf(stdout, "dropped publication %s; a relay reading it stops with an error naming it\n", publication)
 		return nil
 	default:
-		p, err := readPublication(ctx, conn, publication)
+		p, err := relay.ReadPublication(ctx, conn, publication)
 		if err != nil {
 			return err
 		}
@@ -90,84 +89,25 @@ func cmdPublication(ctx context.Context, args []string, stdout, stderr io.Writer
 	}
 }
 
-// publicationCreate creates the publication of schema.table's inserts, or adds the table to an
-// existing one. It changes nothing when both are in place.
+// publicationCreate creates the publication (relay.CreatePublication) and says what it did.
 func publicationCreate(ctx context.Context, conn *pgx.Conn, stdout io.Writer, publication, schema, table string) error {
-	qt := pgx.Identifier{schema, table}.Sanitize()
-	var exists bool
-	if err := conn.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, qt).Scan(&exists); err != nil {
-		return fmt.Errorf("look up table %s: %w", qt, err)
-	}
-	if !exists {
-		return fmt.Errorf("table %s does not exist: create it first (outbox-relay migrate creates the default outbox table)", qt)
-	}
-	p, err := readPublication(ctx, conn, publication)
-	pub := pgx.Identifier{publication}.Sanitize()
-	switch {
-	case errors.Is(err, errNoPublication):
-		if _, err := conn.Exec(ctx, migrations.PublicationSQL(migrations.Options{Schema: schema, Table: table, Publication: publication})); err != nil {
-			return fmt.Errorf("create publication %s: %w (run it as the table's owner)", pub, err)
-		}
-		fmt.Fprintf(stdout, "created publication %s of the inserts into %s\n", publication, qt)
-		return nil
-	case err != nil:
+	change, err := relay.CreatePublication(ctx, conn, publication, schema, table)
+	if err != nil {
 		return err
 	}
-	for _, t := range p.Tables {
-		if t == schema+"."+table || p.AllTables {
-			if !p.Insert {
-				return fmt.Errorf("publication %q includes %s but does not publish inserts: ALTER PUBLICATION %s SET (publish = 'insert');", publication, qt, pub)
-			}
-			fmt.Fprintf(stdout, "publication %s already publishes %s\n", publication, qt)
-			return nil
-		}
+	qt := pgx.Identifier{schema, table}.Sanitize()
+	switch change {
+	case relay.PublicationCreated:
+		fmt.Fprintf(stdout, "created publication %s of the inserts into %s\n", publication, qt)
+	case relay.PublicationTableAdded:
+		fmt.Fprintf(stdout, "added %s to publication %s\n", qt, publication)
+	default:
+		fmt.Fprintf(stdout, "publication %s already publishes %s\n", publication, qt)
 	}
-	if _, err := conn.Exec(ctx, fmt.Sprintf(`ALTER PUBLICATION %s ADD TABLE %s`, pub, qt)); err != nil {
-		return fmt.Errorf("add %s to publication %s: %w (run it as the owner of both)", qt, pub, err)
-	}
-	fmt.Fprintf(stdout, "added %s to publication %s\n", qt, publication)
 	return nil
 }
 
-var errNoPublication = errors.New("publication does not exist")
-
-type publicationView struct {
-	Name      string   `json:"name"`
-	Owner     string   `json:"owner"`
-	AllTables bool     `json:"all_tables"`
-	Insert    bool     `json:"insert"`
-	Update    bool     `json:"update"`
-	Delete    bool     `json:"delete"`
-	Truncate  bool     `json:"truncate"`
-	Tables    []string `json:"tables"`
-}
-
-func readPublication(ctx context.Context, conn *pgx.Conn, name string) (publicationView, error) {
-	p := publicationView{Name: name, Tables: []string{}}
-	err := conn.QueryRow(ctx, `SELECT pg_get_userbyid(pubowner)::text, puballtables, pubinsert, pubupdate, pubdelete, pubtruncate
-		FROM pg_publication WHERE pubname = $1`, name).Scan(&p.Owner, &p.AllTables, &p.Insert, &p.Update, &p.Delete, &p.Truncate)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return p, fmt.Errorf("%w: %q (create it with outbox-relay publication create)", errNoPublication, name)
-	}
-	if err != nil {
-		return p, fmt.Errorf("read publication %q: %w", name, err)
-	}
-	rows, err := conn.Query(ctx, `SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1`, name)
-	if err != nil {
-		return p, fmt.Errorf("read the tables of publication %q: %w", name, err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var t string
-		if err := rows.Scan(&t); err != nil {
-			return p, err
-		}
-		p.Tables = append(p.Tables, t)
-	}
-	return p, rows.Err()
-}
-
-func printPublication(w io.Writer, p publicationView, output string) error {
+func printPublication(w io.Writer, p relay.Publication, output string) error {
 	if output == "json" {
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
@@ -191,9 +131,4 @@ func printPublication(w io.Writer, p publicationView, output string) error {
 		fmt.Fprintf(tw, "table\t%s\n", t)
 	}
 	return tw.Flush()
-}
-
-func isPgCode(err error, code string) bool {
-	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr) && pgErr.Code == code
 }

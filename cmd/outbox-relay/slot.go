@@ -12,6 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/replication"
 )
 
@@ -64,7 +65,7 @@ func cmdSlot(ctx context.Context, args []string, stdout, stderr io.Writer, env f
 	if temp {
 		return usageError{errors.New("slot create --temporary: a temporary slot is dropped as soon as the session that created it ends, which is when this command exits; for a slot that lives only while the relay runs, use outbox-relay run --temporary-slot")}
 	}
-	conn, err := connectPG(ctx, pgURL)
+	conn, err := relay.ConnectPG(ctx, pgURL)
 	if err != nil {
 		return err
 	}
@@ -83,95 +84,38 @@ func cmdSlot(ctx context.Context, args []string, stdout, stderr io.Writer, env f
 	}
 }
 
+// slotCreate creates the slot (relay.CreateSlot) and says what it did.
 func slotCreate(ctx context.Context, conn *pgx.Conn, stdout io.Writer, name string, ifNotExists bool) error {
-	s, err := replication.GetSlot(ctx, conn, name)
+	lsn, created, err := relay.CreateSlot(ctx, conn, name, relay.SlotOptions{IfNotExists: ifNotExists})
+	var exists *relay.SlotExistsError
 	switch {
-	case err == nil && !ifNotExists:
-		return fmt.Errorf("replication slot %q already exists (confirmed_flush_lsn %s): pass --if-not-exists to accept it, or drop it first with outbox-relay slot drop --slot %s", name, s.ConfirmedFlush, name)
-	case err == nil:
-		if problem := slotMismatch(s); problem != "" {
-			return fmt.Errorf("replication slot %q exists but %s", name, problem)
-		}
-		fmt.Fprintf(stdout, "replication slot %s exists (confirmed_flush_lsn %s)\n", name, s.ConfirmedFlush)
-		return nil
-	case !errors.Is(err, replication.ErrSlotMissing):
+	case errors.As(err, &exists):
+		return fmt.Errorf("%w: pass --if-not-exists to accept it, or drop it first with outbox-relay slot drop --slot %s", err, name)
+	case err != nil:
 		return err
+	case created:
+		fmt.Fprintf(stdout, "created replication slot %s at %s\n", name, lsn)
+	default:
+		fmt.Fprintf(stdout, "replication slot %s exists (confirmed_flush_lsn %s)\n", name, lsn)
 	}
-	lsn, err := replication.CreateSlot(ctx, conn, name)
-	if err != nil {
-		return fmt.Errorf("%w (the role needs the REPLICATION attribute: ALTER ROLE ... REPLICATION)", err)
-	}
-	fmt.Fprintf(stdout, "created replication slot %s at %s\n", name, lsn)
 	return nil
 }
 
-// slotMismatch says why an existing slot cannot serve the relay on this connection's database,
-// or "" when it can.
-func slotMismatch(s replication.Slot) string {
-	switch {
-	case s.SlotType != "logical" || s.Plugin != "pgoutput":
-		return fmt.Sprintf("uses plugin %q (%s slot); the relay needs a logical pgoutput slot", s.Plugin, s.SlotType)
-	case !s.CurrentDatabase:
-		return fmt.Sprintf("belongs to database %q, not the one in --pg-url", s.Database)
-	}
-	return ""
-}
-
+// slotDrop drops the slot (relay.DropSlot) and says what it did.
 func slotDrop(ctx context.Context, conn *pgx.Conn, stdout io.Writer, name string, ifExists, force bool, wait time.Duration) error {
-	s, err := replication.GetSlot(ctx, conn, name)
-	if errors.Is(err, replication.ErrSlotMissing) {
-		if ifExists {
-			fmt.Fprintf(stdout, "replication slot %s does not exist\n", name)
-			return nil
+	s, existed, err := relay.DropSlot(ctx, conn, name, relay.SlotOptions{Force: force, ForceTimeout: wait})
+	if !existed || (errors.Is(err, replication.ErrSlotMissing) && ifExists) {
+		if !ifExists {
+			return fmt.Errorf("replication slot %q does not exist (pass --if-exists to accept that)", name)
 		}
-		return fmt.Errorf("replication slot %q does not exist (pass --if-exists to accept that)", name)
+		fmt.Fprintf(stdout, "replication slot %s does not exist\n", name)
+		return nil
 	}
 	if err != nil {
-		return err
-	}
-	if s.Active {
-		if !force {
-			return fmt.Errorf("replication slot %q is active (held by the process with pid %d): stop that relay, or pass --force to terminate it and drop the slot", name, s.ActivePID)
-		}
-		if err := terminateHolder(ctx, conn, name, s.ActivePID, wait); err != nil {
-			return err
-		}
-	}
-	if err := replication.DropSlot(ctx, conn, name); err != nil {
-		if errors.Is(err, replication.ErrSlotInUse) {
-			return fmt.Errorf("%w: another session took the slot again; stop it or retry with --force", err)
-		}
-		if errors.Is(err, replication.ErrSlotMissing) && ifExists {
-			fmt.Fprintf(stdout, "replication slot %s does not exist\n", name)
-			return nil
-		}
 		return err
 	}
 	fmt.Fprintf(stdout, "dropped replication slot %s (it had confirmed_flush_lsn %s)\n", name, s.ConfirmedFlush)
 	return nil
-}
-
-// terminateHolder ends the backend holding the slot and waits until the slot is released.
-func terminateHolder(ctx context.Context, conn *pgx.Conn, name string, pid int32, wait time.Duration) error {
-	var ok bool
-	if err := conn.QueryRow(ctx, `SELECT pg_terminate_backend($1)`, pid).Scan(&ok); err != nil {
-		return fmt.Errorf("terminate the session holding slot %q (pid %d): %w (needs superuser or pg_signal_backend)", name, pid, err)
-	}
-	deadline := time.Now().Add(wait)
-	for {
-		s, err := replication.GetSlot(ctx, conn, name)
-		if err != nil || !s.Active {
-			return nil // dropped by its holder (temporary) or released
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("replication slot %q still active (pid %d) %s after terminating pid %d: retry, or raise --force-timeout", name, s.ActivePID, wait, pid)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
 }
 
 // slotView is a slot as `slot list` prints it.

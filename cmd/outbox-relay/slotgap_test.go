@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
+	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -66,7 +66,7 @@ func TestSlotGap_RecreatedSlotRefusedThenAccepted(t *testing.T) {
 	e.pg.Exec(t, `SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')`)
 
 	err := runToStop(t, e.args())
-	require.ErrorIs(t, err, errSlotGap)
+	require.ErrorIs(t, err, relay.ErrSlotGap)
 	msg := err.Error()
 	require.Contains(t, msg, `replication slot "outbox_relay" is at `)
 	require.Contains(t, msg, "this relay last confirmed "+rec.LSN.String())
@@ -109,7 +109,7 @@ func TestSlotGap_AdvancedSlotRefused(t *testing.T) {
 	insertGapEvents(t, e.pg, "skipped", 4)
 	e.pg.Exec(t, `SELECT pg_replication_slot_advance('outbox_relay', pg_current_wal_lsn())`)
 	err := runToStop(t, e.args())
-	require.ErrorIs(t, err, errSlotGap)
+	require.ErrorIs(t, err, relay.ErrSlotGap)
 	require.Contains(t, err.Error(), "advanced by someone else")
 	require.Equal(t, uint64(3), streamMsgs(t, e.nats.URL, sink.DefaultStream))
 }
@@ -202,7 +202,7 @@ func TestSlotGap_NewClusterRefusedThenPublishedDespiteLowerLSNs(t *testing.T) {
 	require.ErrorContains(t, err, "--create-slot refuses to create a replacement")
 	e2.createSlot(t)
 	err = runToStop(t, e2.args())
-	require.ErrorIs(t, err, errSlotGap)
+	require.ErrorIs(t, err, relay.ErrSlotGap)
 	require.Contains(t, err.Error(), "is on Postgres cluster")
 
 	// Accepted, then stopped before any event: the restart must not take the old cluster's
@@ -288,35 +288,4 @@ func TestSlotGap_RecordTurnedOnLaterWarnsOnce(t *testing.T) {
 	waitStreaming(t, e.pg, "outbox_relay")
 	require.NoError(t, stop())
 	require.NotContains(t, log.String(), "no position record")
-}
-
-// A position record that cannot be written (here: its bucket deleted under the running relay)
-// while events still flow: nothing newer is confirmed, and /readyz says why instead of 200.
-func TestSlotGap_RecordFailuresReachReadyz(t *testing.T) {
-	old := recordFailingReady
-	recordFailingReady = time.Second
-	defer func() { recordFailingReady = old }()
-	e := newEnv(t)
-	stop, log := inProcess(t, e.args())
-	base := httpAddrOf(t, log)
-	waitStreaming(t, e.pg, "outbox_relay")
-	insertGapEvents(t, e.pg, "one", 1)
-	waitStream(t, e.nats.URL, 1, 30*time.Second)
-	require.Eventually(t, func() bool { code, _ := get(t, base+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
-
-	js, closeNC := connectJS(t, e.nats.URL)
-	defer closeNC()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	require.NoError(t, js.DeleteKeyValue(ctx, sink.DefaultPositionBucket))
-	insertGapEvents(t, e.pg, "two", 1)
-	waitStream(t, e.nats.URL, 2, 30*time.Second)
-	var body string
-	require.Eventually(t, func() bool {
-		var code int
-		code, body = get(t, base+"/readyz")
-		return code == http.StatusServiceUnavailable
-	}, 20*time.Second, 50*time.Millisecond, "/readyz stayed ready while the record could not be written")
-	require.Contains(t, body, "the position record cannot be written")
-	require.NoError(t, stop())
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/stretchr/testify/require"
 )
 
@@ -119,7 +120,7 @@ func TestRun_TransportWarningAndRequireTLS(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	err := dispatch(ctx, []string{"run", "--pg-url", pgURL, "--nats-url", natsURL, "--http-addr", "off", "--log-format", "json"}, &out, &out, noEnv)
-	var pe *PreflightError
+	var pe *relay.PreflightError
 	require.ErrorAs(t, err, &pe, "the relay went on to connect; log: %s", out.String())
 	log := out.String()
 	require.Contains(t, log, `"level":"warn"`)

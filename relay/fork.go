@@ -1,4 +1,4 @@
-package main
+package relay
 
 import (
 	"context"
@@ -17,20 +17,20 @@ import (
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
-// errForkedHistory: the Postgres server's WAL history no longer holds a position the relay saw
+// ErrForkedHistory: the Postgres server's WAL history no longer holds a position the relay saw
 // (restored from a snapshot or backup, recovered to a point in time, failed over to a standby
 // that lacked the latest WAL). Its new transactions reuse positions the stream already holds.
-// It is a kind of slot gap: --accept-slot-gap accepts it.
-var errForkedHistory = fmt.Errorf("%w: forked WAL history", errSlotGap)
+// It is a kind of slot gap: Config.AcceptSlotGap accepts it.
+var ErrForkedHistory = fmt.Errorf("%w: forked WAL history", ErrSlotGap)
 
 // resumePoint is the highest position the relay confirmed in this process, with the server
 // (system identifier, timeline) it was confirmed on; sessions after the first start there.
 type resumePoint struct {
 	lsn      pglogrepl.LSN
-	systemID string // "" for --start-lsn, set by the first session
+	systemID string // "" for Config.StartLSN, set by the first session
 	timeline int32  // 0: not known
 	// seqFloor: without a position record, stream messages up to this sequence came from a
-	// forked history accepted in this process (--accept-slot-gap).
+	// forked history accepted in this process (Config.AcceptSlotGap).
 	seqFloor uint64
 }
 
@@ -45,15 +45,15 @@ func (r *resumePoint) advance(lsn pglogrepl.LSN, sys replication.System) {
 }
 
 // check compares the point with the server a new session reached. A server whose history no
-// longer holds it forked; with --accept-slot-gap the point is dropped (the session starts at
+// longer holds it forked; with Config.AcceptSlotGap the point is dropped (the session starts at
 // the slot's position), otherwise the error is fatal.
-func (r *resumePoint) check(cfg runConfig, sys replication.System, log zerolog.Logger) error {
+func (r *resumePoint) check(cfg Config, sys replication.System, log zerolog.Logger) error {
 	if r.lsn == 0 {
 		return nil
 	}
 	if r.systemID != "" && r.systemID != sys.ID {
 		err := fmt.Errorf("%w: this relay confirmed %s on Postgres cluster %s, and the server it reconnected to is cluster %s (system identifier): the database was replaced while the relay ran, and positions of two clusters do not compare. Way out: restart the relay (its position record then tells the cause and the backfill to run)",
-			errSlotGap, r.lsn, r.systemID, sys.ID)
+			ErrSlotGap, r.lsn, r.systemID, sys.ID)
 		return fatalError{err}
 	}
 	forkAt, ok := sys.Holds(r.lsn, r.timeline)
@@ -61,11 +61,11 @@ func (r *resumePoint) check(cfg runConfig, sys replication.System, log zerolog.L
 		return nil
 	}
 	msg := forkMessage(sys, fmt.Sprintf("position %s, which this relay confirmed on timeline %d before it reconnected", r.lsn, r.timeline), forkAt) +
-		". Way out: restart the relay (it reports what the stream holds from the lost transactions), then restart once with --accept-slot-gap: the relay publishes the new history from the slot's position"
-	if !cfg.acceptSlotGap {
-		return fatalError{fmt.Errorf("%w: %s", errForkedHistory, msg)}
+		". Way out: restart the relay (it reports what the stream holds from the lost transactions), then restart once with Config.AcceptSlotGap: the relay publishes the new history from the slot's position"
+	if !cfg.AcceptSlotGap {
+		return fatalError{fmt.Errorf("%w: %s", ErrForkedHistory, msg)}
 	}
-	log.Warn().Str("fork", msg).Msg("--accept-slot-gap: not resuming from the position confirmed before the fork; starting from the slot's position")
+	log.Warn().Str("fork", msg).Msg("Config.AcceptSlotGap: not resuming from the position confirmed before the fork; starting from the slot's position")
 	*r = resumePoint{seqFloor: r.seqFloor}
 	return nil
 }
@@ -204,18 +204,18 @@ func (c *replayCheck) event(ev *decoder.Event) error {
 
 // mismatch is the fork error: the replay yielded got where the stream's last event was.
 func (c *replayCheck) mismatch(got string) error {
-	return fatalError{fmt.Errorf("%w: the stream's last event is %s at %s, but replaying the slot from %s yields %s there. Either the Postgres server's WAL history forked after the stream's last event (the database was restored from a snapshot or backup, or failed over, and its new WAL already outgrew the old), or another publisher wrote that message under the relay's subjects (only the relay may publish there: see the README's NATS permissions). Its transactions would be silently skipped as already published; nothing past %s was confirmed. Way out: if another publisher wrote it, remove that message (nats stream rmm) and restrict the publish rights; if the database forked, restart once with --accept-slot-gap (the relay then publishes the new history from the slot's position, ignoring the stream's older positions) and reconcile the stream's events past %s, which the database's history may no longer have",
-		errForkedHistory, c.id, c.last, c.start, got, c.start, c.start)}
+	return fatalError{fmt.Errorf("%w: the stream's last event is %s at %s, but replaying the slot from %s yields %s there. Either the Postgres server's WAL history forked after the stream's last event (the database was restored from a snapshot or backup, or failed over, and its new WAL already outgrew the old), or another publisher wrote that message under the relay's subjects (only the relay may publish there: see the README's NATS permissions). Its transactions would be silently skipped as already published; nothing past %s was confirmed. Way out: if another publisher wrote it, remove that message (nats stream rmm) and restrict the publish rights; if the database forked, restart once with Config.AcceptSlotGap (the relay then publishes the new history from the slot's position, ignoring the stream's older positions) and reconcile the stream's events past %s, which the database's history may no longer have",
+		ErrForkedHistory, c.id, c.last, c.start, got, c.start, c.start)}
 }
 
-// acceptReplayFork is --accept-slot-gap for a fork the replay found (replayCheck): the stream's
+// acceptReplayFork is Config.AcceptSlotGap for a fork the replay found (replayCheck): the stream's
 // messages up to its last one are from the old history, so the next session ignores their
 // positions and publishes everything from the slot's position, which nothing moved past
 // start. With a position record this is recorded (after the session's recorder stopped);
 // without one, it holds for this process. The returned error ends the session, which the run
 // loop restarts.
-func acceptReplayFork(cfg runConfig, forkErr error, guard slotGuard, stopRec func(), sys replication.System, start pglogrepl.LSN, last sink.StoredMsg, resume *resumePoint, log zerolog.Logger) error {
-	log.Warn().Str("fork", forkErr.Error()).Msg("--accept-slot-gap: the stream's events are from another history; publishing everything from the slot's position")
+func acceptReplayFork(cfg Config, forkErr error, guard slotGuard, stopRec func(), sys replication.System, start pglogrepl.LSN, last sink.StoredMsg, resume *resumePoint, log zerolog.Logger) error {
+	log.Warn().Str("fork", forkErr.Error()).Msg("Config.AcceptSlotGap: the stream's events are from another history; publishing everything from the slot's position")
 	if guard.record == nil {
 		resume.seqFloor = max(resume.seqFloor, last.Seq)
 		return errors.New("restarting the session past an accepted fork")
@@ -223,7 +223,7 @@ func acceptReplayFork(cfg runConfig, forkErr error, guard slotGuard, stopRec fun
 	stopRec()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	now := sink.SourcePosition{SystemID: sys.ID, Slot: cfg.slot, LSN: start, Timeline: sys.Timeline,
+	now := sink.SourcePosition{SystemID: sys.ID, Slot: cfg.Slot, LSN: start, Timeline: sys.Timeline,
 		SeqFloor: max(guard.seqFloor, last.Seq), StreamSeq: last.StreamLastSeq}
 	if err := guard.record.Put(ctx, now); err != nil {
 		return err

@@ -1,4 +1,4 @@
-package main
+package relay
 
 import (
 	"errors"
@@ -8,12 +8,6 @@ import (
 	"syscall"
 	"time"
 )
-
-// defaultHTTPPort is --http-addr's default port. Not 9187 (postgres_exporter's, which often
-// runs on the same host or pod) nor any other port of 9100-9999, the range Prometheus
-// allocates to exporters (fully allocated), nor a port of NATS (4222, 6222, 7422, 8222),
-// Postgres (5432) or Kubernetes' components.
-const defaultHTTPPort = "8497"
 
 // HTTP server timeouts: a scrape or probe is one small GET answered in milliseconds, so a
 // client that trickles its request or idles cannot hold a connection (or a goroutine) for long.
@@ -36,15 +30,15 @@ func newHTTPServer(h http.Handler) *http.Server {
 	}
 }
 
-// listenHTTP binds --http-addr. The relay binds it before it checks or changes anything (the
-// preflight checks, --create-slot), so a taken port stops it at once.
+// listenHTTP binds Config.HTTPAddr. The relay binds it before it checks or changes anything
+// (the preflight checks, Config.CreateSlot), so a taken port stops it at once.
 func listenHTTP(addr string) (net.Listener, error) {
 	ln, err := net.Listen("tcp", addr)
 	switch {
 	case err == nil:
 		return ln, nil
 	case errors.Is(err, syscall.EADDRINUSE):
-		return nil, fatalError{fmt.Errorf("--http-addr %s: the address is already in use (another relay or exporter listens there); the relay did not start. Fix: pass a free --http-addr (e.g. 127.0.0.1:<port>), or --http-addr off to serve no metrics", addr)}
+		return nil, fatalError{fmt.Errorf("Config.HTTPAddr %s: the address is already in use (another relay or exporter listens there); the relay did not start. Fix: pass a free Config.HTTPAddr (e.g. 127.0.0.1:<port>), or Config.HTTPAddr off to serve no metrics", addr)}
 	}
-	return nil, fatalError{fmt.Errorf("--http-addr %s: %w; the relay did not start. Fix: pass an address this host has (host:port, :port for every interface), or --http-addr off", addr, err)}
+	return nil, fatalError{fmt.Errorf("Config.HTTPAddr %s: %w; the relay did not start. Fix: pass an address this host has (host:port, :port for every interface), or Config.HTTPAddr off", addr, err)}
 }

@@ -1,4 +1,4 @@
-package main
+package relay
 
 import (
 	"context"
@@ -14,7 +14,7 @@ import (
 )
 
 // standbyGate holds each transaction's events until a physical standby has flushed the
-// transaction's commit (--sync-standby-slot): a failover to that standby can then never
+// transaction's commit (Config.SyncStandbySlot): a failover to that standby can then never
 // un-commit an event consumers saw. Postgres 17 does this for logical slots with
 // synchronized_standby_slots; this is the same rule for Postgres 15 and 16.
 //
@@ -81,12 +81,12 @@ func (g *standbyGate) release(n uint64) {
 	g.mu.Unlock()
 }
 
-// errStandbySlotMissing: the --sync-standby-slot slot does not exist on the server.
+// errStandbySlotMissing: the Config.SyncStandbySlot slot does not exist on the server.
 var errStandbySlotMissing = errors.New("sync standby slot not found")
 
 // run serves requests until ctx ends or the connection fails.
 func (g *standbyGate) run(ctx context.Context) error {
-	conn, err := connectPG(ctx, g.pgURL)
+	conn, err := ConnectPG(ctx, g.pgURL)
 	if err != nil {
 		return err
 	}

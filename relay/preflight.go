@@ -1,4 +1,4 @@
-package main
+package relay
 
 import (
 	"context"
@@ -7,7 +7,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -62,20 +61,20 @@ type broker struct {
 // preflight checks everything a session needs, Postgres and NATS alike, and returns one
 // error listing every problem with its fix. Warnings are logged. When nothing is wrong it
 // creates the slot if asked to, and returns the connected broker.
-func preflight(ctx context.Context, cfg runConfig, log zerolog.Logger, natsOpts ...nats.Option) (*broker, error) {
+func preflight(ctx context.Context, cfg Config, log zerolog.Logger, natsOpts ...nats.Option) (*broker, error) {
 	var r preflightReport
 	createSlot := checkPostgres(ctx, cfg, &r)
 	b := checkBroker(ctx, cfg, &r, log, natsOpts...)
 	for _, w := range r.warnings {
 		log.Warn().Msg(w)
 	}
-	if len(r.problems) == 0 && createSlot && cfg.positionBucket != "" && !cfg.acceptSlotGap {
+	if len(r.problems) == 0 && createSlot && cfg.PositionBucket != "" && !cfg.AcceptSlotGap {
 		// After the first start a missing slot is a gap: never replace it silently.
-		if rec, ok, err := sink.ReadPositionRecord(ctx, b.js, cfg.positionBucket, cfg.sink); err != nil {
+		if rec, ok, err := sink.ReadPositionRecord(ctx, b.js, cfg.PositionBucket, cfg.Sink); err != nil {
 			r.fail("%v", err)
 		} else if ok {
-			r.fail("--create-slot refuses to create a replacement: %s", slotGapMessage(cfg, rec, sink.PositionKey(cfg.sink.Stream, cfg.sink.SubjectPrefix),
-				fmt.Sprintf("replication slot %q does not exist", cfg.slot), "the slot was dropped, or the database replaced, while the relay was away"))
+			r.fail("Config.CreateSlot refuses to create a replacement: %s", slotGapMessage(cfg, rec, sink.PositionKey(cfg.Sink.Stream, cfg.Sink.SubjectPrefix),
+				fmt.Sprintf("replication slot %q does not exist", cfg.Slot), "the slot was dropped, or the database replaced, while the relay was away"))
 		}
 	}
 	if len(r.problems) == 0 && createSlot {
@@ -92,13 +91,13 @@ func preflight(ctx context.Context, cfg runConfig, log zerolog.Logger, natsOpts 
 	return b, nil
 }
 
-func doCreateSlot(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
-	conn, err := connectPG(ctx, cfg.pgURL)
+func doCreateSlot(ctx context.Context, cfg Config, log zerolog.Logger) error {
+	conn, err := ConnectPG(ctx, cfg.PGURL)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.Background())
-	lsn, err := replication.CreateSlot(ctx, conn, cfg.slot)
+	lsn, err := replication.CreateSlot(ctx, conn, cfg.Slot)
 	if err != nil {
 		return err
 	}
@@ -107,8 +106,8 @@ func doCreateSlot(ctx context.Context, cfg runConfig, log zerolog.Logger) error 
 }
 
 // checkPostgres records the Postgres problems and reports whether the slot must be created.
-func checkPostgres(ctx context.Context, cfg runConfig, r *preflightReport) (createSlot bool) {
-	conn, err := connectPG(ctx, cfg.pgURL)
+func checkPostgres(ctx context.Context, cfg Config, r *preflightReport) (createSlot bool) {
+	conn, err := ConnectPG(ctx, cfg.PGURL)
 	if err != nil {
 		r.fail("%v: %s", err, pgConnectHint(err))
 		return false
@@ -140,19 +139,19 @@ func checkPostgres(ctx context.Context, cfg runConfig, r *preflightReport) (crea
 		r.fail("role %q lacks the REPLICATION attribute, which a logical replication connection needs. Fix, as a superuser: ALTER ROLE %s REPLICATION;", user, pgx.Identifier{user}.Sanitize())
 	}
 
-	table := pgx.Identifier{cfg.schema, cfg.table}.Sanitize()
+	table := pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize()
 	owner, tableOK := "", false
-	if cfg.source == "messages" {
+	if cfg.Source == "messages" {
 		var version int
 		if q("server_version_num", `SELECT current_setting('server_version_num')::int`, &version) && version < 140000 {
-			r.fail("--source messages needs PostgreSQL 14 or later (pgoutput's messages option); this server is %d: use --source table", version)
+			r.fail("Config.Source messages needs PostgreSQL 14 or later (pgoutput's messages option); this server is %d: use Config.Source table", version)
 		}
 		// Postgres grants EXECUTE on pg_logical_emit_message to PUBLIC: any role that can
 		// connect to the database could inject events.
 		var public bool
 		if q("pg_logical_emit_message privileges", `SELECT has_function_privilege('public', 'pg_logical_emit_message(boolean,text,text)', 'EXECUTE')
 			OR has_function_privilege('public', 'pg_logical_emit_message(boolean,text,bytea)', 'EXECUTE')`, &public) && public {
-			r.warn("PUBLIC can execute pg_logical_emit_message (Postgres' default): with --source messages any role that can connect to this database can inject events into the stream. Fix, as a superuser:\nREVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text), pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC;\nGRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <the producers' role>;\n(see README, Table-less mode)")
+			r.warn("PUBLIC can execute pg_logical_emit_message (Postgres' default): with Config.Source messages any role that can connect to this database can inject events into the stream. Fix, as a superuser:\nREVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text), pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC;\nGRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <the producers' role>;\n(see README, Table-less mode)")
 		}
 	} else {
 		owner, tableOK = checkTable(ctx, conn, cfg, r)
@@ -162,33 +161,33 @@ func checkPostgres(ctx context.Context, cfg runConfig, r *preflightReport) (crea
 	err = conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
 		coalesce((SELECT pubinsert FROM pg_publication WHERE pubname = $1), false),
 		EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)`,
-		cfg.publication, cfg.schema, cfg.table).Scan(&pubExists, &pubInsert, &pubHasTable)
+		cfg.Publication, cfg.Schema, cfg.Table).Scan(&pubExists, &pubInsert, &pubHasTable)
 	asOwner := ""
 	if owner != "" && owner != user {
 		asOwner = fmt.Sprintf(" as the table's owner %q (or a superuser)", owner)
 	}
 	switch {
 	case err != nil:
-		r.fail("look up publication %q: %v", cfg.publication, err)
+		r.fail("look up publication %q: %v", cfg.Publication, err)
 	case !pubExists:
-		r.fail("publication %q does not exist. Fix: run outbox-relay publication create (or migrate for the default table), or%s:\n%s", cfg.publication, asOwner,
-			migrations.PublicationSQL(migrations.Options{Schema: cfg.schema, Table: cfg.table, Publication: cfg.publication}))
-	case !pubHasTable && tableOK && cfg.source != "messages":
-		r.fail("publication %q does not include %s. Fix: run outbox-relay publication create, or%s:\nALTER PUBLICATION %s ADD TABLE %s;", cfg.publication, table, asOwner, pgx.Identifier{cfg.publication}.Sanitize(), table)
-	case !pubInsert && cfg.source != "messages":
-		r.fail("publication %q does not publish INSERTs. Fix:\nALTER PUBLICATION %s SET (publish = 'insert');", cfg.publication, pgx.Identifier{cfg.publication}.Sanitize())
+		r.fail("publication %q does not exist. Fix: run outbox-relay publication create (or migrate for the default table), or%s:\n%s", cfg.Publication, asOwner,
+			migrations.PublicationSQL(migrations.Options{Schema: cfg.Schema, Table: cfg.Table, Publication: cfg.Publication}))
+	case !pubHasTable && tableOK && cfg.Source != "messages":
+		r.fail("publication %q does not include %s. Fix: run outbox-relay publication create, or%s:\nALTER PUBLICATION %s ADD TABLE %s;", cfg.Publication, table, asOwner, pgx.Identifier{cfg.Publication}.Sanitize(), table)
+	case !pubInsert && cfg.Source != "messages":
+		r.fail("publication %q does not publish INSERTs. Fix:\nALTER PUBLICATION %s SET (publish = 'insert');", cfg.Publication, pgx.Identifier{cfg.Publication}.Sanitize())
 	}
 
-	if cfg.temporarySlot {
-		if s, err := replication.GetSlot(ctx, conn, cfg.slot); err == nil {
-			r.fail("--temporary-slot: a slot named %q already exists (%s, active %v); choose another --slot for the temporary one, or run without --temporary-slot to use it", cfg.slot, s.Plugin, s.Active)
+	if cfg.TemporarySlot {
+		if s, err := replication.GetSlot(ctx, conn, cfg.Slot); err == nil {
+			r.fail("Config.TemporarySlot: a slot named %q already exists (%s, active %v); choose another Config.Slot for the temporary one, or run without Config.TemporarySlot to use it", cfg.Slot, s.Plugin, s.Active)
 		}
 		return false
 	}
-	slot, err := replication.GetSlot(ctx, conn, cfg.slot)
+	slot, err := replication.GetSlot(ctx, conn, cfg.Slot)
 	if errors.Is(err, replication.ErrSlotMissing) {
-		if !cfg.createSlot {
-			r.fail("replication slot %q does not exist. Fix: pass --create-slot (or run outbox-relay slot create --slot %s); for throwaway development use --temporary-slot", cfg.slot, cfg.slot)
+		if !cfg.CreateSlot {
+			r.fail("replication slot %q does not exist. Fix: pass Config.CreateSlot (or run outbox-relay slot create Config.Slot %s); for throwaway development use Config.TemporarySlot", cfg.Slot, cfg.Slot)
 			return false
 		}
 		return walLevel == "logical"
@@ -197,8 +196,8 @@ func checkPostgres(ctx context.Context, cfg runConfig, r *preflightReport) (crea
 		r.fail("%v", err)
 		return false
 	}
-	if m := slotMismatch(slot); m != "" {
-		r.fail("replication slot %q %s. Fix: choose another --slot (with --create-slot), or drop this one if nothing else uses it", cfg.slot, m)
+	if m := SlotMismatch(slot); m != "" {
+		r.fail("replication slot %q %s. Fix: choose another Config.Slot (with Config.CreateSlot), or drop this one if nothing else uses it", cfg.Slot, m)
 		return false
 	}
 	switch slot.WALStatus {
@@ -206,13 +205,13 @@ func checkPostgres(ctx context.Context, cfg runConfig, r *preflightReport) (crea
 		r.fail("%s", lostSlotMessage(cfg, slot))
 		return false
 	case "unreserved":
-		r.warn("replication slot %q has wal_status unreserved: it is past max_slot_wal_keep_size and will be invalidated at the next checkpoint unless the relay catches up at once", cfg.slot)
+		r.warn("replication slot %q has wal_status unreserved: it is past max_slot_wal_keep_size and will be invalidated at the next checkpoint unless the relay catches up at once", cfg.Slot)
 	}
-	if slot.Active && !cfg.standby {
-		r.fail("replication slot %q is active: another process (pid %d%s) is reading it. Fix: stop that relay, or pass --standby to wait and take over when it releases the slot (active/passive HA)", cfg.slot, slot.ActivePID, holderInfo(ctx, conn, slot.ActivePID))
+	if slot.Active && !cfg.Standby {
+		r.fail("replication slot %q is active: another process (pid %d%s) is reading it. Fix: stop that relay, or pass Config.Standby to wait and take over when it releases the slot (active/passive HA)", cfg.Slot, slot.ActivePID, holderInfo(ctx, conn, slot.ActivePID))
 	}
-	if cfg.startLSN != 0 && cfg.startLSN < slot.ConfirmedFlush {
-		r.fail("--start-lsn %s is behind the slot's confirmed_flush_lsn %s: Postgres no longer has the WAL before it for this slot, so the relay cannot start there. Fix: pass --start-lsn %s or later, or leave it out", cfg.startLSN, slot.ConfirmedFlush, slot.ConfirmedFlush)
+	if cfg.StartLSN != 0 && cfg.StartLSN < slot.ConfirmedFlush {
+		r.fail("Config.StartLSN %s is behind the slot's confirmed_flush_lsn %s: Postgres no longer has the WAL before it for this slot, so the relay cannot start there. Fix: pass Config.StartLSN %s or later, or leave it out", cfg.StartLSN, slot.ConfirmedFlush, slot.ConfirmedFlush)
 	}
 	return false
 }
@@ -222,30 +221,30 @@ func pgConnectHint(err error) string {
 	msg := strings.ToLower(err.Error())
 	switch {
 	case strings.Contains(msg, "certificate signed by unknown authority"):
-		return "the server's TLS certificate is not signed by the CA in sslrootcert. Fix: set sslrootcert=<CA PEM file> in --pg-url to the CA that signed it"
+		return "the server's TLS certificate is not signed by the CA in sslrootcert. Fix: set sslrootcert=<CA PEM file> in Config.PGURL to the CA that signed it"
 	case strings.Contains(msg, "certificate is valid for") || strings.Contains(msg, "doesn't contain any ip sans"):
-		return "the server's TLS certificate does not name the host in --pg-url, which sslmode=verify-full checks. Fix: connect with a host name the certificate lists, reissue the certificate, or use sslmode=verify-ca"
+		return "the server's TLS certificate does not name the host in Config.PGURL, which sslmode=verify-full checks. Fix: connect with a host name the certificate lists, reissue the certificate, or use sslmode=verify-ca"
 	case strings.Contains(msg, "server refused tls") || strings.Contains(msg, "server does not support ssl"):
-		return "the server does not accept TLS connections. Fix: enable ssl on the server (ssl = on, ssl_cert_file, ssl_key_file) or lower sslmode in --pg-url"
+		return "the server does not accept TLS connections. Fix: enable ssl on the server (ssl = on, ssl_cert_file, ssl_key_file) or lower sslmode in Config.PGURL"
 	case strings.Contains(msg, "x509") || strings.Contains(msg, "tls"):
-		return "TLS to Postgres failed. Fix: check sslmode, sslrootcert, sslcert and sslkey in --pg-url"
+		return "TLS to Postgres failed. Fix: check sslmode, sslrootcert, sslcert and sslkey in Config.PGURL"
 	}
-	return "is Postgres running and is --pg-url right?"
+	return "is Postgres running and is Config.PGURL right?"
 }
 
 // lostSlotMessage explains an invalidated slot: what was lost and how to recover.
-func lostSlotMessage(cfg runConfig, s replication.Slot) string {
+func lostSlotMessage(cfg Config, s replication.Slot) string {
 	createdAt := "created_at"
-	if cfg.columns.CreatedAt != "" {
-		createdAt = cfg.columns.CreatedAt
+	if cfg.Columns.CreatedAt != "" {
+		createdAt = cfg.Columns.CreatedAt
 	}
-	table := pgx.Identifier{cfg.schema, cfg.table}.Sanitize()
+	table := pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize()
 	return fmt.Sprintf(`replication slot %q is invalidated (wal_status = lost): Postgres removed WAL the slot still needed (it fell more than max_slot_wal_keep_size behind), so the events committed after its confirmed_flush_lsn %s can no longer be decoded and will never be relayed from this slot. Recovery:
 (a) note the time of the last event in the stream (header Outbox-Created-At of the stream's last message; nats stream info / nats stream get %s --last-for '%s.>');
-(b) drop and recreate the slot: outbox-relay slot drop --slot %s --force && outbox-relay slot create --slot %s;
+(b) drop and recreate the slot: outbox-relay slot drop Config.Slot %s --force && outbox-relay slot create Config.Slot %s;
 (c) start the relay, then republish the gap from the table (rows by %s, table %s): outbox-relay backfill --since <that time minus a safety margin>; JetStream drops the ones it still has within its duplicate window.
 To stop it from happening again, alert on the slot lag (outbox_relay_slot_lag_bytes) well before max_slot_wal_keep_size.`,
-		cfg.slot, s.ConfirmedFlush, cfg.sink.Stream, cfg.sink.SubjectPrefix, cfg.slot, cfg.slot, createdAt, table)
+		cfg.Slot, s.ConfirmedFlush, cfg.Sink.Stream, cfg.Sink.SubjectPrefix, cfg.Slot, cfg.Slot, createdAt, table)
 }
 
 // holderInfo describes the backend holding a slot, for the error naming it.
@@ -267,13 +266,13 @@ var (
 
 // checkTable records problems with the outbox table and its mapped columns; it returns the
 // table's owner and whether it exists.
-func checkTable(ctx context.Context, conn *pgx.Conn, cfg runConfig, r *preflightReport) (owner string, ok bool) {
-	table := pgx.Identifier{cfg.schema, cfg.table}.Sanitize()
+func checkTable(ctx context.Context, conn *pgx.Conn, cfg Config, r *preflightReport) (owner string, ok bool) {
+	table := pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize()
 	var oid uint32
 	err := conn.QueryRow(ctx, `SELECT c.oid, pg_get_userbyid(c.relowner)::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-		WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')`, cfg.schema, cfg.table).Scan(&oid, &owner)
+		WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')`, cfg.Schema, cfg.Table).Scan(&oid, &owner)
 	if errors.Is(err, pgx.ErrNoRows) {
-		r.fail("table %s does not exist. Fix: run outbox-relay migrate to create the default outbox table, or point --table at your table (and map its columns with --column-*)", table)
+		r.fail("table %s does not exist. Fix: run outbox-relay migrate to create the default outbox table, or point Config.Table at your table (and map its columns with Config.Columns)", table)
 		return "", false
 	}
 	if err != nil {
@@ -293,7 +292,7 @@ func checkTable(ctx context.Context, conn *pgx.Conn, cfg runConfig, r *preflight
 		}
 	}
 	rows.Close()
-	cols := cfg.columns
+	cols := cfg.Columns
 	if cols == (decoder.Columns{}) {
 		cols = decoder.DefaultColumns
 	}
@@ -333,11 +332,11 @@ func contains(list []string, s string) bool {
 
 // checkBroker connects to NATS and checks the stream; it records the problems and returns the
 // connection when it is usable.
-func checkBroker(ctx context.Context, cfg runConfig, r *preflightReport, log zerolog.Logger, opts ...nats.Option) *broker {
-	nc, err := sink.Connect(cfg.natsURL, append(append([]nats.Option(nil), cfg.natsOpts...), opts...)...)
+func checkBroker(ctx context.Context, cfg Config, r *preflightReport, log zerolog.Logger, opts ...nats.Option) *broker {
+	nc, err := sink.Connect(cfg.NATSURL, append(append([]nats.Option(nil), cfg.NATSOptions...), opts...)...)
 	if err != nil {
 		// err names the redacted URL and nats.go's reason, never a password or token.
-		if hint := natsConnectHint(err); hint != "" {
+		if hint := cfg.natsHint(err); hint != "" {
 			r.fail("%s (%v)", hint, err)
 		} else {
 			r.fail("%v", err)
@@ -350,7 +349,7 @@ func checkBroker(ctx context.Context, cfg runConfig, r *preflightReport, log zer
 		r.fail("JetStream: %v", err)
 		return nil
 	}
-	info, err := sink.EnsureStream(ctx, js, cfg.sink, log)
+	info, err := sink.EnsureStream(ctx, js, cfg.Sink, log)
 	if err != nil {
 		r.fail("%v", err)
 		return &broker{nc: nc, js: js}
@@ -370,30 +369,18 @@ func checkBroker(ctx context.Context, cfg runConfig, r *preflightReport, log zer
 	if !c.AllowMsgTTL {
 		log.Info().Str("stream", c.Name).Msgf("stream %s does not allow per-message TTLs: a row with a %s header will be a poison event. To use it: nats stream edit %s --allow-msg-ttl (nats-server 2.11+)", c.Name, sink.HeaderTTL, c.Name)
 	}
-	if cfg.positionBucket != "" && !cfg.temporarySlot {
-		if _, err := sink.OpenPositionRecord(ctx, js, cfg.positionBucket, cfg.sink); err != nil {
+	if cfg.PositionBucket != "" && !cfg.TemporarySlot {
+		if _, err := sink.OpenPositionRecord(ctx, js, cfg.PositionBucket, cfg.Sink); err != nil {
 			r.fail("%v", err)
 		}
 	}
 	switch {
 	case c.Mirror != nil:
-		r.fail("stream %s is a mirror of %s and takes no published messages. Fix: choose another --stream", c.Name, c.Mirror.Name)
+		r.fail("stream %s is a mirror of %s and takes no published messages. Fix: choose another Config.Sink.Stream", c.Name, c.Mirror.Name)
 	case c.Sealed:
-		r.fail("stream %s is sealed and takes no new messages. Fix: choose another --stream", c.Name)
+		r.fail("stream %s is sealed and takes no new messages. Fix: choose another Config.Sink.Stream", c.Name)
 	case c.NoAck:
-		r.fail("stream %s has no_ack set: JetStream would store events without acknowledging them, so the relay could never confirm a position. Fix: nats stream edit %s --ack, or choose another --stream", c.Name, c.Name)
+		r.fail("stream %s has no_ack set: JetStream would store events without acknowledging them, so the relay could never confirm a position. Fix: nats stream edit %s --ack, or choose another Config.Sink.Stream", c.Name, c.Name)
 	}
 	return &broker{nc: nc, js: js}
-}
-
-// parseStartLSN parses --start-lsn ("" is none).
-func parseStartLSN(s string) (pglogrepl.LSN, error) {
-	if s == "" {
-		return 0, nil
-	}
-	lsn, err := pglogrepl.ParseLSN(s)
-	if err != nil {
-		return 0, fmt.Errorf("--start-lsn %q: use the X/Y form Postgres prints, e.g. 0/16B3748", s)
-	}
-	return lsn, nil
 }

@@ -1,4 +1,4 @@
-package main
+package relay
 
 import (
 	"context"
@@ -15,9 +15,9 @@ import (
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
-// errSlotGap: the slot is ahead of the position the relay recorded, or another slot or cluster
+// ErrSlotGap: the slot is ahead of the position the relay recorded, or another slot or cluster
 // feeds the stream now; events may be missing from the WAL stream.
-var errSlotGap = errors.New("replication slot gap")
+var ErrSlotGap = errors.New("replication slot gap")
 
 // backfillSince is the --since to propose for a gap that began at t: a margin before it, for
 // clock skew between the relay and the database's created_at defaults and for transactions
@@ -27,9 +27,9 @@ func backfillSince(t time.Time) string {
 }
 
 // slotGapMessage explains a gap: what was recorded, what is found, the likely cause, the way out.
-func slotGapMessage(cfg runConfig, rec sink.SourcePosition, key, found, cause string) string {
-	return fmt.Sprintf(`%s, but this relay last confirmed %s on slot %q of cluster %s (recorded %s in %s/%s): %s. Events committed in between are not in the WAL stream and would be silently lost. Way out: restart once with --accept-slot-gap, then republish the gap from the table: outbox-relay backfill --pg-url ... --nats-url ... --since %s (ids deduplicate the overlap within the stream's duplicate window; per-aggregate order between backfilled and live events is not guaranteed)`,
-		found, rec.LSN, rec.Slot, rec.SystemID, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.positionBucket, key, cause, backfillSince(rec.UpdatedAt))
+func slotGapMessage(cfg Config, rec sink.SourcePosition, key, found, cause string) string {
+	return fmt.Sprintf(`%s, but this relay last confirmed %s on slot %q of cluster %s (recorded %s in %s/%s): %s. Events committed in between are not in the WAL stream and would be silently lost. Way out: restart once with Config.AcceptSlotGap, then republish the gap from the table: outbox-relay backfill Config.PGURL ... Config.NATSURL ... --since %s (ids deduplicate the overlap within the stream's duplicate window; per-aggregate order between backfilled and live events is not guaranteed)`,
+		found, rec.LSN, rec.Slot, rec.SystemID, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.PositionBucket, key, cause, backfillSince(rec.UpdatedAt))
 }
 
 // slotGuard is the outcome of checkSlotGap for one session.
@@ -41,11 +41,11 @@ type slotGuard struct {
 
 // checkSlotGap compares the slot, the server and the stream with the feed's position record at
 // session start (after the slot was acquired, so that a standby never writes the record). It is
-// a gap (fatal, or with --accept-slot-gap logged and recorded as the new truth) when:
+// a gap (fatal, or with Config.AcceptSlotGap logged and recorded as the new truth) when:
 //   - another cluster (system identifier) or another slot feeds the stream now;
 //   - the server's WAL history no longer holds the recorded position or the stream's last
 //     event (a restore, a point-in-time recovery, a promoted standby that lacked the latest
-//     WAL): its new transactions reuse positions the stream holds (errForkedHistory);
+//     WAL): its new transactions reuse positions the stream holds (ErrForkedHistory);
 //   - the stream ends before the sequence recorded with the position: the broker lost
 //     messages it had acknowledged (a power loss, a restored stream backup, a recreated stream);
 //   - the slot is ahead of the record (dropped and recreated, or advanced by someone else).
@@ -53,8 +53,8 @@ type slotGuard struct {
 // A slot behind the record is normal (Postgres 15 saves confirmed_flush_lsn only at
 // checkpoints, so it moves back after a crash). The record ends at least at start, the
 // position the session begins at.
-func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sys replication.System, slotLSN, start pglogrepl.LSN, last sink.StoredMsg, haveLast bool, log zerolog.Logger) (slotGuard, error) {
-	record, err := sink.OpenPositionRecord(ctx, js, cfg.positionBucket, cfg.sink)
+func checkSlotGap(ctx context.Context, cfg Config, js jetstream.JetStream, sys replication.System, slotLSN, start pglogrepl.LSN, last sink.StoredMsg, haveLast bool, log zerolog.Logger) (slotGuard, error) {
+	record, err := sink.OpenPositionRecord(ctx, js, cfg.PositionBucket, cfg.Sink)
 	if err != nil {
 		return slotGuard{}, fatalError{err}
 	}
@@ -63,7 +63,7 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 	if err != nil {
 		return g, err
 	}
-	now := sink.SourcePosition{SystemID: sys.ID, Slot: cfg.slot, LSN: start, Timeline: sys.Timeline, StreamSeq: last.StreamLastSeq}
+	now := sink.SourcePosition{SystemID: sys.ID, Slot: cfg.Slot, LSN: start, Timeline: sys.Timeline, StreamSeq: last.StreamLastSeq}
 	if !ok {
 		if haveLast && slotLSN > last.Position.CommitLSN {
 			// Stored by a relay without a record (an older version, or the bucket was
@@ -72,7 +72,7 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 			log.Warn().Stringer("stream_last", last.Position).Stringer("slot_lsn", slotLSN).
 				Msg("the stream holds events from an earlier run but there is no position record: the relay cannot tell whether the slot is continuous with them. If the slot was dropped or recreated since, republish the gap with outbox-relay backfill --since <the Outbox-Created-At of the stream's last message>")
 		}
-		log.Info().Str("bucket", cfg.positionBucket).Str("key", record.Key()).Stringer("lsn", start).
+		log.Info().Str("bucket", cfg.PositionBucket).Str("key", record.Key()).Stringer("lsn", start).
 			Msg("no position record for this stream and subject prefix: first start, recording the slot's position")
 		if err := record.Put(ctx, now); err != nil {
 			return g, err
@@ -87,7 +87,7 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 	forked := false
 	switch {
 	case rec.SystemID != sys.ID:
-		found = fmt.Sprintf("replication slot %q is on Postgres cluster %s (system identifier)", cfg.slot, sys.ID)
+		found = fmt.Sprintf("replication slot %q is on Postgres cluster %s (system identifier)", cfg.Slot, sys.ID)
 		cause = "the database was replaced (restored, upgraded, failed over to a new cluster) or the relay points at another one; positions of two clusters do not compare"
 		now.SeqFloor = last.Seq
 	case !holds(sys, rec.LSN, rec.Timeline, &forkAt):
@@ -97,21 +97,21 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 		forked = true
 		found = forkMessage(sys, fmt.Sprintf("the stream's last event %s (stream sequence %d)", last.Position, last.Seq), forkAt)
 	case rec.StreamSeq > last.StreamLastSeq:
-		found = fmt.Sprintf("stream %s ends at sequence %d, before sequence %d, which it held when the position was recorded", cfg.sink.Stream, last.StreamLastSeq, rec.StreamSeq)
+		found = fmt.Sprintf("stream %s ends at sequence %d, before sequence %d, which it held when the position was recorded", cfg.Sink.Stream, last.StreamLastSeq, rec.StreamSeq)
 		cause = "the broker lost messages it had acknowledged (a power loss with the default sync_interval, a stream restored from an older backup, the stream deleted and recreated); events the relay confirmed to Postgres are missing from the stream"
 		now.SeqFloor = min(rec.SeqFloor, last.StreamLastSeq)
-	case rec.Slot != cfg.slot:
-		found = fmt.Sprintf("the stream is now fed from slot %q at %s", cfg.slot, slotLSN)
+	case rec.Slot != cfg.Slot:
+		found = fmt.Sprintf("the stream is now fed from slot %q at %s", cfg.Slot, slotLSN)
 		cause = "the relay was pointed at another slot"
 		now.SeqFloor = rec.SeqFloor
 	case slotLSN > rec.LSN:
-		found = fmt.Sprintf("replication slot %q is at %s", cfg.slot, slotLSN)
+		found = fmt.Sprintf("replication slot %q is at %s", cfg.Slot, slotLSN)
 		cause = "the slot was dropped and recreated, or advanced by someone else (pg_replication_slot_advance, another consumer), while the relay was away"
 		now.SeqFloor = rec.SeqFloor
 	default:
 		g.recorded, g.seqFloor = rec.LSN, rec.SeqFloor
 		if start > rec.LSN || rec.Timeline != sys.Timeline {
-			// --start-lsn moved ahead on purpose, or the server moved to a later timeline that
+			// Config.StartLSN moved ahead on purpose, or the server moved to a later timeline that
 			// holds the record (a switchover, a promoted standby that had all of it).
 			now.SeqFloor, now.LSN = rec.SeqFloor, max(start, rec.LSN)
 			now.StreamSeq = max(rec.StreamSeq, last.StreamLastSeq)
@@ -127,20 +127,20 @@ func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sy
 		// Everything the stream holds now is from the old history: the new one's events are
 		// all published, whatever their positions.
 		now.SeqFloor = max(rec.SeqFloor, last.Seq)
-		note := forkedEventsNote(ctx, js, cfg.sink, forkAt, rec.SeqFloor, last.Seq)
-		msg = fmt.Sprintf("%s.%s This relay last confirmed %s on slot %q (recorded %s in %s/%s). Way out: restart once with --accept-slot-gap (the relay then publishes the new history from the slot's position %s, ignoring the stream's older positions); if the slot was recreated after the fork, republish what was committed before it: outbox-relay backfill --pg-url ... --nats-url ... --since %s",
-			found, note, rec.LSN, rec.Slot, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.positionBucket, record.Key(), slotLSN, backfillSince(rec.UpdatedAt))
-		if !cfg.acceptSlotGap {
-			return g, fatalError{fmt.Errorf("%w: %s", errForkedHistory, msg)}
+		note := forkedEventsNote(ctx, js, cfg.Sink, forkAt, rec.SeqFloor, last.Seq)
+		msg = fmt.Sprintf("%s.%s This relay last confirmed %s on slot %q (recorded %s in %s/%s). Way out: restart once with Config.AcceptSlotGap (the relay then publishes the new history from the slot's position %s, ignoring the stream's older positions); if the slot was recreated after the fork, republish what was committed before it: outbox-relay backfill Config.PGURL ... Config.NATSURL ... --since %s",
+			found, note, rec.LSN, rec.Slot, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.PositionBucket, record.Key(), slotLSN, backfillSince(rec.UpdatedAt))
+		if !cfg.AcceptSlotGap {
+			return g, fatalError{fmt.Errorf("%w: %s", ErrForkedHistory, msg)}
 		}
 	} else {
 		msg = slotGapMessage(cfg, rec, record.Key(), found, cause)
-		if !cfg.acceptSlotGap {
-			return g, fatalError{fmt.Errorf("%w: %s", errSlotGap, msg)}
+		if !cfg.AcceptSlotGap {
+			return g, fatalError{fmt.Errorf("%w: %s", ErrSlotGap, msg)}
 		}
 	}
 	log.Warn().Str("gap", msg).Str("backfill", "outbox-relay backfill --since "+backfillSince(rec.UpdatedAt)).
-		Msg("--accept-slot-gap: continuing past a slot gap; events committed in it are NOT relayed from the WAL: run the backfill command")
+		Msg("Config.AcceptSlotGap: continuing past a slot gap; events committed in it are NOT relayed from the WAL: run the backfill command")
 	if err := record.Put(ctx, now); err != nil {
 		return g, err
 	}
@@ -157,14 +157,14 @@ func holds(sys replication.System, pos pglogrepl.LSN, tli int32, forkAt *pglogre
 
 // startRecorder runs a Recorder of trk's position into the session's record until stop is
 // called (after the session's final status update).
-func startRecorder(cfg runConfig, trk *checkpoint.Tracker, guard slotGuard, log zerolog.Logger) (rec *checkpoint.Recorder, stop func()) {
+func startRecorder(cfg Config, trk *checkpoint.Tracker, guard slotGuard, log zerolog.Logger) (rec *checkpoint.Recorder, stop func()) {
 	rec = checkpoint.NewRecorder(trk, guard.record, guard.recorded)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	var warned time.Time
 	go func() {
 		defer close(done)
-		rec.Run(ctx, cfg.repl.FlushInterval, func(err error) {
+		rec.Run(ctx, cfg.Replication.FlushInterval, func(err error) {
 			cfg.obs.recordFailed()
 			if time.Since(warned) >= 10*time.Second {
 				warned = time.Now()

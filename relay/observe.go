@@ -1,4 +1,4 @@
-package main
+package relay
 
 import (
 	"context"
@@ -45,7 +45,7 @@ type observer struct {
 
 	serverWALEnd atomic.Uint64
 	replicating  atomic.Bool
-	standingBy   atomic.Bool  // a --standby relay waiting while another holds the slot
+	standingBy   atomic.Bool  // a Config.Standby relay waiting while another holds the slot
 	stalled      atomic.Value // string: what is stuck, "" when not stalled
 	nc           atomic.Pointer[nats.Conn]
 
@@ -61,8 +61,14 @@ type observer struct {
 
 type eventTimes struct{ published, committed time.Time }
 
-func newObserver(stream string, log zerolog.Logger) *observer {
-	o := &observer{reg: prometheus.NewRegistry(), stream: stream, log: log}
+// newObserver registers the metrics in reg; nil: a registry of its own, with the Go and
+// process collectors.
+func newObserver(stream string, log zerolog.Logger, reg *prometheus.Registry) *observer {
+	own := reg == nil
+	if own {
+		reg = prometheus.NewRegistry()
+	}
+	o := &observer{reg: reg, stream: stream, log: log}
 	o.stalled.Store("")
 	f := promauto.With(o.reg)
 	labels := prometheus.Labels{"stream": stream}
@@ -135,7 +141,9 @@ func newObserver(stream string, log zerolog.Logger) *observer {
 	})
 	o.recordFailures = f.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_position_record_failures_total",
 		Help: "Failed writes of the position record (retried; meanwhile nothing newer is confirmed to Postgres)."})
-	o.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if own {
+		o.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	}
 	return o
 }
 
@@ -290,7 +298,7 @@ func beginCommitTime(data []byte) time.Time {
 var recordFailingReady = 10 * time.Second
 
 // ready says whether the relay is replicating with the broker connected and not stalled, and
-// why not. With standbyOK, a --standby relay standing by while another holds the slot (and
+// why not. With standbyOK, a Config.Standby relay standing by while another holds the slot (and
 // connected to NATS) is ready too: what a Kubernetes readiness probe of an active/passive
 // pair asks (see /readyz?standby=ok).
 func (o *observer) ready(standbyOK bool) (bool, string) {
@@ -347,8 +355,8 @@ func (o *observer) serveHTTP(ln net.Listener) (stop func()) {
 }
 
 // watch polls the slot for the lag gauges and detects stalls, until ctx ends.
-func (o *observer) watch(ctx context.Context, cfg runConfig) {
-	tick := min(cfg.stallTimeout/4, time.Second)
+func (o *observer) watch(ctx context.Context, cfg Config) {
+	tick := min(cfg.StallTimeout/4, time.Second)
 	if tick <= 0 {
 		tick = time.Second
 	}
@@ -372,11 +380,11 @@ func (o *observer) watch(ctx context.Context, cfg runConfig) {
 		case <-t.C:
 		}
 		now := time.Now()
-		if now.Sub(lastPoll) >= cfg.slotPollInterval {
+		if now.Sub(lastPoll) >= cfg.SlotPollInterval {
 			lastPoll = now
 			o.pollSlot(ctx, cfg)
 		}
-		if cfg.stallTimeout <= 0 {
+		if cfg.StallTimeout <= 0 {
 			continue
 		}
 		o.mu.Lock()
@@ -390,16 +398,16 @@ func (o *observer) watch(ctx context.Context, cfg runConfig) {
 		var stuck string
 		switch {
 		case !o.replicating.Load():
-			if cfg.standby {
+			if cfg.Standby {
 				idleSince = now // waiting for the slot is the job of a standby
 			}
-			if now.Sub(idleSince) >= cfg.stallTimeout {
+			if now.Sub(idleSince) >= cfg.StallTimeout {
 				stuck = fmt.Sprintf("no replication session for %s: the Postgres replication connection keeps failing (see the errors above)", now.Sub(idleSince).Round(time.Second))
 			}
 			lastProgress = now
 		case pending == 0 || lsn != lastLSN || stored != lastStored:
 			idleSince, lastProgress = now, now
-		case now.Sub(lastProgress) >= cfg.stallTimeout:
+		case now.Sub(lastProgress) >= cfg.StallTimeout:
 			idleSince = now
 			nc := o.nc.Load()
 			broker := "NATS connected"
@@ -407,7 +415,7 @@ func (o *observer) watch(ctx context.Context, cfg runConfig) {
 				broker = "NATS disconnected"
 			}
 			stuck = fmt.Sprintf("%d events waiting for JetStream acknowledgements for %s, acknowledged LSN stuck at %s (%s): check the NATS server, the stream %s and the publish errors above",
-				pending, now.Sub(lastProgress).Round(time.Second), lsn, broker, cfg.sink.Stream)
+				pending, now.Sub(lastProgress).Round(time.Second), lsn, broker, cfg.Sink.Stream)
 		default:
 			idleSince = now
 		}
@@ -429,15 +437,15 @@ func (o *observer) watch(ctx context.Context, cfg runConfig) {
 }
 
 // pollSlot updates the slot gauges from pg_replication_slots.
-func (o *observer) pollSlot(ctx context.Context, cfg runConfig) {
+func (o *observer) pollSlot(ctx context.Context, cfg Config) {
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	conn, err := connectPG(pctx, cfg.pgURL)
+	conn, err := ConnectPG(pctx, cfg.PGURL)
 	if err != nil {
 		return // the session reports Postgres being unreachable
 	}
 	defer conn.Close(context.Background())
-	s, err := replication.GetSlot(pctx, conn, cfg.slot)
+	s, err := replication.GetSlot(pctx, conn, cfg.Slot)
 	if err != nil {
 		return
 	}

@@ -1,0 +1,333 @@
+package relay
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/internal/redact"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// backfillWindow is how many publishes are in flight at once.
+const backfillWindow = 256
+
+// BackfillRange is what Backfill republishes: rows created in [Since, Until).
+type BackfillRange struct {
+	Since  time.Time
+	Until  *time.Time // nil: no bound
+	DryRun bool       // count the rows, publish nothing
+}
+
+// BackfillResult counts what Backfill did.
+type BackfillResult struct {
+	Rows       int // rows read (with DryRun: rows in range)
+	Stored     int // acknowledged by JetStream, duplicates included
+	Duplicates int // already in the stream
+}
+
+// Backfill republishes the outbox rows created in r from the table itself, e.g. after a slot
+// gap: in (created_at, id) order, with the same subject, body and headers as the relay (cfg is
+// the relay's), Nats-Msg-Id = id and Outbox-Backfill: true. JetStream drops those it still
+// holds within its duplicate window. Per-aggregate order between backfilled and live events is
+// not guaranteed. Next to a live relay it runs on a single-replica stream only.
+func Backfill(ctx context.Context, cfg Config, r BackfillRange, opts ...Option) (BackfillResult, error) {
+	var res BackfillResult
+	o := newOptions(opts)
+	log := o.log
+	cfg, err := cfg.resolve()
+	if err != nil {
+		return res, err
+	}
+	if cfg.Columns.CreatedAt == "" {
+		return res, configErr("backfill selects rows by Config.Columns.CreatedAt, which must name a column")
+	}
+
+	conn, err := connectText(ctx, cfg.PGURL)
+	if err != nil {
+		return res, err
+	}
+	defer conn.Close(context.Background())
+	q := newBackfillQuery(cfg)
+	if r.DryRun {
+		res.Rows, err = q.count(ctx, conn, r)
+		return res, err
+	}
+	nc, err := sink.Connect(cfg.NATSURL, cfg.NATSOptions...)
+	if err != nil {
+		return res, err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(backfillWindow))
+	if err != nil {
+		return res, err
+	}
+	if err := backfillAlongsideRelay(ctx, conn, js, cfg.Sink.Stream); err != nil {
+		return res, err
+	}
+	pos, err := backfillPosition(ctx, js, cfg)
+	if err != nil {
+		return res, err
+	}
+	if res, err = q.publish(ctx, conn, js, r, pos); err != nil {
+		return res, err
+	}
+	log.Info().Int("rows", res.Rows).Int("stored", res.Stored).Int("duplicates", res.Duplicates).Msg("backfill done")
+	return res, nil
+}
+
+// connectText connects for the backfill's SELECT, with text output as the replication
+// connection gets it, so the decoder sees the same bytes.
+func connectText(ctx context.Context, url string) (*pgx.Conn, error) {
+	pcfg, err := pgx.ParseConfig(url)
+	if err != nil {
+		return nil, &ConfigError{fmt.Errorf("parse Config.PGURL %s: %w", redact.URL(url), redact.Echoed(err, url))}
+	}
+	pcfg.RuntimeParams["DateStyle"] = "ISO, MDY"
+	pcfg.RuntimeParams["TimeZone"] = "UTC"
+	pcfg.RuntimeParams["bytea_output"] = "hex"
+	if pcfg.RuntimeParams["application_name"] == "" {
+		pcfg.RuntimeParams["application_name"] = "outbox-relay backfill"
+	}
+	conn, err := pgx.ConnectConfig(ctx, pcfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect to Postgres at %s:%d: %w", pcfg.Host, pcfg.Port, err)
+	}
+	return conn, nil
+}
+
+// backfillPosition is the position backfilled messages carry: the stream's current last one,
+// so that the relay's replay-skip position (LastStored) does not move.
+func backfillPosition(ctx context.Context, js jetstream.JetStream, cfg Config) (sink.Position, error) {
+	pos, seq, _, err := sink.LastStored(ctx, js, cfg.Sink)
+	if err != nil {
+		return pos, err
+	}
+	if cfg.PositionBucket != "" {
+		// After a change of cluster the stream's last message may still be the old cluster's:
+		// its position must not become the new cluster's skip position. 0/0 skips nothing.
+		rec, ok, err := sink.ReadPositionRecord(ctx, js, cfg.PositionBucket, cfg.Sink)
+		if err != nil {
+			return pos, err
+		}
+		if ok && seq <= rec.SeqFloor {
+			pos = sink.Position{}
+		}
+	}
+	return pos, nil
+}
+
+// backfillQuery selects the mapped columns of the rows in a range, in (created_at, id) order.
+type backfillQuery struct {
+	cfg       Config
+	names     []string // the selected columns
+	table, ca string   // quoted table and created_at column
+	sql       string
+}
+
+func newBackfillQuery(cfg Config) backfillQuery {
+	names := []string{cfg.Columns.ID, cfg.Columns.AggregateType, cfg.Columns.AggregateID, cfg.Columns.EventType, cfg.Columns.Payload, cfg.Columns.CreatedAt}
+	if cfg.Columns.Headers != "" {
+		names = append(names, cfg.Columns.Headers)
+	}
+	sel := ""
+	for i, n := range names {
+		if i > 0 {
+			sel += ", "
+		}
+		sel += pgx.Identifier{n}.Sanitize()
+	}
+	q := backfillQuery{cfg: cfg, names: names, table: pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize(), ca: pgx.Identifier{cfg.Columns.CreatedAt}.Sanitize()}
+	q.sql = fmt.Sprintf(`SELECT %s FROM %s WHERE %s >= $1::timestamptz AND ($2::timestamptz IS NULL OR %s < $2::timestamptz) ORDER BY %s, %s`,
+		sel, q.table, q.ca, q.ca, q.ca, pgx.Identifier{cfg.Columns.ID}.Sanitize())
+	return q
+}
+
+// count counts the rows in r.
+func (q backfillQuery) count(ctx context.Context, conn *pgx.Conn, r BackfillRange) (int, error) {
+	var n int64
+	err := conn.QueryRow(ctx, fmt.Sprintf(`SELECT count(*) FROM %s WHERE %s >= $1::timestamptz AND ($2::timestamptz IS NULL OR %s < $2::timestamptz)`,
+		q.table, q.ca, q.ca), r.Since, r.Until).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("count the rows to backfill: %w", err)
+	}
+	return int(n), nil
+}
+
+// publish publishes the rows in r, stamped at pos, backfillWindow at a time.
+func (q backfillQuery) publish(ctx context.Context, conn *pgx.Conn, js jetstream.JetStream, r BackfillRange, pos sink.Position) (BackfillResult, error) {
+	var res BackfillResult
+	cfg := q.cfg
+	var toParam any
+	if r.Until != nil {
+		toParam = r.Until.UTC().Format(time.RFC3339Nano)
+	}
+	rr := conn.PgConn().ExecParams(ctx, q.sql, [][]byte{[]byte(r.Since.UTC().Format(time.RFC3339Nano)), nilOrBytes(toParam)}, nil, nil, nil)
+	dec := decoder.New(decoder.Config{Schema: cfg.Schema, Table: cfg.Table, Columns: cfg.Columns, Subject: cfg.subject})
+	if _, err := dec.Decode(relationMsg(cfg.Schema, cfg.Table, q.names, rr.FieldDescriptions())); err != nil {
+		rr.Close()
+		return res, fmt.Errorf("backfill: %w", err)
+	}
+	var (
+		futs   []jetstream.PubAckFuture
+		ackErr error
+		insert []byte
+	)
+	wait := func() {
+		for _, f := range futs {
+			select {
+			case ack := <-f.Ok():
+				res.Stored++
+				if ack.Duplicate {
+					res.Duplicates++
+				}
+			case err := <-f.Err():
+				if ackErr == nil {
+					ackErr = fmt.Errorf("publish %s: %w", f.Msg().Header.Get(sink.HeaderMsgID), err)
+				}
+			}
+		}
+		futs = futs[:0]
+	}
+	for rr.NextRow() {
+		if _, err := dec.Decode(beginMsg(pos.CommitLSN)); err != nil {
+			rr.Close()
+			return res, err
+		}
+		insert = insertMsg(insert[:0], rr.Values())
+		ch, err := dec.Decode(insert)
+		if err != nil {
+			rr.Close()
+			return res, fmt.Errorf("backfill row %d: %w", res.Rows+1, err)
+		}
+		m, err := sink.BackfillMsg(cfg.Sink, ch.Event, pos)
+		if err != nil {
+			rr.Close()
+			return res, fmt.Errorf("backfill row %d: %w", res.Rows+1, err)
+		}
+		if _, err := dec.Decode(commitMsg(pos.CommitLSN)); err != nil {
+			rr.Close()
+			return res, err
+		}
+		f, err := js.PublishMsgAsync(m, jetstream.WithExpectStream(cfg.Sink.Stream))
+		if err != nil {
+			rr.Close()
+			return res, fmt.Errorf("publish %s: %w", m.Header.Get(sink.HeaderMsgID), err)
+		}
+		futs = append(futs, f)
+		res.Rows++
+		if len(futs) >= backfillWindow {
+			wait()
+			if ackErr != nil {
+				rr.Close()
+				return res, ackErr
+			}
+		}
+	}
+	if _, err := rr.Close(); err != nil {
+		return res, fmt.Errorf("read %s.%s: %w", cfg.Schema, cfg.Table, err)
+	}
+	wait()
+	return res, ackErr
+}
+
+// backfillAlongsideRelay refuses to publish into a replicated stream while a relay streams
+// from this database. There the relay chains its window on the stream's last sequence, and a
+// message the backfill stores can take the sequence of a relay publish that was refused, so
+// that the next one in the relay's window is stored after a gap. On a single-replica stream
+// the relay chains on the previous message's id and a backfill next to it only costs re-chains.
+func backfillAlongsideRelay(ctx context.Context, conn *pgx.Conn, js jetstream.JetStream, stream string) error {
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return fmt.Errorf("look up stream %s: %w", stream, err)
+	}
+	if r := s.CachedInfo().Config.Replicas; r <= 1 {
+		return nil
+	}
+	var slots []string
+	rows, err := conn.Query(ctx, `SELECT slot_name FROM pg_replication_slots WHERE database = current_database() AND slot_type = 'logical' AND plugin = 'pgoutput' AND active ORDER BY 1`)
+	if err != nil {
+		return fmt.Errorf("list the active replication slots: %w", err)
+	}
+	for rows.Next() {
+		var name string
+		if err := rows.Scan(&name); err != nil {
+			rows.Close()
+			return err
+		}
+		slots = append(slots, name)
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("list the active replication slots: %w", err)
+	}
+	if len(slots) > 0 {
+		return fmt.Errorf("stream %s is replicated (R%d) and slot(s) %v are streaming: a backfill next to a live relay on a replicated stream can let one of the relay's events be stored after a gap. Stop the relay for the backfill (it resumes from its slot afterwards)",
+			stream, s.CachedInfo().Config.Replicas, slots)
+	}
+	return nil
+}
+
+func nilOrBytes(v any) []byte {
+	if s, ok := v.(string); ok {
+		return []byte(s)
+	}
+	return nil
+}
+
+// The backfill feeds each row through the relay's own pgoutput decoder as a one-row
+// transaction, so columns are interpreted exactly as the relay does: the SELECT returns the
+// type's text output, the same bytes pgoutput sends.
+
+func relationMsg(schema, table string, names []string, fds []pgconn.FieldDescription) []byte {
+	b := []byte{'R'}
+	b = binary.BigEndian.AppendUint32(b, 1)
+	b = append(append(b, schema...), 0)
+	b = append(append(b, table...), 0)
+	b = append(b, 'd')
+	b = binary.BigEndian.AppendUint16(b, uint16(len(names)))
+	for i, n := range names {
+		b = append(b, 0)
+		b = append(append(b, n...), 0)
+		b = binary.BigEndian.AppendUint32(b, fds[i].DataTypeOID)
+		b = binary.BigEndian.AppendUint32(b, uint32(fds[i].TypeModifier))
+	}
+	return b
+}
+
+func beginMsg(lsn pglogrepl.LSN) []byte {
+	b := []byte{'B'}
+	b = binary.BigEndian.AppendUint64(b, uint64(lsn))
+	b = binary.BigEndian.AppendUint64(b, 0)
+	return binary.BigEndian.AppendUint32(b, 0)
+}
+
+func commitMsg(lsn pglogrepl.LSN) []byte {
+	b := []byte{'C', 0}
+	b = binary.BigEndian.AppendUint64(b, uint64(lsn))
+	b = binary.BigEndian.AppendUint64(b, uint64(lsn))
+	return binary.BigEndian.AppendUint64(b, 0)
+}
+
+func insertMsg(b []byte, vals [][]byte) []byte {
+	b = append(b, 'I')
+	b = binary.BigEndian.AppendUint32(b, 1)
+	b = append(b, 'N')
+	b = binary.BigEndian.AppendUint16(b, uint16(len(vals)))
+	for _, v := range vals {
+		if v == nil {
+			b = append(b, 'n')
+			continue
+		}
+		b = append(b, 't')
+		b = binary.BigEndian.AppendUint32(b, uint32(len(v)))
+		b = append(b, v...)
+	}
+	return b
+}

@@ -1,0 +1,228 @@
+// Package relay is the outbox relay as a library: it tails Postgres logical replication
+// (pgoutput) on an outbox table and publishes each committed insert to NATS JetStream with the
+// event id as Nats-Msg-Id, confirming a WAL position to Postgres only after JetStream stored
+// every event up to it.
+//
+// Start from DefaultConfig, set the connection URLs, and call Run:
+//
+//	cfg := relay.DefaultConfig()
+//	cfg.PGURL, cfg.NATSURL = "postgres://...", "nats://..."
+//	err := relay.Run(ctx, cfg, relay.WithLogger(log))
+//
+// Errors name the Config fields they are about (Config.AcceptSlotGap, Config.Slot, ...); the
+// outbox-relay command rewrites those names to its flags.
+package relay
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/nats-io/nats.go"
+
+	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/replication"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// DefaultHTTPPort is the default port of Config.HTTPAddr. Not 9187 (postgres_exporter's, which
+// often runs on the same host or pod) nor any other port of 9100-9999, the range Prometheus
+// allocates to exporters (fully allocated), nor a port of NATS (4222, 6222, 7422, 8222),
+// Postgres (5432) or Kubernetes' components.
+const DefaultHTTPPort = "8497"
+
+// Source values: where events come from.
+const (
+	SourceTable    = "table"    // rows inserted into the outbox table
+	SourceMessages = "messages" // transactional pg_logical_emit_message calls (Postgres 14+)
+)
+
+// OnPoison values: what to do with an event that cannot be published.
+const (
+	OnPoisonStop       = "stop"        // halt, confirm nothing after it
+	OnPoisonDeadLetter = "dead-letter" // publish it (or its metadata) to <prefix>.dead-letter and go on
+)
+
+// Config is everything a relay needs. Start from DefaultConfig: the zero value of most fields
+// is not a usable setting.
+type Config struct {
+	PGURL   string // Postgres connection URL or DSN (required); replication=database is added for the replication connection
+	NATSURL string // NATS server URL(s), comma separated
+	// NATSOptions apply to every NATS connection (authentication, TLS).
+	NATSOptions []nats.Option
+
+	Schema, Table string // the outbox table
+	Publication   string // publication of the outbox table's inserts
+	Slot          string // logical replication slot (pgoutput)
+	CreateSlot    bool   // create the slot if it does not exist
+	// AcceptSlotGap starts although the slot is not continuous with the position the relay
+	// recorded (dropped and recreated, advanced by someone else, another cluster, a forked WAL
+	// history, lost stream messages): events in between are not relayed.
+	AcceptSlotGap bool
+	// SyncStandbySlot is a physical slot of a standby: publish a transaction only once that
+	// standby flushed its commit. "" disables.
+	SyncStandbySlot string
+	// PositionBucket is the JetStream key-value bucket of the position record, to detect slot
+	// gaps; "" turns the detection off.
+	PositionBucket string
+	TemporarySlot  bool // a slot that lives only while the relay is connected (development)
+	// Standby waits while another relay holds the slot and takes over once it is released.
+	Standby bool
+	// StartLSN starts there instead of the slot's confirmed_flush_lsn (0: the slot's).
+	StartLSN pglogrepl.LSN
+
+	Columns decoder.Columns // the table's columns mapped to the event
+	// SubjectTemplate is the subject of each event; placeholders {prefix}, {aggregate_type},
+	// {aggregate_id}, {event_type}.
+	SubjectTemplate string
+	Source          string // SourceTable or SourceMessages
+	MessagePrefix   string // with SourceMessages: the prefix of the messages that are events
+	OnPoison        string // OnPoisonStop or OnPoisonDeadLetter
+
+	Sink        sink.Config        // stream, subject prefix, window, ack timeout, headers
+	Replication replication.Config // status interval, idle timeout (Slot and Publication are set from the fields above)
+
+	// HTTPAddr serves /metrics, /healthz and /readyz; "" or "off" disables.
+	HTTPAddr string
+	// StallTimeout: events pending with nothing acknowledged (or no replication session) for
+	// this long turns /readyz to 503 and logs what is stuck; 0 disables.
+	StallTimeout     time.Duration
+	SlotPollInterval time.Duration // how often the slot gauges are polled
+	DrainTimeout     time.Duration // on stop, how long to wait for in-flight acks
+	StandbyPoll      time.Duration // how often a standby tries to take the slot
+	ReconnectMin     time.Duration // first wait before reconnecting after a failed session
+	ReconnectMax     time.Duration // longest wait between reconnects
+
+	// Failpoint is a test hook ("name:N"); "" in production.
+	Failpoint string
+
+	subject    *decoder.SubjectTemplate // parsed SubjectTemplate, set by resolve
+	obs        *observer                // metrics, readiness, stall detection; set by Run
+	natsHintFn func(error) string       // WithNATSConnectHint
+}
+
+// DefaultConfig returns the defaults of every field; set PGURL (and NATSURL) and run.
+func DefaultConfig() Config {
+	return Config{
+		NATSURL:         nats.DefaultURL,
+		Schema:          "public",
+		Table:           "outbox",
+		Publication:     "outbox_pub",
+		Slot:            "outbox_relay",
+		PositionBucket:  sink.DefaultPositionBucket,
+		Columns:         decoder.DefaultColumns,
+		SubjectTemplate: decoder.DefaultSubjectTemplate,
+		Source:          SourceTable,
+		MessagePrefix:   "outbox",
+		OnPoison:        OnPoisonStop,
+		Sink: sink.Config{
+			Stream:            sink.DefaultStream,
+			SubjectPrefix:     sink.DefaultSubjectPrefix,
+			DuplicateWindow:   sink.DefaultDuplicateWindow,
+			Window:            sink.DefaultWindow,
+			MaxInFlightBytes:  sink.DefaultMaxInFlightBytes,
+			AckTimeout:        sink.DefaultAckTimeout,
+			CloudEventsSource: sink.DefaultCloudEventsSource,
+		},
+		Replication: replication.Config{
+			StatusInterval: replication.DefaultStatusInterval,
+			IdleTimeout:    replication.DefaultIdleTimeout,
+		},
+		HTTPAddr:         ":" + DefaultHTTPPort,
+		StallTimeout:     60 * time.Second,
+		SlotPollInterval: 10 * time.Second,
+		DrainTimeout:     10 * time.Second,
+		StandbyPoll:      time.Second,
+		ReconnectMin:     200 * time.Millisecond,
+		ReconnectMax:     15 * time.Second,
+	}
+}
+
+// ConfigError is a Config that cannot run; its message names the field (Config.X).
+type ConfigError struct{ Err error }
+
+func (e *ConfigError) Error() string { return e.Err.Error() }
+func (e *ConfigError) Unwrap() error { return e.Err }
+
+func configErr(format string, args ...any) error {
+	return &ConfigError{fmt.Errorf(format, args...)}
+}
+
+// Validate reports the first setting that cannot run, as a *ConfigError.
+func (c Config) Validate() error {
+	_, err := c.resolve()
+	return err
+}
+
+// resolve validates c and derives the settings of the parts (decoder, sink, replication).
+func (c Config) resolve() (Config, error) {
+	if c.PGURL == "" {
+		return c, configErr("Config.PGURL is required")
+	}
+	if c.Schema == "" || c.Table == "" {
+		return c, configErr("Config.Table %q (schema %q): name the outbox table and its schema", c.Table, c.Schema)
+	}
+	if c.Slot == "" || c.Publication == "" {
+		return c, configErr("Config.Slot and Config.Publication must not be empty")
+	}
+	if !decoder.ValidPrefix(c.Sink.SubjectPrefix) {
+		return c, configErr("Config.Sink.SubjectPrefix %q is not a valid NATS subject prefix (tokens separated by dots, no spaces, '*' or '>')", c.Sink.SubjectPrefix)
+	}
+	subject, err := decoder.ParseSubjectTemplate(c.SubjectTemplate, c.Sink.SubjectPrefix)
+	if err != nil {
+		return c, &ConfigError{fmt.Errorf("Config.SubjectTemplate: %w", err)}
+	}
+	// The feed is bound to the template's literal leading tokens: the stream must cover
+	// <them>.>, and the position record is keyed by them.
+	c.subject, c.Sink.SubjectPrefix = subject, subject.Prefix()
+	for _, col := range []struct{ field, v string }{{"ID", c.Columns.ID}, {"AggregateType", c.Columns.AggregateType},
+		{"AggregateID", c.Columns.AggregateID}, {"EventType", c.Columns.EventType}, {"Payload", c.Columns.Payload}} {
+		if col.v == "" {
+			return c, configErr("Config.Columns.%s must name a column", col.field)
+		}
+	}
+	if c.TemporarySlot && c.Standby {
+		return c, configErr("Config.TemporarySlot and Config.Standby exclude each other: a temporary slot belongs to one relay's connection and cannot be taken over")
+	}
+	switch c.OnPoison {
+	case OnPoisonStop:
+		c.Sink.DeadLetter = false
+	case OnPoisonDeadLetter:
+		c.Sink.DeadLetter = true
+	default:
+		return c, configErr("Config.OnPoison must be stop or dead-letter, not %q", c.OnPoison)
+	}
+	if c.Sink.Window < 1 {
+		return c, configErr("Config.Sink.Window must be at least 1")
+	}
+	if c.Sink.MaxInFlightBytes < 1 {
+		return c, configErr("Config.Sink.MaxInFlightBytes must be at least 1")
+	}
+	switch c.Source {
+	case SourceTable:
+		c.MessagePrefix = ""
+		c.Replication.Messages = false
+	case SourceMessages:
+		if c.MessagePrefix == "" {
+			return c, configErr("Config.MessagePrefix must not be empty with Config.Source messages")
+		}
+		c.Replication.Messages = true
+	default:
+		return c, configErr("Config.Source %q: use table or messages", c.Source)
+	}
+	if c.ReconnectMin <= 0 || c.ReconnectMax < c.ReconnectMin {
+		return c, configErr("Config.ReconnectMin (%s) must be positive and at most Config.ReconnectMax (%s)", c.ReconnectMin, c.ReconnectMax)
+	}
+	if c.StandbyPoll <= 0 || c.SlotPollInterval <= 0 {
+		return c, configErr("Config.StandbyPoll and Config.SlotPollInterval must be positive")
+	}
+	c.Replication.Slot, c.Replication.Publication = c.Slot, c.Publication
+	return c, nil
+}
+
+// IsConfigError reports whether err is (or wraps) a *ConfigError.
+func IsConfigError(err error) bool {
+	var ce *ConfigError
+	return errors.As(err, &ce)
+}

@@ -1,0 +1,282 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
+	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// testEnv is one test's Postgres database (migrated) and JetStream server.
+type testEnv struct {
+	pg   *testenv.PG
+	nats *natsembed.NATS
+}
+
+func newTestEnv(t *testing.T) *testEnv {
+	t.Helper()
+	e := &testEnv{pg: testenv.Postgres(t), nats: natsembed.JetStream(t)}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := ConnectPG(ctx, e.pg.URL)
+	require.NoError(t, err)
+	defer conn.Close(context.Background())
+	_, err = migrations.Apply(ctx, conn, migrations.Options{})
+	require.NoError(t, err)
+	return e
+}
+
+// config is DefaultConfig pointed at the test's servers, creating its slot, serving HTTP on a
+// free port.
+func (e *testEnv) config() Config {
+	cfg := DefaultConfig()
+	cfg.PGURL, cfg.NATSURL = e.pg.URL, e.nats.URL
+	cfg.CreateSlot = true
+	cfg.HTTPAddr = "127.0.0.1:0"
+	return cfg
+}
+
+func (e *testEnv) insert(t *testing.T, tag string, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		e.pg.Exec(t, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) VALUES ('test', $1, 'Test.Happened', '{}')`, tag)
+	}
+}
+
+// streamIDs returns the Nats-Msg-Id of every message of the stream, in stream order.
+func (e *testEnv) streamIDs(t *testing.T) []string {
+	t.Helper()
+	nc, err := nats.Connect(e.nats.URL)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := js.Stream(ctx, sink.DefaultStream)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		return nil
+	}
+	require.NoError(t, err)
+	info, err := s.Info(ctx)
+	require.NoError(t, err)
+	var ids []string
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		m, err := s.GetMsg(ctx, seq)
+		require.NoError(t, err)
+		ids = append(ids, m.Header.Get(nats.MsgIdHdr))
+	}
+	return ids
+}
+
+func (e *testEnv) waitStream(t *testing.T, n int) {
+	t.Helper()
+	require.Eventually(t, func() bool { return len(e.streamIDs(t)) >= n }, 30*time.Second, 50*time.Millisecond,
+		"the stream never reached %d messages", n)
+}
+
+// syncBuffer is a log both the relay and the test use.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// running is a relay.Run in the background.
+type running struct {
+	log      *syncBuffer
+	sessions chan *Session
+	stop     func() error
+}
+
+// start runs Run with cfg until stop; each session is sent on sessions.
+func start(t *testing.T, cfg Config, opts ...Option) *running {
+	t.Helper()
+	r := &running{log: &syncBuffer{}, sessions: make(chan *Session, 16)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	opts = append([]Option{WithLogger(zerolog.New(r.log).Level(zerolog.DebugLevel)),
+		OnSession(func(s *Session) { r.sessions <- s })}, opts...)
+	go func() { done <- Run(ctx, cfg, opts...) }()
+	var once sync.Once
+	var err error
+	r.stop = func() error {
+		once.Do(func() {
+			cancel()
+			select {
+			case err = <-done:
+			case <-time.After(60 * time.Second):
+				err = errors.New("the relay did not stop within 60 s")
+			}
+		})
+		return err
+	}
+	t.Cleanup(func() {
+		_ = r.stop()
+		if t.Failed() {
+			t.Logf("relay log:\n%s", r.log.String())
+		}
+	})
+	return r
+}
+
+// session waits for the next session to start streaming.
+func (r *running) streaming(t *testing.T) *Session {
+	t.Helper()
+	select {
+	case s := <-r.sessions:
+		select {
+		case <-s.Streaming():
+			return s
+		case <-s.Done():
+			t.Fatalf("the session ended before streaming: %v", s.Err())
+		case <-time.After(30 * time.Second):
+			t.Fatal("the session did not start streaming within 30 s")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no session started within 30 s")
+	}
+	return nil
+}
+
+// httpAddr is the address the relay serves /metrics, /healthz and /readyz on.
+func (r *running) httpAddr(t *testing.T) string {
+	t.Helper()
+	var addr string
+	require.Eventually(t, func() bool {
+		for _, line := range strings.Split(r.log.String(), "\n") {
+			var v struct{ Addr, Message string }
+			if json.Unmarshal([]byte(line), &v) == nil && strings.Contains(v.Message, "serving /metrics") && v.Addr != "" {
+				addr = "http://" + v.Addr
+				return true
+			}
+		}
+		return false
+	}, 30*time.Second, 20*time.Millisecond, "the relay never logged its HTTP address")
+	return addr
+}
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	return resp.StatusCode, string(b)
+}
+
+// Run, embedded: a session goes from starting to streaming, relays the outbox's inserts with
+// their ids as Nats-Msg-Id, and on ctx's end drains, confirms its position to the slot and
+// ends without an error.
+func TestRun_SessionLifecycle(t *testing.T) {
+	e := newTestEnv(t)
+	r := start(t, e.config())
+	s := r.streaming(t)
+	require.Equal(t, SessionStreaming, s.State())
+	require.NoError(t, s.Err(), "no error while streaming")
+
+	e.insert(t, "a", 3)
+	e.waitStream(t, 3)
+	var want []string
+	require.NoError(t, e.pg.QueryRow(t, `SELECT array_agg(id::text ORDER BY id) FROM outbox`).Scan(&want))
+	got := e.streamIDs(t)
+	require.ElementsMatch(t, want, got)
+
+	require.NoError(t, r.stop())
+	<-s.Done()
+	require.Equal(t, SessionDone, s.State())
+	require.NoError(t, s.Err())
+	require.NotZero(t, s.Resume())
+	require.Eventually(t, func() bool {
+		var lsn string
+		require.NoError(t, e.pg.QueryRow(t, `SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1`, "outbox_relay").Scan(&lsn))
+		confirmed, err := pglogrepl.ParseLSN(lsn)
+		require.NoError(t, err)
+		return confirmed == s.Resume()
+	}, 10*time.Second, 20*time.Millisecond, "the slot never confirmed the session's final position %s", s.Resume())
+}
+
+// An invalid Config is refused before anything is touched, with a *ConfigError naming the
+// field.
+func TestConfig_Validate(t *testing.T) {
+	ok := DefaultConfig()
+	ok.PGURL = "postgres://localhost/db"
+	require.NoError(t, ok.Validate())
+	for _, tc := range []struct {
+		field  string
+		modify func(*Config)
+	}{
+		{"Config.PGURL", func(c *Config) { c.PGURL = "" }},
+		{"Config.OnPoison", func(c *Config) { c.OnPoison = "ignore" }},
+		{"Config.Source", func(c *Config) { c.Source = "view" }},
+		{"Config.MessagePrefix", func(c *Config) { c.Source, c.MessagePrefix = SourceMessages, "" }},
+		{"Config.Sink.Window", func(c *Config) { c.Sink.Window = 0 }},
+		{"Config.Sink.MaxInFlightBytes", func(c *Config) { c.Sink.MaxInFlightBytes = 0 }},
+		{"Config.Sink.SubjectPrefix", func(c *Config) { c.Sink.SubjectPrefix = "a b" }},
+		{"Config.SubjectTemplate", func(c *Config) { c.SubjectTemplate = "{nope}" }},
+		{"Config.Columns.Payload", func(c *Config) { c.Columns.Payload = "" }},
+		{"Config.TemporarySlot", func(c *Config) { c.TemporarySlot, c.Standby = true, true }},
+		{"Config.ReconnectMin", func(c *Config) { c.ReconnectMin = 0 }},
+	} {
+		c := ok
+		tc.modify(&c)
+		err := c.Validate()
+		require.Error(t, err, tc.field)
+		require.True(t, IsConfigError(err), tc.field)
+		require.Contains(t, err.Error(), tc.field)
+		require.NotContains(t, err.Error(), "--", "a library error names no command-line flag")
+		require.ErrorContains(t, Run(context.Background(), c), tc.field, "Run validates too")
+	}
+}
+
+// Preflight, on its own: a missing slot is a *PreflightError whose fix names the Config field
+// (no command-line flag); with CreateSlot it creates the slot and reports nothing.
+func TestPreflight_NamesConfigFieldsAndCreatesTheSlot(t *testing.T) {
+	e := newTestEnv(t)
+	cfg := e.config()
+	cfg.CreateSlot = false
+	err := Preflight(context.Background(), cfg)
+	var pe *PreflightError
+	require.ErrorAs(t, err, &pe)
+	require.True(t, IsFatal(err))
+	require.Contains(t, err.Error(), `replication slot "outbox_relay" does not exist`)
+	require.Contains(t, err.Error(), "Config.CreateSlot")
+	require.NotContains(t, err.Error(), "--create-slot")
+
+	cfg.CreateSlot = true
+	require.NoError(t, Preflight(context.Background(), cfg))
+	var n int
+	require.NoError(t, e.pg.QueryRow(t, `SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_relay'`).Scan(&n))
+	require.Equal(t, 1, n)
+}

@@ -1,0 +1,512 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/outbox-relay/outbox-relay/checkpoint"
+	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/replication"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// SessionState is where a Session is in its lifecycle.
+type SessionState int32
+
+const (
+	SessionStarting  SessionState = iota // connecting, reading the slot, checking positions
+	SessionStreaming                     // replication started: events flow to JetStream
+	SessionDone                          // ended: Err tells why (nil after a graceful stop)
+)
+
+func (s SessionState) String() string {
+	switch s {
+	case SessionStarting:
+		return "starting"
+	case SessionStreaming:
+		return "streaming"
+	}
+	return "done"
+}
+
+// Session is one replication connection: it runs until the connection fails, a fatal error, or
+// ctx ends (then it drains in-flight acks and confirms the final position). Run drives it once;
+// Streaming and Done are closed as it gets there, and Resume is the position the next session
+// starts from.
+type Session struct {
+	cfg    Config
+	js     jetstream.JetStream
+	log    zerolog.Logger
+	resume resumePoint
+
+	state     atomic.Int32
+	streaming chan struct{}
+	done      chan struct{}
+	err       error
+
+	// Set while starting, used while streaming.
+	conn    *pgconn.PgConn
+	sys     replication.System
+	st      *replication.Stream
+	start   pglogrepl.LSN
+	slotLSN pglogrepl.LSN // the slot's confirmed_flush_lsn
+	trk     *checkpoint.Tracker
+	flush   replication.FlushSource
+	guard   slotGuard
+	stopRec func()
+	lastMsg sink.StoredMsg
+	check   *replayCheck // nil: the replay does not reach the stream's last event
+	pub     *sink.JetStream
+	p       *pipeline
+}
+
+func newSession(cfg Config, js jetstream.JetStream, resume resumePoint, log zerolog.Logger) *Session {
+	return &Session{cfg: cfg, js: js, log: log, resume: resume, stopRec: func() {},
+		streaming: make(chan struct{}), done: make(chan struct{})}
+}
+
+// State is where the session is now.
+func (s *Session) State() SessionState { return SessionState(s.state.Load()) }
+
+// Streaming is closed once replication started and events flow (never, if it failed first).
+func (s *Session) Streaming() <-chan struct{} { return s.streaming }
+
+// Done is closed when Run returned.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// Err is why the session ended, once Done is closed (nil after a graceful stop).
+func (s *Session) Err() error {
+	select {
+	case <-s.done:
+		return s.err
+	default:
+		return nil
+	}
+}
+
+// Resume is the position the next session starts from (final once Done is closed).
+func (s *Session) Resume() pglogrepl.LSN {
+	select {
+	case <-s.done:
+		return s.resume.lsn
+	default:
+		return 0
+	}
+}
+
+// Run runs the session to its end; call it once.
+func (s *Session) Run(ctx context.Context) error {
+	defer close(s.done)
+	defer func() { s.state.Store(int32(SessionDone)) }()
+	defer func() {
+		if s.conn != nil {
+			s.conn.Close(context.Background())
+		}
+	}()
+	defer func() { s.stopRec() }()
+	s.err = s.run(ctx)
+	return s.err
+}
+
+func (s *Session) run(ctx context.Context) error {
+	if err := s.startReplication(ctx); err != nil {
+		return err
+	}
+	if err := s.checkPositions(ctx); err != nil {
+		return err
+	}
+	s.newPipeline()
+	s.cfg.obs.startSession(s.pub, s.trk)
+	defer s.cfg.obs.endSession()
+	s.state.Store(int32(SessionStreaming))
+	close(s.streaming)
+	return s.finish(s.stream(ctx))
+}
+
+// startReplication connects, checks the server's history against the resume point, finds
+// where to start and starts replication from the slot.
+func (s *Session) startReplication(ctx context.Context) error {
+	cfg, log := s.cfg, s.log
+	conn, err := replication.Connect(ctx, cfg.PGURL)
+	if err != nil {
+		return err
+	}
+	s.conn = conn
+
+	// The server's cluster, timeline and WAL end: a history that no longer holds a position the
+	// relay saw forked (restore, point-in-time recovery, failover to a lagging standby).
+	if s.sys, err = replication.Identify(ctx, conn); err != nil {
+		return err
+	}
+	if err := s.resume.check(cfg, s.sys, log); err != nil {
+		return err
+	}
+	if cfg.TemporarySlot {
+		// Dropped by Postgres when this connection ends.
+		if s.start, err = replication.CreateTemporarySlot(ctx, conn, cfg.Slot); err != nil {
+			return err
+		}
+		log.Info().Stringer("lsn", s.start).Msg("created temporary replication slot")
+	} else {
+		slot, err := readSlot(ctx, cfg)
+		if err != nil {
+			return err
+		}
+		if slot.WALStatus == "lost" {
+			return fmt.Errorf("%w: slot %q has wal_status lost", replication.ErrSlotInvalidated, cfg.Slot)
+		}
+		s.start, s.slotLSN = slot.ConfirmedFlush, slot.ConfirmedFlush
+	}
+	// Start from the slot's position, or from our own higher one: after a Postgres restart the
+	// slot may report an older position than the relay confirmed, and starting from ours
+	// avoids re-sending what is already stored. resume.check made sure the server's history
+	// holds ours, so neither is past its WAL end.
+	if s.resume.lsn > s.start {
+		s.start = s.resume.lsn
+	}
+	if n, ok := failpointN(cfg.Failpoint, "pause_before_start_ms"); ok {
+		log.Warn().Int64("ms", n).Msg("failpoint: pausing before START_REPLICATION") // test hook: a window for someone to move the slot
+		time.Sleep(time.Duration(n) * time.Millisecond)
+	}
+	if s.st, err = replication.Start(ctx, conn, cfg.Replication, s.start, log); err != nil {
+		return err
+	}
+	if !cfg.TemporarySlot {
+		// The slot is held now: read it again, since it may have moved (advanced by someone
+		// else) after it was read above; Postgres starts at its confirmed_flush_lsn when that
+		// is further than start.
+		slot, err := readSlot(ctx, cfg)
+		if err != nil {
+			return err
+		}
+		s.slotLSN = slot.ConfirmedFlush
+		if s.slotLSN > s.start {
+			s.start = s.slotLSN
+		}
+	}
+	return nil
+}
+
+// checkPositions compares the slot, the server and the stream: the slot-gap rule with a
+// position record, the fork rule without one, and the replay check of the stream's last event.
+func (s *Session) checkPositions(ctx context.Context) error {
+	cfg, log := s.cfg, s.log
+	// Events already in the stream are skipped, not re-published: after an outage longer than
+	// the stream's duplicate window, JetStream would store them again.
+	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	lastMsg, haveLast, err := sink.LastStoredMsg(lctx, s.js, cfg.Sink)
+	cancel()
+	if errors.Is(err, sink.ErrForeignPublisher) {
+		return fatalError{err}
+	}
+	if err != nil {
+		return err
+	}
+	s.lastMsg = lastMsg
+	last, lastSeq := lastMsg.Position, lastMsg.Seq
+
+	s.trk = checkpoint.New(s.start)
+	s.flush = s.trk
+	guarded := !cfg.TemporarySlot && cfg.PositionBucket != ""
+	if guarded {
+		// The slot is ours now (Start acquired it): compare it with the position record.
+		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		g, err := checkSlotGap(gctx, cfg, s.js, s.sys, s.slotLSN, s.start, lastMsg, haveLast, log)
+		cancel()
+		if err != nil {
+			return err
+		}
+		s.guard = g
+		if haveLast && lastSeq <= s.guard.seqFloor {
+			haveLast = false // stored from another cluster or history: positions do not compare
+		}
+		// Postgres is only told of positions the record holds.
+		rec, stop := startRecorder(cfg, s.trk, s.guard, log)
+		s.stopRec = stop
+		s.flush = rec
+	} else if haveLast && lastSeq <= s.resume.seqFloor {
+		haveLast = false // accepted in this process: stored from another history
+	} else if haveLast {
+		if forkAt, ok := s.sys.Holds(last.CommitLSN, 0); !ok {
+			msg := forkMessage(s.sys, fmt.Sprintf("the stream's last event %s (stream sequence %d)", last, lastSeq), forkAt)
+			if !cfg.AcceptSlotGap {
+				return fatalError{fmt.Errorf("%w: %s. Without a position record (Config.PositionBucket) the relay cannot remember an acceptance: give it a new stream or Config.Sink.SubjectPrefix, or purge the stream", ErrForkedHistory, msg)}
+			}
+			log.Warn().Str("fork", msg).Msg("Config.AcceptSlotGap: publishing this session's events whatever the stream's last position; without a position record the next session checks again")
+			haveLast = false
+		}
+	}
+	// A replay from the slot's position that reaches the stream's last event must yield it.
+	if haveLast {
+		if s.check = newReplayCheck(s.flush, s.start, lastMsg); s.check != nil {
+			s.flush = s.check
+		}
+		log.Info().Stringer("position", last).Msg("stream holds events up to this position; replayed events up to it are skipped")
+	}
+	s.p = &pipeline{last: last, haveLast: haveLast, check: s.check}
+	return nil
+}
+
+// newPipeline builds the decoder, the publisher and the handler the stream feeds.
+func (s *Session) newPipeline() {
+	cfg, log, trk := s.cfg, s.log, s.trk
+	dec := decoder.New(decoder.Config{Schema: cfg.Schema, Table: cfg.Table, Columns: cfg.Columns, Subject: cfg.subject, MessagePrefix: cfg.MessagePrefix})
+	dec.OnForeign = func(schema, table string) {
+		log.Warn().Str("relation", schema+"."+table).Str("table", cfg.Schema+"."+cfg.Table).Str("publication", cfg.Replication.Publication).
+			Msg("the publication sends inserts into another table than the outbox table: they are NOT published (nor will they be). Was the outbox table renamed (rename it back, or restart with Config.Table), is it partitioned without publish_via_partition_root = true (ALTER PUBLICATION ... SET (publish_via_partition_root = true)), or was another table added to the publication (remove it)? Rows inserted meanwhile need outbox-relay backfill")
+	}
+	confirm := trk.Confirm
+	if cfg.obs != nil {
+		confirm = func(t checkpoint.Ticket) { cfg.obs.stored(); trk.Confirm(t) }
+	}
+	if n, ok := failpointN(cfg.Failpoint, "kill_after_acks"); ok {
+		stored := confirm
+		var acks atomic.Int64
+		confirm = func(t checkpoint.Ticket) {
+			if acks.Add(1) == n {
+				// Test hook: die after JetStream stored n events, before their position is
+				// confirmed to Postgres.
+				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			}
+			stored(t)
+		}
+	}
+	scfg := cfg.Sink
+	scfg.SeqFloor = s.guard.seqFloor
+	s.pub = sink.NewJetStream(s.js, scfg, confirm, log)
+	p := s.p
+	p.dec, p.trk, p.pub, p.log, p.obs, p.deadLetter = dec, trk, s.pub, log, cfg.obs, cfg.Sink.DeadLetter
+	if cfg.SyncStandbySlot != "" {
+		p.gate = newStandbyGate(cfg.PGURL, cfg.SyncStandbySlot, log)
+	}
+}
+
+// stream runs the sink and the replication stream (and the standby gate) until one of them
+// fails or ctx ends; a graceful stop drains in-flight acks and confirms the final position.
+func (s *Session) stream(ctx context.Context) error {
+	g, gctx := errgroup.WithContext(ctx)
+	// The sink ending (an error) stops reading, and the drain of a graceful stop.
+	rctx, stopRead := context.WithCancel(gctx)
+	defer stopRead()
+	drainCtx, stopDrain := context.WithCancel(context.Background())
+	defer stopDrain()
+	sinkCtx, stopSink := context.WithCancel(context.Background())
+	defer stopSink()
+	sinkDone := make(chan struct{})
+	g.Go(func() error {
+		defer stopDrain()
+		defer stopRead()
+		defer close(sinkDone)
+		return s.pub.Run(sinkCtx)
+	})
+	if s.p.gate != nil {
+		g.Go(func() error { return s.p.gate.run(gctx) })
+	}
+	g.Go(func() error {
+		defer stopSink()
+		err := s.st.Run(rctx, s.p.handler(s.cfg.Sink.Tracer), s.flush)
+		defer s.advance()
+		if err != nil || ctx.Err() == nil {
+			// Connection failure, or the sink failed (its error wins in g.Wait). Give acks
+			// already on their way a moment to land, so the next session resumes as far
+			// as possible and re-sends less.
+			settle(s.trk, sinkDone, 2*time.Second)
+			return err
+		}
+		// Graceful stop: wait (bounded) for in-flight acks, then confirm the final position.
+		dctx, dcancel := context.WithTimeout(drainCtx, s.cfg.DrainTimeout)
+		defer dcancel()
+		return s.st.Drain(dctx, s.flush)
+	})
+	return g.Wait()
+}
+
+// advance moves the resume point to what the session confirmed.
+func (s *Session) advance() {
+	lsn, _ := s.flush.Flushed()
+	s.resume.advance(lsn, s.sys)
+}
+
+// finish turns the streaming error into the session's and logs the session's counts.
+func (s *Session) finish(err error) error {
+	cfg := s.cfg
+	if errors.Is(err, ErrForkedHistory) && cfg.AcceptSlotGap && s.check != nil {
+		// The replay found another history under the stream's positions; nothing past start
+		// was confirmed. The next session publishes everything from the slot's position.
+		err = acceptReplayFork(cfg, err, s.guard, s.stopRec, s.sys, s.start, s.lastMsg, &s.resume, s.log)
+	}
+	if errors.Is(err, decoder.ErrPoison) || errors.Is(err, sink.ErrPoison) {
+		err = fmt.Errorf("%w. Nothing from this event on is confirmed; the relay stops. Way out: remove the cause and restart, or restart with Config.OnPoison dead-letter to publish the event (or its metadata) to %s.%s and go on",
+			err, cfg.Sink.SubjectPrefix, sink.DeadLetterToken)
+	}
+	s.advance()
+	stats := s.pub.Stats()
+	s.log.Info().Uint64("published", stats.Published).Uint64("duplicates", stats.Duplicates).
+		Uint64("retries", stats.Retries).Uint64("publish_errors", stats.Errors).
+		Uint64("skipped_stored", s.p.skipped+stats.Skipped).Uint64("dead_letter", stats.DeadLetter).Uint64("foreign_inserts", s.p.dec.Foreign).Stringer("lsn", s.resume).
+		Msg("replication session ended")
+	return err
+}
+
+// readSlot reads the relay's slot on a connection of its own.
+func readSlot(ctx context.Context, cfg Config) (replication.Slot, error) {
+	qconn, err := ConnectPG(ctx, cfg.PGURL)
+	if err != nil {
+		return replication.Slot{}, err
+	}
+	defer qconn.Close(context.Background())
+	return replication.GetSlot(ctx, qconn, cfg.Slot)
+}
+
+// settle waits until no event is in flight, the sink stopped, or max elapsed.
+func settle(trk *checkpoint.Tracker, sinkDone <-chan struct{}, max time.Duration) {
+	deadline := time.Now().Add(max)
+	for trk.Pending() > 0 && time.Now().Before(deadline) {
+		select {
+		case <-sinkDone:
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// pipeline is the replication handler: decode, track, publish.
+type pipeline struct {
+	dec *decoder.Decoder
+	trk *checkpoint.Tracker
+	pub *sink.JetStream
+	log zerolog.Logger
+	obs *observer // nil: no metrics
+	// commit time of the open transaction (for the commit-to-ack histogram)
+	commit time.Time
+
+	// last is the stream's newest event when the session started (haveLast); replayed events
+	// at or before it are already stored and counted in skipped.
+	last     sink.Position
+	haveLast bool
+	skipped  uint64
+	check    *replayCheck // nil: the replay does not reach the stream's last event
+
+	deadLetter bool // Config.OnPoison dead-letter
+
+	// gate (Config.SyncStandbySlot) holds the open transaction's events until the standby
+	// flushed its commit; ticket is the transaction's.
+	gate   *standbyGate
+	ticket uint64
+}
+
+func (p *pipeline) Ready() bool {
+	if p.gate != nil && !p.gate.passed(p.ticket) {
+		return false
+	}
+	return !p.pub.Full()
+}
+
+func (p *pipeline) Wait(ctx context.Context) error {
+	if p.gate != nil {
+		if err := p.gate.wait(ctx, p.ticket); err != nil {
+			return err
+		}
+	}
+	return p.pub.Wait(ctx)
+}
+func (p *pipeline) Keepalive(walEnd pglogrepl.LSN) error {
+	if p.check != nil {
+		if err := p.check.keepalive(walEnd); err != nil {
+			return err
+		}
+	}
+	p.obs.keepalive(walEnd)
+	p.trk.Keepalive(walEnd)
+	return nil
+}
+
+func (p *pipeline) Handle(ctx context.Context, data []byte) error {
+	ch, err := p.dec.Decode(data)
+	if err != nil {
+		if ch.Kind == decoder.Poison && p.deadLetter {
+			if stored, err := p.stored(ch.Event); stored || err != nil {
+				return err
+			}
+			if err := p.pub.Wait(ctx); err != nil {
+				return err
+			}
+			return p.pub.PublishDeadLetter(ctx, ch.Event, err.Error(), p.trk.Add())
+		}
+		return fatalError{fmt.Errorf("decode: %w", err)}
+	}
+	switch ch.Kind {
+	case decoder.Begin:
+		if p.gate != nil {
+			p.ticket = p.gate.request()
+		}
+		if p.obs != nil {
+			p.commit = beginCommitTime(data)
+		}
+		p.trk.Begin()
+	case decoder.Insert:
+		if stored, err := p.stored(ch.Event); stored || err != nil {
+			return err
+		}
+		// Take the window slot first: a ticket must only exist for an event that is sent.
+		if err := p.pub.Wait(ctx); err != nil {
+			return err
+		}
+		if p.obs == nil {
+			return p.pub.Publish(ctx, ch.Event, p.trk.Add())
+		}
+		p.obs.publishing(p.commit)
+		if err := p.pub.Publish(ctx, ch.Event, p.trk.Add()); err != nil {
+			p.obs.publishFailed()
+			return err
+		}
+	case decoder.Commit:
+		p.trk.Commit(ch.CommitEnd)
+	case decoder.NonTransactional:
+		p.log.Warn().Msg("ignored a non-transactional logical decoding message with the event prefix: it is not tied to a commit (it is decoded even if its transaction rolls back), so it is not published; emit events with pg_logical_emit_message(true, ...) or outbox_emit")
+	}
+	return nil
+}
+
+// stored reports (and counts) a replayed event the stream already holds: nothing to publish or
+// wait for, its transaction's entry stays confirmable. A replay reaching the stream's last
+// event must yield that event (replayCheck).
+func (p *pipeline) stored(ev *decoder.Event) (bool, error) {
+	if !p.haveLast {
+		return false, nil
+	}
+	if p.check != nil {
+		if err := p.check.event(ev); err != nil {
+			return false, err
+		}
+	}
+	if (sink.Position{CommitLSN: ev.CommitLSN, TxIndex: ev.TxIndex}).AtOrBefore(p.last) {
+		p.skipped++
+		return true, nil
+	}
+	p.haveLast = false // positions only grow from here
+	return false, nil
+}
+
+// failpointN parses "name:N" from the OUTBOX_RELAY_FAILPOINT test hook.
+func failpointN(fp, name string) (int64, bool) {
+	v, ok := strings.CutPrefix(fp, name+":")
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	return n, err == nil && n > 0
+}
