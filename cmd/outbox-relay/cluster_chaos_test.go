@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -95,7 +96,7 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 	node := c.Node
 	follower := func(not ...string) string {
 		for _, n := range c.Names {
-			if !contains(not, n) {
+			if !slices.Contains(not, n) {
 				return n
 			}
 		}
