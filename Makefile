@@ -35,7 +35,7 @@ integration:
 
 test: fmt-check vet unit integration
 
-# The long fault-injection runs (about 15 minutes, then about 10), each under a continuous producer, then a
+# The long fault-injection runs (about 15 minutes, then about 7), each under a continuous producer, then a
 # verifier (0 lost, 0 duplicated, per-aggregate order). Single node: relay SIGKILL ≥ 30 times, SIGTERM,
 # nats-server kill -9 and a 60 s outage, Postgres immediate restarts, walsender terminations, one
 # 1,000,000-row transaction. 3-node JetStream cluster with an R3 stream, 4 rounds of: stream leader
