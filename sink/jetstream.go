@@ -79,7 +79,9 @@ type JetStream struct {
 	sub     *nats.Subscription
 	inbox   string           // "<inbox>." of sub
 	status  chan nats.Status // RECONNECTING and CLOSED: acks in flight are lost
-	replies chan *nats.Msg   // sub's messages, read by Run
+	// CONNECTED (a reconnect): a retry waiting out its backoff goes at once.
+	connected chan nats.Status
+	replies   chan *nats.Msg // sub's messages, read by Run
 
 	// Run-goroutine state: when the ack timer fires (zero: not armed).
 	timerAt time.Time
@@ -787,6 +789,9 @@ func (j *JetStream) listen() error {
 		// messages): they fail at once, as with PublishMsgAsync, instead of timing out.
 		j.status = j.nc.StatusChanged(nats.RECONNECTING, nats.CLOSED)
 	}
+	if j.connected == nil {
+		j.connected = j.nc.StatusChanged(nats.CONNECTED)
+	}
 	if j.sub != nil {
 		return nil
 	}
@@ -811,6 +816,10 @@ func (j *JetStream) stopListening() {
 	if j.status != nil {
 		j.nc.RemoveStatusListener(j.status)
 		j.status = nil
+	}
+	if j.connected != nil {
+		j.nc.RemoveStatusListener(j.connected)
+		j.connected = nil
 	}
 }
 
@@ -1207,8 +1216,15 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 		j.log.Warn().Err(first).Int("in_flight", len(q)).Dur("retry_in", wait).
 			Msg("publish failed; re-publishing from the first event not stored, in order")
 	}
+	j.mu.Lock()
+	connected := j.connected
+	j.mu.Unlock()
 	select {
 	case <-time.After(wait):
+	case <-connected:
+		// Reconnected (now or while the window resolved): what failed with the old
+		// connection may go through the new one.
+		backoff.reset()
 	case <-ctx.Done():
 		return nil
 	}
@@ -1268,6 +1284,16 @@ func (j *JetStream) resync(ctx context.Context) bool {
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
+	// Nothing is in flight: a disconnect reported but not read yet (it came while Run waited
+	// out its backoff or read the stream) is older than every send below, and must not fail
+	// them once they are out on the new connection.
+	for drained := false; !drained && j.status != nil; {
+		select {
+		case <-j.status:
+		default:
+			drained = true
+		}
+	}
 	j.seqChain = info.Config.Replicas > 1 || j.atomic
 	j.lastSeq = info.State.LastSeq
 	j.lastID = ""
