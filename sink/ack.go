@@ -21,6 +21,9 @@ func (j *Publisher) listen() error {
 		// messages): they fail at once, as with PublishMsgAsync, instead of timing out.
 		j.status = j.nc.StatusChanged(nats.RECONNECTING, nats.CLOSED)
 	}
+	if j.connected == nil {
+		j.connected = j.nc.StatusChanged(nats.CONNECTED)
+	}
 	if j.sub != nil {
 		return nil
 	}
@@ -45,6 +48,10 @@ func (j *Publisher) stopListening() {
 	if j.status != nil {
 		j.nc.RemoveStatusListener(j.status)
 		j.status = nil
+	}
+	if j.connected != nil {
+		j.nc.RemoveStatusListener(j.connected)
+		j.connected = nil
 	}
 }
 

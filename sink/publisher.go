@@ -69,7 +69,9 @@ type Publisher struct {
 	sub     *nats.Subscription
 	inbox   string           // "<inbox>." of sub
 	status  chan nats.Status // RECONNECTING and CLOSED: acks in flight are lost
-	replies chan *nats.Msg   // sub's messages, read by Run
+	// CONNECTED (a reconnect): a retry waiting out its backoff goes at once.
+	connected chan nats.Status
+	replies   chan *nats.Msg // sub's messages, read by Run
 
 	// Run-goroutine state: when the ack timer fires (zero: not armed).
 	timerAt time.Time

@@ -53,8 +53,16 @@ func (j *Publisher) recover(ctx context.Context, backoff *backoff, timer *time.T
 		return err
 	}
 	j.popDone()
+	wait := j.retryDelay(first, backoff, len(q))
+	j.mu.Lock()
+	connected := j.connected
+	j.mu.Unlock()
 	select {
-	case <-time.After(j.retryDelay(first, backoff, len(q))):
+	case <-time.After(wait):
+	case <-connected:
+		// Reconnected (now or while the window resolved): what failed with the old
+		// connection may go through the new one.
+		backoff.reset()
 	case <-ctx.Done():
 		return nil
 	}
@@ -195,6 +203,16 @@ func (j *Publisher) resync(ctx context.Context) bool {
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
+	// Nothing is in flight: a disconnect reported but not read yet (it came while Run waited
+	// out its backoff or read the stream) is older than every send below, and must not fail
+	// them once they are out on the new connection.
+	for drained := false; !drained && j.status != nil; {
+		select {
+		case <-j.status:
+		default:
+			drained = true
+		}
+	}
 	j.seqChain = info.Config.Replicas > 1 || j.atomic
 	j.lastSeq = info.State.LastSeq
 	j.lastID = ""

@@ -216,37 +216,10 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 	want := cfg.SubjectPrefix + ".>"
 	s, err := js.Stream(ctx, cfg.Stream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		replicas := cfg.Replicas
-		if replicas <= 0 {
-			replicas = 1
-			// The client's server pool holds the URLs it was given and those the cluster
-			// advertises.
-			if nc := js.Conn(); nc != nil && nc.ConnectedClusterName() != "" && len(nc.Servers()) >= 3 {
-				replicas = 3
-			}
-		}
-		// discard: new: a stream at a limit refuses new events (the relay waits, Postgres keeps
-		// them) instead of dropping old ones nobody may have read yet.
-		s, err = js.CreateStream(ctx, jetstream.StreamConfig{
-			Name:       cfg.Stream,
-			Subjects:   []string{want},
-			Storage:    jetstream.FileStorage,
-			Duplicates: cfg.DuplicateWindow,
-			Replicas:   replicas,
-			Discard:    jetstream.DiscardNew,
-			// Atomic batches need it (nats-server 2.12+); a server that does not know the
-			// field refuses the stream, which the error below names.
-			AllowAtomicPublish: cfg.Publish == PublishAtomic,
-		})
+		s, err = createStream(ctx, js, cfg, want, log)
 		if err != nil {
-			hint := ""
-			if replicas > 1 && cfg.Replicas <= 0 {
-				hint = " (the relay asks for 3 replicas on a NATS cluster; set --stream-replicas)"
-			}
-			return nil, fmt.Errorf("create stream %s for subjects %s with %d replicas: %w%s", cfg.Stream, want, replicas, err, hint)
+			return nil, err
 		}
-		log.Info().Str("stream", cfg.Stream).Str("subjects", want).Stringer("duplicate_window", cfg.DuplicateWindow).
-			Int("replicas", replicas).Msg("created stream")
 	} else if err != nil {
 		if errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) {
 			return nil, fmt.Errorf("look up stream %s: %w (start nats-server with -js)", cfg.Stream, err)
@@ -325,4 +298,42 @@ func splitTokens(s string) []string {
 		}
 	}
 	return out
+}
+
+// createStream creates cfg.Stream taking subjects want (file storage, cfg.DuplicateWindow,
+// discard: new) with cfg.Replicas replicas, or when that is 0, 3 on a cluster of 3 or more
+// servers the client knows of and 1 otherwise.
+func createStream(ctx context.Context, js jetstream.JetStream, cfg Config, want string, log zerolog.Logger) (jetstream.Stream, error) {
+	replicas := cfg.Replicas
+	if replicas <= 0 {
+		replicas = 1
+		// The client's server pool holds the URLs it was given and those the cluster
+		// advertises.
+		if nc := js.Conn(); nc != nil && nc.ConnectedClusterName() != "" && len(nc.Servers()) >= 3 {
+			replicas = 3
+		}
+	}
+	// discard: new: a stream at a limit refuses new events (the relay waits, Postgres keeps
+	// them) instead of dropping old ones nobody may have read yet.
+	s, err := js.CreateStream(ctx, jetstream.StreamConfig{
+		Name:       cfg.Stream,
+		Subjects:   []string{want},
+		Storage:    jetstream.FileStorage,
+		Duplicates: cfg.DuplicateWindow,
+		Replicas:   replicas,
+		Discard:    jetstream.DiscardNew,
+		// Atomic batches need it (nats-server 2.12+); a server that does not know the
+		// field refuses the stream, which the error below names.
+		AllowAtomicPublish: cfg.Publish == PublishAtomic,
+	})
+	if err != nil {
+		hint := ""
+		if replicas > 1 && cfg.Replicas <= 0 {
+			hint = " (the relay asks for 3 replicas on a NATS cluster; set --stream-replicas)"
+		}
+		return nil, fmt.Errorf("create stream %s for subjects %s with %d replicas: %w%s", cfg.Stream, want, replicas, err, hint)
+	}
+	log.Info().Str("stream", cfg.Stream).Str("subjects", want).Stringer("duplicate_window", cfg.DuplicateWindow).
+		Int("replicas", replicas).Msg("created stream")
+	return s, nil
 }
