@@ -10,51 +10,51 @@ import (
 // EndTx ends the transaction whose events were published since the last EndTx: in atomic mode
 // they go out as one batch (the last part of it when it was split); otherwise it does nothing.
 // Called by the publishing goroutine.
-func (j *Publisher) EndTx() { j.sealBatch() }
+func (p *Publisher) EndTx() { p.sealBatch() }
 
 // sealIfAlone is called when the window is full: when all it holds is the open batch, no ack
 // would ever free room, so the batch goes out as it is (the transaction is split). Otherwise
 // acks of earlier batches will free room and the transaction may still fit whole.
-func (j *Publisher) sealIfAlone() {
-	j.mu.Lock()
-	alone := len(j.open) > 0 && len(j.open) == len(j.q)
-	j.mu.Unlock()
+func (p *Publisher) sealIfAlone() {
+	p.mu.Lock()
+	alone := len(p.open) > 0 && len(p.open) == len(p.q)
+	p.mu.Unlock()
 	if alone {
-		j.sealBatch()
+		p.sealBatch()
 	}
 }
 
 // sealBatch closes the open batch (atomic mode): its entries become one batch acknowledged by
 // its last one, and are sent unless the chain is being recovered (Run then sends them).
-func (j *Publisher) sealBatch() {
-	j.mu.Lock()
-	if len(j.open) == 0 {
-		j.mu.Unlock()
+func (p *Publisher) sealBatch() {
+	p.mu.Lock()
+	if len(p.open) == 0 {
+		p.mu.Unlock()
 		return
 	}
-	commit := j.open[len(j.open)-1]
-	if len(j.open) == 1 {
+	commit := p.open[len(p.open)-1]
+	if len(p.open) == 1 {
 		// One event is stored whole anyway: it goes out on its own, which spares the server
 		// a batch (on a file stream each batch is staged in a store of its own: a 1-event
 		// batch costs it several times a plain publish).
 		commit = nil
 	}
-	for _, e := range j.open {
+	for _, e := range p.open {
 		e.unsealed, e.batch = false, commit
 	}
-	for _, e := range j.open {
-		if j.recovering {
+	for _, e := range p.open {
+		if p.recovering {
 			if e.failed == nil {
-				e.failed = j.startErr
+				e.failed = p.startErr
 			}
 			continue
 		}
-		j.send(e)
+		p.send(e)
 	}
-	clear(j.open)
-	j.open = j.open[:0]
-	j.mu.Unlock()
-	j.wake()
+	clear(p.open)
+	p.open = p.open[:0]
+	p.mu.Unlock()
+	p.wake()
 }
 
 // Atomic batch headers (nats-server 2.12+).
@@ -69,31 +69,31 @@ var batchCommitValue = []string{"1"}
 // batchHeaders sets the atomic batch headers of e, the next message of its batch, on h. The
 // first message sent of a batch starts a new batch id, so a batch re-sent after a failure (or
 // re-sent from a later entry, its first ones found stored) is numbered from 1 again. It
-// returns e's number in the batch. j.mu is held.
-func (j *Publisher) batchHeaders(e *entry, h nats.Header) int {
-	if j.sendingBatch != e.batch {
-		j.sendingBatch, j.bseq = e.batch, 0
-		j.batchN++
-		j.batchID = []string{j.batchPrefix + strconv.FormatUint(j.batchN, 10)}
+// returns e's number in the batch. p.mu is held.
+func (p *Publisher) batchHeaders(e *entry, h nats.Header) int {
+	if p.sendingBatch != e.batch {
+		p.sendingBatch, p.bseq = e.batch, 0
+		p.batchN++
+		p.batchID = []string{p.batchPrefix + strconv.FormatUint(p.batchN, 10)}
 	}
-	j.bseq++
-	h[headerBatchID] = j.batchID
-	h[headerBatchSeq] = []string{strconv.Itoa(j.bseq)}
+	p.bseq++
+	h[headerBatchID] = p.batchID
+	h[headerBatchSeq] = []string{strconv.Itoa(p.bseq)}
 	if e == e.batch {
 		h[headerBatchCommit] = batchCommitValue
-		j.sendingBatch = nil
+		p.sendingBatch = nil
 	} else {
 		delete(h, headerBatchCommit)
 	}
-	return j.bseq
+	return p.bseq
 }
 
 // confirmBatch confirms every entry of the batch whose commit entry is c (stored: its ack
 // came) and pops the stored entries off the window.
-func (j *Publisher) confirmBatch(c *entry) {
-	j.mu.Lock()
+func (p *Publisher) confirmBatch(c *entry) {
+	p.mu.Lock()
 	var stored []*entry
-	for _, e := range j.q {
+	for _, e := range p.q {
 		if e.batch == c && !e.done {
 			stored = append(stored, e)
 		}
@@ -101,12 +101,12 @@ func (j *Publisher) confirmBatch(c *entry) {
 			break
 		}
 	}
-	j.mu.Unlock()
+	p.mu.Unlock()
 	for _, e := range stored {
 		e.done = true
-		j.confirm(e.ticket)
+		p.confirm(e.ticket)
 	}
-	j.popDone()
+	p.popDone()
 }
 
 // batchFailed handles the refusal of the atomic batch whose commit entry is c. Its ack does
@@ -115,26 +115,26 @@ func (j *Publisher) confirmBatch(c *entry) {
 // as in single mode; so is a batch refused as incomplete three times (the stream's pre-checks
 // refuse a message inside a batch without a reply, and the batch then has a gap). Other
 // refusals are retried as a batch.
-func (j *Publisher) batchFailed(c *entry, err error, reason string) error {
+func (p *Publisher) batchFailed(c *entry, err error, reason string) error {
 	switch code := apiErrorCode(err); {
 	case code == jsErrCodeAtomicDisabled:
-		return fmt.Errorf("stream %s refuses atomic batches (%v): set allow_atomic: true in its config (nats-server 2.12+), or run with --publish single", j.cfg.Stream, err)
+		return fmt.Errorf("stream %s refuses atomic batches (%v): set allow_atomic: true in its config (nats-server 2.12+), or run with --publish single", p.cfg.Stream, err)
 	case code == jsErrCodeBatchIncomplete:
 		if c.incomplete++; c.incomplete >= 3 {
 			reason = fmt.Sprintf("refused as incomplete %d times: %v", c.incomplete, err)
 		}
 	}
 	if reason != "" {
-		j.mu.Lock()
+		p.mu.Lock()
 		n := 0
-		for _, e := range j.q {
+		for _, e := range p.q {
 			if e.batch == c {
 				e.batch = nil
 				n++
 			}
 		}
-		j.mu.Unlock()
-		j.log.Warn().Err(err).Str("last_event_id", c.id).Stringer("position", c.pos).Int("events", n).Str("reason", reason).
+		p.mu.Unlock()
+		p.log.Warn().Err(err).Str("last_event_id", c.id).Stringer("position", c.pos).Int("events", n).Str("reason", reason).
 			Msg("the stream refused an atomic batch for one of its events: publishing its events one by one, which finds the event (stopped at or dead-lettered as --on-poison says); this part of the transaction is not stored atomically")
 	}
 	c.failed = err

@@ -18,24 +18,24 @@ import (
 // PublishDeadLetter publishes what is known of an outbox row that cannot become an event (a
 // *decoder.PoisonError) to <prefix>.dead-letter, with reason, in its place in the order. Its
 // Nats-Msg-Id is the row's id, or dead-letter:<commit LSN>:<tx index> when it has none.
-func (j *Publisher) PublishDeadLetter(ctx context.Context, ev *decoder.Event, reason string, tk checkpoint.Ticket) error {
-	if err := j.Wait(ctx); err != nil {
+func (p *Publisher) PublishDeadLetter(ctx context.Context, ev *decoder.Event, reason string, tk checkpoint.Ticket) error {
+	if err := p.Wait(ctx); err != nil {
 		return err
 	}
-	j.held = false
-	if !j.started {
-		j.startChain(ctx)
+	p.held = false
+	if !p.started {
+		p.startChain(ctx)
 	}
 	e := &entry{ticket: tk, pos: Position{ev.CommitLSN, ev.TxIndex}}
-	if j.cfg.Tracer != nil {
-		e.traced = j.cfg.Tracer.Start(ev)
+	if p.cfg.Tracer != nil {
+		e.traced = p.cfg.Tracer.Start(ev)
 	}
-	j.msgs.build(e, ev)
+	p.msgs.build(e, ev)
 	if e.id == "" {
 		e.id = fmt.Sprintf("dead-letter:%s:%d", ev.CommitLSN, ev.TxIndex)
 	}
-	j.deadLetter(e, reason, true, j.prevIDLen)
-	return j.enqueue(ctx, e, msgSize(&e.msg)+j.controlSize(j.prevIDLen))
+	p.deadLetter(e, reason, true, p.prevIDLen)
+	return p.enqueue(ctx, e, msgSize(&e.msg)+p.controlSize(p.prevIDLen))
 }
 
 // deadLetter turns e's message into its dead-letter message, which always fits the server's
@@ -46,10 +46,10 @@ func (j *Publisher) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 // left out (no room, or a key nats.go refuses) are counted in Outbox-Dropped-Headers. The
 // payload is kept only when keepPayload and it still fits. prevIDLen is (at most) the length
 // of the id send will put in Nats-Expected-Last-Msg-Id.
-func (j *Publisher) deadLetter(e *entry, reason string, keepPayload bool, prevIDLen int) {
+func (p *Publisher) deadLetter(e *entry, reason string, keepPayload bool, prevIDLen int) {
 	e.header()
 	m := e.msg
-	dl := &nats.Msg{Subject: j.cfg.SubjectPrefix + "." + DeadLetterToken}
+	dl := &nats.Msg{Subject: p.cfg.SubjectPrefix + "." + DeadLetterToken}
 	orig, dropped := m.Subject, e.badKeys
 	if m.Subject == dl.Subject {
 		// Already a dead letter (refused by the stream): keep what it says.
@@ -59,7 +59,7 @@ func (j *Publisher) deadLetter(e *entry, reason string, keepPayload bool, prevID
 			reason = r
 		}
 	}
-	room, hroom := j.deadLetterRoom(len(dl.Subject), prevIDLen, e.minimal)
+	room, hroom := p.deadLetterRoom(len(dl.Subject), prevIDLen, e.minimal)
 	f := &headerFit{h: make(nats.Header, len(m.Header)+3), room: hroom}
 	f.put(HeaderMsgID, e.id)
 	for _, k := range []string{HeaderCommitLSN, HeaderTxIndex} {
@@ -92,10 +92,10 @@ func (j *Publisher) deadLetter(e *entry, reason string, keepPayload bool, prevID
 		dl.Data = m.Data
 	}
 	e.msg = *dl
-	j.mu.Lock()
-	j.stats.DeadLetter++
-	j.mu.Unlock()
-	j.log.Warn().Str("event_id", e.id).Stringer("position", e.pos).Str("reason", reason).
+	p.mu.Lock()
+	p.stats.DeadLetter++
+	p.mu.Unlock()
+	p.log.Warn().Str("event_id", e.id).Stringer("position", e.pos).Str("reason", reason).
 		Str("subject", dl.Subject).Int("dropped_headers", dropped).Msg("poison event sent to the dead-letter subject")
 }
 
@@ -103,10 +103,10 @@ func (j *Publisher) deadLetter(e *entry, reason string, keepPayload bool, prevID
 // msgSize counts it, with the control headers send adds (prevIDLen: see deadLetter) and room
 // for Outbox-Dropped-Headers: room for headers and payload under max_payload (-1: unlimited),
 // and hroom for headers under MaxHeaderSize (and room; minimalDeadLetterHeaders when minimal).
-func (j *Publisher) deadLetterRoom(subjectLen, prevIDLen int, minimal bool) (room, hroom int) {
-	reserved := 12 + j.controlSize(prevIDLen) + len(HeaderDroppedHeaders) + 10 + 4
+func (p *Publisher) deadLetterRoom(subjectLen, prevIDLen int, minimal bool) (room, hroom int) {
+	reserved := 12 + p.controlSize(prevIDLen) + len(HeaderDroppedHeaders) + 10 + 4
 	room = -1
-	if max := j.maxPayload(); max > 0 {
+	if max := p.maxPayload(); max > 0 {
 		room = max - subjectLen - reserved
 	}
 	hroom = MaxHeaderSize - reserved
@@ -163,31 +163,31 @@ func headerSafe(s string) string {
 }
 
 // failed classifies a publish error: permanent ones end the relay, others are retried.
-func (j *Publisher) failed(e *entry, err error) error {
-	j.mu.Lock()
-	j.stats.Errors++
-	j.mu.Unlock()
+func (p *Publisher) failed(e *entry, err error) error {
+	p.mu.Lock()
+	p.stats.Errors++
+	p.mu.Unlock()
 	var reason string
 	switch code := apiErrorCode(err); {
 	case code == jetstream.JSErrCodeStreamMessageExceedsMaximum:
-		reason = fmt.Sprintf("larger than stream %s allows (max_msg_size): %v", j.cfg.Stream, err)
+		reason = fmt.Sprintf("larger than stream %s allows (max_msg_size): %v", p.cfg.Stream, err)
 	case code == jsErrCodeHeaderExceedsMaximum:
 		reason = fmt.Sprintf("headers over the %d bytes JetStream stores: %v", MaxHeaderSize, err)
 	case code == jsErrCodeMessageTTLDisabled:
-		reason = fmt.Sprintf("a %s header, and stream %s does not allow per-message TTLs (enable allow_msg_ttl: nats stream edit %s --allow-msg-ttl, nats-server 2.11+): %v", HeaderTTL, j.cfg.Stream, j.cfg.Stream, err)
+		reason = fmt.Sprintf("a %s header, and stream %s does not allow per-message TTLs (enable allow_msg_ttl: nats stream edit %s --allow-msg-ttl, nats-server 2.11+): %v", HeaderTTL, p.cfg.Stream, p.cfg.Stream, err)
 	case code == jsErrCodeMessageTTLInvalid:
 		reason = fmt.Sprintf("its %s header is not a valid TTL (a Go duration such as 30s, a number of seconds, or never): %v", HeaderTTL, err)
 	case errors.Is(err, nats.ErrMaxPayload):
-		reason = fmt.Sprintf("%v (the server's max_payload is %d)", err, j.maxPayload())
+		reason = fmt.Sprintf("%v (the server's max_payload is %d)", err, p.maxPayload())
 	case refused(err):
 		reason = err.Error()
 	}
 	if e.batch != nil {
-		return j.batchFailed(e, err, reason)
+		return p.batchFailed(e, err, reason)
 	}
 	if reason != "" {
-		isDL := e.msg.Subject == j.cfg.SubjectPrefix+"."+DeadLetterToken
-		if !j.cfg.DeadLetter || isDL && e.minimal {
+		isDL := e.msg.Subject == p.cfg.SubjectPrefix+"."+DeadLetterToken
+		if !p.cfg.DeadLetter || isDL && e.minimal {
 			return decoder.Poisonf(e.pos.CommitLSN, e.pos.TxIndex, e.id, "event cannot be published: event %s (position %s, transaction committed at %s) rejected by the stream: %s", e.id, e.pos, e.pos.CommitLSN, reason)
 		}
 		// A dead letter without payload refused as well: its headers are over the stream's
@@ -196,13 +196,13 @@ func (j *Publisher) failed(e *entry, err error) error {
 		// Re-published from here in order, as the dead-letter message.
 		// prevIDLen is publishing-goroutine state: bound the id it will chain to by the
 		// longest one in the window.
-		j.mu.Lock()
-		prev := len(j.lastID)
-		for _, q := range j.q {
+		p.mu.Lock()
+		prev := len(p.lastID)
+		for _, q := range p.q {
 			prev = max(prev, len(q.id))
 		}
-		j.mu.Unlock()
-		j.deadLetter(e, "stream rejected the event: "+reason, false, prev)
+		p.mu.Unlock()
+		p.deadLetter(e, "stream rejected the event: "+reason, false, prev)
 	}
 	e.failed = err
 	return nil

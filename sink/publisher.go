@@ -95,7 +95,7 @@ type Publisher struct {
 	prevIDLen   int      // length of the previous event's id (its Nats-Expected-Last-Msg-Id)
 	streamValue []string // the Nats-Expected-Stream header value, shared read-only by every message
 
-	// send's scratch (j.mu): the header map of a message that carries only the relay's
+	// send's scratch (p.mu): the header map of a message that carries only the relay's
 	// headers is filled here for the publish instead of being allocated per message, and the
 	// reply subject is built in replyBuf.
 	sendHeader nats.Header
@@ -167,7 +167,7 @@ type entry struct {
 // stored event.
 func NewPublisher(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ticket), log zerolog.Logger) *Publisher {
 	cfg.fill()
-	j := &Publisher{
+	p := &Publisher{
 		js:      js,
 		cfg:     cfg,
 		log:     log.With().Str("component", "sink").Logger(),
@@ -185,40 +185,40 @@ func NewPublisher(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ti
 		recovering:  true, // until the chain starts (startChain)
 	}
 	if js != nil {
-		j.nc = js.Conn()
+		p.nc = js.Conn()
 	}
 	if cfg.Publish == PublishAtomic {
-		j.atomic = true
-		j.batchMax = min(MaxAtomicBatch, cfg.Window)
+		p.atomic = true
+		p.batchMax = min(MaxAtomicBatch, cfg.Window)
 		var b [8]byte
 		_, _ = rand.Read(b[:])
-		j.batchPrefix = hex.EncodeToString(b[:]) + "-"
+		p.batchPrefix = hex.EncodeToString(b[:]) + "-"
 	}
-	return j
+	return p
 }
 
 // Wait blocks until Publish can take one more event without blocking, or ctx ends: an event
 // slot is free and the bytes in flight leave room for an event of up to max_payload (at most
 // half of MaxInFlightBytes: Publish of a larger event may wait for more acks).
-func (j *Publisher) Wait(ctx context.Context) error {
-	if !j.held {
+func (p *Publisher) Wait(ctx context.Context) error {
+	if !p.held {
 		select {
-		case j.sem <- struct{}{}:
-			j.held = true
+		case p.sem <- struct{}{}:
+			p.held = true
 		default:
-			j.sealIfAlone()
+			p.sealIfAlone()
 			select {
-			case j.sem <- struct{}{}:
-				j.held = true
+			case p.sem <- struct{}{}:
+				p.held = true
 			case <-ctx.Done():
 				return ctx.Err()
 			}
 		}
 	}
-	for !j.roomFor(j.reserve()) {
-		j.sealIfAlone()
+	for !p.roomFor(p.reserve()) {
+		p.sealIfAlone()
 		select {
-		case <-j.freed:
+		case <-p.freed:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
@@ -228,38 +228,38 @@ func (j *Publisher) Wait(ctx context.Context) error {
 
 // reserve is the room Wait keeps for the next event: max_payload, at most half the byte
 // bound. Below half the bound there is room for it: max_payload is read only above.
-func (j *Publisher) reserve() int64 {
-	limit := j.cfg.MaxInFlightBytes
-	if j.bytes.Load() <= limit/2 {
+func (p *Publisher) reserve() int64 {
+	limit := p.cfg.MaxInFlightBytes
+	if p.bytes.Load() <= limit/2 {
 		return 0
 	}
-	return min(int64(j.maxPayload()), limit/2)
+	return min(int64(p.maxPayload()), limit/2)
 }
 
 // roomFor reports whether n more bytes may be in flight: nothing is, or they stay within the
 // bound.
-func (j *Publisher) roomFor(n int64) bool {
-	b := j.bytes.Load()
-	return b == 0 || b+n <= j.cfg.MaxInFlightBytes
+func (p *Publisher) roomFor(n int64) bool {
+	b := p.bytes.Load()
+	return b == 0 || b+n <= p.cfg.MaxInFlightBytes
 }
 
 // Full reports whether the in-flight window is full (Publish would block).
-func (j *Publisher) Full() bool {
-	return (!j.held && len(j.sem) == cap(j.sem)) || !j.roomFor(j.reserve())
+func (p *Publisher) Full() bool {
+	return (!p.held && len(p.sem) == cap(p.sem)) || !p.roomFor(p.reserve())
 }
 
 // InFlight returns the number of events published and not yet confirmed.
-func (j *Publisher) InFlight() int { return len(j.sem) }
+func (p *Publisher) InFlight() int { return len(p.sem) }
 
 // InFlightBytes returns the message bytes published and not yet confirmed.
-func (j *Publisher) InFlightBytes() int64 { return j.bytes.Load() }
+func (p *Publisher) InFlightBytes() int64 { return p.bytes.Load() }
 
 // Stats returns a snapshot of the counters.
-func (j *Publisher) Stats() Stats {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	st := j.stats
-	st.PeakInFlightBytes = j.peakBytes.Load()
+func (p *Publisher) Stats() Stats {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st := p.stats
+	st.PeakInFlightBytes = p.peakBytes.Load()
 	return st
 }
 
@@ -269,31 +269,31 @@ func (j *Publisher) Stats() Stats {
 // not fit the bytes in flight until acks free room. An error is
 // returned only for an event that can never be published (a *decoder.PoisonError) or when ctx ends; a
 // broker failure is handled by Run, which re-publishes.
-func (j *Publisher) Publish(ctx context.Context, ev *decoder.Event, tk checkpoint.Ticket) error {
-	if err := j.Wait(ctx); err != nil {
+func (p *Publisher) Publish(ctx context.Context, ev *decoder.Event, tk checkpoint.Ticket) error {
+	if err := p.Wait(ctx); err != nil {
 		return err
 	}
-	j.held = false
-	if !j.started {
-		j.startChain(ctx)
+	p.held = false
+	if !p.started {
+		p.startChain(ctx)
 	}
 	e := &entry{ticket: tk}
-	if j.cfg.Tracer != nil {
-		e.traced = j.cfg.Tracer.Start(ev)
+	if p.cfg.Tracer != nil {
+		e.traced = p.cfg.Tracer.Start(ev)
 	}
-	size := j.msgs.build(e, ev)
+	size := p.msgs.build(e, ev)
 	e.pos = Position{ev.CommitLSN, ev.TxIndex}
-	if j.cfg.CloudEvents {
-		addCloudEvents(e.header(), ev, j.cfg.CloudEventsSource)
+	if p.cfg.CloudEvents {
+		addCloudEvents(e.header(), ev, p.cfg.CloudEventsSource)
 		size = msgSize(&e.msg)
 	}
 	// send adds Nats-Expected-Stream and the chain's expectation (Nats-Expected-Last-Msg-Id or
 	// -Sequence); nats.go refuses a message over max_payload with them, and that refusal would
 	// be retried forever.
-	size += j.controlSize(j.prevIDLen)
+	size += p.controlSize(p.prevIDLen)
 	var reason string
 	keepPayload := false
-	if max := j.maxPayload(); max > 0 && size > max {
+	if max := p.maxPayload(); max > 0 && size > max {
 		reason = fmt.Sprintf("event is %d bytes with headers, over the server's max_payload of %d", size, max)
 	} else if hdr := size - len(e.msg.Data) - len(e.msg.Subject); hdr > MaxHeaderSize {
 		// JetStream refuses it on every retry (error 10097).
@@ -304,91 +304,91 @@ func (j *Publisher) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		keepPayload = true
 	}
 	if reason != "" {
-		if !j.cfg.DeadLetter {
-			<-j.sem
+		if !p.cfg.DeadLetter {
+			<-p.sem
 			return decoder.Poisonf(e.pos.CommitLSN, e.pos.TxIndex, e.id, "event cannot be published: event %s (position %s, transaction committed at %s): %s", e.id, e.pos, ev.CommitLSN, reason)
 		}
-		j.deadLetter(e, reason, keepPayload, j.prevIDLen)
-		size = msgSize(&e.msg) + j.controlSize(j.prevIDLen)
+		p.deadLetter(e, reason, keepPayload, p.prevIDLen)
+		size = msgSize(&e.msg) + p.controlSize(p.prevIDLen)
 	}
-	return j.enqueue(ctx, e, size)
+	return p.enqueue(ctx, e, size)
 }
 
 // take counts size bytes in flight, waiting while they do not fit (unless nothing is in
 // flight: an event larger than the bound goes alone). On error the event's slot is given back.
-func (j *Publisher) take(ctx context.Context, size int64) error {
-	for !j.roomFor(size) {
-		j.sealIfAlone()
+func (p *Publisher) take(ctx context.Context, size int64) error {
+	for !p.roomFor(size) {
+		p.sealIfAlone()
 		select {
-		case <-j.freed:
+		case <-p.freed:
 		case <-ctx.Done():
-			<-j.sem
+			<-p.sem
 			return ctx.Err()
 		}
 	}
 	// Only this goroutine adds, so the bound still holds after the check.
-	if b := j.bytes.Add(size); b > j.peakBytes.Load() {
-		j.peakBytes.Store(b)
+	if b := p.bytes.Add(size); b > p.peakBytes.Load() {
+		p.peakBytes.Store(b)
 	}
 	return nil
 }
 
 // enqueue counts e's size bytes in flight (see take), appends e to the window and sends it,
 // unless the chain is being recovered (Run then sends it in order), and wakes Run.
-func (j *Publisher) enqueue(ctx context.Context, e *entry, size int) error {
+func (p *Publisher) enqueue(ctx context.Context, e *entry, size int) error {
 	e.size = int64(size)
-	if err := j.take(ctx, e.size); err != nil {
+	if err := p.take(ctx, e.size); err != nil {
 		return err
 	}
-	j.prevIDLen = len(e.id)
-	j.mu.Lock()
-	j.q = append(j.q, e)
-	if j.atomic {
+	p.prevIDLen = len(e.id)
+	p.mu.Lock()
+	p.q = append(p.q, e)
+	if p.atomic {
 		e.unsealed = true
-		j.open = append(j.open, e)
-		full := len(j.open) >= j.batchMax
-		j.mu.Unlock()
+		p.open = append(p.open, e)
+		full := len(p.open) >= p.batchMax
+		p.mu.Unlock()
 		if full {
-			j.sealBatch()
+			p.sealBatch()
 		}
 		return nil
 	}
-	if !j.recovering {
-		j.send(e)
+	if !p.recovering {
+		p.send(e)
 	} else if e.failed == nil {
-		e.failed = j.startErr
+		e.failed = p.startErr
 	}
-	j.mu.Unlock()
-	j.wake()
+	p.mu.Unlock()
+	p.wake()
 	return nil
 }
 
 // wake tells Run that the window changed.
-func (j *Publisher) wake() {
+func (p *Publisher) wake() {
 	select {
-	case j.notify <- struct{}{}:
+	case p.notify <- struct{}{}:
 	default:
 	}
 }
 
-// controlSize is controlHeadersSize for j's stream, with the atomic batch headers in atomic
+// controlSize is controlHeadersSize for p's stream, with the atomic batch headers in atomic
 // mode (an id of up to 64 bytes, a sequence of up to 4 digits, the commit flag).
-func (j *Publisher) controlSize(prevIDLen int) int {
-	n := controlHeadersSize(j.cfg.Stream, prevIDLen)
-	if j.atomic {
+func (p *Publisher) controlSize(prevIDLen int) int {
+	n := controlHeadersSize(p.cfg.Stream, prevIDLen)
+	if p.atomic {
 		n += len(headerBatchID) + 64 + 4 + len(headerBatchSeq) + 4 + 4 + len(headerBatchCommit) + 1 + 4
 	}
 	return n
 }
 
-func (j *Publisher) maxPayload() int {
-	if j.nc == nil {
+func (p *Publisher) maxPayload() int {
+	if p.nc == nil {
 		return 0
 	}
-	return int(j.nc.MaxPayload())
+	return int(p.nc.MaxPayload())
 }
 
-// send publishes e as the next link of the chain. j.mu is held.
+// send publishes e as the next link of the chain. p.mu is held.
 //
 // On a single-replica stream the chain is Nats-Expected-Last-Msg-Id: e is stored only if the
 // stream's last message is its predecessor. On a replicated stream that check happens only
@@ -399,70 +399,70 @@ func (j *Publisher) maxPayload() int {
 // message leaves nothing behind. It needs the relay to be the stream's only publisher: a
 // message stored by another publisher can take the sequence a refused message of the relay
 // would have had, and the next one in the window is then stored after a gap.
-func (j *Publisher) send(e *entry) {
+func (p *Publisher) send(e *entry) {
 	// The control headers are set directly rather than through PublishOpts (WithMsgID,
 	// WithExpectStream, WithExpectLastMsgID/Sequence), which cost an option slice, closures and a
 	// Header.Set each per message. Nats-Msg-Id is set by msgBuilder.build. A re-publish replaces the
 	// expectation, or removes it when a msg id chain restarts.
 	h := e.msg.Header
 	if h == nil {
-		h = j.sendHeader
+		h = p.sendHeader
 		clear(h)
 		e.setRelayHeaders(h)
 	}
-	h[jetstream.ExpectedStreamHeader] = j.streamValue
+	h[jetstream.ExpectedStreamHeader] = p.streamValue
 	switch {
-	case j.cfg.unchained:
-	case j.seqChain:
-		e.vals[valExpect] = strconv.FormatUint(j.lastSeq, 10)
+	case p.cfg.unchained:
+	case p.seqChain:
+		e.vals[valExpect] = strconv.FormatUint(p.lastSeq, 10)
 		h[jetstream.ExpectedLastSeqHeader] = e.vals[valExpect:]
-	case j.lastID != "":
-		e.vals[valExpect] = j.lastID
+	case p.lastID != "":
+		e.vals[valExpect] = p.lastID
 		h[jetstream.ExpectedLastMsgIDHeader] = e.vals[valExpect:]
 	default:
 		delete(h, jetstream.ExpectedLastMsgIDHeader)
 	}
 	if e.batch != nil {
-		if j.batchHeaders(e, h) > 1 {
+		if p.batchHeaders(e, h) > 1 {
 			// Only a batch's first message may carry an expectation (the server refuses
 			// the batch otherwise): the batch is stored together, right after it.
 			delete(h, jetstream.ExpectedLastSeqHeader)
 		}
-	} else if j.atomic {
+	} else if p.atomic {
 		delete(h, headerBatchID)
 		delete(h, headerBatchSeq)
 		delete(h, headerBatchCommit)
 	}
-	err := j.listen()
+	err := p.listen()
 	if err == nil && e.batch != nil && e.batch != e {
 		// Inside an atomic batch: no reply (the server would answer each message with an
 		// empty ack); the commit's ack or error stands for the whole batch.
 		e.token, e.resolved, e.ackErr = 0, false, nil
 		e.sent = time.Now()
-		err = j.nc.PublishMsg(&nats.Msg{Subject: e.msg.Subject, Header: h, Data: e.msg.Data})
+		err = p.nc.PublishMsg(&nats.Msg{Subject: e.msg.Subject, Header: h, Data: e.msg.Data})
 	} else if err == nil {
-		j.token++
-		tok := j.token
-		j.replyBuf = strconv.AppendUint(append(j.replyBuf[:0], j.inbox...), tok, 10)
-		m := nats.Msg{Subject: e.msg.Subject, Reply: string(j.replyBuf), Header: h, Data: e.msg.Data}
+		p.token++
+		tok := p.token
+		p.replyBuf = strconv.AppendUint(append(p.replyBuf[:0], p.inbox...), tok, 10)
+		m := nats.Msg{Subject: e.msg.Subject, Reply: string(p.replyBuf), Header: h, Data: e.msg.Data}
 		e.token, e.resolved, e.ackErr = tok, false, nil
-		j.pending[tok] = e // before the publish: j.mu keeps Run from reading the reply earlier
+		p.pending[tok] = e // before the publish: p.mu keeps Run from reading the reply earlier
 		e.sent = time.Now()
-		if err = j.nc.PublishMsg(&m); err != nil {
-			delete(j.pending, tok)
+		if err = p.nc.PublishMsg(&m); err != nil {
+			delete(p.pending, tok)
 		}
 	}
 	if err != nil {
-		j.sendingBatch = nil // the batch is re-sent whole, under a new id
+		p.sendingBatch = nil // the batch is re-sent whole, under a new id
 		// Disconnected (no reconnect buffer) or closed: the chain is broken here; Run
 		// re-publishes from this entry once what is in flight has resolved. A refusal of
 		// the message itself (refused) is made poison by recover.
 		e.token, e.failed = 0, err
-		j.recovering = true
-		j.stats.Errors++
+		p.recovering = true
+		p.stats.Errors++
 		return
 	}
 	e.failed = nil
-	j.lastSeq++
-	j.lastID = e.id
+	p.lastSeq++
+	p.lastID = e.id
 }

@@ -14,49 +14,49 @@ import (
 // sequence chain starts) before the first publish. Without an answer the events queue and
 // Run's recovery starts the chain (resync). Called once, by the publishing goroutine, while
 // nothing is queued.
-func (j *Publisher) startChain(ctx context.Context) {
-	j.started = true
+func (p *Publisher) startChain(ctx context.Context) {
+	p.started = true
 	var err error
 	var info *jetstream.StreamInfo
-	if j.js == nil {
+	if p.js == nil {
 		err = nats.ErrInvalidConnection
 	} else {
-		lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
+		lctx, cancel := context.WithTimeout(ctx, p.cfg.AckTimeout)
 		var s jetstream.Stream
-		if s, err = j.js.Stream(lctx, j.cfg.Stream); err == nil {
+		if s, err = p.js.Stream(lctx, p.cfg.Stream); err == nil {
 			info = s.CachedInfo()
 		}
 		cancel()
 	}
-	j.mu.Lock()
-	defer j.mu.Unlock()
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	if err != nil {
-		j.startErr = fmt.Errorf("read the last sequence of stream %s: %w", j.cfg.Stream, err)
-		j.stats.Errors++
+		p.startErr = fmt.Errorf("read the last sequence of stream %s: %w", p.cfg.Stream, err)
+		p.stats.Errors++
 		return
 	}
 	// Atomic batches refuse Nats-Expected-Last-Msg-Id: they chain on the sequence.
-	j.seqChain = info.Config.Replicas > 1 || j.atomic
-	j.lastSeq, j.recovering = info.State.LastSeq, false
+	p.seqChain = info.Config.Replicas > 1 || p.atomic
+	p.lastSeq, p.recovering = info.State.LastSeq, false
 }
 
 // recover restores the chain after a failed publish: wait until every message in flight has
 // an outcome, then re-publish, in order, everything not known to be stored.
-func (j *Publisher) recover(ctx context.Context, backoff *backoff, timer *time.Timer, status <-chan nats.Status) error {
-	j.mu.Lock()
-	j.recovering = true
-	q := append([]*entry(nil), j.q...)
-	j.mu.Unlock()
+func (p *Publisher) recover(ctx context.Context, backoff *backoff, timer *time.Timer, status <-chan nats.Status) error {
+	p.mu.Lock()
+	p.recovering = true
+	q := append([]*entry(nil), p.q...)
+	p.mu.Unlock()
 
-	first, ok, err := j.settle(ctx, q, timer, status)
+	first, ok, err := p.settle(ctx, q, timer, status)
 	if !ok {
 		return err
 	}
-	j.popDone()
-	wait := j.retryDelay(first, backoff, len(q))
-	j.mu.Lock()
-	connected := j.connected
-	j.mu.Unlock()
+	p.popDone()
+	wait := p.retryDelay(first, backoff, len(q))
+	p.mu.Lock()
+	connected := p.connected
+	p.mu.Unlock()
 	select {
 	case <-time.After(wait):
 	case <-connected:
@@ -66,14 +66,14 @@ func (j *Publisher) recover(ctx context.Context, backoff *backoff, timer *time.T
 	case <-ctx.Done():
 		return nil
 	}
-	j.resync(ctx)
+	p.resync(ctx)
 	return nil
 }
 
 // settle waits until every send in q (the window when recovery began) has an outcome, and
 // consumes it: stored events are confirmed, failures classified (failed). It returns the first
 // failure; ok is false when ctx ended first (err nil) or on an error retrying cannot fix (err).
-func (j *Publisher) settle(ctx context.Context, q []*entry, timer *time.Timer, status <-chan nats.Status) (first error, ok bool, err error) {
+func (p *Publisher) settle(ctx context.Context, q []*entry, timer *time.Timer, status <-chan nats.Status) (first error, ok bool, err error) {
 	for _, e := range q {
 		if e.unsealed {
 			break // not sent yet: its batch is still open
@@ -88,7 +88,7 @@ func (j *Publisher) settle(ctx context.Context, q []*entry, timer *time.Timer, s
 		if e.token == 0 {
 			if refused(e.failed) {
 				// nats.go refused to send it: the same message would be refused again.
-				if err := j.failed(e, e.failed); err != nil {
+				if err := p.failed(e, e.failed); err != nil {
 					return nil, false, err
 				}
 			}
@@ -97,21 +97,21 @@ func (j *Publisher) settle(ctx context.Context, q []*entry, timer *time.Timer, s
 			}
 			continue
 		}
-		if !j.await(ctx, e, timer, status) {
+		if !p.await(ctx, e, timer, status) {
 			return nil, false, nil
 		}
 		if e.ackErr == nil {
-			if err := j.checkAck(e); err != nil {
+			if err := p.checkAck(e); err != nil {
 				return nil, false, err
 			}
 			if e.batch != nil {
-				j.confirmBatch(e)
+				p.confirmBatch(e)
 			} else {
 				e.done = true
-				j.confirm(e.ticket)
+				p.confirm(e.ticket)
 			}
 		} else {
-			if err := j.failed(e, e.ackErr); err != nil {
+			if err := p.failed(e, e.ackErr); err != nil {
 				return nil, false, err
 			}
 			if first == nil {
@@ -125,27 +125,27 @@ func (j *Publisher) settle(ctx context.Context, q []*entry, timer *time.Timer, s
 
 // retryDelay counts and logs first, the failure that broke the chain (inFlight events were in
 // the window), and returns how long to wait before re-publishing.
-func (j *Publisher) retryDelay(first error, backoff *backoff, inFlight int) time.Duration {
+func (p *Publisher) retryDelay(first error, backoff *backoff, inFlight int) time.Duration {
 	var wait time.Duration
 	switch {
 	case wrongLastSequence(first) || apiErrorCode(first) == jsErrCodeBatchDuplicate:
 		// The broker is up; the stream did not end where the chain expected (a duplicate
 		// took no new sequence, or another publisher stored a message): re-chain at once.
 		wait = 10 * time.Millisecond
-		j.mu.Lock()
-		j.stats.Resyncs++
-		j.mu.Unlock()
-		j.log.Debug().Err(first).Int("in_flight", inFlight).Msg("chain broken; re-publishing from the first event not stored, in order")
+		p.mu.Lock()
+		p.stats.Resyncs++
+		p.mu.Unlock()
+		p.log.Debug().Err(first).Int("in_flight", inFlight).Msg("chain broken; re-publishing from the first event not stored, in order")
 	case streamFull(first):
 		wait = backoff.next()
-		j.mu.Lock()
-		j.stats.StreamFull++
-		j.mu.Unlock()
-		j.log.Error().Err(first).Str("stream", j.cfg.Stream).Int("in_flight", inFlight).Dur("retry_in", wait).
+		p.mu.Lock()
+		p.stats.StreamFull++
+		p.mu.Unlock()
+		p.log.Error().Err(first).Str("stream", p.cfg.Stream).Int("in_flight", inFlight).Dur("retry_in", wait).
 			Msg("the stream is full (a max_bytes, max_msgs or max_msgs_per_subject limit with discard: new): nothing from this event on is stored or confirmed, and Postgres keeps the WAL. The relay retries until space frees: raise the limit (nats stream edit), or let max_age or consumers (work-queue/interest retention) remove messages")
 	default:
 		wait = backoff.next()
-		j.log.Warn().Err(first).Int("in_flight", inFlight).Dur("retry_in", wait).
+		p.log.Warn().Err(first).Int("in_flight", inFlight).Dur("retry_in", wait).
 			Msg("publish failed; re-publishing from the first event not stored, in order")
 	}
 	return wait
@@ -188,51 +188,51 @@ func wrongLastSequence(err error) bool {
 // The outcome of a failed publish is unknown (a lost ack, a reset connection), and the outage
 // may have outlasted the duplicate window: ask the stream how far it got, and do not
 // re-publish what it holds.
-func (j *Publisher) resync(ctx context.Context) bool {
-	lctx, cancel := context.WithTimeout(ctx, j.cfg.AckTimeout)
-	last, ok, info, err := lastStored(lctx, j.js, j.cfg)
+func (p *Publisher) resync(ctx context.Context) bool {
+	lctx, cancel := context.WithTimeout(ctx, p.cfg.AckTimeout)
+	last, ok, info, err := lastStored(lctx, p.js, p.cfg)
 	cancel()
 	if err != nil {
 		if ctx.Err() == nil {
-			j.log.Warn().Err(err).Msg("cannot read the stream's last stored event; retrying")
+			p.log.Warn().Err(err).Msg("cannot read the stream's last stored event; retrying")
 		}
 		return false
 	}
-	if ok && last.Seq > j.cfg.SeqFloor {
-		j.skipStored(last.Position)
+	if ok && last.Seq > p.cfg.SeqFloor {
+		p.skipStored(last.Position)
 	}
-	j.mu.Lock()
-	defer j.mu.Unlock()
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	// Nothing is in flight: a disconnect reported but not read yet (it came while Run waited
 	// out its backoff or read the stream) is older than every send below, and must not fail
 	// them once they are out on the new connection.
-	for drained := false; !drained && j.status != nil; {
+	for drained := false; !drained && p.status != nil; {
 		select {
-		case <-j.status:
+		case <-p.status:
 		default:
 			drained = true
 		}
 	}
-	j.seqChain = info.Config.Replicas > 1 || j.atomic
-	j.lastSeq = info.State.LastSeq
-	j.lastID = ""
-	j.recovering = false
-	j.sendingBatch = nil
-	for _, e := range j.q {
+	p.seqChain = info.Config.Replicas > 1 || p.atomic
+	p.lastSeq = info.State.LastSeq
+	p.lastID = ""
+	p.recovering = false
+	p.sendingBatch = nil
+	for _, e := range p.q {
 		if e.unsealed {
 			break // its batch is still open: sealBatch sends it
 		}
 		if e.done {
 			// Stored after an entry whose outcome was unknown but which was stored too (it
 			// is its predecessor in the chain): keep the chain's view of the stream's tail.
-			j.lastID = e.id
+			p.lastID = e.id
 			continue
 		}
 		if e.sent != (time.Time{}) {
-			j.stats.Retries++
+			p.stats.Retries++
 		}
-		j.send(e)
-		if j.recovering {
+		p.send(e)
+		if p.recovering {
 			break // the broker is still unreachable; Run comes back here
 		}
 	}
@@ -253,41 +253,41 @@ func streamFull(err error) bool {
 }
 
 // skipStored confirms the queued events at or before last, which the stream holds.
-func (j *Publisher) skipStored(last Position) {
-	j.mu.Lock()
+func (p *Publisher) skipStored(last Position) {
+	p.mu.Lock()
 	var stored []*entry
-	for _, e := range j.q {
+	for _, e := range p.q {
 		if !e.pos.AtOrBefore(last) {
 			break
 		}
 		if !e.done {
 			stored = append(stored, e)
-			j.stats.Skipped++
+			p.stats.Skipped++
 		}
 	}
-	j.mu.Unlock()
+	p.mu.Unlock()
 	for _, e := range stored {
 		e.done = true
-		j.confirm(e.ticket)
+		p.confirm(e.ticket)
 		if e.traced != nil { // stored, with no ack to tell the sequence
 			e.traced(0, false)
 			e.traced = nil
 		}
 	}
-	j.popDone()
+	p.popDone()
 }
 
 // popDone pops the stored (done) entries off the front of the window.
-func (j *Publisher) popDone() {
+func (p *Publisher) popDone() {
 	for {
-		j.mu.Lock()
-		if len(j.q) == 0 || !j.q[0].done {
-			j.mu.Unlock()
+		p.mu.Lock()
+		if len(p.q) == 0 || !p.q[0].done {
+			p.mu.Unlock()
 			return
 		}
-		e := j.q[0]
-		j.mu.Unlock()
-		j.pop(e)
+		e := p.q[0]
+		p.mu.Unlock()
+		p.pop(e)
 	}
 }
 
