@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
@@ -243,40 +245,68 @@ func backfill(t *testing.T, pgURL, natsURL, since, until string) (string, time.D
 	return out.String(), time.Since(start).Round(time.Millisecond)
 }
 
-// On a replicated stream the relay chains on the stream's last sequence, which a backfill
-// publishing next to it could take over: backfill refuses while a relay streams, naming the
-// stream, and runs once the relay is stopped; the relay then goes on.
-func TestBackfill_RefusesAReplicatedStreamWhileARelayStreams(t *testing.T) {
+// backfill next to a live relay on an R3 stream, under load: the relay hands the stream over
+// in chunks through its position bucket (sink.Handover). The backfill must finish; the stream
+// must hold every backfilled row and every live event once, the live events in commit order
+// (an event the relay stored after a gap would come back later, out of it). Without the
+// bucket, backfill refuses while the relay streams.
+func TestBackfill_NextToALiveRelayOnAnR3Stream(t *testing.T) {
 	e := newClusterEnv(t)
 	since := time.Now().Add(-time.Minute).UTC().Format(time.RFC3339Nano)
-	insertGapEvents(t, e.pg, "lost", 500)
+	const gap = 3000
+	insertGapEvents(t, e.pg, "lost", gap) // committed before the relay's slot exists
 	time.Sleep(10 * time.Millisecond)
 	until := time.Now().UTC().Format(time.RFC3339Nano)
-	args := []string{"run", "--pg-url", e.pg.URL, "--nats-url", e.cluster.URL, "--create-slot", "--log-format", "json", "--log-level", "info"}
-	stop, _ := inProcess(t, args)
+	stop, log := inProcess(t, []string{"run", "--pg-url", e.pg.URL, "--nats-url", e.cluster.URL, "--create-slot",
+		"--log-format", "json", "--log-level", "info", "--ack-timeout", "2s", "--max-in-flight", "256"})
 	waitStreaming(t, e.pg, "outbox_relay")
-	n := workload{Writers: 2, Aggregates: 10, Txs: 20, MaxTx: 10, Seed: 54}.run(t, e.pg)
+	insertGapEvents(t, e.pg, "first", 1) // the relay streams once it published it (the slot is active while it is created, too)
+	waitStream(t, e.cluster.URL, 1, 30*time.Second)
 
 	var out bytes.Buffer
 	err := dispatch(context.Background(), []string{"backfill", "--pg-url", e.pg.URL, "--nats-url", e.cluster.URL,
-		"--since", since, "--until", until, "--log-level", "warn"}, &out, &out, noEnv)
-	require.ErrorContains(t, err, "stream OUTBOX is replicated (R3) and slot(s) [outbox_relay] are streaming")
+		"--since", since, "--until", until, "--position-bucket", "", "--log-level", "warn"}, &out, &out, noEnv)
+	require.ErrorContains(t, err, "stream OUTBOX is replicated (R3) and slot(s) [outbox_relay] are streaming, but there is no position bucket")
 
-	waitStream(t, e.cluster.URL, uint64(n), 30*time.Second)
-	require.NoError(t, stop())
-	require.Eventually(t, func() bool {
-		var active bool
-		return e.pg.QueryRow(t, `SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox_relay'`).Scan(&active) == nil && !active
-	}, 10*time.Second, 20*time.Millisecond)
-	got, _ := backfill(t, e.pg.URL, e.cluster.URL, since, until)
-	require.Contains(t, got, "500 rows read, 500 newly stored")
+	written := make(chan int, 1)
+	go func() {
+		written <- workload{Writers: 3, Aggregates: 30, Txs: 200, MaxTx: 20, Seed: 54}.run(t, e.pg)
+	}()
+	require.Eventually(t, func() bool { return streamMsgs(t, e.cluster.URL, sink.DefaultStream) > 200 }, 30*time.Second, 20*time.Millisecond)
+	got, took := backfill(t, e.pg.URL, e.cluster.URL, since, until)
+	require.Contains(t, got, itoa(gap)+" rows read, "+itoa(gap)+" newly stored")
+	live := streamMsgs(t, e.cluster.URL, sink.DefaultStream)
+	t.Logf("backfill of %d rows next to the live relay took %s; %d relay hand-overs", gap, took, strings.Count(log.String(), "hand-over: publishing paused"))
 
-	stop, _ = inProcess(t, args)
-	waitStreaming(t, e.pg, "outbox_relay")
-	m := workload{Writers: 2, Aggregates: 10, Txs: 20, MaxTx: 10, Seed: 55}.run(t, e.pg)
-	waitStream(t, e.cluster.URL, uint64(n+500+m), 30*time.Second)
+	total := <-written
+	require.Less(t, live, uint64(1+gap+total), "the workload must still run after the backfill")
+	waitStream(t, e.cluster.URL, uint64(1+gap+total), 60*time.Second)
 	require.NoError(t, stop())
-	requireClean(t, check(t, outboxRows(t, e.pg), readClusterStream(t, e.cluster.URL)))
+	recs := readClusterStream(t, e.cluster.URL)
+	requireClean(t, check(t, outboxRows(t, e.pg), recs))
+	requireCommitOrder(t, recs)
+	require.GreaterOrEqual(t, strings.Count(log.String(), "hand-over: publishing paused"), 2, "the backfill takes several chunks")
+	for _, n := range e.cluster.Nodes {
+		require.NotContains(t, n.Log(), "critical write error")
+	}
+}
+
+// requireCommitOrder fails unless the live (not backfilled) events of recs are in commit order.
+func requireCommitOrder(t *testing.T, recs []record) {
+	t.Helper()
+	var prev sink.Position
+	for _, r := range recs {
+		if r.Header.Get(sink.HeaderBackfill) != "" {
+			continue
+		}
+		lsn, err := pglogrepl.ParseLSN(r.Header.Get(sink.HeaderCommitLSN))
+		require.NoError(t, err)
+		idx, err := strconv.Atoi(r.Header.Get(sink.HeaderTxIndex))
+		require.NoError(t, err)
+		pos := sink.Position{CommitLSN: lsn, TxIndex: idx}
+		require.False(t, pos.AtOrBefore(prev), "stream sequence %d: event %s at %s after %s", r.Seq, r.Header.Get(sink.HeaderMsgID), pos, prev)
+		prev = pos
+	}
 }
 
 // On a 3-node cluster a stream the relay creates gets 3 replicas unless --stream-replicas says

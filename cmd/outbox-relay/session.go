@@ -190,6 +190,10 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	if p.gate != nil {
 		g.Go(func() error { return p.gate.run(gctx) })
 	}
+	if guard.record != nil {
+		// backfill on a replicated stream publishes only while the relay hands it over.
+		g.Go(func() error { return guard.record.ServeHandover(gctx, pub, log) })
+	}
 	g.Go(func() error {
 		defer stopSink()
 		// The sink ending (an error) must stop reading too.
