@@ -21,13 +21,19 @@ import (
 )
 
 // clusterEnv is one test's Postgres database (migrated) and a 3-node JetStream cluster with
-// the relay's stream created as R3.
+// the relay's stream created (R3 unless newClusterEnvReplicas says otherwise).
 type clusterEnv struct {
 	pg      *testenv.PG
 	cluster *testenv.NATSCluster
 }
 
 func newClusterEnv(t *testing.T) *clusterEnv {
+	t.Helper()
+	return newClusterEnvReplicas(t, 3)
+}
+
+// newClusterEnvReplicas is newClusterEnv with the stream created with the given replicas.
+func newClusterEnvReplicas(t *testing.T, replicas int) *clusterEnv {
 	t.Helper()
 	e := &clusterEnv{pg: testenv.Postgres(t), cluster: testenv.StartNATSCluster(t, 3)}
 	(&env{pg: e.pg}).migrate(t)
@@ -37,7 +43,7 @@ func newClusterEnv(t *testing.T) *clusterEnv {
 	defer cancel()
 	_, err := js.CreateStream(ctx, jetstream.StreamConfig{
 		Name: sink.DefaultStream, Subjects: []string{sink.DefaultSubjectPrefix + ".>"},
-		Storage: jetstream.FileStorage, Replicas: 3, Duplicates: sink.DefaultDuplicateWindow,
+		Storage: jetstream.FileStorage, Replicas: replicas, Duplicates: sink.DefaultDuplicateWindow,
 	})
 	require.NoError(t, err)
 	for _, n := range e.cluster.Nodes {
@@ -307,6 +313,66 @@ func requireCommitOrder(t *testing.T, recs []record) {
 		require.False(t, pos.AtOrBefore(prev), "stream sequence %d: event %s at %s after %s", r.Seq, r.Header.Get(sink.HeaderMsgID), pos, prev)
 		prev = pos
 	}
+}
+
+// The position bucket is unavailable when the relay starts and its session opens it (the node
+// holding it is down; stream info requests for it go unanswered): both are retried, as any
+// broker outage is, and once the node is back the relay relays every event. The stream and
+// the bucket are R1 on different nodes, so that only the bucket is unavailable.
+//
+// (Two of three nodes of an R3 bucket down is no steady trigger: once its group knows it has no
+// leader, a surviving member answers stream info requests, and only record reads fail.)
+func TestRelay_PositionBucketUnavailableAtStartIsRetried(t *testing.T) {
+	e := newClusterEnvReplicas(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	streamNode, err := e.cluster.StreamLeader(ctx, sink.DefaultStream)
+	require.NoError(t, err)
+	alive := e.cluster.Node(streamNode)
+	js, closeNC := connectJS(t, alive.URL)
+	defer closeNC()
+	var kvNode string
+	for _, name := range e.cluster.Names {
+		if name != streamNode {
+			kvNode = name
+			break
+		}
+	}
+	_, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: sink.DefaultPositionBucket, History: 1,
+		Storage: jetstream.FileStorage, Placement: &jetstream.Placement{Tags: []string{"node:" + kvNode}}})
+	require.NoError(t, err)
+	got, err := e.cluster.StreamLeader(ctx, "KV_"+sink.DefaultPositionBucket)
+	require.NoError(t, err)
+	require.Equal(t, kvNode, got)
+	down := e.cluster.Node(kvNode)
+	require.NoError(t, down.Kill())
+	// The slot exists: with --create-slot, preflight must read the record (a missing slot
+	// after the first start is a gap) and refuses without it.
+	(&env{pg: e.pg}).createSlot(t)
+	insertGapEvents(t, e.pg, "before", 50)
+
+	done, log := runRelay(t, []string{"run", "--pg-url", e.pg.URL, "--nats-url", alive.URL,
+		"--log-format", "json", "--log-level", "info"})
+	running := func() {
+		t.Helper()
+		select {
+		case err := <-done:
+			t.Fatalf("the relay stopped: %v", err)
+		default:
+		}
+	}
+	require.Eventually(t, func() bool {
+		running()
+		return strings.Contains(log.String(), "replication interrupted; reconnecting") &&
+			strings.Contains(log.String(), "open the position record bucket")
+	}, 60*time.Second, 100*time.Millisecond, "the session did not fail opening the bucket")
+	require.Zero(t, streamMsgs(t, alive.URL, sink.DefaultStream), "nothing is published without the record")
+	require.NoError(t, down.Start())
+	waitStream(t, alive.URL, 50, 90*time.Second)
+	insertGapEvents(t, e.pg, "after", 20)
+	waitStream(t, alive.URL, 70, 30*time.Second)
+	running()
+	requireClean(t, check(t, outboxRows(t, e.pg), readClusterStream(t, alive.URL)))
 }
 
 // On a 3-node cluster a stream the relay creates gets 3 replicas unless --stream-replicas says

@@ -367,7 +367,11 @@ func checkBroker(ctx context.Context, cfg runConfig, r *preflightReport, log zer
 	}
 	if cfg.positionBucket != "" && !cfg.temporarySlot {
 		if _, err := sink.OpenPositionRecord(ctx, js, cfg.positionBucket, cfg.sink); err != nil {
-			r.fail("%v", err)
+			if isFatal(bucketError(js, cfg.positionBucket, err)) {
+				r.fail("%v", err)
+			} else {
+				r.warn("%v; the session retries it", err)
+			}
 		}
 	}
 	switch {

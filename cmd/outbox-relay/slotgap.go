@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
@@ -56,7 +58,7 @@ type slotGuard struct {
 func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sys replication.System, slotLSN, start pglogrepl.LSN, last sink.StoredMsg, haveLast bool, log zerolog.Logger) (slotGuard, error) {
 	record, err := sink.OpenPositionRecord(ctx, js, cfg.positionBucket, cfg.sink)
 	if err != nil {
-		return slotGuard{}, fatalError{err}
+		return slotGuard{}, bucketError(js, cfg.positionBucket, err)
 	}
 	g := slotGuard{record: record}
 	rec, ok, err := record.Get(ctx)
@@ -174,4 +176,50 @@ func startRecorder(cfg runConfig, trk *checkpoint.Tracker, guard slotGuard, log 
 	}()
 	cfg.obs.setRecorder(rec)
 	return rec, func() { cancel(); <-done }
+}
+
+// bucketError classifies an error opening the position bucket: the broker or its cluster not
+// available (yet) is retried by the session loop; anything else (the server denied the relay's
+// user, refused the bucket's configuration) is fatal, with the fix OpenPositionRecord names.
+func bucketError(js jetstream.JetStream, bucket string, err error) error {
+	// A publish permission violation reaches a request only as a timeout; the connection
+	// keeps the server's message.
+	if nc := js.Conn(); nc != nil {
+		if last := nc.LastError(); errors.Is(last, nats.ErrPermissionViolation) && strings.Contains(last.Error(), "KV_"+bucket) {
+			return fatalError{fmt.Errorf("%w (the server reported: %v)", err, last)}
+		}
+	}
+	if jsUnavailable(err) {
+		return err
+	}
+	return fatalError{err}
+}
+
+// JetStream error codes of a cluster that is not available (yet); nats.go names none of them.
+const (
+	jsErrCodeClusterIncomplete jetstream.ErrorCode = 10004 // incomplete results
+	jsErrCodeClusterNoPeers    jetstream.ErrorCode = 10005 // no suitable peers for placement (nodes down)
+	jsErrCodeClusterNotAvail   jetstream.ErrorCode = 10008 // JetStream system temporarily unavailable
+	jsErrCodeClusterNotLeader  jetstream.ErrorCode = 10009 // JetStream cluster can not handle request
+	jsErrCodeStreamOffline     jetstream.ErrorCode = 10118 // stream is offline
+)
+
+// jsUnavailable reports a JetStream error that passes by itself: no answer in time, no
+// responders, the connection being re-established, or the cluster, its meta leader or the
+// asset's leader not available.
+func jsUnavailable(err error) bool {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout),
+		errors.Is(err, nats.ErrNoResponders), errors.Is(err, jetstream.ErrNoStreamResponse),
+		errors.Is(err, nats.ErrDisconnected), errors.Is(err, nats.ErrConnectionReconnecting):
+		return true
+	}
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		switch apiErr.ErrorCode {
+		case jsErrCodeClusterIncomplete, jsErrCodeClusterNoPeers, jsErrCodeClusterNotAvail, jsErrCodeClusterNotLeader, jsErrCodeStreamOffline:
+			return true
+		}
+	}
+	return false
 }
