@@ -713,6 +713,10 @@ func (j *JetStream) wake() {
 func (j *JetStream) hold(ctx context.Context, status <-chan nats.Status) bool {
 	j.mu.Lock()
 	paused, resume := j.paused, j.resume
+	if !paused && !resume {
+		j.mu.Unlock()
+		return false
+	}
 	busy := false
 	for _, e := range j.q {
 		busy = busy || e.token != 0

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"strconv"
 	"strings"
@@ -295,6 +296,53 @@ func TestBackfill_NextToALiveRelayOnAnR3Stream(t *testing.T) {
 	for _, n := range e.cluster.Nodes {
 		require.NotContains(t, n.Log(), "critical write error")
 	}
+}
+
+// A backfill that dies holding the stream does not stall the relay: the grant lasts
+// sink.LeaseTTL, then the relay takes the stream back (deletes the key) and publishes what was
+// committed meanwhile, in order.
+func TestBackfill_DeadHolderDoesNotStallTheRelay(t *testing.T) {
+	e := newClusterEnv(t)
+	stop, log := inProcess(t, []string{"run", "--pg-url", e.pg.URL, "--nats-url", e.cluster.URL, "--create-slot",
+		"--log-format", "json", "--log-level", "info"})
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "live", 10)
+	waitStream(t, e.cluster.URL, 10, 30*time.Second)
+
+	// A backfill's request, and nothing after it.
+	js, closeNC := connectJS(t, e.cluster.URL)
+	defer closeNC()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*sink.LeaseTTL)
+	defer cancel()
+	kv, err := js.KeyValue(ctx, sink.DefaultPositionBucket)
+	require.NoError(t, err)
+	key := sink.HandoverKey(sink.DefaultStream, sink.DefaultSubjectPrefix)
+	b, err := json.Marshal(sink.Lease{State: sink.LeaseRequested, Holder: "a backfill that died", At: time.Now()})
+	require.NoError(t, err)
+	_, err = kv.Create(ctx, key, b)
+	require.NoError(t, err)
+	var lease sink.Lease
+	require.Eventually(t, func() bool {
+		e, err := kv.Get(ctx, key)
+		return err == nil && json.Unmarshal(e.Value(), &lease) == nil && lease.State == sink.LeaseGranted
+	}, 10*time.Second, 20*time.Millisecond, "the relay did not grant the request")
+	granted := time.Now()
+	require.Equal(t, uint64(10), lease.Seq, "granted at the stream's last sequence")
+	require.Equal(t, "relay", lease.GrantedBy)
+
+	insertGapEvents(t, e.pg, "held", 20)
+	time.Sleep(2 * time.Second)
+	require.Equal(t, uint64(10), streamMsgs(t, e.cluster.URL, sink.DefaultStream), "the relay published while the stream was granted")
+	waitStream(t, e.cluster.URL, 30, sink.LeaseTTL+30*time.Second)
+	t.Logf("the relay took the stream back %s after the grant", time.Since(granted).Round(time.Millisecond))
+	require.GreaterOrEqual(t, time.Since(granted), sink.LeaseTTL-time.Second)
+	_, err = kv.Get(ctx, key)
+	require.ErrorIs(t, err, jetstream.ErrKeyNotFound)
+	require.Contains(t, log.String(), "did not hand it back within the lease")
+	require.NoError(t, stop())
+	recs := readClusterStream(t, e.cluster.URL)
+	requireClean(t, check(t, outboxRows(t, e.pg), recs))
+	requireCommitOrder(t, recs)
 }
 
 // requireCommitOrder fails unless the live (not backfilled) events of recs are in commit order.
