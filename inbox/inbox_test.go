@@ -38,12 +38,24 @@ func setup(t *testing.T) fixture {
 	require.NoError(t, inbox.EnsureTable(ctx, pool, ""))
 	_, err = pool.Exec(ctx, `CREATE TABLE ledger (event_id text NOT NULL, amount int NOT NULL)`)
 	require.NoError(t, err)
-	n := testenv.JetStream(t)
-	js, err := jetstream.New(n.Connect(t))
-	require.NoError(t, err)
-	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "OUTBOX", Subjects: []string{"outbox.>"}, Duplicates: 100 * time.Millisecond})
-	require.NoError(t, err)
+	js := newStream(t)
 	return fixture{pool: pool, js: js}
+}
+
+// newStream starts a nats-server process (the inbox's tests do not embed one, so the package
+// keeps the nats-server module out of its importers' module graph) with a stream OUTBOX whose
+// duplicate window is short enough to store a re-published copy.
+func newStream(t testing.TB) jetstream.JetStream {
+	t.Helper()
+	n := testenv.StartNATSProcess(t, 0, "")
+	nc, err := nats.Connect(n.URL)
+	require.NoError(t, err)
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: "OUTBOX", Subjects: []string{"outbox.>"}, Duplicates: 100 * time.Millisecond})
+	require.NoError(t, err)
+	return js
 }
 
 func (f fixture) publish(t *testing.T, id string, amount int) {
@@ -287,11 +299,7 @@ func TestInbox_EarlierTableLayoutWorksAndMigrates(t *testing.T) {
 	_, err = pool.Exec(ctx, `CREATE TABLE processed_events (event_id text PRIMARY KEY, subject text NOT NULL, processed_at timestamptz NOT NULL DEFAULT now())`)
 	require.NoError(t, err)
 	require.NoError(t, inbox.EnsureTable(ctx, pool, ""), "leaves the earlier layout alone")
-	n := testenv.JetStream(t)
-	js, err := jetstream.New(n.Connect(t))
-	require.NoError(t, err)
-	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "OUTBOX", Subjects: []string{"outbox.>"}, Duplicates: 100 * time.Millisecond})
-	require.NoError(t, err)
+	js := newStream(t)
 	f := fixture{pool: pool, js: js}
 
 	a, err := inbox.New(js, pool, inbox.Config{Durable: "billing"}, consumerLedger(t, pool, "billing"))

@@ -23,8 +23,8 @@ func BackfillMsg(cfg Config, ev *decoder.Event, pos Position) (*nats.Msg, error)
 	j := &JetStream{cfg: cfg}
 	e := &entry{}
 	j.buildMsg(e, ev)
-	if e.badKeys > 0 {
-		return nil, fmt.Errorf("%w: event %s: headers column key %q is not a valid NATS header key (printable ASCII without space or any of %s)", ErrPoison, e.id, clip(e.badKey, 64), headerKeyForbidden)
+	if reason := e.headerRefusal(); reason != "" {
+		return nil, fmt.Errorf("%w: event %s: %s", ErrPoison, e.id, reason)
 	}
 	if cfg.CloudEvents {
 		addCloudEvents(e.header(), ev, cfg.CloudEventsSource)

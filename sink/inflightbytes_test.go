@@ -11,7 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/checkpoint"
-	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 )
 
 // The window is bounded in bytes as well as in events: with room for 1,024 events of 100 KiB
@@ -19,7 +19,7 @@ import (
 // still goes out (alone) instead of waiting forever.
 func TestJetStream_InFlightBytesNeverExceedTheBound(t *testing.T) {
 	const bound = 512 << 10
-	srv := testenv.JetStream(t, testenv.WithMaxPayload(2<<20))
+	srv := natsembed.JetStream(t, natsembed.WithMaxPayload(2<<20))
 	nc, err := Connect(srv.URL)
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)

@@ -142,6 +142,9 @@ type entry struct {
 	// the first one and how many.
 	badKey  string
 	badKeys int
+	// schedKey is a headers-column key asking for a JetStream message schedule (the smallest
+	// one), which the relay refuses (see scheduleRefused).
+	schedKey string
 	// minimal: msg is the smallest dead-letter message (the stream refused a metadata-only
 	// one); if the stream refuses this too, the relay stops.
 	minimal bool
@@ -274,9 +277,7 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 		reason = fmt.Sprintf("headers are %d bytes, over the %d JetStream stores", hdr, MaxHeaderSize)
 	} else if len(e.msg.Subject) > MaxSubjectLen {
 		reason = fmt.Sprintf("subject is %d bytes, over the %d the relay allows (the server's max_control_line is 4096)", len(e.msg.Subject), MaxSubjectLen)
-	} else if e.badKeys > 0 {
-		// nats.go would refuse the message (nats.ErrBadHeaderMsg) on every retry.
-		reason = fmt.Sprintf("headers column key %q is not a valid NATS header key (printable ASCII without space or any of %s)", clip(e.badKey, 64), headerKeyForbidden)
+	} else if reason = e.headerRefusal(); reason != "" {
 		keepPayload = true
 	}
 	if reason != "" {
@@ -1254,6 +1255,9 @@ func (j *JetStream) buildMsg(e *entry, ev *decoder.Event) int {
 	size := 12        // "NATS/1.0\r\n" + final CRLF
 	for _, kv := range ev.Headers {
 		if reservedHeader(kv.Key) {
+			if scheduleHeader(kv.Key) && (e.schedKey == "" || kv.Key < e.schedKey) {
+				e.schedKey = kv.Key
+			}
 			continue
 		}
 		if !validHeaderKey(kv.Key) {
@@ -1333,6 +1337,41 @@ func appendHexUpper(b []byte, v uint32) []byte {
 		}
 	}
 	return append(b, buf[i:]...)
+}
+
+// headerRefusal is why e's headers-column entries make it poison, "" when they do not.
+func (e *entry) headerRefusal() string {
+	switch {
+	case e.schedKey != "":
+		return fmt.Sprintf("headers column key %q asks for a JetStream message schedule, which the relay refuses: %s", clip(e.schedKey, 64), scheduleRefused)
+	case e.badKeys > 0:
+		// nats.go would refuse the message (nats.ErrBadHeaderMsg) on every retry.
+		return fmt.Sprintf("headers column key %q is not a valid NATS header key (printable ASCII without space or any of %s)", clip(e.badKey, 64), headerKeyForbidden)
+	}
+	return ""
+}
+
+// scheduleRefused says why the relay does not pass JetStream message schedules (Nats-Schedule,
+// its Nats-Schedule-* companions, Nats-Scheduler; nats-server 2.12+, ADR-51) through. Publishing
+// the event without its schedule would deliver a delayed message at once, so it is poison
+// instead. What the server does with a schedule (TestMessageSchedulesBreakTheRelaysStream):
+//   - it stores the schedule message with a subject roll-up, deleting every earlier event on
+//     its subject (<prefix>.<aggregate_type>.<event_type>) and any earlier schedule there;
+//   - when it fires, it stores a message of its own in the relay's stream (the target must be
+//     one of the stream's subjects): on a replicated stream that takes a sequence under the
+//     relay's Nats-Expected-Last-Sequence chain, which can store a later event before a
+//     refused earlier one, and the resync then skips the refused one as stored;
+//   - that message becomes the stream's last, with the schedule's older position and no
+//     Nats-Msg-Id: the replay skip falls back to the duplicate window;
+//   - allow_msg_schedules cannot be set on a stream with discard: new, the policy the relay
+//     creates streams with (a full stream refuses events rather than dropping unread ones).
+const scheduleRefused = "a JetStream schedule rolls up (deletes) every earlier event on its subject, and the message the server produces when it fires is stored in the relay's stream outside its publish chain (see Scheduled delivery in the README). Publish the schedule from the consumer of this event instead"
+
+// scheduleHeader reports whether k is one of JetStream's message-schedule headers
+// (Nats-Schedule, Nats-Schedule-*, Nats-Scheduler), in any case.
+func scheduleHeader(k string) bool {
+	const p = "nats-schedule"
+	return len(k) >= len(p) && strings.EqualFold(k[:len(p)], p)
 }
 
 func reservedHeader(k string) bool {

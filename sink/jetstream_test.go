@@ -15,6 +15,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/checkpoint"
 	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -36,7 +37,7 @@ func event(i int) *decoder.Event {
 // newJS connects to a new JetStream server through sink.Connect.
 func newJS(t *testing.T) jetstream.JetStream {
 	t.Helper()
-	nc, err := sink.Connect(testenv.JetStream(t).URL)
+	nc, err := sink.Connect(natsembed.JetStream(t).URL)
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)
 	js, err := jetstream.New(nc)

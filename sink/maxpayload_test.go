@@ -10,14 +10,14 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/checkpoint"
-	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 )
 
 // An event that fits max_payload with its own headers but not with the Nats-Expected-* headers
 // send adds is poison, not a publish that nats.go refuses again on every retry.
 func TestJetStream_ControlHeadersCountAgainstMaxPayload(t *testing.T) {
 	const max = 4096
-	srv := testenv.JetStream(t, testenv.WithMaxPayload(max))
+	srv := natsembed.JetStream(t, natsembed.WithMaxPayload(max))
 	nc, err := Connect(srv.URL)
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)

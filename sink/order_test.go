@@ -15,12 +15,12 @@ import (
 	"github.com/outbox-relay/outbox-relay/checkpoint"
 	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/internal/faultproxy"
-	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 )
 
 // sinkRig is a sink publishing to an embedded JetStream through a fault proxy.
 type sinkRig struct {
-	nats  *testenv.NATS
+	nats  *natsembed.NATS
 	proxy *faultproxy.Proxy
 	js    jetstream.JetStream
 	sink  *JetStream
@@ -31,7 +31,7 @@ type sinkRig struct {
 
 func newSinkRig(t *testing.T, cfg Config) *sinkRig {
 	t.Helper()
-	r := &sinkRig{nats: testenv.JetStream(t)}
+	r := &sinkRig{nats: natsembed.JetStream(t)}
 	var err error
 	r.proxy, err = faultproxy.StartNATS(fmt.Sprintf("127.0.0.1:%d", r.nats.Port))
 	require.NoError(t, err)
@@ -214,7 +214,7 @@ func TestJetStream_AcksLostPastDuplicateWindowStoresNoDuplicate(t *testing.T) {
 // Run must return when its context ends while the broker is unreachable and nothing is in
 // flight (every queued event failed at send): the session waits for it before reconnecting.
 func TestJetStream_RunStopsOnCancelWhileBrokerUnreachable(t *testing.T) {
-	ns := testenv.JetStream(t)
+	ns := natsembed.JetStream(t)
 	proxy, err := faultproxy.StartNATS(fmt.Sprintf("127.0.0.1:%d", ns.Port))
 	require.NoError(t, err)
 	t.Cleanup(proxy.Close)

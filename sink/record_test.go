@@ -8,11 +8,11 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
-	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 )
 
 func TestPositionRecord_RoundTripOnFileStorageOneKeyPerFeed(t *testing.T) {
-	n := testenv.JetStream(t)
+	n := natsembed.JetStream(t)
 	nc := n.Connect(t)
 	js, err := jetstream.New(nc)
 	require.NoError(t, err)

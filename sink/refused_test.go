@@ -15,13 +15,13 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/checkpoint"
 	"github.com/outbox-relay/outbox-relay/decoder"
-	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 )
 
 // refusalRig is a sink on a JetStream server with a max_payload of maxPayload (0: the
 // default 1 MiB), its Run in the background.
 type refusalRig struct {
-	srv  *testenv.NATS
+	srv  *natsembed.NATS
 	js   jetstream.JetStream
 	sink *JetStream
 	run  chan error
@@ -29,11 +29,11 @@ type refusalRig struct {
 
 func newRefusalRig(t *testing.T, ctx context.Context, deadLetter bool, maxPayload int32) *refusalRig {
 	t.Helper()
-	var opts []testenv.NATSOption
+	var opts []natsembed.NATSOption
 	if maxPayload > 0 {
-		opts = append(opts, testenv.WithMaxPayload(maxPayload))
+		opts = append(opts, natsembed.WithMaxPayload(maxPayload))
 	}
-	r := &refusalRig{srv: testenv.JetStream(t, opts...), run: make(chan error, 1)}
+	r := &refusalRig{srv: natsembed.JetStream(t, opts...), run: make(chan error, 1)}
 	nc, err := Connect(r.srv.URL)
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)

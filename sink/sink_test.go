@@ -29,4 +29,11 @@ func TestReservedHeaders(t *testing.T) {
 		require.True(t, reservedHeader(k), k)
 	}
 	require.False(t, reservedHeader("traceparent"))
+	for _, k := range []string{"Nats-Schedule", "Nats-Schedule-Target", "nats-schedule-ttl", "NATS-SCHEDULER"} {
+		require.True(t, scheduleHeader(k), k)
+		require.True(t, reservedHeader(k), k)
+	}
+	for _, k := range []string{HeaderTTL, "Nats-Sched", "X-Nats-Schedule"} {
+		require.False(t, scheduleHeader(k), k)
+	}
 }

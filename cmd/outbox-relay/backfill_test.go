@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -83,21 +84,27 @@ func TestBackfill_RepublishesEventsCommittedWhileTheSlotWasGone(t *testing.T) {
 	requireClean(t, check(t, outboxRows(t, e.pg), readStream(t, e.nats.URL, sink.DefaultStream)))
 }
 
-// A row the relay makes poison for a header key NATS refuses stops the backfill naming it,
-// as a row the decoder rejects does; nothing is published without the header.
+// A row the relay makes poison for its header keys (one NATS refuses, or a message schedule)
+// stops the backfill naming it, as a row the decoder rejects does; nothing is published
+// without the header.
 func TestBackfill_StopsAtAHeaderKeyNATSRefuses(t *testing.T) {
-	e := newEnv(t)
-	js, closeNC := connectJS(t, e.nats.URL)
-	defer closeNC()
-	_, err := sink.EnsureStream(context.Background(), js, sink.Config{}, zerolog.Nop())
-	require.NoError(t, err)
-	e.pg.Exec(t, `INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers)
-		VALUES ('00000000-0000-4000-8000-0000000000b1', 'order', '1', 'Bad', '{}', '{"content type": "json"}')`)
-	since := time.Now().Add(-10 * time.Minute).UTC().Format(time.RFC3339)
-	var out bytes.Buffer
-	err = dispatch(context.Background(), []string{"backfill", "--pg-url", e.pg.URL, "--nats-url", e.nats.URL, "--since", since, "--log-level", "warn"}, &out, &out, noEnv)
-	require.ErrorContains(t, err, `backfill row 1: event cannot be published: event 00000000-0000-4000-8000-0000000000b1: headers column key "content type" is not a valid NATS header key`)
-	require.Empty(t, readStream(t, e.nats.URL, sink.DefaultStream))
+	for _, c := range []struct{ headers, want string }{
+		{`{"content type": "json"}`, `headers column key "content type" is not a valid NATS header key`},
+		{`{"Nats-Schedule": "@at 2030-01-01T00:00:00Z", "Nats-Schedule-Target": "outbox.order.Remind"}`, `headers column key "Nats-Schedule" asks for a JetStream message schedule, which the relay refuses`},
+	} {
+		e := newEnv(t)
+		js, closeNC := connectJS(t, e.nats.URL)
+		_, err := sink.EnsureStream(context.Background(), js, sink.Config{}, zerolog.Nop())
+		closeNC()
+		require.NoError(t, err)
+		e.pg.Exec(t, `INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers)
+			VALUES ('00000000-0000-4000-8000-0000000000b1', 'order', '1', 'Bad', '{}', $1::jsonb)`, c.headers)
+		since := time.Now().Add(-10 * time.Minute).UTC().Format(time.RFC3339)
+		var out bytes.Buffer
+		err = dispatch(context.Background(), []string{"backfill", "--pg-url", e.pg.URL, "--nats-url", e.nats.URL, "--since", since, "--log-level", "warn"}, &out, &out, noEnv)
+		require.ErrorContains(t, err, `backfill row 1: event cannot be published: event 00000000-0000-4000-8000-0000000000b1: `+c.want)
+		require.Empty(t, readStream(t, e.nats.URL, sink.DefaultStream))
+	}
 }
 
 // A backfilled copy of a row carries every header the live path writes (CloudEvents included),
@@ -112,7 +119,7 @@ func TestBackfill_SameHeadersAsLive(t *testing.T) {
 	live := readStream(t, e.nats.URL, sink.DefaultStream)[0]
 
 	// The same row backfilled into a second broker's stream.
-	other := testenv.JetStream(t)
+	other := natsembed.JetStream(t)
 	js, closeNC := connectJS(t, other.URL)
 	defer closeNC()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -56,7 +57,7 @@ func sessionSkips(t *testing.T, log string) (published, duplicates, skipped uint
 // position, so nothing is re-sent at all, and the stream holds each event once.
 func TestRelay_PostgresRestartLeavesNoDuplicate(t *testing.T) {
 	cluster := testenv.NewCluster(t)
-	e := &env{pg: cluster.NewDatabase(t), nats: testenv.JetStream(t)}
+	e := &env{pg: cluster.NewDatabase(t), nats: natsembed.JetStream(t)}
 	e.migrate(t)
 	stop, log := inProcess(t, e.args())
 	waitStreaming(t, e.pg, "outbox_relay")

@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -16,7 +17,7 @@ import (
 // relay ever ran. With migrate --create-slot the slot exists from then on and that event
 // arrives; without it, migrate says that such rows are not relayed.
 func TestFreshSetup_FirstEventArrives(t *testing.T) {
-	e := &env{pg: testenv.Postgres(t), nats: testenv.JetStream(t)}
+	e := &env{pg: testenv.Postgres(t), nats: natsembed.JetStream(t)}
 	var out bytes.Buffer
 	require.NoError(t, dispatch(context.Background(), []string{"migrate", "--pg-url", e.pg.URL, "--create-slot", "--log-level", "warn"}, &out, &out, noEnv))
 	require.Contains(t, out.String(), "created replication slot outbox_relay")

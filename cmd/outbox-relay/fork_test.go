@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -67,7 +68,7 @@ func forkedCount(t *testing.T, msg string) int {
 func pgClusterEnv(t *testing.T) (*testenv.Cluster, *env) {
 	t.Helper()
 	c := testenv.NewCluster(t)
-	e := &env{pg: c.NewDatabase(t), nats: testenv.JetStream(t)}
+	e := &env{pg: c.NewDatabase(t), nats: natsembed.JetStream(t)}
 	e.migrate(t)
 	return c, e
 }
@@ -292,7 +293,7 @@ func testPromotedStandby(t *testing.T, syncStandby bool) {
 // kept its newer state: the relay refuses, naming both sequences, instead of going on as if
 // every confirmed event were in the stream.
 func TestStreamLostAcknowledgedMessagesRefused(t *testing.T) {
-	e := &env{pg: testenv.Postgres(t), nats: testenv.JetStream(t)}
+	e := &env{pg: testenv.Postgres(t), nats: natsembed.JetStream(t)}
 	e.migrate(t)
 	relayEvents(t, e, "kept", 10)
 	streamDir := func() string {

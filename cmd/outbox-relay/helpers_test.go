@@ -22,6 +22,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -30,12 +31,12 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 // env is one test's Postgres database (migrated) and JetStream server.
 type env struct {
 	pg   *testenv.PG
-	nats *testenv.NATS
+	nats *natsembed.NATS
 }
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	e := &env{pg: testenv.Postgres(t), nats: testenv.JetStream(t)}
+	e := &env{pg: testenv.Postgres(t), nats: natsembed.JetStream(t)}
 	e.migrate(t)
 	return e
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
@@ -87,7 +88,7 @@ func TestProducerLibrary_TableMode_CommitPublishesInOrderRollbackDoesNot(t *test
 }
 
 func TestProducerLibrary_MessageMode_CommitPublishesInOrderRollbackDoesNot(t *testing.T) {
-	pg, js := testenv.Postgres(t), testenv.JetStream(t)
+	pg, js := testenv.Postgres(t), natsembed.JetStream(t)
 	var out bytes.Buffer
 	require.NoError(t, dispatch(context.Background(), []string{"migrate", "--source", "messages", "--pg-url", pg.URL, "--log-level", "warn"}, &out, &out, noEnv))
 	var hasTable bool
@@ -109,7 +110,7 @@ func TestProducerLibrary_MessageMode_CommitPublishesInOrderRollbackDoesNot(t *te
 
 // outbox_emit called from SQL, with the relay's default prefix and no headers.
 func TestMessageMode_OutboxEmitFromSQL(t *testing.T) {
-	pg, js := testenv.Postgres(t), testenv.JetStream(t)
+	pg, js := testenv.Postgres(t), natsembed.JetStream(t)
 	var out bytes.Buffer
 	require.NoError(t, dispatch(context.Background(), []string{"migrate", "--source", "messages", "--pg-url", pg.URL, "--log-level", "warn"}, &out, &out, noEnv))
 	stop, _ := inProcess(t, []string{"run", "--source", "messages", "--pg-url", pg.URL, "--nats-url", js.URL, "--create-slot"})

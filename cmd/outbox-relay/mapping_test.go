@@ -8,13 +8,14 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
 // A user's own table, with other column names, a bytea payload and a non-default publication,
 // relayed with the --column-* flags and a subject template.
 func TestRelay_CustomTableColumnsAndSubjectTemplate(t *testing.T) {
-	pg, js := testenv.Postgres(t), testenv.JetStream(t)
+	pg, js := testenv.Postgres(t), natsembed.JetStream(t)
 	pg.Exec(t, `CREATE SCHEMA app; CREATE TABLE app.domain_events (
 		seq         bigserial PRIMARY KEY,
 		event_uuid  uuid NOT NULL DEFAULT gen_random_uuid(),

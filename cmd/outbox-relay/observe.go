@@ -45,6 +45,7 @@ type observer struct {
 
 	serverWALEnd atomic.Uint64
 	replicating  atomic.Bool
+	standingBy   atomic.Bool  // a --standby relay waiting while another holds the slot
 	stalled      atomic.Value // string: what is stuck, "" when not stalled
 	nc           atomic.Pointer[nats.Conn]
 
@@ -182,6 +183,7 @@ func (o *observer) startSession(pub *sink.JetStream, trk *checkpoint.Tracker) {
 	o.mu.Lock()
 	o.pub, o.trk, o.times = pub, trk, o.times[:0]
 	o.mu.Unlock()
+	o.standingBy.Store(false)
 	o.replicating.Store(true)
 }
 
@@ -288,10 +290,12 @@ func beginCommitTime(data []byte) time.Time {
 var recordFailingReady = 10 * time.Second
 
 // ready says whether the relay is replicating with the broker connected and not stalled, and
-// why not.
-func (o *observer) ready() (bool, string) {
+// why not. With standbyOK, a --standby relay standing by while another holds the slot (and
+// connected to NATS) is ready too: what a Kubernetes readiness probe of an active/passive
+// pair asks (see /readyz?standby=ok).
+func (o *observer) ready(standbyOK bool) (bool, string) {
 	var why []string
-	if !o.replicating.Load() {
+	if !o.replicating.Load() && !(standbyOK && o.standingBy.Load()) {
 		why = append(why, "not replicating (connecting to Postgres, or standing by while another relay holds the slot)")
 	}
 	if nc := o.nc.Load(); nc == nil || !nc.IsConnected() {
@@ -316,8 +320,8 @@ func (o *observer) serveHTTP(ln net.Listener) (stop func()) {
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		ok, why := o.ready()
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		ok, why := o.ready(r.URL.Query().Get("standby") == "ok")
 		if !ok {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			fmt.Fprintln(w, why)

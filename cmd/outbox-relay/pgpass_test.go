@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 )
 
 // The relay takes the Postgres password from libpq's password file, for its query and its
@@ -39,7 +40,7 @@ func TestRelay_PostgresPasswordFile(t *testing.T) {
 	trust := "local all all trust\nhost all all 127.0.0.1/32 trust\n"
 	writeHBA(trust)
 	cluster := testenv.NewCluster(t, testenv.WithConfig("hba_file = '"+hba+"'", "password_encryption = 'scram-sha-256'"))
-	e := &env{pg: cluster.NewDatabase(t), nats: testenv.JetStream(t)}
+	e := &env{pg: cluster.NewDatabase(t), nats: natsembed.JetStream(t)}
 	e.migrate(t)
 	e.pg.Exec(t, `CREATE ROLE relay_pw LOGIN SUPERUSER PASSWORD 'pgpass-S3cret-77'`)
 	writeHBA("host all relay_pw 127.0.0.1/32 scram-sha-256\n" + trust)

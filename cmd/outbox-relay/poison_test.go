@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -55,11 +56,11 @@ func TestRelay_PoisonEventsStopOrGoToDeadLetter(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			pg := testenv.Postgres(t)
-			var opts []testenv.NATSOption
+			var opts []natsembed.NATSOption
 			if c.maxPayload > 0 {
-				opts = append(opts, testenv.WithMaxPayload(c.maxPayload))
+				opts = append(opts, natsembed.WithMaxPayload(c.maxPayload))
 			}
-			ns := testenv.JetStream(t, opts...)
+			ns := natsembed.JetStream(t, opts...)
 			if c.maxMsgSize > 0 {
 				js, err := jetstream.New(ns.Connect(t))
 				require.NoError(t, err)
@@ -122,7 +123,7 @@ func TestMessageMode_MalformedMessageStopsOrGoesToDeadLetter(t *testing.T) {
 		{name: "not json", content: `not json at all`, wantErr: "content is not the JSON object outbox_emit writes", wantID: "dead-letter:", wantData: `not json at all`},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			pg, ns := testenv.Postgres(t), testenv.JetStream(t)
+			pg, ns := testenv.Postgres(t), natsembed.JetStream(t)
 			var out bytes.Buffer
 			require.NoError(t, dispatch(context.Background(), []string{"migrate", "--source", "messages", "--pg-url", pg.URL, "--log-level", "warn"}, &out, &out, noEnv))
 			pg.Exec(t, `SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')`)

@@ -365,6 +365,11 @@ func checkBroker(ctx context.Context, cfg runConfig, r *preflightReport, log zer
 		r.warn("stream %s has a duplicate window of %s, shorter than the replay horizon the relay can face (Postgres checkpoint_timeout %s, plus a minute, plus any relay downtime): only the relay's skip of events the stream already holds then keeps replays out. Fix: nats stream edit %s --dupe-window %s (or more)",
 			c.Name, c.Duplicates, r.checkpointTimeout, c.Name, (horizon + 14*time.Minute).Round(time.Minute))
 	}
+	// The rows' headers are not known in advance: say which per-message features the stream
+	// takes. Message schedules (Nats-Schedule) the relay refuses on any stream.
+	if !c.AllowMsgTTL {
+		log.Info().Str("stream", c.Name).Msgf("stream %s does not allow per-message TTLs: a row with a %s header will be a poison event. To use it: nats stream edit %s --allow-msg-ttl (nats-server 2.11+)", c.Name, sink.HeaderTTL, c.Name)
+	}
 	if cfg.positionBucket != "" && !cfg.temporarySlot {
 		if _, err := sink.OpenPositionRecord(ctx, js, cfg.positionBucket, cfg.sink); err != nil {
 			if isFatal(bucketError(js, cfg.positionBucket, err)) {

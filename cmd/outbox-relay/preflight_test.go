@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 )
 
 // runPreflight runs the relay with args and requires it to stop at preflight; it returns the
@@ -116,7 +117,7 @@ func TestPreflight_SlotActiveElsewhereNamesStandby(t *testing.T) {
 
 func TestPreflight_InvalidatedSlotExplainsTheLossAndRecovery(t *testing.T) {
 	cluster := testenv.NewCluster(t, testenv.WithConfig("max_slot_wal_keep_size = 1MB"))
-	e := &env{pg: cluster.NewDatabase(t), nats: testenv.JetStream(t)}
+	e := &env{pg: cluster.NewDatabase(t), nats: natsembed.JetStream(t)}
 	e.migrate(t)
 	e.createSlot(t)
 	// Write well past max_slot_wal_keep_size (1 MB segments) and checkpoint: the slot loses

@@ -82,7 +82,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.DurationVar(&cfg.sink.AckTimeout, "ack-timeout", sink.DefaultAckTimeout, "a publish not acknowledged after this long is re-published")
 	fs.DurationVar(&cfg.repl.StatusInterval, "status-interval", replication.DefaultStatusInterval, "longest time between two standby status updates to Postgres")
 	fs.DurationVar(&cfg.repl.IdleTimeout, "pg-idle-timeout", replication.DefaultIdleTimeout, "no message from Postgres for this long while reading: probe the connection, and reconnect if another period passes silently")
-	fs.StringVar(&cfg.onPoison, "on-poison", "stop", "an outbox row that cannot be published (NULL/empty id, bad headers JSON, a header key NATS refuses, too big, rejected by the stream): stop (halt, confirm nothing after it) or dead-letter (publish it, or its metadata, to <subject-prefix>.dead-letter and go on)")
+	fs.StringVar(&cfg.onPoison, "on-poison", "stop", "an outbox row that cannot be published (NULL/empty id, bad headers JSON, a header key NATS refuses or a Nats-Schedule header, too big, rejected by the stream): stop (halt, confirm nothing after it) or dead-letter (publish it, or its metadata, to <subject-prefix>.dead-letter and go on)")
 	fs.DurationVar(&cfg.drainTimeout, "drain-timeout", 10*time.Second, "on SIGINT/SIGTERM, how long to wait for in-flight acks before the final status update")
 	fs.StringVar(&cfg.source, "source", "table", "where events come from: table (rows inserted into --table) or messages (pg_logical_emit_message, table-less)")
 	fs.StringVar(&cfg.messagePrefix, "message-prefix", "outbox", "with --source messages: prefix of the transactional logical decoding messages that are events")
@@ -287,6 +287,7 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 		}
 		if cfg.standby && errors.Is(err, replication.ErrSlotInUse) {
 			// Another relay holds the slot: poll until it is released, logging once a minute.
+			obs.standingBy.Store(true)
 			if standbySince.IsZero() {
 				standbySince = time.Now()
 			}
@@ -304,6 +305,7 @@ func relay(ctx context.Context, cfg runConfig, log zerolog.Logger) error {
 		}
 		if !standbySince.IsZero() {
 			standbySince, standbyLogged = time.Time{}, time.Time{}
+			obs.standingBy.Store(false)
 		}
 		obs.reconnected()
 		if time.Since(started) > time.Minute {

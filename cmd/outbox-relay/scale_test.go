@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -18,7 +19,7 @@ import (
 // once, every aggregate entirely through one of them (so its order holds), in the partition
 // the filter's expression assigns it.
 func TestRelay_PartitionedRelaysSplitByAggregateAndAddUp(t *testing.T) {
-	e := &env{pg: testenv.Postgres(t), nats: testenv.JetStream(t)}
+	e := &env{pg: testenv.Postgres(t), nats: natsembed.JetStream(t)}
 	migrate := func() string {
 		var out bytes.Buffer
 		require.NoError(t, dispatch(context.Background(), []string{"migrate", "--pg-url", e.pg.URL, "--partitions", "2", "--log-level", "warn"}, &out, &out, noEnv))

@@ -12,11 +12,12 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
 // positionRecord reads the relay's position record of the default stream and prefix.
-func positionRecord(t *testing.T, n *testenv.NATS) sink.SourcePosition {
+func positionRecord(t *testing.T, n *natsembed.NATS) sink.SourcePosition {
 	t.Helper()
 	js, closeNC := connectJS(t, n.URL)
 	defer closeNC()
@@ -138,7 +139,7 @@ func TestSlotGap_CreateSlotRefusesReplacement(t *testing.T) {
 // on other tables) recorded those positions first.
 func TestSlotGap_RestartsAndKillsOnAnIdleOutboxAreNoGap(t *testing.T) {
 	c := testenv.NewCluster(t)
-	e := &env{pg: c.NewDatabase(t), nats: testenv.JetStream(t)}
+	e := &env{pg: c.NewDatabase(t), nats: natsembed.JetStream(t)}
 	e.migrate(t)
 	e.pg.Exec(t, `CREATE TABLE other (id bigserial PRIMARY KEY, v text)`)
 	stop, log := inProcess(t, e.args())
@@ -183,7 +184,7 @@ func TestSlotGap_RestartsAndKillsOnAnIdleOutboxAreNoGap(t *testing.T) {
 // last Outbox-Commit-Lsn (the old cluster's), even across a restart before any new event.
 func TestSlotGap_NewClusterRefusedThenPublishedDespiteLowerLSNs(t *testing.T) {
 	old := testenv.NewCluster(t)
-	e := &env{pg: old.NewDatabase(t), nats: testenv.JetStream(t)}
+	e := &env{pg: old.NewDatabase(t), nats: natsembed.JetStream(t)}
 	e.migrate(t)
 	// Push the old cluster's WAL well ahead of a fresh one's.
 	e.pg.Exec(t, `CREATE TABLE filler AS SELECT g, repeat('x', 200) AS v FROM generate_series(1, 100000) g`)

@@ -19,7 +19,7 @@ func insertEvents(t *testing.T, e *env, aggregate string, n int) {
 
 func TestStandby_SecondRelayTakesOverWhenTheFirstStops(t *testing.T) {
 	e := newEnv(t)
-	stopA, _ := inProcess(t, e.args("--standby"))
+	stopA, logA := inProcess(t, e.args("--standby"))
 	waitStreaming(t, e.pg, "outbox_relay")
 	stopB, logB := inProcess(t, e.args("--standby"))
 	baseB := httpAddrOf(t, logB)
@@ -28,6 +28,12 @@ func TestStandby_SecondRelayTakesOverWhenTheFirstStops(t *testing.T) {
 	code, body := get(t, baseB+"/readyz")
 	require.Equal(t, http.StatusServiceUnavailable, code)
 	require.Contains(t, body, "standing by")
+	// /readyz?standby=ok: a standby waiting for the slot counts as ready (the Kubernetes
+	// readiness probe of the pair in deploy/kubernetes); the active relay is ready either way.
+	code, body = get(t, baseB+"/readyz?standby=ok")
+	require.Equal(t, http.StatusOK, code, body)
+	code, body = get(t, httpAddrOf(t, logA)+"/readyz?standby=ok")
+	require.Equal(t, http.StatusOK, code, body)
 
 	insertEvents(t, e, "a", 50)
 	waitStream(t, e.nats.URL, 50, 30*time.Second)

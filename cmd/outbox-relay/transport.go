@@ -197,9 +197,13 @@ func pgSettings(connString string) map[string]string {
 	}
 }
 
-// secretFileWarnings warns about each file holding a secret or the configuration that group
-// or others may read: the config file, the --nats-* secret and key files, libpq's passfile
-// (passfile= in --pg-url, PGPASSFILE, or ~/.pgpass) and sslkey.
+// secretFileWarnings warns about each file holding a secret or the configuration that others
+// may read, or group unless root owns it: the config file, the --nats-* secret and key files,
+// libpq's passfile (passfile= in --pg-url, PGPASSFILE, or ~/.pgpass) and sslkey. A root-owned
+// file readable by its group is how a service that does not run as root is given a secret
+// (Postgres accepts its key file so, 0640 owned by root) and the only way a Kubernetes secret
+// volume reaches a non-root container: the kubelet writes the files as root and, with the
+// pod's fsGroup, adds group read whatever defaultMode says.
 func secretFileWarnings(fs *flag.FlagSet, getenv func(string) string) []string {
 	type file struct{ what, path string }
 	var files []file
@@ -227,10 +231,13 @@ func secretFileWarnings(fs *flag.FlagSet, getenv func(string) string) []string {
 	var out []string
 	for _, f := range files {
 		st, err := os.Stat(f.path)
-		if err != nil || !st.Mode().IsRegular() || st.Mode().Perm()&0o044 == 0 {
+		if err != nil || !st.Mode().IsRegular() {
 			continue // a missing file is reported by whoever reads it
 		}
-		out = append(out, fmt.Sprintf("%s %s is readable by group or others (mode %04o) and holds secrets. Fix: chmod 600 %s (in Kubernetes: defaultMode: 0400 on the secret volume)", f.what, f.path, st.Mode().Perm(), f.path))
+		if perm := st.Mode().Perm(); perm&0o004 == 0 && (perm&0o040 == 0 || ownedByRoot(st)) {
+			continue
+		}
+		out = append(out, fmt.Sprintf("%s %s is readable by group or others (mode %04o) and holds secrets. Fix: chmod 600 %s, or chmod 640 with root as its owner and the relay's group (in Kubernetes: defaultMode: 0440 on the secret volume and the pod's fsGroup, as in deploy/kubernetes)", f.what, f.path, st.Mode().Perm(), f.path))
 	}
 	return out
 }

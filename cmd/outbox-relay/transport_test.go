@@ -154,6 +154,12 @@ func TestRun_WarnsAboutSecretFilesOthersCanRead(t *testing.T) {
 	require.NoError(t, os.WriteFile(config, []byte("stream: OUTBOX\n"), 0o640))
 	passfile := filepath.Join(dir, "pgpass")
 	require.NoError(t, os.WriteFile(passfile, []byte("*:*:*:*:pgpass-pw-99\n"), 0o644))
+	if os.Geteuid() == 0 {
+		// Group read is accepted on a root-owned file (below): these belong to a user.
+		for _, f := range []string{pwFile, config, passfile} {
+			require.NoError(t, os.Chown(f, 65534, 65534))
+		}
+	}
 	args := []string{"run", "--pg-url", "postgres://app@127.0.0.1:1/app?sslmode=disable&passfile=" + passfile, "--nats-url", "nats://127.0.0.1:1",
 		"--nats-user", "relay", "--nats-password-file", pwFile, "--config", config, "--http-addr", "off", "--log-format", "json"}
 	var out bytes.Buffer
@@ -175,6 +181,25 @@ func TestRun_WarnsAboutSecretFilesOthersCanRead(t *testing.T) {
 	err = dispatch(ctx, args, &out, &out, noEnv)
 	require.Error(t, err)
 	require.NotContains(t, out.String(), "readable by group or others")
+
+	// A Kubernetes secret volume with the pod's fsGroup: owned by root, mode 0440. Others
+	// still may not read.
+	if os.Geteuid() != 0 {
+		return // only root can create root-owned files
+	}
+	for _, f := range []string{pwFile, config, passfile} {
+		require.NoError(t, os.Chown(f, 0, 65534))
+		require.NoError(t, os.Chmod(f, 0o440))
+	}
+	out.Reset()
+	err = dispatch(ctx, args, &out, &out, noEnv)
+	require.Error(t, err)
+	require.NotContains(t, out.String(), "readable by group or others")
+	require.NoError(t, os.Chmod(pwFile, 0o444))
+	out.Reset()
+	err = dispatch(ctx, args, &out, &out, noEnv)
+	require.Error(t, err)
+	require.Contains(t, out.String(), "--nats-password-file "+pwFile+" is readable by group or others (mode 0444)")
 }
 
 func TestRun_SecretFileFlagsAreChecked(t *testing.T) {

@@ -30,8 +30,9 @@ func TestNatsTTLHeaderPassesThrough(t *testing.T) {
 		AllowMsgTTL: true, Duplicates: time.Minute})
 	require.NoError(t, err)
 
-	stop, _ := inProcess(t, e.args())
+	stop, log := inProcess(t, e.args())
 	waitStreaming(t, e.pg, "outbox_relay")
+	require.NotContains(t, log.String(), "does not allow per-message TTLs")
 	insertWithHeaders(t, e, "keeps", `{}`)
 	insertWithHeaders(t, e, "expires", `{"Nats-TTL": "1s"}`)
 	waitStream(t, e.nats.URL, 2, 30*time.Second)
@@ -48,10 +49,38 @@ func TestNatsTTLHeaderPassesThrough(t *testing.T) {
 
 	// Without allow_msg_ttl the server refuses it: poison, not an endless retry.
 	e2 := newEnv(t)
-	done, _ := runRelay(t, e2.args("--slot", "outbox_relay_ttl")) // slots are cluster-wide
+	done, log := runRelay(t, e2.args("--slot", "outbox_relay_ttl")) // slots are cluster-wide
 	waitStreaming(t, e2.pg, "outbox_relay_ttl")
+	require.Contains(t, log.String(), "stream OUTBOX does not allow per-message TTLs", "preflight names the stream option")
 	insertWithHeaders(t, e2, "refused", `{"Nats-TTL": "1s"}`)
 	err = relayExit(t, done, 30*time.Second, "a Nats-TTL header on a stream without allow_msg_ttl")
 	require.ErrorIs(t, err, sink.ErrPoison)
 	require.Contains(t, err.Error(), "does not allow per-message TTLs")
+}
+
+// A row asking for a JetStream message schedule (Nats-Schedule and its companions) is poison,
+// not published without its schedule (a reminder due in 30 minutes would be delivered at
+// once): the relay stops naming why, or with --on-poison dead-letter publishes it to the dead
+// letter subject without the schedule headers and goes on. Why the relay refuses schedules:
+// sink's TestMessageSchedulesBreakTheRelaysStream.
+func TestNatsScheduleHeaderIsPoison(t *testing.T) {
+	e := newEnv(t)
+	done, _ := runRelay(t, e.args())
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertWithHeaders(t, e, "later", `{"Nats-Schedule": "@at 2030-01-01T00:00:00Z", "Nats-Schedule-Target": "outbox.gap.Remind", "traceparent": "00-x"}`)
+	err := relayExit(t, done, 30*time.Second, "a Nats-Schedule header")
+	require.ErrorIs(t, err, sink.ErrPoison)
+	require.Contains(t, err.Error(), `headers column key "Nats-Schedule" asks for a JetStream message schedule, which the relay refuses`)
+
+	stop, _ := inProcess(t, e.args("--on-poison", "dead-letter"))
+	insertWithHeaders(t, e, "after", `{}`)
+	waitStream(t, e.nats.URL, 2, 30*time.Second)
+	require.NoError(t, stop())
+	recs := readStream(t, e.nats.URL, sink.DefaultStream)
+	require.Equal(t, "outbox.dead-letter", recs[0].Subject)
+	require.Contains(t, recs[0].Header.Get(sink.HeaderPoisonReason), "JetStream message schedule")
+	require.Empty(t, recs[0].Header.Get("Nats-Schedule"))
+	require.Empty(t, recs[0].Header.Get("Nats-Schedule-Target"))
+	require.Equal(t, "00-x", recs[0].Header.Get("traceparent"))
+	require.Equal(t, "outbox.gap.Gap_Happened", recs[1].Subject)
 }

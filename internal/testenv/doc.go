@@ -13,7 +13,7 @@
 //	func TestRelay(t *testing.T) {
 //		pg := testenv.Postgres(t)   // fresh database in the shared cluster
 //		pg.Exec(t, `CREATE TABLE outbox (id bigserial PRIMARY KEY, payload jsonb)`)
-//		js := testenv.JetStream(t)  // in-process JetStream server
+//		js := testenv.StartNATSProcess(t, 0, "") // nats-server process with JetStream
 //		// ... connect to pg.URL and js.URL ...
 //	}
 //
@@ -63,10 +63,14 @@
 //
 // # NATS
 //
-// JetStream(t) runs nats-server in-process on 127.0.0.1 with JetStream
-// enabled; Restart brings it back on the same port and store directory.
+// testenv does not import the nats-server module: the tests of the outbox and
+// inbox libraries use it, and whatever their tests import lands in the module
+// graph of every program that imports those libraries. The in-process server,
+// natsembed.JetStream(t) (127.0.0.1, JetStream enabled; Restart brings it back
+// on the same port and store directory), is in the subpackage natsembed.
 //
-// Tests that need a real process to kill -9 use NATSServerBinary(t), which
+// Tests that need a real process (to kill -9 it, or to stay clear of the
+// nats-server module) use NATSServerBinary(t), which
 // finds or builds a nats-server binary (built at most once per machine and
 // version), and StartNATSProcess(t, port, storeDir), which runs it with
 // sync_interval: always so that acknowledged messages survive SIGKILL.

@@ -383,3 +383,20 @@ func pingJetStream(ctx context.Context, url string) error {
 	_, err = js.AccountInfo(ctx)
 	return err
 }
+
+// waitJetStream connects to url and waits until JetStream answers an
+// account info request, or ctx ends.
+func waitJetStream(ctx context.Context, url string) error {
+	var lastErr error
+	for {
+		lastErr = pingJetStream(ctx, url)
+		if lastErr == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("jetstream at %s not ready: %w", url, lastErr)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}

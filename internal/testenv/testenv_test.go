@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -255,7 +256,7 @@ func publish(t *testing.T, url string, n int) {
 
 func TestJetStreamRestartKeepsStreamData(t *testing.T) {
 	t.Parallel()
-	js := testenv.JetStream(t, testenv.WithMaxPayload(2048))
+	js := natsembed.JetStream(t, natsembed.WithMaxPayload(2048))
 	equal(t, js.URL, fmt.Sprintf("nats://127.0.0.1:%d", js.Port), "URL")
 
 	publish(t, js.URL, 3)
@@ -285,7 +286,7 @@ func TestJetStreamRestartKeepsStreamData(t *testing.T) {
 func TestJetStreamOnFixedPortAndStoreDir(t *testing.T) {
 	t.Parallel()
 	port, dir := testenv.FreePort(t), t.TempDir()
-	js := testenv.JetStream(t, testenv.WithPort(port), testenv.WithStoreDir(dir))
+	js := natsembed.JetStream(t, natsembed.WithPort(port), natsembed.WithStoreDir(dir))
 	equal(t, js.Port, port, "port")
 	publish(t, js.URL, 1)
 	entries, err := os.ReadDir(dir)

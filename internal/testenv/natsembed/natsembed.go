@@ -1,7 +1,10 @@
-package testenv
+// Package natsembed runs nats-server with JetStream inside the test binary, for tests that
+// need a broker started in milliseconds. It is apart from testenv, which has no dependency on
+// the nats-server module, so that the packages whose tests only need Postgres or a nats-server
+// process (outbox, inbox) do not bring that module into their importers' module graph.
+package natsembed
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"testing"
@@ -66,7 +69,7 @@ func JetStream(t testing.TB, opts ...NATSOption) *NATS {
 		},
 	}
 	if err := n.start(); err != nil {
-		t.Fatalf("testenv: %v", err)
+		t.Fatalf("natsembed: %v", err)
 	}
 	t.Cleanup(n.Shutdown)
 	return n
@@ -86,7 +89,7 @@ func (n *NATS) Restart(t testing.TB) {
 	t.Helper()
 	n.Shutdown()
 	if err := n.start(); err != nil {
-		t.Fatalf("testenv: restart: %v", err)
+		t.Fatalf("natsembed: restart: %v", err)
 	}
 }
 
@@ -95,7 +98,7 @@ func (n *NATS) Connect(t testing.TB, opts ...nats.Option) *nats.Conn {
 	t.Helper()
 	nc, err := nats.Connect(n.URL, opts...)
 	if err != nil {
-		t.Fatalf("testenv: connect to %s: %v", n.URL, err)
+		t.Fatalf("natsembed: connect to %s: %v", n.URL, err)
 	}
 	t.Cleanup(nc.Close)
 	return nc
@@ -123,21 +126,4 @@ func (n *NATS) start() error {
 	n.Port = s.Addr().(*net.TCPAddr).Port
 	n.URL = s.ClientURL()
 	return nil
-}
-
-// waitJetStream connects to url and waits until JetStream answers an
-// account info request, or ctx ends.
-func waitJetStream(ctx context.Context, url string) error {
-	var lastErr error
-	for {
-		lastErr = pingJetStream(ctx, url)
-		if lastErr == nil {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("jetstream at %s not ready: %w", url, lastErr)
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
 }
