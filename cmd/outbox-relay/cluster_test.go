@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
@@ -341,6 +342,83 @@ func TestBackfill_DeadHolderDoesNotStallTheRelay(t *testing.T) {
 	require.Contains(t, log.String(), "did not hand it back within the lease")
 	require.NoError(t, stop())
 	recs := readClusterStream(t, e.cluster.URL)
+	requireClean(t, check(t, outboxRows(t, e.pg), recs))
+	requireCommitOrder(t, recs)
+}
+
+// The relay's first message after a hand-back goes alone: a message of a backfill still on its
+// way when the relay resumes can take the sequence that message expects, and the rest of a
+// window sent with it would then be stored after a gap. Here the relay's first publish after
+// the hand-back is dropped and a backfilled copy chained on the grant's sequence is stored in
+// its place; the relay must re-send from the dropped one, and the stream must hold every event
+// once, the live ones in commit order.
+func TestBackfill_LateBackfillMessageAtHandBackLeavesNoGap(t *testing.T) {
+	e := newClusterEnv(t)
+	insertGapEvents(t, e.pg, "late", 1) // before the slot: only a backfill publishes it
+	var lateID string
+	require.NoError(t, e.pg.QueryRow(t, `SELECT id::text FROM outbox`).Scan(&lateID))
+	leader, err := e.cluster.StreamLeader(context.Background(), sink.DefaultStream)
+	require.NoError(t, err)
+	proxy, err := faultproxy.StartNATS(strings.TrimPrefix(e.cluster.Node(leader).URL, "nats://"))
+	require.NoError(t, err)
+	t.Cleanup(proxy.Close)
+	stop, _ := inProcess(t, []string{"run", "--pg-url", e.pg.URL, "--nats-url", "nats://" + proxy.Addr(), "--create-slot",
+		"--log-format", "json", "--log-level", "info", "--ack-timeout", "1s", "--max-in-flight", "256"})
+	waitStreaming(t, e.pg, "outbox_relay")
+	insertGapEvents(t, e.pg, "live", 10)
+	waitStream(t, e.cluster.URL, 10, 30*time.Second)
+
+	js, closeNC := connectJS(t, e.cluster.URL)
+	defer closeNC()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	kv, err := js.KeyValue(ctx, sink.DefaultPositionBucket)
+	require.NoError(t, err)
+	key := sink.HandoverKey(sink.DefaultStream, sink.DefaultSubjectPrefix)
+	b, err := json.Marshal(sink.Lease{State: sink.LeaseRequested, Holder: "test", At: time.Now()})
+	require.NoError(t, err)
+	_, err = kv.Create(ctx, key, b)
+	require.NoError(t, err)
+	var lease sink.Lease
+	var rev uint64
+	require.Eventually(t, func() bool {
+		e, err := kv.Get(ctx, key)
+		if err != nil || json.Unmarshal(e.Value(), &lease) != nil {
+			return false
+		}
+		rev = e.Revision()
+		return lease.State == sink.LeaseGranted
+	}, 10*time.Second, 20*time.Millisecond)
+	n := workload{Writers: 2, Aggregates: 10, Txs: 20, MaxTx: 20, Seed: 56}.run(t, e.pg) // queued while paused
+
+	// The late backfill message: stored right where the relay's first publish after the
+	// hand-back was to go, before anything else of the relay reaches the stream.
+	late := nats.NewMsg("outbox.gap.Gap_Happened")
+	late.Data = []byte(`{}`)
+	late.Header.Set(sink.HeaderMsgID, lateID)
+	late.Header.Set(sink.HeaderCommitLSN, "0/0")
+	late.Header.Set(sink.HeaderTxIndex, "0")
+	late.Header.Set(sink.HeaderBackfill, "true")
+	var armed atomic.Bool
+	var lateErr error
+	proxy.DropNATSPublish(func(subject string, _ []byte) bool {
+		if !strings.HasPrefix(subject, "outbox.") || !armed.CompareAndSwap(true, false) {
+			return false
+		}
+		pctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, lateErr = js.PublishMsg(pctx, late, jetstream.WithExpectLastSequence(lease.Seq))
+		return true
+	})
+	armed.Store(true)
+	require.NoError(t, kv.Delete(ctx, key, jetstream.LastRevision(rev))) // hand back
+	waitStream(t, e.cluster.URL, uint64(10+1+n), 30*time.Second)
+	require.NoError(t, lateErr)
+	require.NoError(t, stop())
+	_, dropped := proxy.Stats()
+	require.Equal(t, 1, dropped)
+	recs := readClusterStream(t, e.cluster.URL)
+	require.Equal(t, lateID, recs[10].Header.Get(sink.HeaderMsgID), "the late message took the relay's place")
 	requireClean(t, check(t, outboxRows(t, e.pg), recs))
 	requireCommitOrder(t, recs)
 }
