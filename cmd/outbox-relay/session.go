@@ -45,6 +45,12 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 		slotLSN pglogrepl.LSN // the slot's confirmed_flush_lsn
 	)
 	guarded := !cfg.temporarySlot && cfg.positionBucket != ""
+	var record *sink.PositionRecord
+	if guarded {
+		if record, err = openRecord(ctx, cfg, js); err != nil {
+			return err
+		}
+	}
 	if cfg.temporarySlot {
 		// Dropped by Postgres when this connection ends.
 		if start, err = replication.CreateTemporarySlot(ctx, conn, cfg.slot); err != nil {
@@ -113,7 +119,7 @@ func session(ctx context.Context, cfg runConfig, js jetstream.JetStream, resume 
 	if guarded {
 		// The slot is ours now (Start acquired it): compare it with the position record.
 		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		g, err := checkSlotGap(gctx, cfg, js, sys, slotLSN, start, lastMsg, haveLast, log)
+		g, err := checkSlotGap(gctx, cfg, js, record, sys, slotLSN, start, lastMsg, haveLast, log)
 		cancel()
 		if err != nil {
 			return err

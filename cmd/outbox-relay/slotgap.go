@@ -55,11 +55,7 @@ type slotGuard struct {
 // A slot behind the record is normal (Postgres 15 saves confirmed_flush_lsn only at
 // checkpoints, so it moves back after a crash). The record ends at least at start, the
 // position the session begins at.
-func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, sys replication.System, slotLSN, start pglogrepl.LSN, last sink.StoredMsg, haveLast bool, log zerolog.Logger) (slotGuard, error) {
-	record, err := sink.OpenPositionRecord(ctx, js, cfg.positionBucket, cfg.sink)
-	if err != nil {
-		return slotGuard{}, bucketError(js, cfg.positionBucket, err)
-	}
+func checkSlotGap(ctx context.Context, cfg runConfig, js jetstream.JetStream, record *sink.PositionRecord, sys replication.System, slotLSN, start pglogrepl.LSN, last sink.StoredMsg, haveLast bool, log zerolog.Logger) (slotGuard, error) {
 	g := slotGuard{record: record}
 	rec, ok, err := record.Get(ctx)
 	if err != nil {
@@ -176,6 +172,19 @@ func startRecorder(cfg runConfig, trk *checkpoint.Tracker, guard slotGuard, log 
 	}()
 	cfg.obs.setRecorder(rec)
 	return rec, func() { cancel(); <-done }
+}
+
+// openRecord opens the position record for a session, before START_REPLICATION: a bucket
+// that does not answer then fails the session before it holds the slot (and before the
+// walsender, which expects status updates, waits on it).
+func openRecord(ctx context.Context, cfg runConfig, js jetstream.JetStream) (*sink.PositionRecord, error) {
+	octx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	record, err := sink.OpenPositionRecord(octx, js, cfg.positionBucket, cfg.sink)
+	if err != nil {
+		return nil, bucketError(js, cfg.positionBucket, err)
+	}
+	return record, nil
 }
 
 // bucketError classifies an error opening the position bucket: the broker or its cluster not
