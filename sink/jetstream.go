@@ -71,6 +71,15 @@ type JetStream struct {
 	recovering bool // the chain is broken or not started: Publish only queues, Run (re-)publishes
 	notify     chan struct{}
 
+	// Hand-over (see Pause). paused: nothing is sent; drained is closed by Run once no send is
+	// awaiting its outcome; resume asks Run to restart the chain. fenced: the sequence chain's
+	// next message goes alone, and the rest of the window waits for its ack (probe is it).
+	paused  bool
+	drained chan struct{}
+	resume  bool
+	fenced  bool
+	probe   *entry
+
 	// Ack routing, guarded by mu. token numbers the sends (never reused, so a late reply to
 	// an earlier send of a re-published entry finds nothing); pending maps the token of every
 	// send without an outcome yet to its entry. sub and status are set up by listen.
@@ -365,7 +374,9 @@ func (j *JetStream) enqueue(ctx context.Context, e *entry, size int) error {
 		}
 		return nil
 	}
-	if !j.recovering {
+	if j.paused {
+		// Run sends it after Resume.
+	} else if !j.recovering {
 		j.send(e)
 	} else if e.failed == nil {
 		e.failed = j.startErr
@@ -374,6 +385,10 @@ func (j *JetStream) enqueue(ctx context.Context, e *entry, size int) error {
 	j.wake()
 	return nil
 }
+
+// seqChained reports a chain on the stream's sequence whatever the stream's replicas (atomic
+// batches), which another publisher can break as on a replicated stream.
+func (j *JetStream) seqChained() bool { return j.atomic }
 
 // wake tells Run that the window changed.
 func (j *JetStream) wake() {
@@ -419,6 +434,9 @@ func (j *JetStream) sealBatch() {
 		e.unsealed, e.batch = false, commit
 	}
 	for _, e := range j.open {
+		if j.paused {
+			continue // Run sends it after Resume
+		}
 		if j.recovering {
 			if e.failed == nil {
 				e.failed = j.startErr
@@ -461,6 +479,8 @@ func (j *JetStream) startChain(ctx context.Context) {
 	// Atomic batches refuse Nats-Expected-Last-Msg-Id: they chain on the sequence.
 	j.seqChain = info.Config.Replicas > 1 || j.atomic
 	j.lastSeq, j.recovering = info.State.LastSeq, false
+	// A session's first message on a replicated stream goes alone (see Pause).
+	j.fenced = j.seqChain
 }
 
 // PublishDeadLetter publishes what is known of an outbox row that cannot become an event (a
@@ -745,6 +765,11 @@ func (j *JetStream) send(e *entry) {
 	e.failed = nil
 	j.lastSeq++
 	j.lastID = e.id
+	if j.fenced && j.seqChain && (e.batch == nil || e == e.batch) {
+		// The probe: nothing more is sent until it is stored (Run calls unfence). An atomic
+		// batch is the probe whole: its commit, sent last, is acknowledged for all of it.
+		j.probe, j.recovering = e, true
+	}
 }
 
 // Atomic batch headers (nats-server 2.12+).
@@ -823,6 +848,107 @@ func (j *JetStream) stopListening() {
 	}
 }
 
+// Pause stops publishing for a hand-over of the stream to another publisher (outbox-relay
+// backfill on a replicated stream): nothing more is sent, and Pause returns once every message
+// sent has an outcome (stored and confirmed, or failed and queued to be re-sent), or ctx ends.
+// Events published meanwhile are queued (the window still bounds them). Resume ends it.
+//
+// A sequence chain (replicated stream) is safe only while the relay is the only publisher: a
+// foreign message can take the sequence the relay predicted for one of its messages, and the
+// next one would be stored after a gap. Resume and a session's start therefore restart the
+// chain at the stream's last sequence with one message alone (the probe), and send the rest
+// of the window only once it is stored. A foreign publisher that chains each of its messages on
+// the sequence of its previous one, one at a time (as backfill does), cannot then break the
+// relay's chain even if it keeps publishing past its lease: its next message expects a
+// sequence at or below the one the probe was checked against, so it is either stored before
+// the probe (which is refused and sent again, alone) or refused for good.
+func (j *JetStream) Pause(ctx context.Context) error {
+	j.mu.Lock()
+	if !j.paused {
+		j.paused, j.resume = true, false
+		j.drained = make(chan struct{})
+	}
+	d := j.drained
+	j.mu.Unlock()
+	j.wake()
+	select {
+	case <-d:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Resume ends a Pause: Run restarts the chain at the stream's last sequence with a probe.
+func (j *JetStream) Resume() {
+	j.mu.Lock()
+	if j.paused {
+		j.paused, j.resume, j.recovering = false, true, true
+	}
+	j.mu.Unlock()
+	j.wake()
+}
+
+// hold serves a Pause and a Resume for Run: while paused and no send awaits its outcome, it
+// reports the window drained and waits; after a Resume it restarts the chain. It reports
+// whether Run's loop should start over.
+func (j *JetStream) hold(ctx context.Context, status <-chan nats.Status) bool {
+	j.mu.Lock()
+	paused, resume := j.paused, j.resume
+	if !paused && !resume {
+		j.mu.Unlock()
+		return false
+	}
+	busy := false
+	for _, e := range j.q {
+		busy = busy || e.token != 0
+	}
+	if paused && !busy {
+		select {
+		case <-j.drained:
+		default:
+			close(j.drained)
+		}
+	}
+	if resume {
+		j.resume = false
+		if j.seqChain {
+			j.fenced = true
+		}
+	}
+	j.mu.Unlock()
+	switch {
+	case resume:
+		// A failure leaves the queue unsent (recovering); Run's recovery retries.
+		j.resync(ctx)
+		return true
+	case paused && !busy:
+		select {
+		case <-j.notify:
+		case m := <-j.replies:
+			j.reply(m) // late: nothing is waiting for it
+		case <-status:
+			j.disconnected()
+		case <-ctx.Done():
+		}
+		return true
+	}
+	return false
+}
+
+// unfence lets the rest of the window go once the probe e is stored.
+func (j *JetStream) unfence(e *entry) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.probe != e {
+		return
+	}
+	j.probe, j.fenced, j.recovering = nil, false, false
+	if !j.paused {
+		j.sendQueued()
+	}
+}
+
 // Run resolves acks in publish order, confirms stored events and re-publishes after failures.
 // It returns when ctx ends (events still in flight stay unconfirmed: Postgres re-sends them) or
 // on an error that retrying cannot fix.
@@ -841,6 +967,9 @@ func (j *JetStream) Run(ctx context.Context) error {
 	for {
 		if ctx.Err() != nil {
 			return nil // the recovery path below does not wait on ctx when nothing is in flight
+		}
+		if j.hold(ctx, status) {
+			continue
 		}
 		j.mu.Lock()
 		var e *entry
@@ -882,6 +1011,7 @@ func (j *JetStream) Run(ctx context.Context) error {
 				j.pop(e)
 			}
 			backoff.reset()
+			j.unfence(e)
 			continue
 		}
 		if err := j.failed(e, e.ackErr); err != nil {
@@ -1299,6 +1429,16 @@ func (j *JetStream) resync(ctx context.Context) bool {
 	j.lastID = ""
 	j.recovering = false
 	j.sendingBatch = nil
+	if j.paused {
+		return true // Run restarts the chain after Resume
+	}
+	j.sendQueued()
+	return true
+}
+
+// sendQueued sends, in order, the window's entries not yet sent in the current chain, until
+// a send fails or the chain holds the rest behind a probe. j.mu is held.
+func (j *JetStream) sendQueued() {
 	for _, e := range j.q {
 		if e.unsealed {
 			break // its batch is still open: sealBatch sends it
@@ -1309,15 +1449,17 @@ func (j *JetStream) resync(ctx context.Context) bool {
 			j.lastID = e.id
 			continue
 		}
+		if e.token != 0 {
+			continue // sent in this chain (the probe)
+		}
 		if e.sent != (time.Time{}) {
 			j.stats.Retries++
 		}
 		j.send(e)
 		if j.recovering {
-			break // the broker is still unreachable; Run comes back here
+			break // the broker is still unreachable (Run comes back here), or a probe is out
 		}
 	}
-	return true
 }
 
 // streamFull reports a refusal by a stream at one of its limits with discard: new.
