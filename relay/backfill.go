@@ -37,7 +37,8 @@ type BackfillResult struct {
 // gap: in (created_at, id) order, with the same subject, body and headers as the relay (cfg is
 // the relay's), Nats-Msg-Id = id and Outbox-Backfill: true. JetStream drops those it still
 // holds within its duplicate window. Per-aggregate order between backfilled and live events is
-// not guaranteed. Next to a live relay it runs on a single-replica stream only.
+// not guaranteed; the relay's own order is kept. On a replicated stream the backfill publishes
+// in chunks while the relay hands the stream over through the position bucket.
 func Backfill(ctx context.Context, cfg Config, r BackfillRange, opts ...Option) (BackfillResult, error) {
 	var res BackfillResult
 	o := newOptions(opts)
@@ -69,17 +70,26 @@ func Backfill(ctx context.Context, cfg Config, r BackfillRange, opts ...Option) 
 	if err != nil {
 		return res, err
 	}
-	if err := backfillAlongsideRelay(ctx, conn, js, cfg.Sink.Stream); err != nil {
+	chain, err := newBackfillChain(ctx, conn, js, cfg.PGURL, cfg.PositionBucket, cfg.Sink, log)
+	if err != nil {
 		return res, err
+	}
+	if chain != nil {
+		defer chain.release()
 	}
 	pos, err := backfillPosition(ctx, js, cfg)
 	if err != nil {
 		return res, err
 	}
-	if res, err = q.publish(ctx, conn, js, r, pos); err != nil {
+	if res, err = q.publish(ctx, conn, js, chain, r, pos); err != nil {
 		return res, err
 	}
-	log.Info().Int("rows", res.Rows).Int("stored", res.Stored).Int("duplicates", res.Duplicates).Msg("backfill done")
+	ev := log.Info().Int("rows", res.Rows).Int("stored", res.Stored).Int("duplicates", res.Duplicates)
+	if chain != nil {
+		chain.release()
+		ev = ev.Int("handovers", chain.handovers).Dur("stream_held", chain.heldFor)
+	}
+	ev.Msg("backfill done")
 	return res, nil
 }
 
@@ -162,7 +172,8 @@ func (q backfillQuery) count(ctx context.Context, conn *pgx.Conn, r BackfillRang
 }
 
 // publish publishes the rows in r, stamped at pos, backfillWindow at a time.
-func (q backfillQuery) publish(ctx context.Context, conn *pgx.Conn, js jetstream.JetStream, r BackfillRange, pos sink.Position) (BackfillResult, error) {
+// With chain (a replicated stream), one at a time through the relay's hand-over.
+func (q backfillQuery) publish(ctx context.Context, conn *pgx.Conn, js jetstream.JetStream, chain *backfillChain, r BackfillRange, pos sink.Position) (BackfillResult, error) {
 	var res BackfillResult
 	cfg := q.cfg
 	var toParam any
@@ -216,13 +227,25 @@ func (q backfillQuery) publish(ctx context.Context, conn *pgx.Conn, js jetstream
 			rr.Close()
 			return res, err
 		}
+		res.Rows++
+		if chain != nil {
+			dup, err := chain.publish(ctx, m)
+			if err != nil {
+				rr.Close()
+				return res, err
+			}
+			res.Stored++
+			if dup {
+				res.Duplicates++
+			}
+			continue
+		}
 		f, err := js.PublishMsgAsync(m, jetstream.WithExpectStream(cfg.Sink.Stream))
 		if err != nil {
 			rr.Close()
 			return res, fmt.Errorf("publish %s: %w", m.Header.Get(sink.HeaderMsgID), err)
 		}
 		futs = append(futs, f)
-		res.Rows++
 		if len(futs) >= backfillWindow {
 			wait()
 			if ackErr != nil {
@@ -236,42 +259,6 @@ func (q backfillQuery) publish(ctx context.Context, conn *pgx.Conn, js jetstream
 	}
 	wait()
 	return res, ackErr
-}
-
-// backfillAlongsideRelay refuses to publish into a replicated stream while a relay streams
-// from this database. There the relay chains its window on the stream's last sequence, and a
-// message the backfill stores can take the sequence of a relay publish that was refused, so
-// that the next one in the relay's window is stored after a gap. On a single-replica stream
-// the relay chains on the previous message's id and a backfill next to it only costs re-chains.
-func backfillAlongsideRelay(ctx context.Context, conn *pgx.Conn, js jetstream.JetStream, stream string) error {
-	s, err := js.Stream(ctx, stream)
-	if err != nil {
-		return fmt.Errorf("look up stream %s: %w", stream, err)
-	}
-	if r := s.CachedInfo().Config.Replicas; r <= 1 {
-		return nil
-	}
-	var slots []string
-	rows, err := conn.Query(ctx, `SELECT slot_name FROM pg_replication_slots WHERE database = current_database() AND slot_type = 'logical' AND plugin = 'pgoutput' AND active ORDER BY 1`)
-	if err != nil {
-		return fmt.Errorf("list the active replication slots: %w", err)
-	}
-	for rows.Next() {
-		var name string
-		if err := rows.Scan(&name); err != nil {
-			rows.Close()
-			return err
-		}
-		slots = append(slots, name)
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("list the active replication slots: %w", err)
-	}
-	if len(slots) > 0 {
-		return fmt.Errorf("stream %s is replicated (R%d) and slot(s) %v are streaming: a backfill next to a live relay on a replicated stream can let one of the relay's events be stored after a gap. Stop the relay for the backfill (it resumes from its slot afterwards)",
-			stream, s.CachedInfo().Config.Replicas, slots)
-	}
-	return nil
 }
 
 func nilOrBytes(v any) []byte {

@@ -371,7 +371,11 @@ func checkBroker(ctx context.Context, cfg Config, r *preflightReport, log zerolo
 	}
 	if cfg.PositionBucket != "" && !cfg.TemporarySlot {
 		if _, err := sink.OpenPositionRecord(ctx, js, cfg.PositionBucket, cfg.Sink); err != nil {
-			r.fail("%v", err)
+			if IsFatal(bucketError(js, cfg.PositionBucket, err)) {
+				r.fail("%v", err)
+			} else {
+				r.warn("%v; the session retries it", err)
+			}
 		}
 	}
 	switch {

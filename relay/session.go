@@ -66,6 +66,7 @@ type Session struct {
 	trk     *checkpoint.Tracker
 	flush   checkpoint.FlushSource
 	guard   slotGuard
+	record  *sink.PositionRecord // nil: no position record (temporary slot, no bucket)
 	stopRec func()
 	lastMsg sink.StoredMsg
 	check   *replayCheck // nil: the replay does not reach the stream's last event
@@ -154,6 +155,13 @@ func (s *Session) startReplication(ctx context.Context) error {
 	if err := s.resume.check(cfg, s.sys, log); err != nil {
 		return err
 	}
+	if !cfg.TemporarySlot && cfg.PositionBucket != "" {
+		// Before START_REPLICATION: a bucket that does not answer fails the session (retried)
+		// before it holds the slot, and before the walsender waits on it.
+		if s.record, err = openRecord(ctx, cfg, s.js); err != nil {
+			return err
+		}
+	}
 	if cfg.TemporarySlot {
 		// Dropped by Postgres when this connection ends.
 		if s.start, err = replication.CreateTemporarySlot(ctx, conn, cfg.Slot); err != nil {
@@ -220,11 +228,10 @@ func (s *Session) checkPositions(ctx context.Context) error {
 
 	s.trk = checkpoint.New(s.start)
 	s.flush = s.trk
-	guarded := !cfg.TemporarySlot && cfg.PositionBucket != ""
-	if guarded {
+	if s.record != nil {
 		// The slot is ours now (Start acquired it): compare it with the position record.
 		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		g, err := checkSlotGap(gctx, cfg, s.js, s.sys, s.slotLSN, s.start, lastMsg, haveLast, log)
+		g, err := checkSlotGap(gctx, cfg, s.js, s.record, s.sys, s.slotLSN, s.start, lastMsg, haveLast, log)
 		cancel()
 		if err != nil {
 			return err
@@ -314,6 +321,10 @@ func (s *Session) stream(ctx context.Context) error {
 	})
 	if s.p.gate != nil {
 		g.Go(func() error { return s.p.gate.run(gctx) })
+	}
+	if s.guard.record != nil {
+		// backfill on a replicated stream publishes only while the relay hands it over.
+		g.Go(func() error { return s.guard.record.ServeHandover(gctx, s.pub, s.log) })
 	}
 	g.Go(func() error {
 		defer stopSink()

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
@@ -53,11 +55,7 @@ type slotGuard struct {
 // A slot behind the record is normal (Postgres 15 saves confirmed_flush_lsn only at
 // checkpoints, so it moves back after a crash). The record ends at least at start, the
 // position the session begins at.
-func checkSlotGap(ctx context.Context, cfg Config, js jetstream.JetStream, sys replication.System, slotLSN, start pglogrepl.LSN, last sink.StoredMsg, haveLast bool, log zerolog.Logger) (slotGuard, error) {
-	record, err := sink.OpenPositionRecord(ctx, js, cfg.PositionBucket, cfg.Sink)
-	if err != nil {
-		return slotGuard{}, fatalError{err}
-	}
+func checkSlotGap(ctx context.Context, cfg Config, js jetstream.JetStream, record *sink.PositionRecord, sys replication.System, slotLSN, start pglogrepl.LSN, last sink.StoredMsg, haveLast bool, log zerolog.Logger) (slotGuard, error) {
 	g := slotGuard{record: record}
 	rec, ok, err := record.Get(ctx)
 	if err != nil {
@@ -174,4 +172,63 @@ func startRecorder(cfg Config, trk *checkpoint.Tracker, guard slotGuard, log zer
 	}()
 	cfg.obs.setRecorder(rec)
 	return rec, func() { cancel(); <-done }
+}
+
+// openRecord opens the position record for a session, before START_REPLICATION: a bucket
+// that does not answer then fails the session before it holds the slot (and before the
+// walsender, which expects status updates, waits on it).
+func openRecord(ctx context.Context, cfg Config, js jetstream.JetStream) (*sink.PositionRecord, error) {
+	octx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	record, err := sink.OpenPositionRecord(octx, js, cfg.PositionBucket, cfg.Sink)
+	if err != nil {
+		return nil, bucketError(js, cfg.PositionBucket, err)
+	}
+	return record, nil
+}
+
+// bucketError classifies an error opening the position bucket: the broker or its cluster not
+// available (yet) is retried by the session loop; anything else (the server denied the relay's
+// user, refused the bucket's configuration) is fatal, with the fix OpenPositionRecord names.
+func bucketError(js jetstream.JetStream, bucket string, err error) error {
+	// A publish permission violation reaches a request only as a timeout; the connection
+	// keeps the server's message.
+	if nc := js.Conn(); nc != nil {
+		if last := nc.LastError(); errors.Is(last, nats.ErrPermissionViolation) && strings.Contains(last.Error(), "KV_"+bucket) {
+			return fatalError{fmt.Errorf("%w (the server reported: %v)", err, last)}
+		}
+	}
+	if jsUnavailable(err) {
+		return err
+	}
+	return fatalError{err}
+}
+
+// JetStream error codes of a cluster that is not available (yet); nats.go names none of them.
+const (
+	jsErrCodeClusterIncomplete jetstream.ErrorCode = 10004 // incomplete results
+	jsErrCodeClusterNoPeers    jetstream.ErrorCode = 10005 // no suitable peers for placement (nodes down)
+	jsErrCodeClusterNotAvail   jetstream.ErrorCode = 10008 // JetStream system temporarily unavailable
+	jsErrCodeClusterNotLeader  jetstream.ErrorCode = 10009 // JetStream cluster can not handle request
+	jsErrCodeStreamOffline     jetstream.ErrorCode = 10118 // stream is offline
+)
+
+// jsUnavailable reports a JetStream error that passes by itself: no answer in time, no
+// responders, the connection being re-established, or the cluster, its meta leader or the
+// asset's leader not available.
+func jsUnavailable(err error) bool {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout),
+		errors.Is(err, nats.ErrNoResponders), errors.Is(err, jetstream.ErrNoStreamResponse),
+		errors.Is(err, nats.ErrDisconnected), errors.Is(err, nats.ErrConnectionReconnecting):
+		return true
+	}
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		switch apiErr.ErrorCode {
+		case jsErrCodeClusterIncomplete, jsErrCodeClusterNoPeers, jsErrCodeClusterNotAvail, jsErrCodeClusterNotLeader, jsErrCodeStreamOffline:
+			return true
+		}
+	}
+	return false
 }

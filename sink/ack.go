@@ -74,6 +74,9 @@ func (p *Publisher) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil // the recovery path below does not wait on ctx when nothing is in flight
 		}
+		if p.hold(ctx, status) {
+			continue
+		}
 		p.mu.Lock()
 		var e *entry
 		if len(p.q) > 0 && !p.q[0].unsealed {
@@ -114,6 +117,7 @@ func (p *Publisher) Run(ctx context.Context) error {
 				p.pop(e)
 			}
 			backoff.reset()
+			p.unfence(e)
 			continue
 		}
 		if err := p.failed(e, e.ackErr); err != nil {

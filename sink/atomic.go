@@ -43,6 +43,9 @@ func (p *Publisher) sealBatch() {
 		e.unsealed, e.batch = false, commit
 	}
 	for _, e := range p.open {
+		if p.paused {
+			continue // Run sends it after Resume
+		}
 		if p.recovering {
 			if e.failed == nil {
 				e.failed = p.startErr

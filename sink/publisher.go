@@ -61,6 +61,15 @@ type Publisher struct {
 	recovering bool // the chain is broken or not started: Publish only queues, Run (re-)publishes
 	notify     chan struct{}
 
+	// Hand-over (see Pause). paused: nothing is sent; drained is closed by Run once no send is
+	// awaiting its outcome; resume asks Run to restart the chain. fenced: the sequence chain's
+	// next message goes alone, and the rest of the window waits for its ack (probe is it).
+	paused  bool
+	drained chan struct{}
+	resume  bool
+	fenced  bool
+	probe   *entry
+
 	// Ack routing, guarded by mu. token numbers the sends (never reused, so a late reply to
 	// an earlier send of a re-published entry finds nothing); pending maps the token of every
 	// send without an outcome yet to its entry. sub and status are set up by listen.
@@ -353,7 +362,9 @@ func (p *Publisher) enqueue(ctx context.Context, e *entry, size int) error {
 		}
 		return nil
 	}
-	if !p.recovering {
+	if p.paused {
+		// Run sends it after Resume.
+	} else if !p.recovering {
 		p.send(e)
 	} else if e.failed == nil {
 		e.failed = p.startErr
@@ -362,6 +373,10 @@ func (p *Publisher) enqueue(ctx context.Context, e *entry, size int) error {
 	p.wake()
 	return nil
 }
+
+// seqChained reports a chain on the stream's sequence whatever the stream's replicas (atomic
+// batches), which another publisher can break as on a replicated stream.
+func (p *Publisher) seqChained() bool { return p.atomic }
 
 // wake tells Run that the window changed.
 func (p *Publisher) wake() {
@@ -465,4 +480,9 @@ func (p *Publisher) send(e *entry) {
 	e.failed = nil
 	p.lastSeq++
 	p.lastID = e.id
+	if p.fenced && p.seqChain && (e.batch == nil || e == e.batch) {
+		// The probe: nothing more is sent until it is stored (Run calls unfence). An atomic
+		// batch is the probe whole: its commit, sent last, is acknowledged for all of it.
+		p.probe, p.recovering = e, true
+	}
 }

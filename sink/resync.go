@@ -38,6 +38,8 @@ func (p *Publisher) startChain(ctx context.Context) {
 	// Atomic batches refuse Nats-Expected-Last-Msg-Id: they chain on the sequence.
 	p.seqChain = info.Config.Replicas > 1 || p.atomic
 	p.lastSeq, p.recovering = info.State.LastSeq, false
+	// A session's first message on a replicated stream goes alone (see Pause).
+	p.fenced = p.seqChain
 }
 
 // recover restores the chain after a failed publish: wait until every message in flight has
@@ -218,6 +220,16 @@ func (p *Publisher) resync(ctx context.Context) bool {
 	p.lastID = ""
 	p.recovering = false
 	p.sendingBatch = nil
+	if p.paused {
+		return true // Run restarts the chain after Resume
+	}
+	p.sendQueued()
+	return true
+}
+
+// sendQueued sends, in order, the window's entries not yet sent in the current chain, until
+// a send fails or the chain holds the rest behind a probe. p.mu is held.
+func (p *Publisher) sendQueued() {
 	for _, e := range p.q {
 		if e.unsealed {
 			break // its batch is still open: sealBatch sends it
@@ -228,15 +240,17 @@ func (p *Publisher) resync(ctx context.Context) bool {
 			p.lastID = e.id
 			continue
 		}
+		if e.token != 0 {
+			continue // sent in this chain (the probe)
+		}
 		if e.sent != (time.Time{}) {
 			p.stats.Retries++
 		}
 		p.send(e)
 		if p.recovering {
-			break // the broker is still unreachable; Run comes back here
+			break // the broker is still unreachable (Run comes back here), or a probe is out
 		}
 	}
-	return true
 }
 
 // streamFull reports a refusal by a stream at one of its limits with discard: new.

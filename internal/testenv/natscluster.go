@@ -79,7 +79,9 @@ func startNATSCluster(bin string, n int, dir string) (*NATSCluster, error) {
 			Binary:     bin,
 		}
 		c.monitorURLs = append(c.monitorURLs, fmt.Sprintf("http://127.0.0.1:%d", monitorPorts[i]))
+		// server_tags node:<name>: a test can place a stream on a node (Placement.Tags).
 		conf := fmt.Sprintf(`server_name: %q
+server_tags: ["node:%s"]
 listen: "127.0.0.1:%d"
 http: "127.0.0.1:%d"
 jetstream {
@@ -90,7 +92,7 @@ cluster {
   listen: "127.0.0.1:%d"
   routes: [%s]
 }
-`, name, clientPorts[i], monitorPorts[i], p.StoreDir, c.Name, routePorts[i], strings.Join(routes, ", "))
+`, name, name, clientPorts[i], monitorPorts[i], p.StoreDir, c.Name, routePorts[i], strings.Join(routes, ", "))
 		if err := os.WriteFile(p.ConfigFile, []byte(conf), 0o644); err != nil {
 			return nil, fmt.Errorf("write nats-server config: %w", err)
 		}
