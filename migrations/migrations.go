@@ -13,6 +13,8 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/internal/pgcatalog"
 )
 
 //go:embed *.sql
@@ -125,8 +127,8 @@ func Apply(ctx context.Context, conn *pgx.Conn, o Options) (Result, error) {
 		}
 	}
 	if o.Messages {
-		var pubExists bool
-		if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, o.Publication).Scan(&pubExists); err != nil {
+		_, pubExists, err := pgcatalog.ReadPublication(ctx, tx, o.Publication)
+		if err != nil {
 			return res, fmt.Errorf("look up publication %s: %w", pub, err)
 		}
 		if !pubExists {
@@ -143,10 +145,8 @@ func Apply(ctx context.Context, conn *pgx.Conn, o Options) (Result, error) {
 	}
 	res.CreatedTable = !exists
 
-	var pubExists, pubHasTable bool
-	err = tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
-		EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)`,
-		o.Publication, o.Schema, o.Table).Scan(&pubExists, &pubHasTable)
+	p, pubExists, err := pgcatalog.ReadPublication(ctx, tx, o.Publication)
+	_, pubHasTable := p.Table(o.Schema, o.Table)
 	if err != nil {
 		return res, fmt.Errorf("look up publication %s: %w", pub, err)
 	}
@@ -187,10 +187,9 @@ func createPartitions(ctx context.Context, tx pgx.Tx, o Options, table string) (
 	var created []string
 	for i := 0; i < o.Partitions; i++ {
 		name := PartitionPublication(o.Publication, i, o.Partitions)
-		var exists, filtered bool
-		err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
-			EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3 AND rowfilter IS NOT NULL)`,
-			name, o.Schema, o.Table).Scan(&exists, &filtered)
+		p, exists, err := pgcatalog.ReadPublication(ctx, tx, name)
+		t, published := p.Table(o.Schema, o.Table)
+		filtered := published && t.RowFilter
 		if err != nil {
 			return nil, fmt.Errorf("look up publication %s: %w", name, err)
 		}

@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/internal/pgcatalog"
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/sink"
@@ -157,11 +158,9 @@ func checkPostgres(ctx context.Context, cfg Config, r *preflightReport) (createS
 		owner, tableOK = checkTable(ctx, conn, cfg, r)
 	}
 
-	var pubExists, pubInsert, pubHasTable bool
-	err = conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
-		coalesce((SELECT pubinsert FROM pg_publication WHERE pubname = $1), false),
-		EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)`,
-		cfg.Publication, cfg.Schema, cfg.Table).Scan(&pubExists, &pubInsert, &pubHasTable)
+	pubn, pubExists, err := pgcatalog.ReadPublication(ctx, conn, cfg.Publication)
+	_, pubHasTable := pubn.Table(cfg.Schema, cfg.Table)
+	pubInsert := pubExists && pubn.Insert
 	asOwner := ""
 	if owner != "" && owner != user {
 		asOwner = fmt.Sprintf(" as the table's owner %q (or a superuser)", owner)
