@@ -16,8 +16,9 @@ import (
 
 // drainSlot is the bare pglogrepl loop: it streams slot with pgoutput and calls onInsert for
 // every INSERT (pglogrepl.Parse, no copying beyond what pglogrepl does) until n inserts were
-// seen. It answers keepalives and confirms nothing.
-func drainSlot(ctx context.Context, url, slot string, n int, onInsert func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error) error {
+// seen, and onCommit (when not nil) for every commit. It answers keepalives and confirms
+// nothing.
+func drainSlot(ctx context.Context, url, slot string, n int, onInsert func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error, onCommit func() error) error {
 	conn, err := pgconn.Connect(ctx, url+"&replication=database")
 	if err != nil {
 		return err
@@ -29,8 +30,8 @@ func drainSlot(ctx context.Context, url, slot string, n int, onInsert func(rel *
 		return fmt.Errorf("start replication: %w", err)
 	}
 	rels := map[uint32]*pglogrepl.RelationMessage{}
-	seen := 0
-	for seen < n {
+	seen, inTx := 0, false
+	for seen < n || inTx {
 		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		raw, err := conn.ReceiveMessage(rctx)
 		cancel()
@@ -67,6 +68,15 @@ func drainSlot(ctx context.Context, url, slot string, n int, onInsert func(rel *
 			switch m := m.(type) {
 			case *pglogrepl.RelationMessage:
 				rels[m.RelationID] = m
+			case *pglogrepl.BeginMessage:
+				inTx = onCommit != nil
+			case *pglogrepl.CommitMessage:
+				inTx = false
+				if onCommit != nil {
+					if err := onCommit(); err != nil {
+						return err
+					}
+				}
 			case *pglogrepl.InsertMessage:
 				seen++
 				if onInsert != nil {
@@ -83,7 +93,7 @@ func drainSlot(ctx context.Context, url, slot string, n int, onInsert func(rel *
 // ceilingA: rows/s of the bare decode loop.
 func ceilingA(ctx context.Context, d *db, slot string, n int) (float64, error) {
 	start := time.Now()
-	if err := drainSlot(ctx, d.url, slot, n, nil); err != nil {
+	if err := drainSlot(ctx, d.url, slot, n, nil, nil); err != nil {
 		return 0, fmt.Errorf("ceiling A: %w", err)
 	}
 	return float64(n) / time.Since(start).Seconds(), nil
@@ -226,9 +236,101 @@ func (e *env) barePipeHeaders(ctx context.Context, d *db, slot, stream, prefix s
 		}
 		_, err := publishAsync(js, m)
 		return err
-	})
+	}, nil)
 	if err != nil {
 		return err
 	}
 	return waitAsync(ctx, js)
+}
+
+// ceilingDAtomic: ceiling D with each transaction published as one JetStream atomic batch
+// (Nats-Batch-Id, -Sequence, -Commit on the last): the messages before the commit without a
+// reply, the commit async, waiting for every commit's ack at the end. At most 4,000 messages
+// are in flight, as in D (nats.go's default), counted in batches of perTx: messages without a
+// reply beyond the server's ingest queue would be dropped, and their batch refused.
+func (e *env) ceilingDAtomic(ctx context.Context, d *db, slot, stream, prefix string, n, perTx int) (float64, error) {
+	if _, err := e.newStream(ctx, stream, prefix); err != nil {
+		return 0, err
+	}
+	defer e.js.DeleteStream(context.Background(), stream)
+	start := time.Now()
+	if err := e.barePipeAtomic(ctx, d, slot, prefix, n, max(1, 4000/perTx)); err != nil {
+		return 0, fmt.Errorf("ceiling D-atomic: %w", err)
+	}
+	el := time.Since(start)
+	if got, _ := e.streamMsgs(ctx, stream); got != uint64(n) {
+		return 0, fmt.Errorf("ceiling D-atomic: stream has %d of %d messages", got, n)
+	}
+	return float64(n) / el.Seconds(), nil
+}
+
+func (e *env) barePipeAtomic(ctx context.Context, d *db, slot, prefix string, n, maxBatches int) error {
+	js, err := jetstream.New(e.nc, jetstream.WithPublishAsyncMaxPending(maxBatches))
+	if err != nil {
+		return err
+	}
+	var acks []jetstream.PubAckFuture
+	idCol, payCol, typCol, evCol := -1, -1, -1, -1
+	var tx []*nats.Msg
+	batches := 0
+	err = drainSlot(ctx, d.url, slot, n, func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error {
+		if idCol < 0 {
+			for i, c := range rel.Columns {
+				switch c.Name {
+				case "id":
+					idCol = i
+				case "payload":
+					payCol = i
+				case "aggregate_type":
+					typCol = i
+				case "event_type":
+					evCol = i
+				}
+			}
+		}
+		cols := ins.Tuple.Columns
+		m := nats.NewMsg(prefix + "." + string(cols[typCol].Data) + "." + string(cols[evCol].Data))
+		m.Data = cols[payCol].Data
+		m.Header.Set(jetstream.MsgIDHeader, string(cols[idCol].Data))
+		tx = append(tx, m)
+		return nil
+	}, func() error {
+		if len(tx) == 0 {
+			return nil
+		}
+		batches++
+		id := "b" + strconv.Itoa(batches)
+		for i, m := range tx {
+			m.Header.Set("Nats-Batch-Id", id)
+			m.Header.Set("Nats-Batch-Sequence", strconv.Itoa(i+1))
+			if i < len(tx)-1 {
+				if err := e.nc.PublishMsg(m); err != nil {
+					return err
+				}
+				continue
+			}
+			m.Header.Set("Nats-Batch-Commit", "1")
+			f, err := publishAsync(js, m)
+			if err != nil {
+				return err
+			}
+			acks = append(acks, f)
+		}
+		tx = tx[:0]
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if err := waitAsync(ctx, js); err != nil {
+		return err
+	}
+	for _, f := range acks {
+		select {
+		case err := <-f.Err():
+			return fmt.Errorf("batch refused: %w", err)
+		default:
+		}
+	}
+	return nil
 }

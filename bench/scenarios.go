@@ -28,38 +28,89 @@ func addUsage(f figures, prefix string, u usage, events int) {
 	f[prefix+" relay peak RSS MiB"] = float64(u.maxRSS) / mib
 }
 
-// runDrain measures ceilings A, B, D and the relay's drain on the same 200,000 committed
-// events: three slots are created before the events are inserted, one for each consumer.
+// runDrain measures ceilings A, B, D, D-atomic and the relay's drain (--publish single and
+// atomic) on the same 200,000 committed events in transactions of 100: the slots are created
+// before the events are inserted, one for each consumer.
 func (e *env) runDrain(ctx context.Context, o opts, rep int) (figures, error) {
+	return e.drainTxs(ctx, o, rep, o.events, 100, "")
+}
+
+// runDrain1 is runDrain with single-event transactions (a tenth of -events: each is a commit):
+// D, D-atomic and the relay in both modes.
+func (e *env) runDrain1(ctx context.Context, o opts, rep int) (figures, error) {
+	return e.drainTxs(ctx, o, rep, o.events/10, 1, "1-event tx ")
+}
+
+func (e *env) drainTxs(ctx context.Context, o opts, rep, events, perTx int, label string) (figures, error) {
+	full := perTx > 1
 	d, err := e.newDB(ctx)
 	if err != nil {
 		return nil, err
 	}
 	defer e.drop(context.Background(), d)
-	slots := []string{"ceil_a", "ceil_d", "ceil_dh", "relay"}
+	slots := []string{"ceil_d", "ceil_datomic", "relay", "relay_atomic"}
+	if full {
+		slots = append(slots, "ceil_a", "ceil_dh")
+	}
 	if o.relayB != "" {
 		slots = append(slots, "relay_b")
 	}
 	if err := d.createSlots(ctx, slots...); err != nil {
 		return nil, err
 	}
-	if err := d.insert(ctx, o.events, 100, o.payload); err != nil {
+	if err := d.insert(ctx, events, perTx, o.payload); err != nil {
 		return nil, err
 	}
 	f := figures{}
-	if f["ceiling A: decode, rows/s"], err = ceilingA(ctx, d, "ceil_a", o.events); err != nil {
-		return nil, err
+	if full {
+		if f["ceiling A: decode, rows/s"], err = ceilingA(ctx, d, "ceil_a", events); err != nil {
+			return nil, err
+		}
+		if f["ceiling B: publish, msgs/s"], err = e.ceilingB(ctx, "CEIL_B", "ceilb", events, o.payload); err != nil {
+			return nil, err
+		}
 	}
-	if f["ceiling B: publish, msgs/s"], err = e.ceilingB(ctx, "CEIL_B", "ceilb", o.events, o.payload); err != nil {
-		return nil, err
-	}
+	dKey := label + "ceiling D: bare pipe, rows/s"
 	cpu0 := selfCPU()
-	if f["ceiling D: bare pipe, rows/s"], err = e.ceilingD(ctx, d, "ceil_d", "CEIL_D", "ceild", o.events, false); err != nil {
+	if f[dKey], err = e.ceilingD(ctx, d, "ceil_d", "CEIL_D", "ceild", events, false); err != nil {
 		return nil, err
 	}
-	f["ceiling D: CPU s per 100k rows (bench process)"] = (selfCPU() - cpu0).Seconds() * 100000 / float64(o.events)
-	if f["diagnostic D+h: bare pipe with the relay's headers, rows/s"], err = e.ceilingD(ctx, d, "ceil_dh", "CEIL_DH", "ceildh", o.events, true); err != nil {
+	f[label+"ceiling D: CPU s per 100k rows (bench process)"] = (selfCPU() - cpu0).Seconds() * 100000 / float64(events)
+	daKey := label + "ceiling D-atomic: bare pipe, one atomic batch per transaction, rows/s"
+	if full {
+		// Not with single-event transactions: the relay publishes those without a batch, and
+		// D's loop sending one 1-message batch each fell so far behind the server that
+		// Postgres dropped its replication connection (wal_sender_timeout).
+		cpu0 = selfCPU()
+		if f[daKey], err = e.ceilingDAtomic(ctx, d, "ceil_datomic", "CEIL_DA", "ceilda", events, perTx); err != nil {
+			return nil, err
+		}
+		f[label+"ceiling D-atomic: CPU s per 100k rows (bench process)"] = (selfCPU() - cpu0).Seconds() * 100000 / float64(events)
+		f[label+"ceiling D-atomic / D"] = f[daKey] / f[dKey]
+		if f["diagnostic D+h: bare pipe with the relay's headers, rows/s"], err = e.ceilingD(ctx, d, "ceil_dh", "CEIL_DH", "ceildh", events, true); err != nil {
+			return nil, err
+		}
+	}
+	// The relay in atomic mode, on its own slot and stream.
+	rate, u, err := e.relayDrain(ctx, e.relayBin, d, "relay_atomic", "DRAINA", "draina", events, o.relayEnv, append([]string{"--publish", "atomic"}, o.relayArgs...)...)
+	if err != nil {
 		return nil, err
+	}
+	f[label+"drain atomic: relay, events/s"] = rate
+	f[label+"drain atomic: relay / D"] = rate / f[dKey]
+	if full {
+		f[label+"drain atomic: relay / D-atomic"] = rate / f[daKey]
+	}
+	addUsage(f, label+"drain atomic:", u, events)
+	if !full {
+		rate, u, err := e.relayDrain(ctx, e.relayBin, d, "relay", "DRAIN", "drain", events, o.relayEnv, o.relayArgs...)
+		if err != nil {
+			return nil, err
+		}
+		f[label+"drain: relay, events/s"] = rate
+		f[label+"drain: relay / D"] = rate / f[dKey]
+		addUsage(f, label+"drain:", u, events)
+		return f, nil
 	}
 	runs := []struct{ bin, slot, stream, prefix, label string }{{e.relayBin, "relay", "DRAIN", "drain", "drain:"}}
 	if o.relayB != "" {
@@ -75,14 +126,14 @@ func (e *env) runDrain(ctx context.Context, o opts, rep int) (figures, error) {
 		if r.bin == e.relayBin {
 			environ = append(o.profileEnv("drain", rep), o.relayEnv...)
 		}
-		rate, u, err := e.relayDrain(ctx, r.bin, d, r.slot, r.stream, r.prefix, o.events, environ, o.relayArgs...)
+		rate, u, err := e.relayDrain(ctx, r.bin, d, r.slot, r.stream, r.prefix, events, environ, o.relayArgs...)
 		if err != nil {
 			return nil, err
 		}
 		f[r.label+" relay, events/s"] = rate
 		f[r.label+" relay / D"] = rate / f["ceiling D: bare pipe, rows/s"]
 		f[r.label+" relay / D+h"] = rate / f["diagnostic D+h: bare pipe with the relay's headers, rows/s"]
-		addUsage(f, r.label, u, o.events)
+		addUsage(f, r.label, u, events)
 	}
 	return f, nil
 }
@@ -373,6 +424,26 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 		return nil, err
 	}
 	if err := e.relayLatency(ctx, d, p, "LAT", o, f, "latency"); err != nil {
+		return nil, err
+	}
+
+	// --publish atomic on a slot created now: no backlog to drain first.
+	if err := d.createSlots(ctx, "relay_atomic"); err != nil {
+		return nil, err
+	}
+	if _, err := e.newStream(ctx, "LATA", "lata"); err != nil {
+		return nil, err
+	}
+	defer e.js.DeleteStream(context.Background(), "LATA")
+	pa, err := e.startRelayArgs(d, []string{"--slot", "relay_atomic", "--stream", "LATA", "--subject-prefix", "lata", "--publish", "atomic"})
+	if err != nil {
+		return nil, err
+	}
+	defer pa.stop() //nolint:errcheck
+	if err := d.waitSlotActive(ctx, "relay_atomic", pa); err != nil {
+		return nil, err
+	}
+	if err := e.relayLatency(ctx, d, pa, "LATA", o, f, "latency atomic"); err != nil {
 		return nil, err
 	}
 	if o.relayB == "" {

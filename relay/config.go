@@ -193,6 +193,11 @@ func (c Config) resolve() (Config, error) {
 	default:
 		return c, configErr("Config.OnPoison must be stop or dead-letter, not %q", c.OnPoison)
 	}
+	switch c.Sink.Publish {
+	case "", sink.PublishSingle, sink.PublishAtomic:
+	default:
+		return c, configErr("Config.Sink.Publish must be single or atomic, not %q", c.Sink.Publish)
+	}
 	if c.Sink.Window < 1 {
 		return c, configErr("Config.Sink.Window must be at least 1")
 	}

@@ -474,6 +474,8 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 			return err
 		}
 	case decoder.Commit:
+		// --publish atomic: the transaction's events go out as one batch now.
+		p.pub.EndTx()
 		p.trk.Commit(ch.CommitEnd)
 	case decoder.NonTransactional:
 		p.log.Warn().Msg("ignored a non-transactional logical decoding message with the event prefix: it is not tied to a commit (it is decoded even if its transaction rolls back), so it is not published; emit events with pg_logical_emit_message(true, ...) or outbox_emit")

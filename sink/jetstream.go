@@ -2,6 +2,8 @@ package sink
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"maps"
@@ -77,12 +79,26 @@ type JetStream struct {
 	sub     *nats.Subscription
 	inbox   string           // "<inbox>." of sub
 	status  chan nats.Status // RECONNECTING and CLOSED: acks in flight are lost
-	replies chan *nats.Msg   // sub's messages, read by Run
+	// CONNECTED (a reconnect): a retry waiting out its backoff goes at once.
+	connected chan nats.Status
+	replies   chan *nats.Msg // sub's messages, read by Run
 
 	// Run-goroutine state: when the ack timer fires (zero: not armed).
 	timerAt time.Time
 
 	stats Stats
+
+	// Atomic mode (guarded by mu): open holds the entries of the batch being collected (the
+	// tail of q, unsealed); sendingBatch is the batch whose messages send is numbering
+	// (bseq the last number given), under Nats-Batch-Id batchID (batchPrefix and batchN).
+	atomic       bool
+	batchMax     int
+	open         []*entry
+	sendingBatch *entry
+	bseq         int
+	batchPrefix  string
+	batchN       uint64
+	batchID      []string
 
 	// Publish-goroutine scratch: header values of one event are built in one buffer and
 	// converted to one string; the subject string is reused while it does not change.
@@ -133,6 +149,14 @@ type entry struct {
 	// the first one and how many.
 	badKey  string
 	badKeys int
+	// Atomic mode (see Config.Publish): unsealed while the event waits in the open batch
+	// (its transaction's events not all read yet, nothing of it sent); batch is then the
+	// last entry of its batch, the one sent with Nats-Batch-Commit and acknowledged for all
+	// (nil: published on its own). incomplete counts the batch's refusals as incomplete.
+	unsealed   bool
+	batch      *entry
+	incomplete int
+
 	// schedKey is a headers-column key asking for a JetStream message schedule (the smallest
 	// one), which the relay refuses (see scheduleRefused).
 	schedKey string
@@ -175,6 +199,13 @@ func NewJetStream(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ti
 	if js != nil {
 		j.nc = js.Conn()
 	}
+	if cfg.Publish == PublishAtomic {
+		j.atomic = true
+		j.batchMax = min(MaxAtomicBatch, cfg.Window)
+		var b [8]byte
+		_, _ = rand.Read(b[:])
+		j.batchPrefix = hex.EncodeToString(b[:]) + "-"
+	}
 	return j
 }
 
@@ -186,11 +217,18 @@ func (j *JetStream) Wait(ctx context.Context) error {
 		select {
 		case j.sem <- struct{}{}:
 			j.held = true
-		case <-ctx.Done():
-			return ctx.Err()
+		default:
+			j.sealIfAlone()
+			select {
+			case j.sem <- struct{}{}:
+				j.held = true
+			case <-ctx.Done():
+				return ctx.Err()
+			}
 		}
 	}
 	for !j.roomFor(j.reserve()) {
+		j.sealIfAlone()
 		select {
 		case <-j.freed:
 		case <-ctx.Done():
@@ -264,7 +302,7 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 	// send adds Nats-Expected-Stream and the chain's expectation (Nats-Expected-Last-Msg-Id or
 	// -Sequence); nats.go refuses a message over max_payload with them, and that refusal would
 	// be retried forever.
-	size += controlHeadersSize(j.cfg.Stream, j.prevIDLen)
+	size += j.controlSize(j.prevIDLen)
 	var reason string
 	keepPayload := false
 	if max := j.maxPayload(); max > 0 && size > max {
@@ -283,7 +321,7 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 			return fmt.Errorf("%w: event %s (position %s, transaction committed at %s): %s", ErrPoison, e.id, e.pos, ev.CommitLSN, reason)
 		}
 		j.deadLetter(e, reason, keepPayload, j.prevIDLen)
-		size = msgSize(&e.msg) + controlHeadersSize(j.cfg.Stream, j.prevIDLen)
+		size = msgSize(&e.msg) + j.controlSize(j.prevIDLen)
 	}
 	return j.enqueue(ctx, e, size)
 }
@@ -292,6 +330,7 @@ func (j *JetStream) Publish(ctx context.Context, ev *decoder.Event, tk checkpoin
 // flight: an event larger than the bound goes alone). On error the event's slot is given back.
 func (j *JetStream) take(ctx context.Context, size int64) error {
 	for !j.roomFor(size) {
+		j.sealIfAlone()
 		select {
 		case <-j.freed:
 		case <-ctx.Done():
@@ -316,17 +355,82 @@ func (j *JetStream) enqueue(ctx context.Context, e *entry, size int) error {
 	j.prevIDLen = len(e.id)
 	j.mu.Lock()
 	j.q = append(j.q, e)
+	if j.atomic {
+		e.unsealed = true
+		j.open = append(j.open, e)
+		full := len(j.open) >= j.batchMax
+		j.mu.Unlock()
+		if full {
+			j.sealBatch()
+		}
+		return nil
+	}
 	if !j.recovering {
 		j.send(e)
 	} else if e.failed == nil {
 		e.failed = j.startErr
 	}
 	j.mu.Unlock()
+	j.wake()
+	return nil
+}
+
+// wake tells Run that the window changed.
+func (j *JetStream) wake() {
 	select {
 	case j.notify <- struct{}{}:
 	default:
 	}
-	return nil
+}
+
+// EndTx ends the transaction whose events were published since the last EndTx: in atomic mode
+// they go out as one batch (the last part of it when it was split); otherwise it does nothing.
+// Called by the publishing goroutine.
+func (j *JetStream) EndTx() { j.sealBatch() }
+
+// sealIfAlone is called when the window is full: when all it holds is the open batch, no ack
+// would ever free room, so the batch goes out as it is (the transaction is split). Otherwise
+// acks of earlier batches will free room and the transaction may still fit whole.
+func (j *JetStream) sealIfAlone() {
+	j.mu.Lock()
+	alone := len(j.open) > 0 && len(j.open) == len(j.q)
+	j.mu.Unlock()
+	if alone {
+		j.sealBatch()
+	}
+}
+
+// sealBatch closes the open batch (atomic mode): its entries become one batch acknowledged by
+// its last one, and are sent unless the chain is being recovered (Run then sends them).
+func (j *JetStream) sealBatch() {
+	j.mu.Lock()
+	if len(j.open) == 0 {
+		j.mu.Unlock()
+		return
+	}
+	commit := j.open[len(j.open)-1]
+	if len(j.open) == 1 {
+		// One event is stored whole anyway: it goes out on its own, which spares the server
+		// a batch (on a file stream each batch is staged in a store of its own: a 1-event
+		// batch costs it several times a plain publish).
+		commit = nil
+	}
+	for _, e := range j.open {
+		e.unsealed, e.batch = false, commit
+	}
+	for _, e := range j.open {
+		if j.recovering {
+			if e.failed == nil {
+				e.failed = j.startErr
+			}
+			continue
+		}
+		j.send(e)
+	}
+	clear(j.open)
+	j.open = j.open[:0]
+	j.mu.Unlock()
+	j.wake()
 }
 
 // startChain reads the stream's replicas (which chain to use) and last sequence (where a
@@ -354,7 +458,8 @@ func (j *JetStream) startChain(ctx context.Context) {
 		j.stats.Errors++
 		return
 	}
-	j.seqChain = info.Config.Replicas > 1
+	// Atomic batches refuse Nats-Expected-Last-Msg-Id: they chain on the sequence.
+	j.seqChain = info.Config.Replicas > 1 || j.atomic
 	j.lastSeq, j.recovering = info.State.LastSeq, false
 }
 
@@ -378,7 +483,7 @@ func (j *JetStream) PublishDeadLetter(ctx context.Context, ev *decoder.Event, re
 		e.id = fmt.Sprintf("dead-letter:%s:%d", ev.CommitLSN, ev.TxIndex)
 	}
 	j.deadLetter(e, reason, true, j.prevIDLen)
-	return j.enqueue(ctx, e, msgSize(&e.msg)+controlHeadersSize(j.cfg.Stream, j.prevIDLen))
+	return j.enqueue(ctx, e, msgSize(&e.msg)+j.controlSize(j.prevIDLen))
 }
 
 // MaxHeaderSize is the largest header block JetStream stores (it encodes the length in 16
@@ -413,7 +518,7 @@ func (j *JetStream) deadLetter(e *entry, reason string, keepPayload bool, prevID
 	// Room for headers and payload under max_payload (-1: unlimited), and for headers under
 	// MaxHeaderSize, as msgSize counts them, with the control headers send adds and room for
 	// Outbox-Dropped-Headers.
-	reserved := 12 + controlHeadersSize(j.cfg.Stream, prevIDLen) + len(HeaderDroppedHeaders) + 10 + 4
+	reserved := 12 + j.controlSize(prevIDLen) + len(HeaderDroppedHeaders) + 10 + 4
 	room := -1
 	if max := j.maxPayload(); max > 0 {
 		room = max - len(dl.Subject) - reserved
@@ -534,6 +639,16 @@ func controlHeadersSize(stream string, prevIDLen int) int {
 	return len(jetstream.ExpectedStreamHeader) + len(stream) + 4 + expect + 4
 }
 
+// controlSize is controlHeadersSize for j's stream, with the atomic batch headers in atomic
+// mode (an id of up to 64 bytes, a sequence of up to 4 digits, the commit flag).
+func (j *JetStream) controlSize(prevIDLen int) int {
+	n := controlHeadersSize(j.cfg.Stream, prevIDLen)
+	if j.atomic {
+		n += len(headerBatchID) + 64 + 4 + len(headerBatchSeq) + 4 + 4 + len(headerBatchCommit) + 1 + 4
+	}
+	return n
+}
+
 func (j *JetStream) maxPayload() int {
 	if j.nc == nil {
 		return 0
@@ -587,8 +702,25 @@ func (j *JetStream) send(e *entry) {
 	default:
 		delete(h, jetstream.ExpectedLastMsgIDHeader)
 	}
+	if e.batch != nil {
+		if j.batchHeaders(e, h) > 1 {
+			// Only a batch's first message may carry an expectation (the server refuses
+			// the batch otherwise): the batch is stored together, right after it.
+			delete(h, jetstream.ExpectedLastSeqHeader)
+		}
+	} else if j.atomic {
+		delete(h, headerBatchID)
+		delete(h, headerBatchSeq)
+		delete(h, headerBatchCommit)
+	}
 	err := j.listen()
-	if err == nil {
+	if err == nil && e.batch != nil && e.batch != e {
+		// Inside an atomic batch: no reply (the server would answer each message with an
+		// empty ack); the commit's ack or error stands for the whole batch.
+		e.token, e.resolved, e.ackErr = 0, false, nil
+		e.sent = time.Now()
+		err = j.nc.PublishMsg(&nats.Msg{Subject: e.msg.Subject, Header: h, Data: e.msg.Data})
+	} else if err == nil {
 		j.token++
 		tok := j.token
 		j.replyBuf = strconv.AppendUint(append(j.replyBuf[:0], j.inbox...), tok, 10)
@@ -601,6 +733,7 @@ func (j *JetStream) send(e *entry) {
 		}
 	}
 	if err != nil {
+		j.sendingBatch = nil // the batch is re-sent whole, under a new id
 		// Disconnected (no reconnect buffer) or closed: the chain is broken here; Run
 		// re-publishes from this entry once what is in flight has resolved. A refusal of
 		// the message itself (refused) is made poison by recover.
@@ -614,6 +747,37 @@ func (j *JetStream) send(e *entry) {
 	j.lastID = e.id
 }
 
+// Atomic batch headers (nats-server 2.12+).
+const (
+	headerBatchID     = "Nats-Batch-Id"
+	headerBatchSeq    = "Nats-Batch-Sequence"
+	headerBatchCommit = "Nats-Batch-Commit"
+)
+
+var batchCommitValue = []string{"1"}
+
+// batchHeaders sets the atomic batch headers of e, the next message of its batch, on h. The
+// first message sent of a batch starts a new batch id, so a batch re-sent after a failure (or
+// re-sent from a later entry, its first ones found stored) is numbered from 1 again. It
+// returns e's number in the batch. j.mu is held.
+func (j *JetStream) batchHeaders(e *entry, h nats.Header) int {
+	if j.sendingBatch != e.batch {
+		j.sendingBatch, j.bseq = e.batch, 0
+		j.batchN++
+		j.batchID = []string{j.batchPrefix + strconv.FormatUint(j.batchN, 10)}
+	}
+	j.bseq++
+	h[headerBatchID] = j.batchID
+	h[headerBatchSeq] = []string{strconv.Itoa(j.bseq)}
+	if e == e.batch {
+		h[headerBatchCommit] = batchCommitValue
+		j.sendingBatch = nil
+	} else {
+		delete(h, headerBatchCommit)
+	}
+	return j.bseq
+}
+
 // listen sets up the reply subscription and the connection status listener, once. j.mu is
 // held.
 func (j *JetStream) listen() error {
@@ -624,6 +788,9 @@ func (j *JetStream) listen() error {
 		// A reconnect loses the acks in flight (and the server may never have seen the
 		// messages): they fail at once, as with PublishMsgAsync, instead of timing out.
 		j.status = j.nc.StatusChanged(nats.RECONNECTING, nats.CLOSED)
+	}
+	if j.connected == nil {
+		j.connected = j.nc.StatusChanged(nats.CONNECTED)
 	}
 	if j.sub != nil {
 		return nil
@@ -650,6 +817,10 @@ func (j *JetStream) stopListening() {
 		j.nc.RemoveStatusListener(j.status)
 		j.status = nil
 	}
+	if j.connected != nil {
+		j.nc.RemoveStatusListener(j.connected)
+		j.connected = nil
+	}
 }
 
 // Run resolves acks in publish order, confirms stored events and re-publishes after failures.
@@ -673,8 +844,11 @@ func (j *JetStream) Run(ctx context.Context) error {
 		}
 		j.mu.Lock()
 		var e *entry
-		if len(j.q) > 0 {
+		if len(j.q) > 0 && !j.q[0].unsealed {
 			e = j.q[0]
+			if e.batch != nil {
+				e = e.batch // a batch's commit is acknowledged for all of it
+			}
 		}
 		j.mu.Unlock()
 		if e == nil {
@@ -702,7 +876,11 @@ func (j *JetStream) Run(ctx context.Context) error {
 			if err := j.checkAck(e); err != nil {
 				return err
 			}
-			j.pop(e)
+			if e.batch != nil {
+				j.confirmBatch(e)
+			} else {
+				j.pop(e)
+			}
 			backoff.reset()
 			continue
 		}
@@ -811,13 +989,43 @@ func (j *JetStream) checkAck(e *entry) error {
 	if string(e.ackStream) != j.cfg.Stream {
 		return fmt.Errorf("event %s was stored in stream %q, not %q: two streams take subject %s; fix the stream subjects", e.id, e.ackStream, j.cfg.Stream, e.msg.Subject)
 	}
+	n := uint64(1)
 	j.mu.Lock()
-	j.stats.Published++
+	if e.batch != nil {
+		n = 0
+		for _, q := range j.q {
+			if q.batch == e && !q.done {
+				n++
+			}
+		}
+	}
+	j.stats.Published += n
 	if e.ackDup {
 		j.stats.Duplicates++
 	}
 	j.mu.Unlock()
 	return nil
+}
+
+// confirmBatch confirms every entry of the batch whose commit entry is c (stored: its ack
+// came) and pops the stored entries off the window.
+func (j *JetStream) confirmBatch(c *entry) {
+	j.mu.Lock()
+	var stored []*entry
+	for _, e := range j.q {
+		if e.batch == c && !e.done {
+			stored = append(stored, e)
+		}
+		if e == c {
+			break
+		}
+	}
+	j.mu.Unlock()
+	for _, e := range stored {
+		e.done = true
+		j.confirm(e.ticket)
+	}
+	j.popDone()
 }
 
 // pop confirms the oldest entry e (stored) and releases its window slot.
@@ -861,6 +1069,9 @@ func (j *JetStream) failed(e *entry, err error) error {
 	case refused(err):
 		reason = err.Error()
 	}
+	if e.batch != nil {
+		return j.batchFailed(e, err, reason)
+	}
 	if reason != "" {
 		isDL := e.msg.Subject == j.cfg.SubjectPrefix+"."+DeadLetterToken
 		if !j.cfg.DeadLetter || isDL && e.minimal {
@@ -881,6 +1092,38 @@ func (j *JetStream) failed(e *entry, err error) error {
 		j.deadLetter(e, "stream rejected the event: "+reason, false, prev)
 	}
 	e.failed = err
+	return nil
+}
+
+// batchFailed handles the refusal of the atomic batch whose commit entry is c. Its ack does
+// not say which event the stream refused, so a batch refused for what an event is (reason) is
+// published again event by event, where that event is found and stopped at or dead-lettered
+// as in single mode; so is a batch refused as incomplete three times (the stream's pre-checks
+// refuse a message inside a batch without a reply, and the batch then has a gap). Other
+// refusals are retried as a batch.
+func (j *JetStream) batchFailed(c *entry, err error, reason string) error {
+	switch code := apiErrorCode(err); {
+	case code == jsErrCodeAtomicDisabled:
+		return fmt.Errorf("stream %s refuses atomic batches (%v): set allow_atomic: true in its config (nats-server 2.12+), or run with --publish single", j.cfg.Stream, err)
+	case code == jsErrCodeBatchIncomplete:
+		if c.incomplete++; c.incomplete >= 3 {
+			reason = fmt.Sprintf("refused as incomplete %d times: %v", c.incomplete, err)
+		}
+	}
+	if reason != "" {
+		j.mu.Lock()
+		n := 0
+		for _, e := range j.q {
+			if e.batch == c {
+				e.batch = nil
+				n++
+			}
+		}
+		j.mu.Unlock()
+		j.log.Warn().Err(err).Str("last_event_id", c.id).Stringer("position", c.pos).Int("events", n).Str("reason", reason).
+			Msg("the stream refused an atomic batch for one of its events: publishing its events one by one, which finds the event (stopped at or dead-lettered as --on-poison says); this part of the transaction is not stored atomically")
+	}
+	c.failed = err
 	return nil
 }
 
@@ -905,6 +1148,16 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 
 	var first error
 	for _, e := range q {
+		if e.unsealed {
+			break // not sent yet: its batch is still open
+		}
+		if e.batch != nil && e.batch != e {
+			// Inside an atomic batch: its outcome is its commit's.
+			if first == nil && e.failed != nil {
+				first = e.failed // its send failed (disconnected)
+			}
+			continue
+		}
 		if e.token == 0 {
 			if refused(e.failed) {
 				// nats.go refused to send it: the same message would be refused again.
@@ -924,8 +1177,12 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 			if err := j.checkAck(e); err != nil {
 				return err
 			}
-			e.done = true
-			j.confirm(e.ticket)
+			if e.batch != nil {
+				j.confirmBatch(e)
+			} else {
+				e.done = true
+				j.confirm(e.ticket)
+			}
 		} else {
 			if err := j.failed(e, e.ackErr); err != nil {
 				return err
@@ -939,7 +1196,7 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 	j.popDone()
 	var wait time.Duration
 	switch {
-	case wrongLastSequence(first):
+	case wrongLastSequence(first) || apiErrorCode(first) == jsErrCodeBatchDuplicate:
 		// The broker is up; the stream did not end where the chain expected (a duplicate
 		// took no new sequence, or another publisher stored a message): re-chain at once.
 		wait = 10 * time.Millisecond
@@ -959,8 +1216,15 @@ func (j *JetStream) recover(ctx context.Context, backoff *backoff, timer *time.T
 		j.log.Warn().Err(first).Int("in_flight", len(q)).Dur("retry_in", wait).
 			Msg("publish failed; re-publishing from the first event not stored, in order")
 	}
+	j.mu.Lock()
+	connected := j.connected
+	j.mu.Unlock()
 	select {
 	case <-time.After(wait):
+	case <-connected:
+		// Reconnected (now or while the window resolved): what failed with the old
+		// connection may go through the new one.
+		backoff.reset()
 	case <-ctx.Done():
 		return nil
 	}
@@ -975,6 +1239,9 @@ const (
 	jsErrCodeHeaderExceedsMaximum jetstream.ErrorCode = 10097 // header size exceeds maximum allowed of 64k
 	jsErrCodeMessageTTLInvalid    jetstream.ErrorCode = 10165 // invalid per-message TTL
 	jsErrCodeMessageTTLDisabled   jetstream.ErrorCode = 10166 // per-message TTL is disabled
+	jsErrCodeAtomicDisabled       jetstream.ErrorCode = 10174 // atomic publish is disabled
+	jsErrCodeBatchIncomplete      jetstream.ErrorCode = 10176 // atomic publish batch is incomplete
+	jsErrCodeBatchDuplicate       jetstream.ErrorCode = 10201 // atomic publish batch contains duplicate message id
 )
 
 // apiErrorCode is err's JetStream error code, or 0 when err is no JetStream API error.
@@ -1017,11 +1284,25 @@ func (j *JetStream) resync(ctx context.Context) bool {
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	j.seqChain = info.Config.Replicas > 1
+	// Nothing is in flight: a disconnect reported but not read yet (it came while Run waited
+	// out its backoff or read the stream) is older than every send below, and must not fail
+	// them once they are out on the new connection.
+	for drained := false; !drained && j.status != nil; {
+		select {
+		case <-j.status:
+		default:
+			drained = true
+		}
+	}
+	j.seqChain = info.Config.Replicas > 1 || j.atomic
 	j.lastSeq = info.State.LastSeq
 	j.lastID = ""
 	j.recovering = false
+	j.sendingBatch = nil
 	for _, e := range j.q {
+		if e.unsealed {
+			break // its batch is still open: sealBatch sends it
+		}
 		if e.done {
 			// Stored after an entry whose outcome was unknown but which was stored too (it
 			// is its predecessor in the chain): keep the chain's view of the stream's tail.

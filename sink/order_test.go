@@ -3,7 +3,9 @@ package sink
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -31,12 +33,18 @@ type sinkRig struct {
 
 func newSinkRig(t *testing.T, cfg Config) *sinkRig {
 	t.Helper()
+	return newSinkRigWith(t, cfg, zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel))
+}
+
+// newSinkRigWith is newSinkRig with the sink's logger and extra connection options.
+func newSinkRigWith(t *testing.T, cfg Config, log zerolog.Logger, opts ...nats.Option) *sinkRig {
+	t.Helper()
 	r := &sinkRig{nats: natsembed.JetStream(t)}
 	var err error
 	r.proxy, err = faultproxy.StartNATS(fmt.Sprintf("127.0.0.1:%d", r.nats.Port))
 	require.NoError(t, err)
 	t.Cleanup(r.proxy.Close)
-	nc, err := Connect("nats://" + r.proxy.Addr())
+	nc, err := Connect("nats://"+r.proxy.Addr(), opts...)
 	require.NoError(t, err)
 	t.Cleanup(nc.Close)
 	r.js, err = jetstream.New(nc)
@@ -48,7 +56,7 @@ func newSinkRig(t *testing.T, cfg Config) *sinkRig {
 		r.mu.Lock()
 		r.confirmed = append(r.confirmed, tk)
 		r.mu.Unlock()
-	}, zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.WarnLevel))
+	}, log)
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- r.sink.Run(runCtx) }()
@@ -245,3 +253,40 @@ func TestJetStream_RunStopsOnCancelWhileBrokerUnreachable(t *testing.T) {
 		t.Fatal("Run did not return after its context ended")
 	}
 }
+
+// A reconnect while the sink waits out its retry backoff (acks held for seconds, then the
+// connection reset): the sink re-publishes as soon as the connection is back, not when the
+// backoff ends, and the disconnect it learns of late fails none of the sends made on the new
+// connection (each such failure costs a re-publish of the window and a longer backoff).
+func TestJetStream_ReconnectDuringBackoffRepublishesAtOnce(t *testing.T) {
+	const n = 100
+	var backedOff atomic.Bool // the sink logged a 3.2 s backoff
+	flag := writerFunc(func(p []byte) (int, error) {
+		if strings.Contains(string(p), `"retry_in":3200`) {
+			backedOff.Store(true)
+		}
+		return len(p), nil
+	})
+	// No stale-connection pings while the replies are held: the only disconnect is the reset.
+	r := newSinkRigWith(t, Config{Window: 128, AckTimeout: 300 * time.Millisecond},
+		zerolog.New(zerolog.MultiLevelWriter(zerolog.NewTestWriter(t), flag)).Level(zerolog.WarnLevel), nats.PingInterval(time.Hour))
+
+	r.proxy.HoldReplies()
+	r.publish(t, n)
+	// Retries time out, the backoff grows; wait until it is 3.2 s.
+	require.Eventually(t, backedOff.Load, 30*time.Second, 10*time.Millisecond)
+	errorsBefore := r.sink.Stats().Errors
+	r.proxy.Pass()
+	reset := time.Now()
+	r.proxy.Reset()
+	r.waitConfirmed(t, n)
+	took := time.Since(reset)
+	t.Logf("confirmed %s after the reconnect", took.Round(time.Millisecond))
+	require.Equal(t, errorsBefore, r.sink.Stats().Errors, "a send on the new connection failed")
+	require.Less(t, took, 1500*time.Millisecond, "the sink waited out its backoff after the reconnect")
+	require.Len(t, streamIDs(t, r.nats.URL), n)
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }

@@ -119,10 +119,33 @@ type Config struct {
 	// it (tracing spans). nil: nothing is called and nothing is allocated for it.
 	Tracer Tracer
 
+	// Publish is how events are published: PublishSingle (default: each event its own
+	// publish and ack) or PublishAtomic (each transaction one atomic batch, see
+	// PublishAtomic).
+	Publish PublishMode
+
 	// unchained leaves out Nats-Expected-Last-Sequence (tests only: shows what the chain
 	// prevents).
 	unchained bool
 }
+
+// PublishMode is how the sink publishes events (--publish).
+type PublishMode string
+
+const (
+	// PublishSingle publishes every event on its own and confirms it on its own PubAck.
+	PublishSingle PublishMode = "single"
+	// PublishAtomic publishes the events of one Postgres transaction as one JetStream atomic
+	// batch (nats-server 2.12+, stream allow_atomic): the stream stores all of them or none,
+	// and one PubAck confirms them all. A transaction of more than MaxAtomicBatch events (or
+	// more than the window, or more bytes than the byte bound) is split into consecutive
+	// batches, each stored whole or not at all, in order.
+	PublishAtomic PublishMode = "atomic"
+)
+
+// MaxAtomicBatch is the most messages nats-server stores in one atomic batch (its
+// max_batch_size default; a larger batch is refused).
+const MaxAtomicBatch = 1000
 
 // Tracer follows events through the sink. Start is called on the publishing goroutine when
 // Publish or PublishDeadLetter takes ev (ev is reused after the call returns); the function
@@ -135,6 +158,9 @@ type Tracer interface {
 }
 
 func (c *Config) fill() {
+	if c.Publish == "" {
+		c.Publish = PublishSingle
+	}
 	if c.Stream == "" {
 		c.Stream = DefaultStream
 	}
@@ -203,6 +229,9 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 			Duplicates: cfg.DuplicateWindow,
 			Replicas:   replicas,
 			Discard:    jetstream.DiscardNew,
+			// Atomic batches need it (nats-server 2.12+); a server that does not know the
+			// field refuses the stream, which the error below names.
+			AllowAtomicPublish: cfg.Publish == PublishAtomic,
 		})
 		if err != nil {
 			hint := ""
@@ -243,6 +272,10 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 	if len(outside) > 0 {
 		return nil, fmt.Errorf("stream %s also takes subjects %v, outside the relay's %s: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream (another relay or publisher there breaks the chain on nearly every message). Give this relay a stream of its own (--stream) with subjects %s, or narrow %s's subjects to %s",
 			cfg.Stream, outside, want, want, cfg.Stream, want)
+	}
+	if cfg.Publish == PublishAtomic && !info.Config.AllowAtomicPublish {
+		return nil, fmt.Errorf("stream %s does not allow atomic batch publishing, which --publish atomic needs: set allow_atomic: true in its config (its JSON config from nats stream info with the field added, applied with nats stream edit %s --config <file>; nats-server 2.12+), or run with --publish single",
+			cfg.Stream, cfg.Stream)
 	}
 	if len(info.Config.Sources) > 0 {
 		return nil, fmt.Errorf("stream %s sources messages from other streams: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream. Give this relay a stream of its own (--stream)", cfg.Stream)

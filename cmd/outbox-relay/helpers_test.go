@@ -416,6 +416,7 @@ type verdict struct {
 	Committed, Read       int
 	Lost, Dup, Unexpected []string
 	OutOfOrder            []string
+	OutOfOrderIDs         []string // the ids of OutOfOrder's events
 }
 
 func check(t *testing.T, committed map[string]row, recs []record) verdict {
@@ -438,6 +439,7 @@ func check(t *testing.T, committed map[string]row, recs []record) verdict {
 		if row.Seq > 0 {
 			if row.Seq <= lastSeq[row.AggregateID] {
 				v.OutOfOrder = append(v.OutOfOrder, fmt.Sprintf("%s seq %d after %d", row.AggregateID, row.Seq, lastSeq[row.AggregateID]))
+				v.OutOfOrderIDs = append(v.OutOfOrderIDs, id)
 			}
 			lastSeq[row.AggregateID] = row.Seq
 		}

@@ -76,11 +76,13 @@
 // sync_interval: always so that acknowledged messages survive SIGKILL.
 //
 // StartNATSCluster(t, 3) runs a JetStream cluster of three such processes on loopback
-// (server_name n1..n3, one cluster name, routes to each other, a store directory each, free
-// ports), for replicated (R3) streams. A node can be killed (Kill), paused with SIGSTOP
-// (Pause, Resume) and restarted (Start); StreamLeader finds a stream's leader, StepDown asks
-// it to step down ($JS.API.STREAM.LEADER.STEPDOWN.<stream>) and WaitNewLeader waits for the
-// next one. Everything is killed by PID in t.Cleanup.
+// (server_name n1..n3, one cluster name, routes to each other, a store directory and an HTTP
+// monitoring port each, free ports), for replicated (R3) streams. A node can be killed
+// (Kill), stopped cleanly (Stop), paused with SIGSTOP (Pause, Resume) and restarted (Start);
+// StreamLeader finds a stream's leader, StepDown asks it to step down
+// ($JS.API.STREAM.LEADER.STEPDOWN.<stream>), WaitNewLeader waits for the next one,
+// WaitStreamCurrent until every replica has caught up, and ClientNode names the node a client
+// is connected to. Everything is killed by PID in t.Cleanup.
 //
 // testenv works on Linux and other Unix-like systems only.
 package testenv

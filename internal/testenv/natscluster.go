@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -25,6 +26,8 @@ type NATSCluster struct {
 	Names []string // server_name of each node, n1, n2, ...
 	// URL lists every node's client URL, comma separated (nats.Connect takes it as is).
 	URL string
+
+	monitorURLs []string // each node's HTTP monitoring endpoint, in Nodes' order
 }
 
 // StartNATSCluster starts a JetStream cluster of n nodes (n ≥ 3 for replicated streams),
@@ -49,11 +52,11 @@ func StartNATSCluster(t testing.TB, n int) *NATSCluster {
 
 func startNATSCluster(bin string, n int, dir string) (*NATSCluster, error) {
 	c := &NATSCluster{Name: "outbox-relay-test"}
-	ports, err := freePorts(2 * n) // distinct: a route port equal to a client port fails to bind
+	ports, err := freePorts(3 * n) // distinct: a route port equal to a client port fails to bind
 	if err != nil {
 		return nil, err
 	}
-	clientPorts, routePorts := ports[:n], ports[n:]
+	clientPorts, routePorts, monitorPorts := ports[:n], ports[n:2*n], ports[2*n:]
 	var urls []string
 	for i := range n {
 		name := fmt.Sprintf("n%d", i+1)
@@ -75,8 +78,10 @@ func startNATSCluster(bin string, n int, dir string) (*NATSCluster, error) {
 			LogFile:    filepath.Join(nodeDir, "nats-server.log"),
 			Binary:     bin,
 		}
+		c.monitorURLs = append(c.monitorURLs, fmt.Sprintf("http://127.0.0.1:%d", monitorPorts[i]))
 		conf := fmt.Sprintf(`server_name: %q
 listen: "127.0.0.1:%d"
+http: "127.0.0.1:%d"
 jetstream {
   store_dir: %q
 }
@@ -85,7 +90,7 @@ cluster {
   listen: "127.0.0.1:%d"
   routes: [%s]
 }
-`, name, clientPorts[i], p.StoreDir, c.Name, routePorts[i], strings.Join(routes, ", "))
+`, name, clientPorts[i], monitorPorts[i], p.StoreDir, c.Name, routePorts[i], strings.Join(routes, ", "))
 		if err := os.WriteFile(p.ConfigFile, []byte(conf), 0o644); err != nil {
 			return nil, fmt.Errorf("write nats-server config: %w", err)
 		}
@@ -239,4 +244,97 @@ func (c *NATSCluster) WaitNewLeader(ctx context.Context, stream, old string) (st
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// WaitStreamCurrent waits until stream has a leader and every other replica is current (a
+// restarted node has caught up), and returns the leader.
+func (c *NATSCluster) WaitStreamCurrent(ctx context.Context, stream string) (string, error) {
+	var last string
+	for {
+		leader, state, err := c.streamReplicas(ctx, stream)
+		if err == nil && leader != "" && state == "" {
+			return leader, nil
+		}
+		if err != nil {
+			last = err.Error()
+		} else {
+			last = state
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("stream %s: replicas not current: %s", stream, last)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// streamReplicas returns stream's leader and, when a replica is not current, what it is.
+func (c *NATSCluster) streamReplicas(ctx context.Context, stream string) (leader, notCurrent string, err error) {
+	nc, err := c.connect()
+	if err != nil {
+		return "", "", err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return "", "", err
+	}
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	s, err := js.Stream(rctx, stream)
+	if err != nil {
+		return "", "", err
+	}
+	info := s.CachedInfo()
+	ci := info.Cluster
+	if ci == nil {
+		return "", "", fmt.Errorf("stream %s has no cluster info", stream)
+	}
+	if len(ci.Replicas)+1 < info.Config.Replicas {
+		return ci.Leader, fmt.Sprintf("%d of %d replicas known", len(ci.Replicas)+1, info.Config.Replicas), nil
+	}
+	for _, r := range ci.Replicas {
+		if !r.Current || r.Offline {
+			return ci.Leader, fmt.Sprintf("replica %s current=%v offline=%v lag=%d", r.Name, r.Current, r.Offline, r.Lag), nil
+		}
+	}
+	return ci.Leader, "", nil
+}
+
+// ClientNode returns the server_name of the node a client named name (nats.Name) is connected
+// to, asking each running node's monitoring endpoint (/connz).
+func (c *NATSCluster) ClientNode(ctx context.Context, name string) (string, error) {
+	for i, u := range c.monitorURLs {
+		if c.Nodes[i].PID() == 0 {
+			continue
+		}
+		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		req, err := http.NewRequestWithContext(rctx, http.MethodGet, u+"/connz?limit=1024", nil)
+		if err != nil {
+			cancel()
+			return "", err
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			cancel()
+			continue // paused or restarting
+		}
+		var connz struct {
+			Connections []struct {
+				Name string `json:"name"`
+			} `json:"connections"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&connz)
+		resp.Body.Close()
+		cancel()
+		if err != nil {
+			continue
+		}
+		for _, conn := range connz.Connections {
+			if conn.Name == name {
+				return c.Names[i], nil
+			}
+		}
+	}
+	return "", fmt.Errorf("no running node has a client named %q", name)
 }

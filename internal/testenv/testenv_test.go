@@ -375,4 +375,14 @@ func TestNATSClusterLeaderStepDownKillAndRestart(t *testing.T) {
 	must(t, err, "new leader while the old one is stopped")
 	must(t, q.Resume(), "SIGCONT")
 	equal(t, streamMsgs(t, c.URL, "R3"), 2, "messages in the R3 stream")
+
+	// Every replica catches up again; the monitoring endpoints name a client's node.
+	_, err = c.WaitStreamCurrent(ctx, "R3")
+	must(t, err, "replicas current after the restart and the pause")
+	named, err := nats.Connect(c.URL, nats.Name("testenv-probe"))
+	must(t, err, "connect a named client")
+	defer named.Close()
+	at, err := c.ClientNode(ctx, "testenv-probe")
+	must(t, err, "find the named client's node")
+	equal(t, c.Node(at).URL, named.ConnectedUrl(), "the named client's node")
 }
