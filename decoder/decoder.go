@@ -113,6 +113,8 @@ type Change struct {
 	// CommitEnd is CommitMessage.TransactionEndLSN (Commit only): the position to confirm once
 	// every event of the transaction, and of all earlier ones, is stored by the broker.
 	CommitEnd pglogrepl.LSN
+	// CommitTime is the transaction's commit timestamp (Begin only).
+	CommitTime time.Time
 }
 
 // Decoder holds the relation cache and the current transaction. It is not safe for concurrent
@@ -139,6 +141,7 @@ type Decoder struct {
 	// OnForeign, when set, is called at the first such insert of each relation in a session.
 	OnForeign func(schema, table string)
 	msg       messageContent
+	row       *relation // the columns of DecodeRow's rows (SetRowColumns)
 }
 
 type relation struct {
@@ -170,6 +173,14 @@ func New(cfg Config) *Decoder {
 	return &Decoder{cfg: cfg, relations: make(map[uint32]*relation)}
 }
 
+// pgEpoch is the origin of Postgres timestamps in the replication protocol.
+var pgEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// pgTime is a protocol timestamp (microseconds since pgEpoch).
+func pgTime(us uint64) time.Time {
+	return pgEpoch.Add(time.Duration(int64(us)) * time.Microsecond)
+}
+
 // InTransaction reports whether a Begin was decoded without its Commit yet.
 func (d *Decoder) InTransaction() bool { return d.inTx }
 
@@ -190,7 +201,7 @@ func (d *Decoder) Decode(data []byte) (Change, error) {
 	switch data[0] {
 	case tagBegin:
 		final := pglogrepl.LSN(r.u64())
-		r.u64() // commit time
+		commitTime := r.u64()
 		r.u32() // xid
 		if r.err != nil {
 			return Change{}, fmt.Errorf("decode Begin: %w", r.err)
@@ -199,7 +210,7 @@ func (d *Decoder) Decode(data []byte) (Change, error) {
 			return Change{}, fmt.Errorf("Begin of transaction %s inside open transaction %s", final, d.commitLSN)
 		}
 		d.inTx, d.commitLSN, d.txIndex = true, final, 0
-		return Change{Kind: Begin}, nil
+		return Change{Kind: Begin, CommitTime: pgTime(commitTime)}, nil
 	case tagCommit:
 		r.u8() // flags
 		commit := pglogrepl.LSN(r.u64())
@@ -246,8 +257,7 @@ func (d *Decoder) decodeRelation(r *reader) error {
 	}
 	rel.ncols = n
 	rel.outbox = rel.namespace == d.cfg.Schema && rel.name == d.cfg.Table
-	rel.idCol, rel.aggType, rel.aggID, rel.evType, rel.payload, rel.headers, rel.createdAt = -1, -1, -1, -1, -1, -1, -1
-	c := d.cfg.Columns
+	var cols []RowColumn
 	for i := 0; i < n; i++ {
 		r.u8() // flags
 		name := r.cstring()
@@ -256,10 +266,29 @@ func (d *Decoder) decodeRelation(r *reader) error {
 		if r.err != nil {
 			return fmt.Errorf("decode Relation %s.%s column %d: %w", rel.namespace, rel.name, i, r.err)
 		}
-		if !rel.outbox {
-			continue
+		if rel.outbox {
+			cols = append(cols, RowColumn{Name: string(name), TypeOID: typ})
 		}
-		switch string(name) {
+	}
+	if err := d.mapColumns(rel, cols); err != nil {
+		return err
+	}
+	d.relations[rel.id] = rel
+	return nil
+}
+
+// mapColumns finds the configured columns among an outbox relation's columns (nothing for
+// another relation) and checks that the required ones are there with a payload type the
+// relay reads.
+func (d *Decoder) mapColumns(rel *relation, cols []RowColumn) error {
+	rel.idCol, rel.aggType, rel.aggID, rel.evType, rel.payload, rel.headers, rel.createdAt = -1, -1, -1, -1, -1, -1, -1
+	if !rel.outbox {
+		return nil
+	}
+	c := d.cfg.Columns
+	for i, col := range cols {
+		name, typ := col.Name, col.TypeOID
+		switch name {
 		case c.ID:
 			rel.idCol = i
 		case c.AggregateType:
@@ -273,30 +302,71 @@ func (d *Decoder) decodeRelation(r *reader) error {
 		}
 		// Optional columns may share a name with nothing above; check separately so an empty
 		// optional name never matches.
-		if c.Headers != "" && string(name) == c.Headers {
+		if c.Headers != "" && name == c.Headers {
 			rel.headers = i
 		}
-		if c.CreatedAt != "" && string(name) == c.CreatedAt {
+		if c.CreatedAt != "" && name == c.CreatedAt {
 			rel.createdAt = i
 		}
 	}
-	if rel.outbox {
-		for _, req := range []struct {
-			idx  int
-			name string
-		}{{rel.idCol, c.ID}, {rel.aggType, c.AggregateType}, {rel.aggID, c.AggregateID}, {rel.evType, c.EventType}, {rel.payload, c.Payload}} {
-			if req.idx < 0 {
-				return fmt.Errorf("outbox table %s.%s has no column %q (map it with the --column-* flags or add it)", rel.namespace, rel.name, req.name)
-			}
-		}
-		switch rel.payloadType {
-		case oidText, oidVarchar, oidJSON, oidJSONB, oidBytea:
-		default:
-			return fmt.Errorf("outbox column %s.%s.%s has type oid %d; use text, json, jsonb or bytea", rel.namespace, rel.name, c.Payload, rel.payloadType)
+	for _, req := range []struct {
+		idx  int
+		name string
+	}{{rel.idCol, c.ID}, {rel.aggType, c.AggregateType}, {rel.aggID, c.AggregateID}, {rel.evType, c.EventType}, {rel.payload, c.Payload}} {
+		if req.idx < 0 {
+			return fmt.Errorf("outbox table %s.%s has no column %q (map it with the --column-* flags or add it)", rel.namespace, rel.name, req.name)
 		}
 	}
-	d.relations[rel.id] = rel
+	switch rel.payloadType {
+	case oidText, oidVarchar, oidJSON, oidJSONB, oidBytea:
+	default:
+		return fmt.Errorf("outbox column %s.%s.%s has type oid %d; use text, json, jsonb or bytea", rel.namespace, rel.name, c.Payload, rel.payloadType)
+	}
 	return nil
+}
+
+// RowColumn is a column of outbox rows read by other means than replication (a SELECT of the
+// table, as the backfill does): its name and type OID.
+type RowColumn struct {
+	Name    string
+	TypeOID uint32
+}
+
+// SetRowColumns declares the columns of the rows DecodeRow reads, in their order, from the
+// outbox table (Config.Schema and Config.Table). It checks them as a Relation message's.
+func (d *Decoder) SetRowColumns(cols []RowColumn) error {
+	rel := &relation{namespace: d.cfg.Schema, name: d.cfg.Table, outbox: true, ncols: len(cols)}
+	if err := d.mapColumns(rel, cols); err != nil {
+		return err
+	}
+	d.row = rel
+	return nil
+}
+
+// DecodeRow turns one outbox row into an event, as an INSERT the replication stream sent:
+// vals are the columns SetRowColumns declared, in each type's text output (the bytes pgoutput
+// sends), nil for NULL. The event is at commitLSN and txIndex; it is valid until the next call
+// to Decode or DecodeRow. A row that cannot become an event returns a *PoisonError, with
+// the same words as from the replication stream. It neither needs nor changes the current
+// transaction.
+func (d *Decoder) DecodeRow(vals [][]byte, commitLSN pglogrepl.LSN, txIndex int) (*Event, error) {
+	rel := d.row
+	if rel == nil {
+		return nil, errors.New("DecodeRow before SetRowColumns")
+	}
+	if len(vals) != rel.ncols {
+		return nil, fmt.Errorf("row of %s.%s has %d columns, SetRowColumns declared %d", rel.namespace, rel.name, len(vals), rel.ncols)
+	}
+	d.cols = d.cols[:0]
+	for _, v := range vals {
+		col := column{kind: 't', data: v}
+		if v == nil {
+			col.kind = 'n'
+		}
+		d.cols = append(d.cols, col)
+	}
+	ch, err := d.event(rel, commitLSN, txIndex)
+	return ch.Event, err
 }
 
 // Type OIDs the payload column may have.
@@ -354,16 +424,22 @@ func (d *Decoder) decodeInsert(r *reader) (Change, error) {
 	}
 	idx := d.txIndex
 	d.txIndex++
+	return d.event(rel, d.commitLSN, idx)
+}
+
+// event reads the event of an outbox row from d.cols (the columns of rel), at commitLSN and
+// idx.
+func (d *Decoder) event(rel *relation, commitLSN pglogrepl.LSN, idx int) (Change, error) {
 	ev := &d.ev
-	*ev = Event{CommitLSN: d.commitLSN, TxIndex: idx, Headers: ev.Headers[:0]}
+	*ev = Event{CommitLSN: commitLSN, TxIndex: idx, Headers: ev.Headers[:0]}
 	poison := func(format string, args ...any) (Change, error) {
 		// The row is consumed (the decoder stays in step); what is known of it goes back
 		// with the error so a dead-letter policy can publish it.
 		if pc := d.cols[rel.payload]; pc.kind == 't' && ev.Payload == nil {
 			ev.Payload = pc.data
 		}
-		return Change{Kind: Poison, Event: ev}, Poisonf(d.commitLSN, idx, string(ev.ID), "outbox row cannot become an event: row %d of transaction committed at %s (id %q): %s",
-			idx, d.commitLSN, ev.ID, fmt.Sprintf(format, args...))
+		return Change{Kind: Poison, Event: ev}, Poisonf(commitLSN, idx, string(ev.ID), "outbox row cannot become an event: row %d of transaction committed at %s (id %q): %s",
+			idx, commitLSN, ev.ID, fmt.Sprintf(format, args...))
 	}
 	c := d.cfg.Columns
 	get := func(i int) column { return d.cols[i] }

@@ -13,6 +13,8 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/internal/pgcatalog"
 )
 
 //go:embed *.sql
@@ -30,6 +32,9 @@ type Options struct {
 	// PartitionFilter(Partitions, i), so that every row is in exactly one of them and all of
 	// an aggregate's rows are in the same one (Postgres 15 or later).
 	Partitions int
+	// AggregateIDColumn is the column the partitions hash (default aggregate_id): the table's
+	// column mapped to the aggregate id.
+	AggregateIDColumn string
 }
 
 // PartitionPublication names partition i of n of publication pub: outbox_pub_p0of2.
@@ -39,8 +44,14 @@ func PartitionPublication(pub string, i, n int) string { return fmt.Sprintf("%s_
 // hashtext is an immutable built-in, as row filters require. The sign bit is masked rather
 // than taking abs(): abs(hashtext(x)) fails with "integer out of range" for the one hash
 // value -2147483648, which would stop replication at that row.
-func PartitionFilter(n, i int) string {
-	return fmt.Sprintf("(hashtext(aggregate_id) & 2147483647) %% %d = %d", n, i)
+func PartitionFilter(n, i int) string { return PartitionFilterOn("aggregate_id", n, i) }
+
+// PartitionFilterOn is PartitionFilter hashing column (the table's aggregate id column).
+func PartitionFilterOn(column string, n, i int) string {
+	if column != "aggregate_id" {
+		column = pgx.Identifier{column}.Sanitize()
+	}
+	return fmt.Sprintf("(hashtext(%s) & 2147483647) %% %d = %d", column, n, i)
 }
 
 // CheckIdentifier refuses a name with a control character (bytes 0-31 and 127) for an
@@ -66,6 +77,9 @@ func (o *Options) fill() {
 	if o.Publication == "" {
 		o.Publication = "outbox_pub"
 	}
+	if o.AggregateIDColumn == "" {
+		o.AggregateIDColumn = "aggregate_id"
+	}
 }
 
 // Result says what Apply changed.
@@ -86,7 +100,7 @@ const emitFile = "emit.sql"
 func Apply(ctx context.Context, conn *pgx.Conn, o Options) (Result, error) {
 	o.fill()
 	var res Result
-	for _, id := range [][2]string{{"schema", o.Schema}, {"table", o.Table}, {"publication", o.Publication}} {
+	for _, id := range [][2]string{{"schema", o.Schema}, {"table", o.Table}, {"publication", o.Publication}, {"aggregate id column", o.AggregateIDColumn}} {
 		if err := CheckIdentifier(id[0], id[1]); err != nil {
 			return res, err
 		}
@@ -125,8 +139,8 @@ func Apply(ctx context.Context, conn *pgx.Conn, o Options) (Result, error) {
 		}
 	}
 	if o.Messages {
-		var pubExists bool
-		if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, o.Publication).Scan(&pubExists); err != nil {
+		_, pubExists, err := pgcatalog.ReadPublication(ctx, tx, o.Publication)
+		if err != nil {
 			return res, fmt.Errorf("look up publication %s: %w", pub, err)
 		}
 		if !pubExists {
@@ -143,10 +157,8 @@ func Apply(ctx context.Context, conn *pgx.Conn, o Options) (Result, error) {
 	}
 	res.CreatedTable = !exists
 
-	var pubExists, pubHasTable bool
-	err = tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
-		EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)`,
-		o.Publication, o.Schema, o.Table).Scan(&pubExists, &pubHasTable)
+	p, pubExists, err := pgcatalog.ReadPublication(ctx, tx, o.Publication)
+	_, pubHasTable := p.Table(o.Schema, o.Table)
 	if err != nil {
 		return res, fmt.Errorf("look up publication %s: %w", pub, err)
 	}
@@ -187,10 +199,9 @@ func createPartitions(ctx context.Context, tx pgx.Tx, o Options, table string) (
 	var created []string
 	for i := 0; i < o.Partitions; i++ {
 		name := PartitionPublication(o.Publication, i, o.Partitions)
-		var exists, filtered bool
-		err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
-			EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3 AND rowfilter IS NOT NULL)`,
-			name, o.Schema, o.Table).Scan(&exists, &filtered)
+		p, exists, err := pgcatalog.ReadPublication(ctx, tx, name)
+		t, published := p.Table(o.Schema, o.Table)
+		filtered := published && t.RowFilter
 		if err != nil {
 			return nil, fmt.Errorf("look up publication %s: %w", name, err)
 		}
@@ -201,7 +212,7 @@ func createPartitions(ctx context.Context, tx pgx.Tx, o Options, table string) (
 			return nil, fmt.Errorf("publication %s exists but does not publish %s with a row filter: drop it (DROP PUBLICATION %s) and run migrate again", name, table, pgx.Identifier{name}.Sanitize())
 		}
 		sql := fmt.Sprintf(`CREATE PUBLICATION %s FOR TABLE %s WHERE (%s) WITH (publish = 'insert')`,
-			pgx.Identifier{name}.Sanitize(), table, PartitionFilter(o.Partitions, i))
+			pgx.Identifier{name}.Sanitize(), table, PartitionFilterOn(o.AggregateIDColumn, o.Partitions, i))
 		if _, err := tx.Exec(ctx, sql); err != nil {
 			return nil, fmt.Errorf("create publication %s: %w", name, err)
 		}

@@ -2,13 +2,10 @@ package relay
 
 import (
 	"context"
-	"encoding/binary"
 	"fmt"
 	"time"
 
-	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
@@ -182,14 +179,20 @@ func (q backfillQuery) publish(ctx context.Context, conn *pgx.Conn, js jetstream
 	}
 	rr := conn.PgConn().ExecParams(ctx, q.sql, [][]byte{[]byte(r.Since.UTC().Format(time.RFC3339Nano)), nilOrBytes(toParam)}, nil, nil, nil)
 	dec := decoder.New(decoder.Config{Schema: cfg.Schema, Table: cfg.Table, Columns: cfg.Columns, Subject: cfg.subject})
-	if _, err := dec.Decode(relationMsg(cfg.Schema, cfg.Table, q.names, rr.FieldDescriptions())); err != nil {
+	fds := rr.FieldDescriptions()
+	cols := make([]decoder.RowColumn, len(q.names))
+	for i, n := range q.names {
+		cols[i] = decoder.RowColumn{Name: n, TypeOID: fds[i].DataTypeOID}
+	}
+	// Each row goes through the relay's own decoder, so columns are interpreted exactly as the
+	// relay does: the SELECT returns each type's text output, the same bytes pgoutput sends.
+	if err := dec.SetRowColumns(cols); err != nil {
 		rr.Close()
 		return res, fmt.Errorf("backfill: %w", err)
 	}
 	var (
 		futs   []jetstream.PubAckFuture
 		ackErr error
-		insert []byte
 	)
 	wait := func() {
 		for _, f := range futs {
@@ -208,24 +211,15 @@ func (q backfillQuery) publish(ctx context.Context, conn *pgx.Conn, js jetstream
 		futs = futs[:0]
 	}
 	for rr.NextRow() {
-		if _, err := dec.Decode(beginMsg(pos.CommitLSN)); err != nil {
-			rr.Close()
-			return res, err
-		}
-		insert = insertMsg(insert[:0], rr.Values())
-		ch, err := dec.Decode(insert)
+		ev, err := dec.DecodeRow(rr.Values(), pos.CommitLSN, 0)
 		if err != nil {
 			rr.Close()
 			return res, fmt.Errorf("backfill row %d: %w", res.Rows+1, err)
 		}
-		m, err := sink.BackfillMsg(cfg.Sink, ch.Event, pos)
+		m, err := sink.BackfillMsg(cfg.Sink, ev, pos)
 		if err != nil {
 			rr.Close()
 			return res, fmt.Errorf("backfill row %d: %w", res.Rows+1, err)
-		}
-		if _, err := dec.Decode(commitMsg(pos.CommitLSN)); err != nil {
-			rr.Close()
-			return res, err
 		}
 		res.Rows++
 		if chain != nil {
@@ -266,55 +260,4 @@ func nilOrBytes(v any) []byte {
 		return []byte(s)
 	}
 	return nil
-}
-
-// The backfill feeds each row through the relay's own pgoutput decoder as a one-row
-// transaction, so columns are interpreted exactly as the relay does: the SELECT returns the
-// type's text output, the same bytes pgoutput sends.
-
-func relationMsg(schema, table string, names []string, fds []pgconn.FieldDescription) []byte {
-	b := []byte{'R'}
-	b = binary.BigEndian.AppendUint32(b, 1)
-	b = append(append(b, schema...), 0)
-	b = append(append(b, table...), 0)
-	b = append(b, 'd')
-	b = binary.BigEndian.AppendUint16(b, uint16(len(names)))
-	for i, n := range names {
-		b = append(b, 0)
-		b = append(append(b, n...), 0)
-		b = binary.BigEndian.AppendUint32(b, fds[i].DataTypeOID)
-		b = binary.BigEndian.AppendUint32(b, uint32(fds[i].TypeModifier))
-	}
-	return b
-}
-
-func beginMsg(lsn pglogrepl.LSN) []byte {
-	b := []byte{'B'}
-	b = binary.BigEndian.AppendUint64(b, uint64(lsn))
-	b = binary.BigEndian.AppendUint64(b, 0)
-	return binary.BigEndian.AppendUint32(b, 0)
-}
-
-func commitMsg(lsn pglogrepl.LSN) []byte {
-	b := []byte{'C', 0}
-	b = binary.BigEndian.AppendUint64(b, uint64(lsn))
-	b = binary.BigEndian.AppendUint64(b, uint64(lsn))
-	return binary.BigEndian.AppendUint64(b, 0)
-}
-
-func insertMsg(b []byte, vals [][]byte) []byte {
-	b = append(b, 'I')
-	b = binary.BigEndian.AppendUint32(b, 1)
-	b = append(b, 'N')
-	b = binary.BigEndian.AppendUint16(b, uint16(len(vals)))
-	for _, v := range vals {
-		if v == nil {
-			b = append(b, 'n')
-			continue
-		}
-		b = append(b, 't')
-		b = binary.BigEndian.AppendUint32(b, uint32(len(v)))
-		b = append(b, v...)
-	}
-	return b
 }

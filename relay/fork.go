@@ -49,17 +49,14 @@ func (r *resumePoint) advance(lsn pglogrepl.LSN, sys replication.System) {
 // longer holds it forked; with Config.AcceptSlotGap the point is dropped (the session starts at
 // the slot's position), otherwise the error is fatal.
 func (r *resumePoint) check(cfg Config, sys replication.System, log zerolog.Logger) error {
-	if r.lsn == 0 {
+	kind, forkAt := r.decide(sys)
+	switch kind {
+	case gapNone:
 		return nil
-	}
-	if r.systemID != "" && r.systemID != sys.ID {
+	case gapOtherCluster:
 		err := fmt.Errorf("%w: this relay confirmed %s on Postgres cluster %s, and the server it reconnected to is cluster %s (system identifier): the database was replaced while the relay ran, and positions of two clusters do not compare. Way out: restart the relay (its position record then tells the cause and the backfill to run)",
 			ErrSlotGap, r.lsn, r.systemID, sys.ID)
 		return fatalError{err}
-	}
-	forkAt, ok := sys.Holds(r.lsn, r.timeline)
-	if ok {
-		return nil
 	}
 	msg := forkMessage(sys, fmt.Sprintf("position %s, which this relay confirmed on timeline %d before it reconnected", r.lsn, r.timeline), forkAt) +
 		". Way out: restart the relay (it reports what the stream holds from the lost transactions), then restart once with Config.AcceptSlotGap: the relay publishes the new history from the slot's position"
@@ -69,6 +66,22 @@ func (r *resumePoint) check(cfg Config, sys replication.System, log zerolog.Logg
 	log.Warn().Str("fork", msg).Msg("Config.AcceptSlotGap: not resuming from the position confirmed before the fork; starting from the slot's position")
 	*r = resumePoint{seqFloor: r.seqFloor}
 	return nil
+}
+
+// decide is the slot-gap rule for the point, without I/O: gapNone, gapOtherCluster (the
+// server is another cluster than the one the point was confirmed on), or gapForkedRecord (its
+// history no longer holds the point; the histories part at or before forkAt).
+func (r resumePoint) decide(sys replication.System) (kind gapKind, forkAt pglogrepl.LSN) {
+	if r.lsn == 0 {
+		return gapNone, 0
+	}
+	if r.systemID != "" && r.systemID != sys.ID {
+		return gapOtherCluster, 0
+	}
+	if at, ok := sys.Holds(r.lsn, r.timeline); !ok {
+		return gapForkedRecord, at
+	}
+	return gapNone, 0
 }
 
 // forkMessage explains a forked history: what the server no longer holds, where it stands, the
@@ -205,7 +218,7 @@ func (c *replayCheck) event(ev *decoder.Event) error {
 
 // mismatch is the fork error: the replay yielded got where the stream's last event was.
 func (c *replayCheck) mismatch(got string) error {
-	return fatalError{fmt.Errorf("%w: the stream's last event is %s at %s, but replaying the slot from %s yields %s there. Either the Postgres server's WAL history forked after the stream's last event (the database was restored from a snapshot or backup, or failed over, and its new WAL already outgrew the old), or another publisher wrote that message under the relay's subjects (only the relay may publish there: see the README's NATS permissions). Its transactions would be silently skipped as already published; nothing past %s was confirmed. Way out: if another publisher wrote it, remove that message (nats stream rmm) and restrict the publish rights; if the database forked, restart once with Config.AcceptSlotGap (the relay then publishes the new history from the slot's position, ignoring the stream's older positions) and reconcile the stream's events past %s, which the database's history may no longer have",
+	return fatalError{fmt.Errorf("%w: the stream's last event is %s at %s, but replaying the slot from %s yields %s there. Either the Postgres server's WAL history forked after the stream's last event (the database was restored from a snapshot or backup, or failed over, and its new WAL already outgrew the old), or another publisher wrote that message under the relay's subjects (only the relay may publish there: see the relay's NATS permissions in docs/operations.md, Production topology). Its transactions would be silently skipped as already published; nothing past %s was confirmed. Way out: if another publisher wrote it, remove that message (nats stream rmm) and restrict the publish rights; if the database forked, restart once with Config.AcceptSlotGap (the relay then publishes the new history from the slot's position, ignoring the stream's older positions) and reconcile the stream's events past %s, which the database's history may no longer have",
 		ErrForkedHistory, c.id, c.last, c.start, got, c.start, c.start)}
 }
 

@@ -2,7 +2,6 @@ package relay
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -280,18 +279,6 @@ func (o *observer) stored() {
 		o.commitLatency.Observe(max(now.Sub(et.committed).Seconds(), 0))
 	}
 	o.lastEvent.Set(float64(now.UnixNano()) / 1e9)
-}
-
-// pgEpoch is the origin of Postgres timestamps in the replication protocol.
-var pgEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
-
-// beginCommitTime reads the commit timestamp of a pgoutput Begin message ('B', final LSN,
-// commit time in microseconds since 2000-01-01, xid).
-func beginCommitTime(data []byte) time.Time {
-	if len(data) < 17 || data[0] != 'B' {
-		return time.Time{}
-	}
-	return pgEpoch.Add(time.Duration(int64(binary.BigEndian.Uint64(data[9:17]))) * time.Microsecond)
 }
 
 // recordFailingReady: failed writes of the position record for this long turn /readyz to 503.

@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/internal/pgcatalog"
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/sink"
@@ -130,7 +131,7 @@ func checkPostgres(ctx context.Context, cfg Config, r *preflightReport) (createS
 		r.checkpointTimeout = time.Duration(ckptSeconds) * time.Second
 	}
 	if q("max_slot_wal_keep_size", `SHOW max_slot_wal_keep_size`, &keepSize) && keepSize == "-1" {
-		r.warn("max_slot_wal_keep_size is unlimited (-1): if the relay stops for long, its slot keeps WAL until the disk is full and Postgres stops. Consider a limit (ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT pg_reload_conf();) and alert on slot lag; see README, Operating the slot")
+		r.warn("max_slot_wal_keep_size is unlimited (-1): if the relay stops for long, its slot keeps WAL until the disk is full and Postgres stops. Consider a limit (ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT pg_reload_conf();) and alert on slot lag; see docs/operations.md, Operating the slot")
 	}
 
 	var user string
@@ -151,17 +152,15 @@ func checkPostgres(ctx context.Context, cfg Config, r *preflightReport) (createS
 		var public bool
 		if q("pg_logical_emit_message privileges", `SELECT has_function_privilege('public', 'pg_logical_emit_message(boolean,text,text)', 'EXECUTE')
 			OR has_function_privilege('public', 'pg_logical_emit_message(boolean,text,bytea)', 'EXECUTE')`, &public) && public {
-			r.warn("PUBLIC can execute pg_logical_emit_message (Postgres' default): with Config.Source messages any role that can connect to this database can inject events into the stream. Fix, as a superuser:\nREVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text), pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC;\nGRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <the producers' role>;\n(see README, Table-less mode)")
+			r.warn("PUBLIC can execute pg_logical_emit_message (Postgres' default): with Config.Source messages any role that can connect to this database can inject events into the stream. Fix, as a superuser:\nREVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text), pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC;\nGRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <the producers' role>;\n(see docs/cli.md, Table-less mode)")
 		}
 	} else {
 		owner, tableOK = checkTable(ctx, conn, cfg, r)
 	}
 
-	var pubExists, pubInsert, pubHasTable bool
-	err = conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
-		coalesce((SELECT pubinsert FROM pg_publication WHERE pubname = $1), false),
-		EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)`,
-		cfg.Publication, cfg.Schema, cfg.Table).Scan(&pubExists, &pubInsert, &pubHasTable)
+	pubn, pubExists, err := pgcatalog.ReadPublication(ctx, conn, cfg.Publication)
+	_, pubHasTable := pubn.Table(cfg.Schema, cfg.Table)
+	pubInsert := pubExists && pubn.Insert
 	asOwner := ""
 	if owner != "" && owner != user {
 		asOwner = fmt.Sprintf(" as the table's owner %q (or a superuser)", owner)

@@ -15,7 +15,7 @@ import (
 
 // PruneOptions say which published rows Prune deletes.
 type PruneOptions struct {
-	OlderThan       time.Duration // rows whose created_at is older than this (required)
+	OlderThan       time.Duration // rows whose Config.Columns.CreatedAt is older than this (required)
 	Batch           int           // rows deleted per transaction
 	DryRun          bool          // count the rows that would be deleted, delete nothing
 	SkipSourceCheck bool          // do not compare the slot with the relay's position record
@@ -61,6 +61,9 @@ func Prune(ctx context.Context, cfg Config, p PruneOptions, opts ...Option) (Pru
 	if err != nil {
 		return res, err
 	}
+	if cfg.Columns.CreatedAt == "" {
+		return res, configErr("prune selects rows by Config.Columns.CreatedAt, which must name a column")
+	}
 	conn, err := ConnectPG(ctx, cfg.PGURL)
 	if err != nil {
 		return res, err
@@ -100,10 +103,11 @@ func Prune(ctx context.Context, cfg Config, p PruneOptions, opts ...Option) (Pru
 	cutoff := time.Now().Add(-p.OlderThan)
 	// xmin precedes the horizon: age() counts back from the next xid with wraparound, so the
 	// older transaction has the larger age; frozen rows have the largest.
-	where := `created_at < $1 AND age(xmin) > age($2::text::xid)`
+	createdAt := pgx.Identifier{cfg.Columns.CreatedAt}.Sanitize()
+	where := createdAt + ` < $1 AND age(xmin) > age($2::text::xid)`
 	res.Table, res.CatalogXmin = ident, *catalogXmin
 	kept := func() (PruneResult, error) {
-		if err := conn.QueryRow(ctx, fmt.Sprintf(`SELECT count(*) FROM %s WHERE created_at < $1 AND NOT (age(xmin) > age($2::text::xid))`, ident), cutoff, *catalogXmin).Scan(&res.Kept); err != nil {
+		if err := conn.QueryRow(ctx, fmt.Sprintf(`SELECT count(*) FROM %s WHERE %s < $1 AND NOT (age(xmin) > age($2::text::xid))`, ident, createdAt), cutoff, *catalogXmin).Scan(&res.Kept); err != nil {
 			return res, fmt.Errorf("count the rows kept in %s: %w", ident, err)
 		}
 		return res, nil

@@ -8,6 +8,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/outbox-relay/outbox-relay/internal/pgcatalog"
 	"github.com/outbox-relay/outbox-relay/migrations"
 )
 
@@ -60,41 +61,15 @@ func CreatePublication(ctx context.Context, conn *pgx.Conn, publication, schema,
 var ErrNoPublication = errors.New("publication does not exist")
 
 // Publication is a publication as the catalog has it.
-type Publication struct {
-	Name      string   `json:"name"`
-	Owner     string   `json:"owner"`
-	AllTables bool     `json:"all_tables"`
-	Insert    bool     `json:"insert"`
-	Update    bool     `json:"update"`
-	Delete    bool     `json:"delete"`
-	Truncate  bool     `json:"truncate"`
-	Tables    []string `json:"tables"`
-}
+type Publication = pgcatalog.Publication
 
 // ReadPublication reads the publication name; ErrNoPublication when it does not exist.
 func ReadPublication(ctx context.Context, conn *pgx.Conn, name string) (Publication, error) {
-	p := Publication{Name: name, Tables: []string{}}
-	err := conn.QueryRow(ctx, `SELECT pg_get_userbyid(pubowner)::text, puballtables, pubinsert, pubupdate, pubdelete, pubtruncate
-		FROM pg_publication WHERE pubname = $1`, name).Scan(&p.Owner, &p.AllTables, &p.Insert, &p.Update, &p.Delete, &p.Truncate)
-	if errors.Is(err, pgx.ErrNoRows) {
+	p, ok, err := pgcatalog.ReadPublication(ctx, conn, name)
+	if err == nil && !ok {
 		return p, fmt.Errorf("%w: %q (create it with outbox-relay publication create)", ErrNoPublication, name)
 	}
-	if err != nil {
-		return p, fmt.Errorf("read publication %q: %w", name, err)
-	}
-	rows, err := conn.Query(ctx, `SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1`, name)
-	if err != nil {
-		return p, fmt.Errorf("read the tables of publication %q: %w", name, err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var t string
-		if err := rows.Scan(&t); err != nil {
-			return p, err
-		}
-		p.Tables = append(p.Tables, t)
-	}
-	return p, rows.Err()
+	return p, err
 }
 
 // DropPublication drops the publication name; existed false when there was none. A relay

@@ -465,7 +465,7 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 			p.ticket = p.gate.request()
 		}
 		if p.obs != nil {
-			p.commit = beginCommitTime(data)
+			p.commit = ch.CommitTime
 		}
 		p.trk.Begin()
 	case decoder.Insert:

@@ -41,9 +41,59 @@ type slotGuard struct {
 	seqFloor uint64        // stream messages up to here came from an earlier cluster or history
 }
 
-// checkSlotGap compares the slot, the server and the stream with the feed's position record at
-// session start (after the slot was acquired, so that a standby never writes the record). It is
-// a gap (fatal, or with Config.AcceptSlotGap logged and recorded as the new truth) when:
+// gapInput is what the slot-gap rule compares at session start: the slot's state, the feed's
+// position record, the stream's last message and the server's identity (WAL end, timeline).
+type gapInput struct {
+	Slot    string        // the slot this relay reads (Config.Slot)
+	SlotLSN pglogrepl.LSN // the slot's confirmed_flush_lsn
+	Start   pglogrepl.LSN // the position the session begins at
+	Stream  string        // the stream's name, for messages
+
+	Record     sink.SourcePosition
+	HaveRecord bool
+
+	Last     sink.StoredMsg
+	HaveLast bool
+
+	Sys replication.System
+}
+
+// gapKind names what decideSlotGap found.
+type gapKind int
+
+const (
+	gapNone         gapKind = iota // the slot continues the record
+	gapFirstStart                  // no record: first start
+	gapOtherCluster                // another Postgres cluster feeds the stream
+	gapForkedRecord                // the server's history no longer holds the recorded position
+	gapForkedLast                  // ... or the stream's last event
+	gapStreamLost                  // the stream ends before the recorded sequence
+	gapOtherSlot                   // another slot feeds the stream
+	gapSlotAhead                   // the slot is ahead of the record
+)
+
+// gapDecision is decideSlotGap's verdict, with its reason.
+type gapDecision struct {
+	Kind gapKind
+	// Found and Cause explain a gap (Found alone for a fork, whose cause forkMessage tells).
+	Found, Cause string
+	ForkAt       pglogrepl.LSN // for gapForkedRecord and gapForkedLast
+	// Next is the record to write: on a first start, on an accepted gap, or (Write) when the
+	// session moves a continuous record (Config.StartLSN ahead, a later timeline).
+	Next  sink.SourcePosition
+	Write bool
+	// UnknownContinuity: no record, and the stream holds events from an earlier run the slot
+	// is past; nothing tells whether the slot is continuous with them.
+	UnknownContinuity bool
+}
+
+// Gap reports whether the decision is a gap (fatal unless Config.AcceptSlotGap).
+func (d gapDecision) Gap() bool { return d.Kind != gapNone && d.Kind != gapFirstStart }
+
+// Forked reports whether the gap is a forked WAL history (ErrForkedHistory).
+func (d gapDecision) Forked() bool { return d.Kind == gapForkedRecord || d.Kind == gapForkedLast }
+
+// decideSlotGap is the slot-gap rule (see checkSlotGap), without I/O. It is a gap when:
 //   - another cluster (system identifier) or another slot feeds the stream now;
 //   - the server's WAL history no longer holds the recorded position or the stream's last
 //     event (a restore, a point-in-time recovery, a promoted standby that lacked the latest
@@ -53,17 +103,85 @@ type slotGuard struct {
 //   - the slot is ahead of the record (dropped and recreated, or advanced by someone else).
 //
 // A slot behind the record is normal (Postgres 15 saves confirmed_flush_lsn only at
-// checkpoints, so it moves back after a crash). The record ends at least at start, the
-// position the session begins at.
+// checkpoints, so it moves back after a crash). The record ends at least at Start.
+func decideSlotGap(in gapInput) gapDecision {
+	sys, rec, last := in.Sys, in.Record, in.Last
+	now := sink.SourcePosition{SystemID: sys.ID, Slot: in.Slot, LSN: in.Start, Timeline: sys.Timeline, StreamSeq: last.StreamLastSeq}
+	if !in.HaveRecord {
+		return gapDecision{Kind: gapFirstStart, Next: now, Write: true,
+			UnknownContinuity: in.HaveLast && in.SlotLSN > last.Position.CommitLSN}
+	}
+	// The stream's last event, unless it came from an earlier cluster or history.
+	liveLast := in.HaveLast && last.Seq > rec.SeqFloor
+	d := gapDecision{}
+	recForkAt, recHeld := sys.Holds(rec.LSN, rec.Timeline)
+	lastForkAt, lastHeld := pglogrepl.LSN(0), true
+	if liveLast {
+		lastForkAt, lastHeld = sys.Holds(last.Position.CommitLSN, rec.Timeline)
+	}
+	switch {
+	case rec.SystemID != sys.ID:
+		d.Kind = gapOtherCluster
+		d.Found = fmt.Sprintf("replication slot %q is on Postgres cluster %s (system identifier)", in.Slot, sys.ID)
+		d.Cause = "the database was replaced (restored, upgraded, failed over to a new cluster) or the relay points at another one; positions of two clusters do not compare"
+		now.SeqFloor = last.Seq
+	case !recHeld:
+		d.Kind, d.ForkAt = gapForkedRecord, recForkAt
+		d.Found = forkMessage(sys, fmt.Sprintf("the recorded position %s (timeline %d)", rec.LSN, rec.Timeline), recForkAt)
+	case !lastHeld:
+		d.Kind, d.ForkAt = gapForkedLast, lastForkAt
+		d.Found = forkMessage(sys, fmt.Sprintf("the stream's last event %s (stream sequence %d)", last.Position, last.Seq), lastForkAt)
+	case rec.StreamSeq > last.StreamLastSeq:
+		d.Kind = gapStreamLost
+		d.Found = fmt.Sprintf("stream %s ends at sequence %d, before sequence %d, which it held when the position was recorded", in.Stream, last.StreamLastSeq, rec.StreamSeq)
+		d.Cause = "the broker lost messages it had acknowledged (a power loss with the default sync_interval, a stream restored from an older backup, the stream deleted and recreated); events the relay confirmed to Postgres are missing from the stream"
+		now.SeqFloor = min(rec.SeqFloor, last.StreamLastSeq)
+	case rec.Slot != in.Slot:
+		d.Kind = gapOtherSlot
+		d.Found = fmt.Sprintf("the stream is now fed from slot %q at %s", in.Slot, in.SlotLSN)
+		d.Cause = "the relay was pointed at another slot"
+		now.SeqFloor = rec.SeqFloor
+	case in.SlotLSN > rec.LSN:
+		d.Kind = gapSlotAhead
+		d.Found = fmt.Sprintf("replication slot %q is at %s", in.Slot, in.SlotLSN)
+		d.Cause = "the slot was dropped and recreated, or advanced by someone else (pg_replication_slot_advance, another consumer), while the relay was away"
+		now.SeqFloor = rec.SeqFloor
+	default:
+		d.Kind = gapNone
+		if in.Start > rec.LSN || rec.Timeline != sys.Timeline {
+			// Config.StartLSN moved ahead on purpose, or the server moved to a later timeline that
+			// holds the record (a switchover, a promoted standby that had all of it).
+			now.SeqFloor, now.LSN = rec.SeqFloor, max(in.Start, rec.LSN)
+			now.StreamSeq = max(rec.StreamSeq, last.StreamLastSeq)
+			d.Next, d.Write = now, true
+		}
+		return d
+	}
+	if d.Forked() {
+		// Everything the stream holds now is from the old history: the new one's events are
+		// all published, whatever their positions.
+		now.SeqFloor = max(rec.SeqFloor, last.Seq)
+	}
+	d.Next, d.Write = now, true
+	return d
+}
+
+// checkSlotGap compares the slot, the server and the stream with the feed's position record at
+// session start (after the slot was acquired, so that a standby never writes the record), by
+// decideSlotGap. A gap is fatal, or with Config.AcceptSlotGap logged and recorded as the new
+// truth.
+// The record was opened by openRecord before START_REPLICATION.
 func checkSlotGap(ctx context.Context, cfg Config, js jetstream.JetStream, record *sink.PositionRecord, sys replication.System, slotLSN, start pglogrepl.LSN, last sink.StoredMsg, haveLast bool, log zerolog.Logger) (slotGuard, error) {
 	g := slotGuard{record: record}
 	rec, ok, err := record.Get(ctx)
 	if err != nil {
 		return g, err
 	}
-	now := sink.SourcePosition{SystemID: sys.ID, Slot: cfg.Slot, LSN: start, Timeline: sys.Timeline, StreamSeq: last.StreamLastSeq}
-	if !ok {
-		if haveLast && slotLSN > last.Position.CommitLSN {
+	d := decideSlotGap(gapInput{Slot: cfg.Slot, SlotLSN: slotLSN, Start: start, Stream: cfg.Sink.Stream,
+		Record: rec, HaveRecord: ok, Last: last, HaveLast: haveLast, Sys: sys})
+	switch d.Kind {
+	case gapFirstStart:
+		if d.UnknownContinuity {
 			// Stored by a relay without a record (an older version, or the bucket was
 			// deleted): a slot past the last event may be continuous (keepalives move it) or
 			// recreated; nothing here tells.
@@ -72,85 +190,42 @@ func checkSlotGap(ctx context.Context, cfg Config, js jetstream.JetStream, recor
 		}
 		log.Info().Str("bucket", cfg.PositionBucket).Str("key", record.Key()).Stringer("lsn", start).
 			Msg("no position record for this stream and subject prefix: first start, recording the slot's position")
-		if err := record.Put(ctx, now); err != nil {
+		if err := record.Put(ctx, d.Next); err != nil {
 			return g, err
 		}
 		g.recorded = start
 		return g, nil
-	}
-	// The stream's last event, unless it came from an earlier cluster or history.
-	liveLast := haveLast && last.Seq > rec.SeqFloor
-	found, cause := "", ""
-	var forkAt pglogrepl.LSN
-	forked := false
-	switch {
-	case rec.SystemID != sys.ID:
-		found = fmt.Sprintf("replication slot %q is on Postgres cluster %s (system identifier)", cfg.Slot, sys.ID)
-		cause = "the database was replaced (restored, upgraded, failed over to a new cluster) or the relay points at another one; positions of two clusters do not compare"
-		now.SeqFloor = last.Seq
-	case !holds(sys, rec.LSN, rec.Timeline, &forkAt):
-		forked = true
-		found = forkMessage(sys, fmt.Sprintf("the recorded position %s (timeline %d)", rec.LSN, rec.Timeline), forkAt)
-	case liveLast && !holds(sys, last.Position.CommitLSN, rec.Timeline, &forkAt):
-		forked = true
-		found = forkMessage(sys, fmt.Sprintf("the stream's last event %s (stream sequence %d)", last.Position, last.Seq), forkAt)
-	case rec.StreamSeq > last.StreamLastSeq:
-		found = fmt.Sprintf("stream %s ends at sequence %d, before sequence %d, which it held when the position was recorded", cfg.Sink.Stream, last.StreamLastSeq, rec.StreamSeq)
-		cause = "the broker lost messages it had acknowledged (a power loss with the default sync_interval, a stream restored from an older backup, the stream deleted and recreated); events the relay confirmed to Postgres are missing from the stream"
-		now.SeqFloor = min(rec.SeqFloor, last.StreamLastSeq)
-	case rec.Slot != cfg.Slot:
-		found = fmt.Sprintf("the stream is now fed from slot %q at %s", cfg.Slot, slotLSN)
-		cause = "the relay was pointed at another slot"
-		now.SeqFloor = rec.SeqFloor
-	case slotLSN > rec.LSN:
-		found = fmt.Sprintf("replication slot %q is at %s", cfg.Slot, slotLSN)
-		cause = "the slot was dropped and recreated, or advanced by someone else (pg_replication_slot_advance, another consumer), while the relay was away"
-		now.SeqFloor = rec.SeqFloor
-	default:
+	case gapNone:
 		g.recorded, g.seqFloor = rec.LSN, rec.SeqFloor
-		if start > rec.LSN || rec.Timeline != sys.Timeline {
-			// Config.StartLSN moved ahead on purpose, or the server moved to a later timeline that
-			// holds the record (a switchover, a promoted standby that had all of it).
-			now.SeqFloor, now.LSN = rec.SeqFloor, max(start, rec.LSN)
-			now.StreamSeq = max(rec.StreamSeq, last.StreamLastSeq)
-			if err := record.Put(ctx, now); err != nil {
+		if d.Write {
+			if err := record.Put(ctx, d.Next); err != nil {
 				return g, err
 			}
-			g.recorded = now.LSN
+			g.recorded = d.Next.LSN
 		}
 		return g, nil
 	}
 	var msg string
-	if forked {
-		// Everything the stream holds now is from the old history: the new one's events are
-		// all published, whatever their positions.
-		now.SeqFloor = max(rec.SeqFloor, last.Seq)
-		note := forkedEventsNote(ctx, js, cfg.Sink, forkAt, rec.SeqFloor, last.Seq)
+	if d.Forked() {
+		note := forkedEventsNote(ctx, js, cfg.Sink, d.ForkAt, rec.SeqFloor, last.Seq)
 		msg = fmt.Sprintf("%s.%s This relay last confirmed %s on slot %q (recorded %s in %s/%s). Way out: restart once with Config.AcceptSlotGap (the relay then publishes the new history from the slot's position %s, ignoring the stream's older positions); if the slot was recreated after the fork, republish what was committed before it: outbox-relay backfill Config.PGURL ... Config.NATSURL ... --since %s",
-			found, note, rec.LSN, rec.Slot, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.PositionBucket, record.Key(), slotLSN, backfillSince(rec.UpdatedAt))
+			d.Found, note, rec.LSN, rec.Slot, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.PositionBucket, record.Key(), slotLSN, backfillSince(rec.UpdatedAt))
 		if !cfg.AcceptSlotGap {
 			return g, fatalError{fmt.Errorf("%w: %s", ErrForkedHistory, msg)}
 		}
 	} else {
-		msg = slotGapMessage(cfg, rec, record.Key(), found, cause)
+		msg = slotGapMessage(cfg, rec, record.Key(), d.Found, d.Cause)
 		if !cfg.AcceptSlotGap {
 			return g, fatalError{fmt.Errorf("%w: %s", ErrSlotGap, msg)}
 		}
 	}
 	log.Warn().Str("gap", msg).Str("backfill", "outbox-relay backfill --since "+backfillSince(rec.UpdatedAt)).
 		Msg("Config.AcceptSlotGap: continuing past a slot gap; events committed in it are NOT relayed from the WAL: run the backfill command")
-	if err := record.Put(ctx, now); err != nil {
+	if err := record.Put(ctx, d.Next); err != nil {
 		return g, err
 	}
-	g.recorded, g.seqFloor = start, now.SeqFloor
+	g.recorded, g.seqFloor = start, d.Next.SeqFloor
 	return g, nil
-}
-
-// holds is sys.Holds writing the fork point to forkAt.
-func holds(sys replication.System, pos pglogrepl.LSN, tli int32, forkAt *pglogrepl.LSN) bool {
-	at, ok := sys.Holds(pos, tli)
-	*forkAt = at
-	return ok
 }
 
 // startRecorder runs a Recorder of trk's position into the session's record until stop is

@@ -75,7 +75,7 @@ func (r *PositionRecord) ServeHandover(ctx context.Context, pub *Publisher, log 
 	if s.CachedInfo().Config.Replicas <= 1 && !pub.seqChained() {
 		return nil // backfill publishes next to the relay's msg-id chain without a hand-over
 	}
-	w, err := r.kv.Watch(ctx, key)
+	w, err := r.store.kv.Watch(ctx, key)
 	if err != nil {
 		if ctx.Err() == nil {
 			log.Warn().Err(err).Str("key", key).
@@ -130,7 +130,7 @@ func (r *PositionRecord) ServeHandover(ctx context.Context, pub *Publisher, log 
 			log.Warn().Str("key", key).Stringer("lease", LeaseTTL).
 				Msg("the backfill holding the stream did not hand it back within the lease: taking it back")
 			dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			_ = r.kv.Delete(dctx, key, jetstream.LastRevision(rev))
+			_ = r.store.kv.Delete(dctx, key, jetstream.LastRevision(rev))
 			cancel()
 			resume("lease expired")
 		case e, ok := <-w.Updates():
@@ -165,7 +165,7 @@ func (r *PositionRecord) ServeHandover(ctx context.Context, pub *Publisher, log 
 				}
 				l.State, l.Seq, l.GrantedBy, l.At = LeaseGranted, s.CachedInfo().State.LastSeq, "relay", time.Now().UTC()
 				b, _ := json.Marshal(l)
-				grantRev, err := r.kv.Update(ctx, key, b, e.Revision())
+				grantRev, err := r.store.kv.Update(ctx, key, b, e.Revision())
 				if err != nil {
 					// Released or taken over meanwhile: the watch tells what happened.
 					log.Debug().Err(err).Msg("hand-over: grant not written")

@@ -64,23 +64,42 @@ func (p *SourcePosition) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// PositionRecord is the position record of one feed (stream and subject prefix).
-type PositionRecord struct {
-	kv     jetstream.KeyValue
-	key    string
-	cur    SourcePosition
-	js     jetstream.JetStream
-	stream string
+// PositionStoreError is an error of the position records' key-value store. Fatal errors
+// (the bucket cannot be opened or created: missing rights, a bad name) need an operator;
+// others (a read or write that failed) are transient and retried.
+type PositionStoreError struct {
+	Op    string // "open", "read" or "write"
+	Fatal bool
+	Err   error
 }
 
-// OpenPositionRecord opens (creating if missing: file storage, the stream's replica count,
-// one revision per key) the bucket, and the record of cfg's stream and subject prefix.
-func OpenPositionRecord(ctx context.Context, js jetstream.JetStream, bucket string, cfg Config) (*PositionRecord, error) {
-	cfg.fill()
+func (e *PositionStoreError) Error() string { return e.Err.Error() }
+func (e *PositionStoreError) Unwrap() error { return e.Err }
+
+// IsFatalPositionStoreError reports whether err is a fatal PositionStoreError.
+func IsFatalPositionStoreError(err error) bool {
+	var e *PositionStoreError
+	return errors.As(err, &e) && e.Fatal
+}
+
+// positionStore is the JetStream key-value bucket that holds the position records: open (or
+// create), read and write one key, errors classed as transient or fatal.
+type positionStore struct {
+	kv     jetstream.KeyValue
+	bucket string
+}
+
+// openPositionStore opens the bucket; with create, a missing bucket is created (file storage,
+// the replica count of stream, one revision per key). ok is false when it is missing and not
+// created.
+func openPositionStore(ctx context.Context, js jetstream.JetStream, bucket, stream string, create bool) (st *positionStore, ok bool, err error) {
 	kv, err := js.KeyValue(ctx, bucket)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		if !create {
+			return nil, false, nil
+		}
 		replicas := 1
-		if s, serr := js.Stream(ctx, cfg.Stream); serr == nil {
+		if s, serr := js.Stream(ctx, stream); serr == nil {
 			replicas = s.CachedInfo().Config.Replicas
 		}
 		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
@@ -95,23 +114,63 @@ func OpenPositionRecord(ctx context.Context, js jetstream.JetStream, bucket stri
 		}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("open the position record bucket %q (the relay records what it confirmed there; its NATS user needs the JetStream API and $KV.%s.> publish rights, or pass --position-bucket '' to run without slot gap detection): %w", bucket, bucket, err)
+		return nil, false, err
 	}
-	return &PositionRecord{kv: kv, key: PositionKey(cfg.Stream, cfg.SubjectPrefix), js: js, stream: cfg.Stream}, nil
+	return &positionStore{kv: kv, bucket: bucket}, true, nil
+}
+
+// read returns key's value and revision; ok is false when there is none.
+func (s *positionStore) read(ctx context.Context, key string) (val []byte, rev uint64, ok bool, err error) {
+	e, err := s.kv.Get(ctx, key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, 0, false, nil
+	}
+	if err != nil {
+		return nil, 0, false, &PositionStoreError{Op: "read", Err: fmt.Errorf("read position record %s: %w", key, err)}
+	}
+	return e.Value(), e.Revision(), true, nil
+}
+
+// write puts val under key.
+func (s *positionStore) write(ctx context.Context, key string, val []byte) error {
+	_, err := s.kv.Put(ctx, key, val)
+	return err
+}
+
+// PositionRecord is the position record of one feed (stream and subject prefix).
+type PositionRecord struct {
+	store  *positionStore
+	key    string
+	cur    SourcePosition
+	js     jetstream.JetStream
+	stream string
+}
+
+// OpenPositionRecord opens (creating if missing: file storage, the stream's replica count,
+// one revision per key) the bucket, and the record of cfg's stream and subject prefix. Its
+// errors are PositionStoreErrors marked fatal; those that only say JetStream did not answer
+// (a timeout, a cluster without a leader) the relay retries (see relay's bucketError).
+func OpenPositionRecord(ctx context.Context, js jetstream.JetStream, bucket string, cfg Config) (*PositionRecord, error) {
+	cfg.fill()
+	st, _, err := openPositionStore(ctx, js, bucket, cfg.Stream, true)
+	if err != nil {
+		return nil, &PositionStoreError{Op: "open", Fatal: true, Err: fmt.Errorf("open the position record bucket %q (the relay records what it confirmed there; its NATS user needs the JetStream API and $KV.%s.> publish rights, or pass --position-bucket '' to run without slot gap detection): %w", bucket, bucket, err)}
+	}
+	return &PositionRecord{store: st, key: PositionKey(cfg.Stream, cfg.SubjectPrefix), js: js, stream: cfg.Stream}, nil
 }
 
 // ReadPositionRecord reads the record of cfg's stream and subject prefix without creating the
 // bucket; ok is false when either is missing.
 func ReadPositionRecord(ctx context.Context, js jetstream.JetStream, bucket string, cfg Config) (p SourcePosition, ok bool, err error) {
 	cfg.fill()
-	kv, err := js.KeyValue(ctx, bucket)
-	if errors.Is(err, jetstream.ErrBucketNotFound) {
+	st, ok, err := openPositionStore(ctx, js, bucket, cfg.Stream, false)
+	if err != nil {
+		return p, false, &PositionStoreError{Op: "open", Fatal: true, Err: fmt.Errorf("open the position record bucket %q: %w", bucket, err)}
+	}
+	if !ok {
 		return p, false, nil
 	}
-	if err != nil {
-		return p, false, fmt.Errorf("open the position record bucket %q: %w", bucket, err)
-	}
-	r := &PositionRecord{kv: kv, key: PositionKey(cfg.Stream, cfg.SubjectPrefix)}
+	r := &PositionRecord{store: st, key: PositionKey(cfg.Stream, cfg.SubjectPrefix)}
 	return r.Get(ctx)
 }
 
@@ -135,15 +194,12 @@ func (r *PositionRecord) Key() string { return r.key }
 
 // Get reads the record; ok is false when there is none.
 func (r *PositionRecord) Get(ctx context.Context) (p SourcePosition, ok bool, err error) {
-	e, err := r.kv.Get(ctx, r.key)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return p, false, nil
+	val, rev, ok, err := r.store.read(ctx, r.key)
+	if err != nil || !ok {
+		return p, false, err
 	}
-	if err != nil {
-		return p, false, fmt.Errorf("read position record %s: %w", r.key, err)
-	}
-	if err := json.Unmarshal(e.Value(), &p); err != nil {
-		return p, false, fmt.Errorf("position record %s (revision %d) is not valid: %w", r.key, e.Revision(), err)
+	if err := json.Unmarshal(val, &p); err != nil {
+		return p, false, fmt.Errorf("position record %s (revision %d) is not valid: %w", r.key, rev, err)
 	}
 	r.cur = p
 	return p, true, nil
@@ -156,8 +212,8 @@ func (r *PositionRecord) Put(ctx context.Context, p SourcePosition) error {
 	if err != nil {
 		return err
 	}
-	if _, err := r.kv.Put(ctx, r.key, b); err != nil {
-		return fmt.Errorf("write position record %s at %s: %w", r.key, p.LSN, err)
+	if err := r.store.write(ctx, r.key, b); err != nil {
+		return &PositionStoreError{Op: "write", Err: fmt.Errorf("write position record %s at %s: %w", r.key, p.LSN, err)}
 	}
 	r.cur = p
 	return nil

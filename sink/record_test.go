@@ -61,3 +61,39 @@ func TestPositionRecord_RoundTripOnFileStorageOneKeyPerFeed(t *testing.T) {
 	require.NoError(t, err)
 	require.False(t, ok, "another prefix has its own record")
 }
+
+// The store's errors are classed: a bucket that cannot be opened is fatal (an operator must
+// act), a failed write transient (retried); a record that is not valid JSON is neither.
+func TestPositionRecord_StoreErrorsTransientOrFatal(t *testing.T) {
+	n := natsembed.JetStream(t)
+	nc := n.Connect(t)
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	_, err = OpenPositionRecord(ctx, js, "bad bucket name", Config{Stream: "S1"})
+	require.Error(t, err)
+	require.True(t, IsFatalPositionStoreError(err), "%v", err)
+	require.Contains(t, err.Error(), `open the position record bucket "bad bucket name"`)
+	_, _, err = ReadPositionRecord(ctx, js, "bad bucket name", Config{Stream: "S1"})
+	require.True(t, IsFatalPositionStoreError(err), "%v", err)
+
+	r, err := OpenPositionRecord(ctx, js, DefaultPositionBucket, Config{Stream: "S1"})
+	require.NoError(t, err)
+	kv, err := js.KeyValue(ctx, DefaultPositionBucket)
+	require.NoError(t, err)
+	_, err = kv.Put(ctx, r.Key(), []byte("{not json"))
+	require.NoError(t, err)
+	_, _, err = r.Get(ctx)
+	require.ErrorContains(t, err, "is not valid")
+	require.False(t, IsFatalPositionStoreError(err))
+
+	require.NoError(t, js.DeleteKeyValue(ctx, DefaultPositionBucket))
+	err = r.Put(ctx, SourcePosition{SystemID: "7", Slot: "s", LSN: 0x10})
+	require.ErrorContains(t, err, "write position record "+r.Key()+" at 0/10")
+	var se *PositionStoreError
+	require.ErrorAs(t, err, &se)
+	require.Equal(t, "write", se.Op)
+	require.False(t, se.Fatal, "a failed write is retried")
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
@@ -16,7 +17,7 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 		pgURL, table, publication, source string
 		partitions                        int
 		createSlot                        bool
-		slot                              string
+		slot, aggIDColumn                 string
 	)
 	fs.StringVar(&pgURL, "pg-url", "", "Postgres connection URL or DSN (required)")
 	fs.StringVar(&table, "table", "public.outbox", "outbox table, schema.table")
@@ -24,7 +25,8 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 	fs.StringVar(&source, "source", "table", "table: the outbox table, its publication and outbox_emit; messages (table-less): outbox_emit and a publication without tables")
 	fs.BoolVar(&createSlot, "create-slot", false, "also create the relay's replication slot (after the publication), so that every row committed from now on is relayed, even before the relay first runs; needs the REPLICATION attribute")
 	fs.StringVar(&slot, "slot", "outbox_relay", "with --create-slot: the slot's name (with --partitions N: <slot>_p<i>, one per partition)")
-	fs.IntVar(&partitions, "partitions", 1, "also create this many row-filtered publications <publication>_p<i>of<N>, one per relay, partitioned by a hash of aggregate_id (Postgres 15+)")
+	fs.IntVar(&partitions, "partitions", 1, "also create this many row-filtered publications <publication>_p<i>of<N>, one per relay, partitioned by a hash of --column-aggregate-id (Postgres 15+)")
+	fs.StringVar(&aggIDColumn, "column-aggregate-id", decoder.DefaultColumns.AggregateID, "with --partitions: the column holding the aggregate id, as for run")
 	lf.register(fs)
 	log, err := parseCommand(fs, args, env, &lf, stderr, &pgURL)
 	if err != nil {
@@ -48,7 +50,7 @@ func cmdMigrate(ctx context.Context, args []string, stdout, stderr io.Writer, en
 		return err
 	}
 	defer conn.Close(context.Background())
-	res, err := migrations.Apply(ctx, conn, migrations.Options{Schema: schema, Table: tbl, Publication: publication, Messages: source == "messages", Partitions: partitions})
+	res, err := migrations.Apply(ctx, conn, migrations.Options{Schema: schema, Table: tbl, Publication: publication, Messages: source == "messages", Partitions: partitions, AggregateIDColumn: aggIDColumn})
 	if err != nil {
 		return err
 	}
