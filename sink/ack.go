@@ -87,15 +87,7 @@ func (p *Publisher) Run(ctx context.Context) error {
 		}
 		p.mu.Unlock()
 		if e == nil {
-			select {
-			case <-p.notify:
-			case m := <-p.replies:
-				p.reply(m) // late: nothing is waiting for it
-			case <-status:
-				p.disconnected()
-			case <-ctx.Done():
-				return nil
-			}
+			p.idle(ctx, status)
 			continue
 		}
 		if e.token == 0 {
@@ -128,6 +120,19 @@ func (p *Publisher) Run(ctx context.Context) error {
 		if err := p.recover(ctx, backoff, timer, status); err != nil {
 			return err
 		}
+	}
+}
+
+// idle waits, with no send awaiting its outcome, until the window changes, a (late) reply or a
+// disconnect comes, which it handles, or ctx ends.
+func (p *Publisher) idle(ctx context.Context, status <-chan nats.Status) {
+	select {
+	case <-p.notify:
+	case m := <-p.replies:
+		p.reply(m) // late: nothing is waiting for it
+	case <-status:
+		p.disconnected()
+	case <-ctx.Done():
 	}
 }
 

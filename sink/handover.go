@@ -397,14 +397,7 @@ func (p *Publisher) hold(ctx context.Context, status <-chan nats.Status) bool {
 		p.resync(ctx)
 		return true
 	case paused && !busy:
-		select {
-		case <-p.notify:
-		case m := <-p.replies:
-			p.reply(m) // late: nothing is waiting for it
-		case <-status:
-			p.disconnected()
-		case <-ctx.Done():
-		}
+		p.idle(ctx, status)
 		return true
 	}
 	return false
