@@ -289,13 +289,15 @@ const (
 )
 
 // jsUnavailable reports a JetStream error that passes by itself: no answer in time, no
-// responders, the connection being re-established, or the cluster, its meta leader or the
+// responders, the connection being re-established (sink.Connect keeps no reconnect buffer, so a
+// request meanwhile fails with ErrReconnectBufExceeded), or the cluster, its meta leader or the
 // asset's leader not available.
 func jsUnavailable(err error) bool {
 	switch {
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout),
 		errors.Is(err, nats.ErrNoResponders), errors.Is(err, jetstream.ErrNoStreamResponse),
-		errors.Is(err, nats.ErrDisconnected), errors.Is(err, nats.ErrConnectionReconnecting):
+		errors.Is(err, nats.ErrDisconnected), errors.Is(err, nats.ErrConnectionReconnecting),
+		errors.Is(err, nats.ErrReconnectBufExceeded): // a request while disconnected (no reconnect buffer)
 		return true
 	}
 	var apiErr *jetstream.APIError
