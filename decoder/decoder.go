@@ -314,7 +314,7 @@ func (d *Decoder) mapColumns(rel *relation, cols []RowColumn) error {
 		name string
 	}{{rel.idCol, c.ID}, {rel.aggType, c.AggregateType}, {rel.aggID, c.AggregateID}, {rel.evType, c.EventType}, {rel.payload, c.Payload}} {
 		if req.idx < 0 {
-			return fmt.Errorf("outbox table %s.%s has no column %q (map it with the --column-* flags or add it)", rel.namespace, rel.name, req.name)
+			return fmt.Errorf("outbox table %s.%s has no column %q (map it with Config.Columns or add it)", rel.namespace, rel.name, req.name)
 		}
 	}
 	switch rel.payloadType {

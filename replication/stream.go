@@ -103,7 +103,7 @@ func Connect(ctx context.Context, connString string) (*pgconn.PgConn, error) {
 	cfg, err := pgconn.ParseConfig(connString)
 	if err != nil {
 		// pgconn echoes the connection string, masking only the password forms it knows.
-		return nil, fmt.Errorf("parse --pg-url: %w", redact.Echoed(err, connString))
+		return nil, fmt.Errorf("parse Config.PGURL: %w", redact.Echoed(err, connString))
 	}
 	cfg.RuntimeParams["replication"] = "database"
 	cfg.RuntimeParams["DateStyle"] = "ISO, MDY"

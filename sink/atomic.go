@@ -121,7 +121,7 @@ func (p *Publisher) confirmBatch(c *entry) {
 func (p *Publisher) batchFailed(c *entry, err error, reason string) error {
 	switch code := apiErrorCode(err); {
 	case code == jsErrCodeAtomicDisabled:
-		return fmt.Errorf("stream %s refuses atomic batches (%v): set allow_atomic: true in its config (nats-server 2.12+), or run with --publish single", p.cfg.Stream, err)
+		return fmt.Errorf("stream %s refuses atomic batches (%v): set allow_atomic: true in its config (nats-server 2.12+), or set Config.Sink.Publish to single", p.cfg.Stream, err)
 	case code == jsErrCodeBatchIncomplete:
 		if c.incomplete++; c.incomplete >= 3 {
 			reason = fmt.Sprintf("refused as incomplete %d times: %v", c.incomplete, err)
@@ -138,7 +138,7 @@ func (p *Publisher) batchFailed(c *entry, err error, reason string) error {
 		}
 		p.mu.Unlock()
 		p.log.Warn().Err(err).Str("last_event_id", c.id).Stringer("position", c.pos).Int("events", n).Str("reason", reason).
-			Msg("the stream refused an atomic batch for one of its events: publishing its events one by one, which finds the event (stopped at or dead-lettered as --on-poison says); this part of the transaction is not stored atomically")
+			Msg("the stream refused an atomic batch for one of its events: publishing its events one by one, which finds the event (stopped at or dead-lettered as Config.OnPoison says); this part of the transaction is not stored atomically")
 	}
 	c.failed = err
 	return nil

@@ -301,7 +301,7 @@ func (h *Handover) Acquire(ctx context.Context, grantWait, maxWait time.Duration
 			// A relay granted it meanwhile: the watch shows it.
 		case <-giveUp:
 			h.Release(ctx)
-			return 0, time.Time{}, fmt.Errorf("%w within %s (key %s of stream %s), yet a replication slot streams: the relay must run with the same --position-bucket (its default) and --stream/--subject-prefix, in a version that serves the hand-over; or stop the relay for the backfill", ErrNoHandover, maxWait, h.key, h.stream)
+			return 0, time.Time{}, fmt.Errorf("%w within %s (key %s of stream %s), yet a replication slot streams: the relay must run with the same Config.PositionBucket (its default) and Config.Sink.Stream/Config.Sink.SubjectPrefix, in a version that serves the hand-over; or stop the relay for the backfill", ErrNoHandover, maxWait, h.key, h.stream)
 		case <-ctx.Done():
 			h.Release(context.Background())
 			return 0, time.Time{}, ctx.Err()

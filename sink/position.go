@@ -84,7 +84,7 @@ func lastStoredIn(ctx context.Context, s jetstream.Stream, cfg Config) (last Sto
 	}
 	lsn, idx := m.Header.Get(HeaderCommitLSN), m.Header.Get(HeaderTxIndex)
 	if lsn == "" || idx == "" {
-		return StoredMsg{}, false, fmt.Errorf("%w: the last message of stream %s (sequence %d, subject %s) has no %s/%s headers: another publisher writes to the relay's subjects; give the relay its own --subject-prefix or stream",
+		return StoredMsg{}, false, fmt.Errorf("%w: the last message of stream %s (sequence %d, subject %s) has no %s/%s headers: another publisher writes to the relay's subjects; give the relay its own Config.Sink.SubjectPrefix or stream",
 			ErrForeignPublisher, cfg.Stream, m.Sequence, m.Subject, HeaderCommitLSN, HeaderTxIndex)
 	}
 	pos := &last.Position

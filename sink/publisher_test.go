@@ -129,7 +129,7 @@ func TestEnsureStream_RefusesAStreamThatDoesNotCoverThePrefix(t *testing.T) {
 	require.NoError(t, err)
 	_, err = sink.EnsureStream(context.Background(), js, sink.Config{}, zerolog.Nop())
 	require.ErrorContains(t, err, "do not cover outbox.>")
-	require.ErrorContains(t, err, "--subject-prefix")
+	require.ErrorContains(t, err, "Config.Sink.SubjectPrefix")
 }
 
 // Another relay (another prefix) or another publisher on the relay's stream would break the

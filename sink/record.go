@@ -154,7 +154,7 @@ func OpenPositionRecord(ctx context.Context, js jetstream.JetStream, bucket stri
 	cfg.fill()
 	st, _, err := openPositionStore(ctx, js, bucket, cfg.Stream, true)
 	if err != nil {
-		return nil, &PositionStoreError{Op: "open", Fatal: true, Err: fmt.Errorf("open the position record bucket %q (the relay records what it confirmed there; its NATS user needs the JetStream API and $KV.%s.> publish rights, or pass --position-bucket '' to run without slot gap detection): %w", bucket, bucket, err)}
+		return nil, &PositionStoreError{Op: "open", Fatal: true, Err: fmt.Errorf("open the position record bucket %q (the relay records what it confirmed there; its NATS user needs the JetStream API and $KV.%s.> publish rights, or set Config.PositionBucket to '' to run without slot gap detection): %w", bucket, bucket, err)}
 	}
 	return &PositionRecord{store: st, key: PositionKey(cfg.Stream, cfg.SubjectPrefix), js: js, stream: cfg.Stream}, nil
 }

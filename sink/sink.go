@@ -203,7 +203,7 @@ func Connect(url string, opts ...nats.Option) (*nats.Conn, error) {
 	nc, err := nats.Connect(url, append(base, opts...)...)
 	if err != nil {
 		// nats.go echoes a URL it cannot parse (with its password or token).
-		return nil, fmt.Errorf("connect to NATS at %s: %w (is nats-server running with JetStream? set --nats-url)", redact.URL(url), redact.Echoed(err, url))
+		return nil, fmt.Errorf("connect to NATS at %s: %w (is nats-server running with JetStream? set Config.NATSURL)", redact.URL(url), redact.Echoed(err, url))
 	}
 	return nc, nil
 }
@@ -235,7 +235,7 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 		}
 	}
 	if !covered {
-		return nil, fmt.Errorf("stream %s takes subjects %v, which do not cover %s: add it (nats stream edit %s --subjects '%s') or choose another --stream / --subject-prefix",
+		return nil, fmt.Errorf("stream %s takes subjects %v, which do not cover %s: add it (nats stream edit %s --subjects '%s') or choose another Config.Sink.Stream / Config.Sink.SubjectPrefix",
 			cfg.Stream, info.Config.Subjects, want, cfg.Stream, want)
 	}
 	// The chain (Nats-Expected-Last-Sequence) is stream-wide: a message another publisher
@@ -248,15 +248,15 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 		}
 	}
 	if len(outside) > 0 {
-		return nil, fmt.Errorf("stream %s also takes subjects %v, outside the relay's %s: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream (another relay or publisher there breaks the chain on nearly every message). Give this relay a stream of its own (--stream) with subjects %s, or narrow %s's subjects to %s",
+		return nil, fmt.Errorf("stream %s also takes subjects %v, outside the relay's %s: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream (another relay or publisher there breaks the chain on nearly every message). Give this relay a stream of its own (Config.Sink.Stream) with subjects %s, or narrow %s's subjects to %s",
 			cfg.Stream, outside, want, want, cfg.Stream, want)
 	}
 	if cfg.Publish == PublishAtomic && !info.Config.AllowAtomicPublish {
-		return nil, fmt.Errorf("stream %s does not allow atomic batch publishing, which --publish atomic needs: set allow_atomic: true in its config (its JSON config from nats stream info with the field added, applied with nats stream edit %s --config <file>; nats-server 2.12+), or run with --publish single",
+		return nil, fmt.Errorf("stream %s does not allow atomic batch publishing, which Config.Sink.Publish atomic needs: set allow_atomic: true in its config (its JSON config from nats stream info with the field added, applied with nats stream edit %s --config <file>; nats-server 2.12+), or set Config.Sink.Publish to single",
 			cfg.Stream, cfg.Stream)
 	}
 	if len(info.Config.Sources) > 0 {
-		return nil, fmt.Errorf("stream %s sources messages from other streams: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream. Give this relay a stream of its own (--stream)", cfg.Stream)
+		return nil, fmt.Errorf("stream %s sources messages from other streams: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream. Give this relay a stream of its own (Config.Sink.Stream)", cfg.Stream)
 	}
 	if d := info.Config.Duplicates; d < MinSafeDuplicateWindow {
 		log.Warn().Str("stream", cfg.Stream).Stringer("duplicate_window", d).
@@ -329,7 +329,7 @@ func createStream(ctx context.Context, js jetstream.JetStream, cfg Config, want 
 	if err != nil {
 		hint := ""
 		if replicas > 1 && cfg.Replicas <= 0 {
-			hint = " (the relay asks for 3 replicas on a NATS cluster; set --stream-replicas)"
+			hint = " (the relay asks for 3 replicas on a NATS cluster; set Config.Sink.Replicas)"
 		}
 		return nil, fmt.Errorf("create stream %s for subjects %s with %d replicas: %w%s", cfg.Stream, want, replicas, err, hint)
 	}

@@ -202,6 +202,7 @@ func TestPreflight_IncompatibleStream(t *testing.T) {
 	msg, _ := runPreflight(t, "--pg-url", e.pg.URL, "--nats-url", e.nats.URL)
 	require.Contains(t, msg, "stream OUTBOX takes subjects [other.>], which do not cover outbox.>")
 	require.Contains(t, msg, "nats stream edit OUTBOX")
+	require.Contains(t, msg, "or choose another --stream / --subject-prefix", "the library names Config fields, the CLI its flags")
 
 	_, err = js.CreateStream(ctx, jetstream.StreamConfig{Name: "NOACK", Subjects: []string{"outbox.>"}, NoAck: true})
 	require.NoError(t, err)

@@ -40,6 +40,8 @@ var configFlags = map[string]string{
 	"Config.Sink.SubjectPrefix":    "--subject-prefix",
 	"Config.Sink.Window":           "--max-in-flight",
 	"Config.Sink.MaxInFlightBytes": "--max-in-flight-bytes",
+	"Config.Sink.Publish":          "--publish",
+	"Config.Sink.Replicas":         "--stream-replicas",
 	"Config.HTTPAddr":              "--http-addr",
 	"Config.StallTimeout":          "--stall-timeout",
 	"Config.DrainTimeout":          "--drain-timeout",
