@@ -278,18 +278,7 @@ func TestBackfill_DeadHolderDoesNotStallTheRelay(t *testing.T) {
 	defer closeNC()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*sink.LeaseTTL)
 	defer cancel()
-	kv, err := js.KeyValue(ctx, sink.DefaultPositionBucket)
-	require.NoError(t, err)
-	key := sink.HandoverKey(sink.DefaultStream, sink.DefaultSubjectPrefix)
-	b, err := json.Marshal(sink.Lease{State: sink.LeaseRequested, Holder: "a backfill that died", At: time.Now()})
-	require.NoError(t, err)
-	_, err = kv.Create(ctx, key, b)
-	require.NoError(t, err)
-	var lease sink.Lease
-	require.Eventually(t, func() bool {
-		e, err := kv.Get(ctx, key)
-		return err == nil && json.Unmarshal(e.Value(), &lease) == nil && lease.State == sink.LeaseGranted
-	}, 10*time.Second, 20*time.Millisecond, "the relay did not grant the request")
+	kv, key, lease, _ := requestHandover(ctx, t, js, "a backfill that died")
 	granted := time.Now()
 	require.Equal(t, uint64(10), lease.Seq, "granted at the stream's last sequence")
 	require.Equal(t, "relay", lease.GrantedBy)
@@ -300,7 +289,7 @@ func TestBackfill_DeadHolderDoesNotStallTheRelay(t *testing.T) {
 	waitStream(t, e.cluster.URL, 30, sink.LeaseTTL+30*time.Second)
 	t.Logf("the relay took the stream back %s after the grant", time.Since(granted).Round(time.Millisecond))
 	require.GreaterOrEqual(t, time.Since(granted), sink.LeaseTTL-time.Second)
-	_, err = kv.Get(ctx, key)
+	_, err := kv.Get(ctx, key)
 	require.ErrorIs(t, err, jetstream.ErrKeyNotFound)
 	require.Contains(t, log.String(), "did not hand it back within the lease")
 	require.NoError(t, stop())
@@ -335,23 +324,7 @@ func TestBackfill_LateBackfillMessageAtHandBackLeavesNoGap(t *testing.T) {
 	defer closeNC()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	kv, err := js.KeyValue(ctx, sink.DefaultPositionBucket)
-	require.NoError(t, err)
-	key := sink.HandoverKey(sink.DefaultStream, sink.DefaultSubjectPrefix)
-	b, err := json.Marshal(sink.Lease{State: sink.LeaseRequested, Holder: "test", At: time.Now()})
-	require.NoError(t, err)
-	_, err = kv.Create(ctx, key, b)
-	require.NoError(t, err)
-	var lease sink.Lease
-	var rev uint64
-	require.Eventually(t, func() bool {
-		e, err := kv.Get(ctx, key)
-		if err != nil || json.Unmarshal(e.Value(), &lease) != nil {
-			return false
-		}
-		rev = e.Revision()
-		return lease.State == sink.LeaseGranted
-	}, 10*time.Second, 20*time.Millisecond)
+	kv, key, lease, rev := requestHandover(ctx, t, js, "test")
 	n := workload{Writers: 2, Aggregates: 10, Txs: 20, MaxTx: 20, Seed: 56}.run(t, e.pg) // queued while paused
 
 	// The late backfill message: stored right where the relay's first publish after the
@@ -482,4 +455,29 @@ func TestEnsureStream_CreatesAnR3StreamOnACluster(t *testing.T) {
 	info, err = sink.EnsureStream(ctx, js, sink.Config{Stream: "ONE", SubjectPrefix: "one", Replicas: 1}, zerolog.Nop())
 	require.NoError(t, err)
 	require.Equal(t, 1, info.Config.Replicas)
+}
+
+// requestHandover asks the relay for the stream as a backfill does (a request in the hand-over
+// key of the default stream and prefix) and waits until the relay grants it: the grant and its
+// revision.
+func requestHandover(ctx context.Context, t *testing.T, js jetstream.JetStream, holder string) (jetstream.KeyValue, string, sink.Lease, uint64) {
+	t.Helper()
+	kv, err := js.KeyValue(ctx, sink.DefaultPositionBucket)
+	require.NoError(t, err)
+	key := sink.HandoverKey(sink.DefaultStream, sink.DefaultSubjectPrefix)
+	b, err := json.Marshal(sink.Lease{State: sink.LeaseRequested, Holder: holder, At: time.Now()})
+	require.NoError(t, err)
+	_, err = kv.Create(ctx, key, b)
+	require.NoError(t, err)
+	var lease sink.Lease
+	var rev uint64
+	require.Eventually(t, func() bool {
+		e, err := kv.Get(ctx, key)
+		if err != nil || json.Unmarshal(e.Value(), &lease) != nil {
+			return false
+		}
+		rev = e.Revision()
+		return lease.State == sink.LeaseGranted
+	}, 10*time.Second, 20*time.Millisecond, "the relay did not grant the request")
+	return kv, key, lease, rev
 }
