@@ -32,8 +32,12 @@ func TestStandby_SecondRelayTakesOverWhenTheFirstStops(t *testing.T) {
 	// readiness probe of the pair in deploy/kubernetes); the active relay is ready either way.
 	code, body = get(t, baseB+"/readyz?standby=ok")
 	require.Equal(t, http.StatusOK, code, body)
-	code, body = get(t, httpAddrOf(t, logA)+"/readyz?standby=ok")
-	require.Equal(t, http.StatusOK, code, body)
+	// The active relay is ready once its session is set up, a moment after the slot turns
+	// active (waitStreaming): it then checks the slot against its position record.
+	require.Eventually(t, func() bool {
+		code, _ := get(t, httpAddrOf(t, logA)+"/readyz?standby=ok")
+		return code == http.StatusOK
+	}, 10*time.Second, 20*time.Millisecond)
 
 	insertEvents(t, e, "a", 50)
 	waitStream(t, e.nats.URL, 50, 30*time.Second)
