@@ -193,28 +193,12 @@ func (e *env) barePipeHeaders(ctx context.Context, d *db, slot, stream, prefix s
 	if err != nil {
 		return err
 	}
-	idCol, payCol, typCol, evCol, aggCol, createdCol := -1, -1, -1, -1, -1, -1
+	var oc outboxCols
 	var lastID string
 	txIndex := 0
 	err = drainSlot(ctx, d.url, slot, n, func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error {
-		if idCol < 0 {
-			for i, c := range rel.Columns {
-				switch c.Name {
-				case "id":
-					idCol = i
-				case "payload":
-					payCol = i
-				case "aggregate_type":
-					typCol = i
-				case "event_type":
-					evCol = i
-				case "aggregate_id":
-					aggCol = i
-				case "created_at":
-					createdCol = i
-				}
-			}
-		}
+		oc.find(rel)
+		idCol, payCol, typCol, evCol, aggCol, createdCol := oc.id, oc.payload, oc.typ, oc.event, oc.agg, oc.created
 		cols := ins.Tuple.Columns
 		m := nats.NewMsg(prefix + "." + string(cols[typCol].Data) + "." + string(cols[evCol].Data))
 		m.Data = cols[payCol].Data
@@ -270,24 +254,12 @@ func (e *env) barePipeAtomic(ctx context.Context, d *db, slot, prefix string, n,
 		return err
 	}
 	var acks []jetstream.PubAckFuture
-	idCol, payCol, typCol, evCol := -1, -1, -1, -1
+	var oc outboxCols
 	var tx []*nats.Msg
 	batches := 0
 	err = drainSlot(ctx, d.url, slot, n, func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error {
-		if idCol < 0 {
-			for i, c := range rel.Columns {
-				switch c.Name {
-				case "id":
-					idCol = i
-				case "payload":
-					payCol = i
-				case "aggregate_type":
-					typCol = i
-				case "event_type":
-					evCol = i
-				}
-			}
-		}
+		oc.find(rel)
+		idCol, payCol, typCol, evCol := oc.id, oc.payload, oc.typ, oc.event
 		cols := ins.Tuple.Columns
 		m := nats.NewMsg(prefix + "." + string(cols[typCol].Data) + "." + string(cols[evCol].Data))
 		m.Data = cols[payCol].Data
@@ -333,4 +305,34 @@ func (e *env) barePipeAtomic(ctx context.Context, d *db, slot, prefix string, n,
 		}
 	}
 	return nil
+}
+
+// outboxCols are the positions of the outbox table's columns in its relation message, found
+// once (the first insert) by the bare pipes.
+type outboxCols struct {
+	found                                 bool
+	id, payload, typ, event, agg, created int
+}
+
+func (o *outboxCols) find(rel *pglogrepl.RelationMessage) {
+	if o.found {
+		return
+	}
+	o.found = true
+	for i, c := range rel.Columns {
+		switch c.Name {
+		case "id":
+			o.id = i
+		case "payload":
+			o.payload = i
+		case "aggregate_type":
+			o.typ = i
+		case "event_type":
+			o.event = i
+		case "aggregate_id":
+			o.agg = i
+		case "created_at":
+			o.created = i
+		}
+	}
 }
