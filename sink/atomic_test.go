@@ -115,20 +115,7 @@ func TestJetStream_AtomicLostMessageInsideABatchResendsItWhole(t *testing.T) {
 // transaction stored once, whole, in order.
 func TestJetStream_AtomicResetsAndCutsKeepTransactionsWhole(t *testing.T) {
 	r := newSinkRig(t, Config{Publish: PublishAtomic, Window: 128, AckTimeout: time.Second})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for i := 0; i < 6; i++ {
-			time.Sleep(60 * time.Millisecond)
-			if i%2 == 0 {
-				r.proxy.Reset()
-			} else {
-				r.proxy.CutAfter(5000)
-				time.Sleep(60 * time.Millisecond)
-				r.proxy.Pass()
-			}
-		}
-	}()
+	done := r.resetsAndCuts()
 	r.publishTxs(t, 150, 20)
 	<-done
 	r.waitConfirmed(t, 3000)

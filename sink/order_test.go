@@ -172,20 +172,7 @@ func TestJetStream_LostPublishMidWindowKeepsOrder(t *testing.T) {
 func TestJetStream_ResetsAndCutsMidWindowKeepOrder(t *testing.T) {
 	const n = 3000
 	r := newSinkRig(t, Config{Window: 128, AckTimeout: time.Second})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for i := 0; i < 6; i++ {
-			time.Sleep(60 * time.Millisecond)
-			if i%2 == 0 {
-				r.proxy.Reset()
-			} else {
-				r.proxy.CutAfter(5000)
-				time.Sleep(60 * time.Millisecond)
-				r.proxy.Pass()
-			}
-		}
-	}()
+	done := r.resetsAndCuts()
 	r.publish(t, n)
 	<-done
 	r.waitConfirmed(t, n)
@@ -290,3 +277,23 @@ func TestJetStream_ReconnectDuringBackoffRepublishesAtOnce(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// resetsAndCuts resets the connection three times and cuts it in the middle of a message
+// three times, 60 ms apart; the channel closes when it is done.
+func (r *sinkRig) resetsAndCuts() <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 6; i++ {
+			time.Sleep(60 * time.Millisecond)
+			if i%2 == 0 {
+				r.proxy.Reset()
+			} else {
+				r.proxy.CutAfter(5000)
+				time.Sleep(60 * time.Millisecond)
+				r.proxy.Pass()
+			}
+		}
+	}()
+	return done
+}
