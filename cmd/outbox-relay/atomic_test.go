@@ -14,8 +14,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
-	"github.com/outbox-relay/outbox-relay/internal/testenv"
-	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -161,23 +159,7 @@ func TestPublish_AtomicPoisonStopsOrDeadLettersInItsTransaction(t *testing.T) {
 		{name: "stream refuses it", bad: `('p1', 'order', 'p', 'Big', repeat('x', 6000), NULL)`, maxMsgSize: 4096, wantErr: "rejected by the stream"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			pg := testenv.Postgres(t)
-			var opts []natsembed.NATSOption
-			if c.maxPayload > 0 {
-				opts = append(opts, natsembed.WithMaxPayload(c.maxPayload))
-			}
-			ns := natsembed.JetStream(t, opts...)
-			if c.maxMsgSize > 0 {
-				js, err := jetstream.New(ns.Connect(t))
-				require.NoError(t, err)
-				_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: sink.DefaultStream, Subjects: []string{"outbox.>"},
-					MaxMsgSize: c.maxMsgSize, Duplicates: 20 * time.Minute, AllowAtomicPublish: true})
-				require.NoError(t, err)
-			}
-			pg.Exec(t, `CREATE TABLE loose_outbox (id text, aggregate_type text NOT NULL, aggregate_id text NOT NULL, event_type text NOT NULL,
-				payload text NOT NULL, headers text, created_at timestamptz NOT NULL DEFAULT now())`)
-			pg.Exec(t, `CREATE PUBLICATION outbox_pub FOR TABLE loose_outbox WITH (publish = 'insert')`)
-			pg.Exec(t, `SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')`)
+			pg, ns := looseOutbox(t, c.maxPayload, c.maxMsgSize, true)
 			pg.Exec(t, `INSERT INTO loose_outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) VALUES
 				('g1', 'order', 'g', 'Good', '{"n": 1}', NULL), `+c.bad+`, ('g2', 'order', 'g', 'Good', '{"n": 2}', NULL)`)
 			args := []string{"run", "--pg-url", pg.URL, "--nats-url", ns.URL, "--table", "public.loose_outbox", "--log-format", "json", "--publish", "atomic"}

@@ -55,22 +55,7 @@ func TestRelay_PoisonEventsStopOrGoToDeadLetter(t *testing.T) {
 		{name: "headers over max_payload", insert: `('p1', 'order', 'p', 'Big', '{"p": 1}', (SELECT json_object_agg('h' || i, repeat('v', 600))::text FROM generate_series(1, 10) i))`, maxPayload: 4096, wantErr: "over the server's max_payload of 4096", wantReason: "max_payload"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			pg := testenv.Postgres(t)
-			var opts []natsembed.NATSOption
-			if c.maxPayload > 0 {
-				opts = append(opts, natsembed.WithMaxPayload(c.maxPayload))
-			}
-			ns := natsembed.JetStream(t, opts...)
-			if c.maxMsgSize > 0 {
-				js, err := jetstream.New(ns.Connect(t))
-				require.NoError(t, err)
-				_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: sink.DefaultStream, Subjects: []string{"outbox.>"}, MaxMsgSize: c.maxMsgSize, Duplicates: 20 * time.Minute})
-				require.NoError(t, err)
-			}
-			pg.Exec(t, `CREATE TABLE loose_outbox (id text, aggregate_type text NOT NULL, aggregate_id text NOT NULL, event_type text NOT NULL,
-				payload text NOT NULL, headers text, created_at timestamptz NOT NULL DEFAULT now())`)
-			pg.Exec(t, `CREATE PUBLICATION outbox_pub FOR TABLE loose_outbox WITH (publish = 'insert')`)
-			pg.Exec(t, `SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')`)
+			pg, ns := looseOutbox(t, c.maxPayload, c.maxMsgSize, false)
 			ins := `INSERT INTO loose_outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) VALUES `
 			pg.Exec(t, ins+`('g1', 'order', 'g', 'Good', '{"n": 1}', NULL)`)
 			pg.Exec(t, ins+c.insert)
@@ -153,4 +138,30 @@ func TestMessageMode_MalformedMessageStopsOrGoesToDeadLetter(t *testing.T) {
 			require.Equal(t, "00000000-0000-4000-8000-000000000002", recs[2].Header.Get(sink.HeaderMsgID))
 		})
 	}
+}
+
+// looseOutbox is a Postgres database with an outbox table that takes rows the relay refuses
+// (a NULL id, headers as any text), its publication and slot, and a JetStream server with
+// max_payload maxPayload and, when maxMsgSize > 0, the relay's stream with that max_msg_size
+// (allowing atomic batches when atomic); 0 leaves the server's defaults.
+func looseOutbox(t *testing.T, maxPayload, maxMsgSize int32, atomic bool) (*testenv.PG, *natsembed.NATS) {
+	t.Helper()
+	pg := testenv.Postgres(t)
+	var opts []natsembed.NATSOption
+	if maxPayload > 0 {
+		opts = append(opts, natsembed.WithMaxPayload(maxPayload))
+	}
+	ns := natsembed.JetStream(t, opts...)
+	if maxMsgSize > 0 {
+		js, err := jetstream.New(ns.Connect(t))
+		require.NoError(t, err)
+		_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: sink.DefaultStream, Subjects: []string{"outbox.>"},
+			MaxMsgSize: maxMsgSize, Duplicates: 20 * time.Minute, AllowAtomicPublish: atomic})
+		require.NoError(t, err)
+	}
+	pg.Exec(t, `CREATE TABLE loose_outbox (id text, aggregate_type text NOT NULL, aggregate_id text NOT NULL, event_type text NOT NULL,
+		payload text NOT NULL, headers text, created_at timestamptz NOT NULL DEFAULT now())`)
+	pg.Exec(t, `CREATE PUBLICATION outbox_pub FOR TABLE loose_outbox WITH (publish = 'insert')`)
+	pg.Exec(t, `SELECT pg_create_logical_replication_slot('outbox_relay', 'pgoutput')`)
+	return pg, ns
 }
