@@ -35,8 +35,9 @@ func (p *Publisher) startChain(ctx context.Context) {
 		p.stats.Errors++
 		return
 	}
-	// Atomic batches refuse Nats-Expected-Last-Msg-Id: they chain on the sequence.
-	p.seqChain = info.Config.Replicas > 1 || p.atomic
+	// Atomic batches refuse Nats-Expected-Last-Msg-Id, fast batches chain from one batch to
+	// the next: they chain on the sequence.
+	p.seqChain = info.Config.Replicas > 1 || p.seqChained()
 	p.lastSeq, p.recovering = info.State.LastSeq, false
 	// A session's first message on a replicated stream goes alone (see Pause).
 	p.fenced = p.seqChain
@@ -215,11 +216,12 @@ func (p *Publisher) resync(ctx context.Context) bool {
 			drained = true
 		}
 	}
-	p.seqChain = info.Config.Replicas > 1 || p.atomic
+	p.seqChain = info.Config.Replicas > 1 || p.seqChained()
 	p.lastSeq = info.State.LastSeq
 	p.lastID = ""
 	p.recovering = false
 	p.sendingBatch = nil
+	p.fastOpen = false // re-published events start a new fast batch
 	if p.paused {
 		return true // Run restarts the chain after Resume
 	}

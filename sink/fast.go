@@ -1,0 +1,247 @@
+package sink
+
+import (
+	"encoding/json"
+	"errors"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Fast-ingest batches (Config.Publish fast; nats-server 2.14+, stream allow_batched).
+//
+// The batch's state travels in each message's reply subject,
+// <inbox><batch id>.<ack every>.fail.<batch sequence>.<operation>.$FI, and the server answers
+// on it: with a flow ack {"type":"ack","seq":N} once the batch's messages 1..N are stored
+// (every <ack every> messages, which the server may lower while other fast batches are open
+// on the stream), with {"type":"gap"} when a batch sequence is missing (a message lost on a
+// cut connection) and {"type":"err","seq":N} when it refused message N, and after either of
+// those or an end-of-batch commit with a PubAck {"stream":..,"seq":..,"batch":..,"count":C}:
+// messages 1..C are stored, none after them. Gap mode "fail": nothing after a missing or
+// refused message is stored, so the batch sequence is the chain inside a batch. A message the
+// stream already holds (Nats-Msg-Id in the duplicate window) is skipped and the batch goes
+// on, except as a batch's first message, whose duplicate PubAck ends the batch.
+//
+// The sink keeps one batch open while events flow and ends it with an end-of-batch commit
+// when nothing was sent for fastLinger (the tail of the batch is then stored without waiting
+// for the next flow ack), when the window empties, or when a failure breaks it. Every batch's
+// first message carries Nats-Expected-Last-Sequence (the sequence chain): a batch that would
+// be stored after a part of the previous one that was not is refused whole. An event is
+// confirmed only once a flow ack or PubAck covers it.
+
+// Fast batch operations (the last token before .$FI).
+const (
+	fastOpStart     = 0
+	fastOpAppend    = 1
+	fastOpCommit    = 2
+	fastOpCommitEOB = 3
+)
+
+// fastLinger: a batch with nothing sent for this long is committed, so its tail is confirmed
+// without waiting for the next flow ack.
+const fastLinger = 500 * time.Microsecond
+
+// MaxFastAckEvery is the most messages the server lets go between flow acks (nats-server
+// v2.15.2 caps the client's value at 500).
+const MaxFastAckEvery = 500
+
+// JetStream error codes of fast batches.
+const (
+	jsErrCodeBatchDisabled    jetstream.ErrorCode = 10205 // batch publish is disabled
+	jsErrCodeBatchUnknownID   jetstream.ErrorCode = 10208 // batch publish ID unknown
+	jsErrCodeBatchTooManyOpen jetstream.ErrorCode = 10211 // batch publish too many inflight
+)
+
+// errFastBatchEnded: the server ended the batch before this event (a gap, a refused event
+// before it, or a commit); it is not stored and is re-published in a new batch.
+var errFastBatchEnded = errors.New("fast batch ended before this event")
+
+// fastAckEvery is the flow ack interval asked of the server: a quarter of the window, so that
+// acks come while the window still has room, at most MaxFastAckEvery.
+func fastAckEvery(window int) int { return max(1, min(MaxFastAckEvery, window/4)) }
+
+// fastSend publishes the message of e (headers h) as the next message of the open fast batch,
+// or as the first of a new one; alone: as a batch of its own, committed with it (the probe,
+// whose PubAck comes once it is stored). tok is its send's token. p.mu is held.
+func (p *Publisher) fastSend(e *entry, h nats.Header, alone bool) error {
+	delete(h, jetstream.ExpectedLastMsgIDHeader)
+	op := fastOpAppend
+	if !p.fastOpen || alone {
+		p.fastN++
+		p.fastSeq = 0
+		p.fastID = p.fastPrefix + strconv.FormatUint(p.fastN, 10)
+		p.fastOpen = true
+		op = fastOpStart
+		// The chain's expectation (set by send) stays on a batch's first message only.
+	} else {
+		delete(h, jetstream.ExpectedLastSeqHeader)
+	}
+	p.fastSeq++
+	if alone {
+		op, p.fastOpen = fastOpCommit, false
+	}
+	e.fb, e.fseq = p.fastN, p.fastSeq
+	p.fastSubject = e.msg.Subject
+	p.fastSentAt = time.Now()
+	return p.sendTo(e, h, p.fastReply(p.fastSeq, op))
+}
+
+// fastReply builds the reply subject of the open batch's message seq with operation op in
+// p.replyBuf.
+func (p *Publisher) fastReply(seq uint64, op int) []byte {
+	b := append(p.replyBuf[:0], p.inbox...)
+	b = append(b, p.fastID...)
+	b = append(b, '.')
+	b = strconv.AppendInt(b, int64(p.fastFlow), 10)
+	b = append(b, ".fail."...)
+	b = strconv.AppendUint(b, seq, 10)
+	b = append(b, '.')
+	b = strconv.AppendInt(b, int64(op), 10)
+	b = append(b, ".$FI"...)
+	p.replyBuf = b
+	return b
+}
+
+// fastCommit ends the open batch with an end-of-batch commit (no message is stored for it):
+// the server answers with a PubAck once every message of the batch it received is stored.
+// p.mu is held.
+func (p *Publisher) fastCommit() {
+	if !p.fastOpen {
+		return
+	}
+	p.fastOpen = false
+	p.fastSeq++
+	reply := p.fastReply(p.fastSeq, fastOpCommitEOB)
+	// A failure shows as a disconnect, which fails the batch's sends.
+	_ = p.nc.PublishMsg(&nats.Msg{Subject: p.fastSubject, Reply: string(reply)})
+}
+
+// fastLingerEnd is when the open batch is committed if nothing more is sent; ok false: no
+// batch is open.
+func (p *Publisher) fastLingerEnd() (at time.Time, ok bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.fastSentAt.Add(fastLinger), p.fastOpen
+}
+
+// fastIdle commits the open batch when nothing was sent to it for fastLinger (or at all: now
+// zero).
+func (p *Publisher) fastIdle(now time.Time) {
+	p.mu.Lock()
+	if p.fastOpen && (now.IsZero() || now.Sub(p.fastSentAt) >= fastLinger) {
+		p.fastCommit()
+	}
+	p.mu.Unlock()
+}
+
+// fastResponse is any of the server's answers on a fast batch reply subject.
+type fastResponse struct {
+	Type     string              `json:"type"`
+	Seq      uint64              `json:"seq"`
+	LastSeq  uint64              `json:"last_seq"`
+	Count    uint64              `json:"count"`
+	Stream   string              `json:"stream"`
+	Batch    string              `json:"batch"`
+	Error    *jetstream.APIError `json:"error"`
+	Dup      bool                `json:"duplicate"`
+	Messages int                 `json:"msgs"`
+}
+
+// parseFastSubject returns the batch number and batch sequence of one of p's fast batch reply
+// subjects.
+func (p *Publisher) parseFastSubject(subject string) (batch, seq uint64, ok bool) {
+	rest, found := strings.CutPrefix(subject, p.inbox+p.fastPrefix)
+	if !found {
+		return 0, 0, false
+	}
+	parts := strings.Split(rest, ".")
+	// <n>.<flow>.fail.<seq>.<op>.$FI
+	if len(parts) != 6 {
+		return 0, 0, false
+	}
+	batch, err1 := strconv.ParseUint(parts[0], 10, 64)
+	seq, err2 := strconv.ParseUint(parts[3], 10, 64)
+	return batch, seq, err1 == nil && err2 == nil
+}
+
+// fastReplyMsg handles the server's answer m on a fast batch. Run's goroutine.
+func (p *Publisher) fastReplyMsg(m *nats.Msg) {
+	batch, seq, ok := p.parseFastSubject(m.Subject)
+	if !ok {
+		return
+	}
+	if len(m.Data) == 0 && m.Header.Get("Status") == "503" {
+		// No responders: no stream takes the subject (yet), or JetStream is not available.
+		p.fastOutcome(batch, seq, seq, jetstream.ErrNoStreamResponse)
+		p.fastOutcome(batch, seq+1, ^uint64(0), errFastBatchEnded)
+		return
+	}
+	var r fastResponse
+	if err := json.Unmarshal(m.Data, &r); err != nil {
+		p.log.Warn().Err(err).Str("reply", string(m.Data)).Msg("unreadable answer to a fast batch publish; its events are re-published when their acks time out")
+		return
+	}
+	switch {
+	case r.Type == "ack":
+		p.fastStored(batch, r.Seq, false)
+	case r.Type == "gap":
+		// The PubAck that ends the batch follows and says what is stored.
+		p.log.Debug().Uint64("batch", batch).Uint64("expected", r.LastSeq).Uint64("got", r.Seq).Msg("fast batch gap: a message was lost; the batch ends")
+	case r.Type == "err":
+		// The PubAck that ends the batch follows (up to the event before this one).
+		p.fastOutcome(batch, r.Seq, r.Seq, r.Error)
+	case r.Error != nil:
+		// A refusal as a plain publish's: the batch's first message (the batch is gone), or a
+		// message of a batch the server does not know (anymore).
+		p.fastOutcome(batch, seq, seq, r.Error)
+		p.fastOutcome(batch, seq+1, ^uint64(0), errFastBatchEnded)
+	case r.Stream != "":
+		// The PubAck: the batch ended with messages 1..Count stored.
+		p.fastStored(batch, r.Count, r.Dup)
+		p.fastOutcome(batch, r.Count+1, ^uint64(0), errFastBatchEnded)
+	}
+}
+
+// fastStored resolves the sends of batch's messages 1..upto still awaiting their outcome as
+// stored; dup: the last of them was a duplicate.
+func (p *Publisher) fastStored(batch, upto uint64, dup bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, e := range p.q {
+		if e.fb != batch || e.token == 0 || e.resolved {
+			continue
+		}
+		if e.fseq > upto {
+			break
+		}
+		delete(p.pending, e.token)
+		e.resolved, e.ackErr, e.ackStream, e.ackDup = true, nil, p.streamBytes, dup && e.fseq == upto
+		if e.traced != nil {
+			e.traced(0, e.ackDup) // flow acks carry no stream sequence
+			e.traced = nil
+		}
+	}
+}
+
+// fastOutcome fails the sends of batch's messages from..to still awaiting their outcome with
+// err.
+func (p *Publisher) fastOutcome(batch, from, to uint64, err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, e := range p.q {
+		if e.fb != batch || e.token == 0 || e.resolved || e.fseq < from {
+			continue
+		}
+		if e.fseq > to {
+			break
+		}
+		delete(p.pending, e.token)
+		e.resolved, e.ackErr = true, err
+	}
+	if batch == p.fastN {
+		p.fastOpen = false // the server ended it: the next send starts a new one
+	}
+}
