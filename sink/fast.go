@@ -23,7 +23,7 @@ import (
 // messages 1..C are stored, none after them. Gap mode "fail": nothing after a missing or
 // refused message is stored, so the batch sequence is the chain inside a batch. A message the
 // stream already holds (Nats-Msg-Id in the duplicate window) is skipped and the batch goes
-// on, except as a batch's first message, whose duplicate PubAck ends the batch.
+// on (flow acks count it), also as a batch's first message.
 //
 // The sink keeps one batch open while events flow and ends it with an end-of-batch commit
 // when nothing was sent for fastLinger (the tail of the batch is then stored without waiting

@@ -54,6 +54,21 @@ func newClusterEnvReplicas(t *testing.T, replicas int) *clusterEnv {
 	return e
 }
 
+// allowStream changes the relay's stream's config with set (a stream option a publish mode
+// needs).
+func (e *clusterEnv) allowStream(t *testing.T, set func(*jetstream.StreamConfig)) {
+	t.Helper()
+	js, closeNC := connectJS(t, e.cluster.URL)
+	defer closeNC()
+	ctx := context.Background()
+	s, err := js.Stream(ctx, sink.DefaultStream)
+	require.NoError(t, err)
+	cfg := s.CachedInfo().Config
+	set(&cfg)
+	_, err = js.UpdateStream(ctx, cfg)
+	require.NoError(t, err)
+}
+
 // readClusterStream returns every message of the relay's stream in stream order. An ordered
 // consumer can be cut off by a leader change right after the faults of a test: it is then
 // created again from the next sequence, until the read ends at the stream's last sequence.
@@ -132,11 +147,23 @@ func (f stringerFunc) String() string { return f() }
 // replica, they step down and turn observers, and the stream has no leader any more (publishes
 // time out, stream requests get 10008 "JetStream system temporarily unavailable"). The relay
 // must get past the lost publish in about an ack timeout.
+//
+// Also with --publish fast: the lost publish is a gap in the fast batch, which the stream
+// leader finds before proposing the next message.
 func TestRelay_R3LostPublishDoesNotStallTheChain(t *testing.T) {
+	for _, mode := range []string{"single", "fast"} {
+		t.Run(mode, func(t *testing.T) { r3LostPublish(t, mode) })
+	}
+}
+
+func r3LostPublish(t *testing.T, mode string) {
 	e := newClusterEnv(t)
+	if mode == "fast" {
+		e.allowStream(t, func(c *jetstream.StreamConfig) { c.AllowBatchPublish = true })
+	}
 	proxy := e.leaderProxyDropping(t, 300, 2000) // a lost publish in the middle of a full window, twice
 	args := []string{"run", "--pg-url", e.pg.URL, "--nats-url", "nats://" + proxy.Addr(), "--create-slot",
-		"--log-format", "json", "--log-level", "info", "--ack-timeout", "1s", "--max-in-flight", "256"}
+		"--log-format", "json", "--log-level", "info", "--ack-timeout", "1s", "--max-in-flight", "256", "--publish", mode}
 	stop, log := inProcess(t, args)
 	waitStreaming(t, e.pg, "outbox_relay")
 
@@ -160,10 +187,11 @@ func TestRelay_R3LostPublishDoesNotStallTheChain(t *testing.T) {
 // relay must keep up, and the stream must hold every event once, the live ones in
 // per-aggregate order.
 func TestBackfill_NextToALiveRelayKeepsOrder(t *testing.T) {
-	// single: the relay chains on message ids and the backfill publishes freely. atomic: the
-	// relay chains its batches on the stream's sequence, so the backfill publishes through the
-	// hand-over even on a single-replica stream, and transactions stay whole.
-	for _, mode := range []string{"single", "atomic"} {
+	// single: the relay chains on message ids and the backfill publishes freely. atomic and
+	// fast: the relay chains its batches on the stream's sequence, so the backfill publishes
+	// through the hand-over even on a single-replica stream (and atomic transactions stay
+	// whole).
+	for _, mode := range []string{"single", "atomic", "fast"} {
 		t.Run(mode, func(t *testing.T) {
 			e := newEnv(t)
 			since := time.Now().Add(-time.Minute).UTC().Format(time.RFC3339Nano)
@@ -190,7 +218,7 @@ func TestBackfill_NextToALiveRelayKeepsOrder(t *testing.T) {
 			require.NoError(t, stop())
 			recs := readStream(t, e.nats.URL, sink.DefaultStream)
 			requireClean(t, check(t, outboxRows(t, e.pg), recs))
-			if mode == "atomic" {
+			if mode != "single" {
 				require.GreaterOrEqual(t, strings.Count(log.String(), "hand-over: publishing paused"), 1, "the backfill goes through the hand-over")
 			}
 		})
