@@ -91,10 +91,11 @@ func (p *Publisher) Run(ctx context.Context) error {
 		}
 		p.mu.Unlock()
 		if e == nil {
-			if p.fast {
-				p.fastIdle(time.Time{}) // everything sent is stored: end the batch
-			}
 			p.idle(ctx, status)
+			continue
+		}
+		if e.token == 0 && p.fast && p.fastHolds(e) {
+			p.fastWaitHeld(ctx, timer, status)
 			continue
 		}
 		if e.token == 0 {
@@ -152,7 +153,7 @@ func (p *Publisher) await(ctx context.Context, e *entry, timer *time.Timer, stat
 		deadline := e.sent.Add(p.cfg.AckTimeout)
 		wake := deadline
 		if p.fast {
-			// An open fast batch is committed once nothing more is sent (see fastLinger).
+			// The held event goes out as its batch's commit once nothing more came.
 			if at, open := p.fastLingerEnd(); open && at.Before(wake) {
 				wake = at
 			}
@@ -173,7 +174,7 @@ func (p *Publisher) await(ctx context.Context, e *entry, timer *time.Timer, stat
 			p.timerAt = time.Time{}
 			now := time.Now()
 			if p.fast {
-				p.fastIdle(now)
+				p.fastFlush(now)
 			}
 			if !now.Before(deadline) {
 				p.resolve(e, jetstream.ErrAsyncPublishTimeout)

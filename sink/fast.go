@@ -1,6 +1,7 @@
 package sink
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"strconv"
@@ -25,9 +26,12 @@ import (
 // stream already holds (Nats-Msg-Id in the duplicate window) is skipped and the batch goes
 // on (flow acks count it), also as a batch's first message.
 //
-// The sink keeps one batch open while events flow and ends it with an end-of-batch commit
-// when nothing was sent for fastLinger (the tail of the batch is then stored without waiting
-// for the next flow ack), when the window empties, or when a failure breaks it. Every batch's
+// The sink keeps one batch open while events flow. The newest event is held back until the
+// next one comes or fastLinger passed; then it goes out as the batch's commit, whose PubAck
+// confirms the batch's tail without waiting for the next flow ack, and the next event starts a
+// new batch. (An end-of-batch commit without a message would do the same without the wait,
+// but it is a message on an event subject that core NATS subscribers of the stream's subjects
+// receive.) A failure ends the batch too. Every batch's
 // first message carries Nats-Expected-Last-Sequence (the sequence chain): a batch that would
 // be stored after a part of the previous one that was not is refused whole. An event is
 // confirmed only once a flow ack or PubAck covers it.
@@ -37,11 +41,11 @@ const (
 	fastOpStart     = 0
 	fastOpAppend    = 1
 	fastOpCommit    = 2
-	fastOpCommitEOB = 3
+	fastOpCommitEOB = 3 // an end-of-batch commit without a message (not used by the sink)
 )
 
-// fastLinger: a batch with nothing sent for this long is committed, so its tail is confirmed
-// without waiting for the next flow ack.
+// fastLinger: the newest event, held back this long without a next one, is sent as its
+// batch's commit, so the batch's tail is confirmed without waiting for the next flow ack.
 const fastLinger = 500 * time.Microsecond
 
 // MaxFastAckEvery is the most messages the server lets go between flow acks (nats-server
@@ -64,9 +68,9 @@ var errFastBatchEnded = errors.New("fast batch ended before this event")
 func fastAckEvery(window int) int { return max(1, min(MaxFastAckEvery, window/4)) }
 
 // fastSend publishes the message of e (headers h) as the next message of the open fast batch,
-// or as the first of a new one; alone: as a batch of its own, committed with it (the probe,
-// whose PubAck comes once it is stored). tok is its send's token. p.mu is held.
-func (p *Publisher) fastSend(e *entry, h nats.Header, alone bool) error {
+// or as the first of a new one; commit: as the batch's last (its PubAck comes once every
+// message of the batch is stored); alone: as a batch of its own (the probe). p.mu is held.
+func (p *Publisher) fastSend(e *entry, h nats.Header, commit, alone bool) error {
 	delete(h, jetstream.ExpectedLastMsgIDHeader)
 	op := fastOpAppend
 	if !p.fastOpen || alone {
@@ -80,12 +84,10 @@ func (p *Publisher) fastSend(e *entry, h nats.Header, alone bool) error {
 		delete(h, jetstream.ExpectedLastSeqHeader)
 	}
 	p.fastSeq++
-	if alone {
+	if commit || alone {
 		op, p.fastOpen = fastOpCommit, false
 	}
 	e.fb, e.fseq = p.fastN, p.fastSeq
-	p.fastSubject = e.msg.Subject
-	p.fastSentAt = time.Now()
 	return p.sendTo(e, h, p.fastReply(p.fastSeq, op))
 }
 
@@ -105,36 +107,73 @@ func (p *Publisher) fastReply(seq uint64, op int) []byte {
 	return b
 }
 
-// fastCommit ends the open batch with an end-of-batch commit (no message is stored for it):
-// the server answers with a PubAck once every message of the batch it received is stored.
-// p.mu is held.
-func (p *Publisher) fastCommit() {
-	if !p.fastOpen {
+// fastEnqueue sends the event held back (if any) as the next message of the batch and holds
+// e back in its place: the newest event waits until the next one comes (and is then sent in
+// the batch) or fastLinger passed (and Run sends it as the batch's commit). p.mu is held.
+func (p *Publisher) fastEnqueue(e *entry) {
+	if h := p.fastHeld; h != nil {
+		p.fastHeld = nil
+		p.send(h)
+	}
+	if p.recovering {
+		// The send failed or is the probe: Run sends e in order.
+		if e.failed == nil {
+			e.failed = p.startErr
+		}
 		return
 	}
-	p.fastOpen = false
-	p.fastSeq++
-	reply := p.fastReply(p.fastSeq, fastOpCommitEOB)
-	// A failure shows as a disconnect, which fails the batch's sends.
-	_ = p.nc.PublishMsg(&nats.Msg{Subject: p.fastSubject, Reply: string(reply)})
+	p.fastHeld, p.fastHeldAt = e, time.Now()
 }
 
-// fastLingerEnd is when the open batch is committed if nothing more is sent; ok false: no
-// batch is open.
+// fastLingerEnd is when the held event is sent as its batch's commit; ok false: none is held.
 func (p *Publisher) fastLingerEnd() (at time.Time, ok bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.fastSentAt.Add(fastLinger), p.fastOpen
+	return p.fastHeldAt.Add(fastLinger), p.fastHeld != nil
 }
 
-// fastIdle commits the open batch when nothing was sent to it for fastLinger (or at all: now
-// zero).
-func (p *Publisher) fastIdle(now time.Time) {
+// fastFlush sends the held event as its batch's commit once it waited fastLinger: nothing
+// more came to send after it.
+func (p *Publisher) fastFlush(now time.Time) {
 	p.mu.Lock()
-	if p.fastOpen && (now.IsZero() || now.Sub(p.fastSentAt) >= fastLinger) {
-		p.fastCommit()
+	defer p.mu.Unlock()
+	if h := p.fastHeld; h != nil && !p.paused && !p.recovering && now.Sub(p.fastHeldAt) >= fastLinger {
+		p.fastHeld = nil
+		p.fastCommitNext = true
+		p.send(h)
+		p.fastCommitNext = false
 	}
-	p.mu.Unlock()
+}
+
+// fastWaitHeld waits, with only the held event in the window to send, until it is due (and
+// sends it), the window changes, a reply or a disconnect comes, or ctx ends.
+func (p *Publisher) fastWaitHeld(ctx context.Context, timer *time.Timer, status <-chan nats.Status) {
+	at, ok := p.fastLingerEnd()
+	if !ok {
+		return
+	}
+	if p.timerAt.IsZero() || at.Before(p.timerAt) {
+		timer.Reset(time.Until(at))
+		p.timerAt = at
+	}
+	select {
+	case <-timer.C:
+		p.timerAt = time.Time{}
+		p.fastFlush(time.Now())
+	case <-p.notify:
+	case m := <-p.replies:
+		p.reply(m)
+	case <-status:
+		p.disconnected()
+	case <-ctx.Done():
+	}
+}
+
+// fastHolds reports whether e is the event held back.
+func (p *Publisher) fastHolds(e *entry) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.fastHeld == e
 }
 
 // fastResponse is any of the server's answers on a fast batch reply subject.

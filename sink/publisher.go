@@ -101,8 +101,7 @@ type Publisher struct {
 
 	// Fast mode (guarded by mu, see fast.go): fastOpen: a fast batch is open, numbered
 	// fastN, with id fastID (fastPrefix and fastN), asking for a flow ack every fastFlow
-	// messages; fastSeq is the last batch sequence sent in it, fastSubject the subject of that
-	// message and fastSentAt when it was sent.
+	// messages; fastSeq is the last batch sequence sent in it.
 	fast        bool
 	fastFlow    int
 	fastPrefix  string
@@ -110,8 +109,11 @@ type Publisher struct {
 	fastID      string
 	fastOpen    bool
 	fastSeq     uint64
-	fastSubject string
-	fastSentAt  time.Time
+	// fastHeld: the newest event, not sent yet (since fastHeldAt; see fastEnqueue);
+	// fastCommitNext: send sends the entry as its batch's commit.
+	fastHeld       *entry
+	fastHeldAt     time.Time
+	fastCommitNext bool
 	streamBytes []byte // the stream's name, as a flow-acked entry's ackStream
 
 	// Publish-goroutine state: msgs builds the messages.
@@ -389,6 +391,8 @@ func (p *Publisher) enqueue(ctx context.Context, e *entry, size int) error {
 	}
 	if p.paused {
 		// Run sends it after Resume.
+	} else if p.fast && !p.recovering {
+		p.fastEnqueue(e)
 	} else if !p.recovering {
 		p.send(e)
 	} else if e.failed == nil {
@@ -492,7 +496,7 @@ func (p *Publisher) send(e *entry) {
 	}
 	err := p.listen()
 	if err == nil && p.fast {
-		err = p.fastSend(e, h, p.fenced && p.seqChain)
+		err = p.fastSend(e, h, p.fastCommitNext, p.fenced && p.seqChain)
 	} else if err == nil && e.batch != nil && e.batch != e {
 		// Inside an atomic batch: no reply (the server would answer each message with an
 		// empty ack); the commit's ack or error stands for the whole batch.

@@ -222,6 +222,7 @@ func (p *Publisher) resync(ctx context.Context) bool {
 	p.recovering = false
 	p.sendingBatch = nil
 	p.fastOpen = false // re-published events start a new fast batch
+	p.fastHeld = nil   // sent below
 	if p.paused {
 		return true // Run restarts the chain after Resume
 	}
@@ -232,7 +233,7 @@ func (p *Publisher) resync(ctx context.Context) bool {
 // sendQueued sends, in order, the window's entries not yet sent in the current chain, until
 // a send fails or the chain holds the rest behind a probe. p.mu is held.
 func (p *Publisher) sendQueued() {
-	for _, e := range p.q {
+	for i, e := range p.q {
 		if e.unsealed {
 			break // its batch is still open: sealBatch sends it
 		}
@@ -244,6 +245,11 @@ func (p *Publisher) sendQueued() {
 		}
 		if e.token != 0 {
 			continue // sent in this chain (the probe)
+		}
+		if p.fast && i == len(p.q)-1 && !p.fenced {
+			// The newest event waits for the next one, or goes as the batch's commit.
+			p.fastHeld, p.fastHeldAt = e, time.Now()
+			break
 		}
 		if e.sent != (time.Time{}) {
 			p.stats.Retries++
