@@ -102,19 +102,19 @@ type Publisher struct {
 	// Fast mode (guarded by mu, see fast.go): fastOpen: a fast batch is open, numbered
 	// fastN, with id fastID (fastPrefix and fastN), asking for a flow ack every fastFlow
 	// messages; fastSeq is the last batch sequence sent in it.
-	fast        bool
-	fastFlow    int
-	fastPrefix  string
-	fastN       uint64
-	fastID      string
-	fastOpen    bool
-	fastSeq     uint64
+	fast       bool
+	fastFlow   int
+	fastPrefix string
+	fastN      uint64
+	fastID     string
+	fastOpen   bool
+	fastSeq    uint64
 	// fastHeld: the newest event, not sent yet (since fastHeldAt; see fastEnqueue);
 	// fastCommitNext: send sends the entry as its batch's commit.
 	fastHeld       *entry
 	fastHeldAt     time.Time
 	fastCommitNext bool
-	streamBytes []byte // the stream's name, as a flow-acked entry's ackStream
+	streamBytes    []byte // the stream's name, as a flow-acked entry's ackStream
 
 	// Publish-goroutine state: msgs builds the messages.
 	msgs        msgBuilder
