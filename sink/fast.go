@@ -169,11 +169,12 @@ func (p *Publisher) fastWaitHeld(ctx context.Context, timer *time.Timer, status 
 	}
 }
 
-// fastHolds reports whether e is the event held back.
+// fastHolds reports whether e is the event held back, to be sent once due (not while the chain
+// is being recovered or the stream handed over: Run's recovery or Resume sends it then).
 func (p *Publisher) fastHolds(e *entry) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.fastHeld == e
+	return p.fastHeld == e && !p.recovering && !p.paused
 }
 
 // fastResponse is any of the server's answers on a fast batch reply subject.
@@ -225,7 +226,7 @@ func (p *Publisher) fastReplyMsg(m *nats.Msg) {
 	}
 	switch {
 	case r.Type == "ack":
-		p.fastStored(batch, r.Seq, false)
+		p.fastStored(batch, r.Seq, false, p.streamBytes) // a flow ack names no stream
 	case r.Type == "gap":
 		// The PubAck that ends the batch follows and says what is stored.
 		p.log.Debug().Uint64("batch", batch).Uint64("expected", r.LastSeq).Uint64("got", r.Seq).Msg("fast batch gap: a message was lost; the batch ends")
@@ -239,14 +240,14 @@ func (p *Publisher) fastReplyMsg(m *nats.Msg) {
 		p.fastOutcome(batch, seq+1, ^uint64(0), errFastBatchEnded)
 	case r.Stream != "":
 		// The PubAck: the batch ended with messages 1..Count stored.
-		p.fastStored(batch, r.Count, r.Dup)
+		p.fastStored(batch, r.Count, r.Dup, []byte(r.Stream))
 		p.fastOutcome(batch, r.Count+1, ^uint64(0), errFastBatchEnded)
 	}
 }
 
 // fastStored resolves the sends of batch's messages 1..upto still awaiting their outcome as
-// stored; dup: the last of them was a duplicate.
-func (p *Publisher) fastStored(batch, upto uint64, dup bool) {
+// stored in stream; dup: the last of them was a duplicate.
+func (p *Publisher) fastStored(batch, upto uint64, dup bool, stream []byte) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, e := range p.q {
@@ -257,7 +258,7 @@ func (p *Publisher) fastStored(batch, upto uint64, dup bool) {
 			break
 		}
 		delete(p.pending, e.token)
-		e.resolved, e.ackErr, e.ackStream, e.ackDup = true, nil, p.streamBytes, dup && e.fseq == upto
+		e.resolved, e.ackErr, e.ackStream, e.ackDup = true, nil, stream, dup && e.fseq == upto
 		if e.traced != nil {
 			e.traced(0, e.ackDup) // flow acks carry no stream sequence
 			e.traced = nil
