@@ -166,7 +166,7 @@ func TestPublish_AtomicPoisonStopsOrDeadLettersInItsTransaction(t *testing.T) {
 		{name: "stream refuses it", bad: `('p1', 'order', 'p', 'Big', repeat('x', 6000), NULL)`, maxMsgSize: 4096, wantErr: "rejected by the stream"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			pg, ns := looseOutbox(t, c.maxPayload, c.maxMsgSize, true)
+			pg, ns := looseOutbox(t, c.maxPayload, c.maxMsgSize, "atomic")
 			pg.Exec(t, `INSERT INTO loose_outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) VALUES
 				('g1', 'order', 'g', 'Good', '{"n": 1}', NULL), `+c.bad+`, ('g2', 'order', 'g', 'Good', '{"n": 2}', NULL)`)
 			args := []string{"run", "--pg-url", pg.URL, "--nats-url", ns.URL, "--table", "public.loose_outbox", "--log-format", "json", "--publish", "atomic"}
