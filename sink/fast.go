@@ -79,9 +79,12 @@ func (p *Publisher) fastSend(e *entry, h nats.Header, commit, alone bool) error 
 		p.fastID = p.fastPrefix + strconv.FormatUint(p.fastN, 10)
 		p.fastOpen = true
 		op = fastOpStart
-		// The chain's expectation (set by send) stays on a batch's first message only.
+		// The chain's expectation and Nats-Expected-Stream (set by send) stay on a batch's
+		// first message only: the batch lives in the stream that took its first message (a
+		// later message another stream took would find no batch there and be refused).
 	} else {
 		delete(h, jetstream.ExpectedLastSeqHeader)
+		delete(h, jetstream.ExpectedStreamHeader)
 	}
 	p.fastSeq++
 	if commit || alone {
