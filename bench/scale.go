@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/outbox-relay/outbox-relay/migrations"
 )
 
@@ -19,13 +17,7 @@ func (e *env) runScale(ctx context.Context, o opts, _ int) (figures, error) {
 		return nil, err
 	}
 	defer e.drop(context.Background(), d)
-	conn, err := pgx.Connect(ctx, d.url)
-	if err != nil {
-		return nil, err
-	}
-	_, err = migrations.Apply(ctx, conn, migrations.Options{Partitions: n})
-	conn.Close(ctx)
-	if err != nil {
+	if err := d.migrate(ctx, migrations.Options{Partitions: n}); err != nil {
 		return nil, err
 	}
 	if err := d.createSlots(ctx, "one"); err != nil {

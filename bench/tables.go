@@ -6,8 +6,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/outbox-relay/outbox-relay/migrations"
 )
 
@@ -23,21 +21,11 @@ func (e *env) runTables(ctx context.Context, o opts, _ int) (figures, error) {
 		return nil, err
 	}
 	defer e.drop(context.Background(), d)
-	conn, err := pgx.Connect(ctx, d.url)
-	if err != nil {
-		return nil, err
-	}
-	for _, m := range []migrations.Options{
-		{Table: "billing_outbox"},                             // both tables in outbox_pub
-		{Table: "outbox", Publication: "orders_pub"},          // one table each
-		{Table: "billing_outbox", Publication: "billing_pub"}, //
-	} {
-		if _, err = migrations.Apply(ctx, conn, m); err != nil {
-			break
-		}
-	}
-	conn.Close(ctx)
-	if err != nil {
+	if err := d.migrate(ctx,
+		migrations.Options{Table: "billing_outbox"},                             // both tables in outbox_pub
+		migrations.Options{Table: "outbox", Publication: "orders_pub"},          // one table each
+		migrations.Options{Table: "billing_outbox", Publication: "billing_pub"}, //
+	); err != nil {
 		return nil, err
 	}
 	if err := d.createSlots(ctx, "both", "orders", "billing"); err != nil {
