@@ -85,10 +85,22 @@ func (e *testEnv) streamIDs(t *testing.T) []string {
 	return ids
 }
 
+// waitStream waits until the stream holds at least n messages.
 func (e *testEnv) waitStream(t *testing.T, n int) {
 	t.Helper()
-	require.Eventually(t, func() bool { return len(e.streamIDs(t)) >= n }, 30*time.Second, 50*time.Millisecond,
-		"the stream never reached %d messages", n)
+	nc, err := nats.Connect(e.nats.URL)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		s, err := js.Stream(context.Background(), sink.DefaultStream)
+		if err != nil {
+			return false
+		}
+		info, err := s.Info(context.Background())
+		return err == nil && info.State.Msgs >= uint64(n)
+	}, 30*time.Second, 5*time.Millisecond, "the stream never reached %d messages", n)
 }
 
 // running is a relay.Run in the background.
