@@ -245,8 +245,7 @@ func TestPublish_BatchModesNeedTheirStreamOption(t *testing.T) {
 // every event once, in order, with every transaction of several events stored by one batch,
 // and no replica hits a critical write error.
 func TestPublish_AtomicR3LostPublishes(t *testing.T) {
-	e := newClusterEnv(t)
-	e.allowStream(t, func(c *jetstream.StreamConfig) { c.AllowAtomicPublish = true })
+	e := newClusterEnvMode(t, "atomic")
 	proxy := e.leaderProxyDropping(t, 300, 2000)
 	args := []string{"run", "--pg-url", e.pg.URL, "--nats-url", "nats://" + proxy.Addr(), "--create-slot",
 		"--log-format", "json", "--log-level", "info", "--ack-timeout", "1s", "--publish", "atomic"}
