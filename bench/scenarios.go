@@ -110,7 +110,11 @@ func (e *env) drainTxs(ctx context.Context, o opts, rep, events, perTx int, labe
 	}
 	addUsage(f, label+"drain atomic:", u, events)
 	// The relay in fast mode, on its own slot and stream.
-	rate, u, err = e.relayDrain(ctx, e.relayBin, d, "relay_fast", "DRAINF", "drainf", events, o.relayEnv, append([]string{"--publish", "fast"}, o.relayArgs...)...)
+	profile := "drain1-fast"
+	if full {
+		profile = "drain-fast"
+	}
+	rate, u, err = e.relayDrain(ctx, e.relayBin, d, "relay_fast", "DRAINF", "drainf", events, append(o.profileEnv(profile, rep), o.relayEnv...), append([]string{"--publish", "fast"}, o.relayArgs...)...)
 	if err != nil {
 		return nil, err
 	}
