@@ -128,19 +128,28 @@ func (p *Publisher) fastEnqueue(e *entry) {
 	p.fastHeld, p.fastHeldAt = e, time.Now()
 }
 
-// fastLingerEnd is when the held event is sent as its batch's commit; ok false: none is held.
+// fastLingerEnd is when the held event is sent as its batch's commit; ok false: none is held,
+// or flow acks are sure to come first (fastDefer).
 func (p *Publisher) fastLingerEnd() (at time.Time, ok bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.fastHeldAt.Add(fastLinger), p.fastHeld != nil
+	return p.fastHeldAt.Add(fastLinger), p.fastHeld != nil && !p.fastDefer()
 }
+
+// fastDefer reports whether the held event's commit waits for flow acks: with two ack
+// intervals or more in flight the server acks at least one more interval (the publisher is
+// then waiting for room in the window, not idle), and ending the batch there would cost a
+// new batch for nothing. With fewer, no ack may come (the byte bound can fill the window
+// with fewer events than an ack interval), and the commit goes after fastLinger. p.mu is
+// held.
+func (p *Publisher) fastDefer() bool { return len(p.sem) >= 2*p.fastFlow }
 
 // fastFlush sends the held event as its batch's commit once it waited fastLinger: nothing
 // more came to send after it.
 func (p *Publisher) fastFlush(now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if h := p.fastHeld; h != nil && !p.paused && !p.recovering && now.Sub(p.fastHeldAt) >= fastLinger {
+	if h := p.fastHeld; h != nil && !p.paused && !p.recovering && !p.fastDefer() && now.Sub(p.fastHeldAt) >= fastLinger {
 		p.fastHeld = nil
 		p.fastCommitNext = true
 		p.send(h)
