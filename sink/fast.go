@@ -46,7 +46,7 @@ const (
 
 // fastLinger: the newest event, held back this long without a next one, is sent as its
 // batch's commit, so the batch's tail is confirmed without waiting for the next flow ack.
-const fastLinger = 500 * time.Microsecond
+const fastLinger = 200 * time.Microsecond
 
 // MaxFastAckEvery is the most messages the server lets go between flow acks (nats-server
 // v2.15.2 caps the client's value at 500).
