@@ -164,7 +164,7 @@ type relation struct {
 	namespace string
 	name      string
 	outbox    bool
-	tbl       int // index in Decoder.tables of an outbox relation
+	tbl       int  // index in Decoder.tables of an outbox relation
 	reported  bool // a foreign relation's first insert was reported (OnForeign)
 	// indexes into the tuple; -1 when the optional column is absent
 	idCol, aggType, aggID, evType, payload, headers, createdAt int
