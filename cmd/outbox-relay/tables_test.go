@@ -131,9 +131,9 @@ func TestTables_TwoTablesOneSlotInCommitOrder(t *testing.T) {
 func TestTables_RestartMidStreamDeliversExactlyOnce(t *testing.T) {
 	e := newTwoTables(t)
 	e.createSlot(t)
-	want := writeBoth(t, e, 120)
+	want := writeBoth(t, e, 300)
 	args := e.args("--config", tablesConfig(t))
-	p := startProc(t, append(args, "--status-interval", "1h"), "OUTBOX_RELAY_FAILPOINT=kill_after_acks:100")
+	p := startProc(t, append(args, "--status-interval", "1h", "--max-in-flight", "8"), "OUTBOX_RELAY_FAILPOINT=kill_after_acks:100")
 	require.Equal(t, -1, p.wait(t, 60*time.Second), "the failpoint kills the relay")
 	stored := streamMsgs(t, e.nats.URL, sink.DefaultStream)
 	require.GreaterOrEqual(t, stored, uint64(100))
@@ -246,5 +246,6 @@ func TestTables_BackfillAndPruneTakeOneTable(t *testing.T) {
 	require.ErrorContains(t, err, "prune works on one outbox table at a time")
 	out, err = runCmd(append([]string{"prune", "--older-than", "1ms", "--dry-run", "--skip-source-check", "--table", "billing.outbox"}, base...)...)
 	require.NoError(t, err, out)
-	require.Contains(t, out, "rows from billing.outbox")
+	require.Contains(t, out, `would delete 0 rows from "billing"."outbox"`)
+	require.Contains(t, out, "kept 7 rows older than the cutoff", "prune read billing's created-at column (at)")
 }
