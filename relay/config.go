@@ -73,16 +73,16 @@ type Config struct {
 	// StartLSN starts there instead of the slot's confirmed_flush_lsn (0: the slot's).
 	StartLSN pglogrepl.LSN
 
+	// Tables are several outbox tables relayed from the one slot and publication, in commit
+	// order across them; empty: the one table Schema.Table. With Tables, Schema and Table are
+	// not used, and Columns and SubjectTemplate are the defaults of the tables that do not set
+	// their own.
+	Tables  []Table
 	Columns decoder.Columns // the table's columns mapped to the event
 	// SubjectTemplate is the subject of each event; placeholders {prefix}, {aggregate_type},
 	// {aggregate_id}, {event_type}. Its leading literal tokens bind the relay to the stream:
 	// the stream must cover <them>.>, and the position record is keyed by them.
 	SubjectTemplate string
-	// Tables are several outbox tables relayed from the one slot and publication, in commit
-	// order across them; empty: the one table Schema.Table. With Tables, Schema and Table are
-	// not used, and Columns and SubjectTemplate are the defaults of the tables that do not set
-	// their own.
-	Tables []Table
 	Source          string // SourceTable or SourceMessages
 	MessagePrefix   string // with SourceMessages: the prefix of the messages that are events
 	OnPoison        string // OnPoisonStop or OnPoisonDeadLetter

@@ -18,6 +18,8 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
+	"github.com/outbox-relay/outbox-relay/decoder"
+
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/migrations"
@@ -248,6 +250,12 @@ func TestConfig_Validate(t *testing.T) {
 		{"Config.Columns.Payload", func(c *Config) { c.Columns.Payload = "" }},
 		{"Config.TemporarySlot", func(c *Config) { c.TemporarySlot, c.Standby = true, true }},
 		{"Config.ReconnectMin", func(c *Config) { c.ReconnectMin = 0 }},
+		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Schema: "public", Name: "a"}} }},
+		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Name: "b", Stream: "B"}} }},
+		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Name: "b", SubjectTemplate: "b.{event_type}"}} }},
+		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Name: "b", Columns: decoder.Columns{ID: "id"}}} }},
+		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Schema: "b"}} }},
+		{"Config.Tables", func(c *Config) { c.Source, c.Tables = SourceMessages, []Table{{Name: "a"}} }},
 	} {
 		c := ok
 		tc.modify(&c)
@@ -258,6 +266,31 @@ func TestConfig_Validate(t *testing.T) {
 		require.NotContains(t, err.Error(), "--", "a library error names no command-line flag")
 		require.ErrorContains(t, Run(context.Background(), c), tc.field, "Run validates too")
 	}
+}
+
+// Config.Tables: a table's own subject template under the feed's tokens, its own columns, the
+// relay's stream named; one table of Tables is what backfill and prune read, several they refuse.
+func TestConfig_Tables(t *testing.T) {
+	c := DefaultConfig()
+	c.PGURL = "postgres://localhost/db"
+	c.Tables = []Table{{Schema: "orders", Name: "outbox"}, {Schema: "billing", Name: "outbox", SubjectTemplate: "{prefix}.billing.{event_type}",
+		Columns: decoder.Columns{ID: "event_id", AggregateType: "kind", AggregateID: "account", EventType: "name", Payload: "body"}, Stream: c.Sink.Stream}}
+	r, err := c.resolve()
+	require.NoError(t, err)
+	require.Equal(t, []string{"orders.outbox", "billing.outbox"}, r.tableNames())
+	require.Equal(t, "outbox", r.Sink.SubjectPrefix, "the feed stays bound to Config.SubjectTemplate's tokens")
+	require.Equal(t, decoder.DefaultColumns, r.tables[0].columns)
+	require.Equal(t, "event_id", r.tables[1].columns.ID)
+	require.Equal(t, "outbox.billing", r.tables[1].subject.Prefix())
+	require.ErrorContains(t, r.oneTable("backfill"), "backfill works on one outbox table at a time, Config.Tables names 2")
+
+	c.Tables = c.Tables[1:]
+	r, err = c.resolve()
+	require.NoError(t, err)
+	require.NoError(t, r.oneTable("backfill"))
+	require.Equal(t, "billing", r.Schema)
+	require.Equal(t, "event_id", r.Columns.ID)
+	require.Equal(t, "outbox", r.Sink.SubjectPrefix)
 }
 
 // Preflight, on its own: a missing slot is a *PreflightError whose fix names the Config field
