@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"syscall"
@@ -248,4 +249,30 @@ func TestTables_BackfillAndPruneTakeOneTable(t *testing.T) {
 	require.NoError(t, err, out)
 	require.Contains(t, out, `would delete 0 rows from "billing"."outbox"`)
 	require.Contains(t, out, "kept 7 rows older than the cutoff", "prune read billing's created-at column (at)")
+}
+
+// --table from the environment (comma separated) and from the config file's list; a --table
+// on the command line overrides the list, and the list's entry of its name lends its settings.
+func TestTables_FlagFromEnvironmentAndConfigFile(t *testing.T) {
+	parse := func(args []string, env func(string) (string, bool)) []tableSpec {
+		fs := newFlagSet("run", "", io.Discard)
+		tf := newTableFlag("public.outbox")
+		fs.Var(tf, "table", "")
+		fs.String("config", "", "")
+		require.NoError(t, parseFlags(fs, args, env))
+		return tf.tables()
+	}
+	require.Equal(t, []tableSpec{{name: "public.outbox"}}, parse(nil, noEnv))
+	env := func(k string) (string, bool) { return "a.outbox,b.outbox", k == "OUTBOX_RELAY_TABLE" }
+	require.Equal(t, []tableSpec{{name: "a.outbox"}, {name: "b.outbox"}}, parse(nil, env))
+
+	file := writeConfig(t, "table:\n  - orders.outbox\n"+billingEntry)
+	both := parse([]string{"--config", file}, noEnv)
+	require.Len(t, both, 2)
+	require.Equal(t, tableSpec{name: "orders.outbox"}, both[0])
+	require.Equal(t, "{prefix}.billing.{aggregate_id}.{event_type}", both[1].template)
+	require.Equal(t, "event_id", both[1].columns["column-id"])
+	one := parse([]string{"--config", file, "--table", "billing.outbox"}, noEnv)
+	require.Equal(t, []tableSpec{both[1]}, one, "the command line's table, with the file's settings of it")
+	require.Equal(t, []tableSpec{{name: "a.outbox"}, {name: "b.outbox"}}, parse([]string{"--config", file}, env), "the environment overrides the file")
 }
