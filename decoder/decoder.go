@@ -482,7 +482,7 @@ func (d *Decoder) event(rel *relation, commitLSN pglogrepl.LSN, idx int) (Change
 		return Change{Kind: Poison, Event: ev}, Poisonf(commitLSN, idx, string(ev.ID), "outbox row cannot become an event: row %d of transaction committed at %s (id %q): %s",
 			idx, commitLSN, ev.ID, fmt.Sprintf(format, args...))
 	}
-	c := d.tables[rel.tbl].Columns
+	c := &d.tables[rel.tbl].Columns
 	get := func(i int) column { return d.cols[i] }
 	for _, f := range []struct {
 		dst  *[]byte
@@ -531,14 +531,14 @@ func (d *Decoder) event(rel *relation, commitLSN pglogrepl.LSN, idx int) (Change
 			d.created, ev.CreatedAt = t, t
 		}
 	}
-	d.setSubject(ev)
+	d.setSubject(ev, d.tables[rel.tbl].Subject)
 	return Change{Kind: Insert, Event: ev}, nil
 }
 
-// setSubject builds ev's subject with its table's template, or
-// <prefix>.<aggregate_type>.<event_type>.
-func (d *Decoder) setSubject(ev *Event) {
-	if t := d.tables[ev.Table].Subject; t != nil {
+// setSubject builds ev's subject with its table's template t, or
+// <prefix>.<aggregate_type>.<event_type> (t nil).
+func (d *Decoder) setSubject(ev *Event, t *SubjectTemplate) {
+	if t != nil {
 		d.subject = t.Append(d.subject[:0], ev)
 	} else {
 		d.subject = AppendSubject(d.subject[:0], d.cfg.SubjectPrefix, ev.AggregateType, ev.EventType)
