@@ -104,12 +104,7 @@ func (e *env) newDB(ctx context.Context) (*db, error) {
 		return nil, err
 	}
 	d := &db{name: name, url: e.cluster.URL(name)}
-	conn, err := pgx.Connect(ctx, d.url)
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Close(ctx)
-	if _, err := migrations.Apply(ctx, conn, migrations.Options{}); err != nil {
+	if err := d.migrate(ctx, migrations.Options{}); err != nil {
 		return nil, err
 	}
 	cfg, err := pgxpool.ParseConfig(d.url)
@@ -119,6 +114,21 @@ func (e *env) newDB(ctx context.Context) (*db, error) {
 	cfg.MaxConns = 8
 	d.pool, err = pgxpool.NewWithConfig(ctx, cfg)
 	return d, err
+}
+
+// migrate applies the migrations with each of opts in turn.
+func (d *db) migrate(ctx context.Context, opts ...migrations.Options) error {
+	conn, err := pgx.Connect(ctx, d.url)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(ctx)
+	for _, o := range opts {
+		if _, err := migrations.Apply(ctx, conn, o); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // drop removes the database and its slots (after every consumer stopped).

@@ -3,9 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"time"
-
-	"github.com/jackc/pgx/v5"
 
 	"github.com/outbox-relay/outbox-relay/migrations"
 )
@@ -20,13 +17,7 @@ func (e *env) runScale(ctx context.Context, o opts, _ int) (figures, error) {
 		return nil, err
 	}
 	defer e.drop(context.Background(), d)
-	conn, err := pgx.Connect(ctx, d.url)
-	if err != nil {
-		return nil, err
-	}
-	_, err = migrations.Apply(ctx, conn, migrations.Options{Partitions: n})
-	conn.Close(ctx)
-	if err != nil {
+	if err := d.migrate(ctx, migrations.Options{Partitions: n}); err != nil {
 		return nil, err
 	}
 	if err := d.createSlots(ctx, "one"); err != nil {
@@ -48,53 +39,17 @@ func (e *env) runScale(ctx context.Context, o opts, _ int) (figures, error) {
 	f["scale: 1 relay, events/s"] = one
 	addUsage(f, "scale: 1 relay:", u, o.events)
 
-	procs := make([]*relayProc, n)
-	streams := make([]string, n)
-	for i := range procs {
-		streams[i] = fmt.Sprintf("SCALE_P%d", i)
-		if _, err := e.newStream(ctx, streams[i], fmt.Sprintf("part%d", i)); err != nil {
-			return nil, err
-		}
-		defer e.js.DeleteStream(context.Background(), streams[i])
+	runs := make([]relayRun, n)
+	for i := range runs {
+		runs[i] = relayRun{slot: fmt.Sprintf("part%d", i), stream: fmt.Sprintf("SCALE_P%d", i), prefix: fmt.Sprintf("part%d", i),
+			args: []string{"--publication", migrations.PartitionPublication("outbox_pub", i, n)}}
 	}
-	for i := range procs {
-		if procs[i], err = e.startRelayArgs(d, []string{"--slot", fmt.Sprintf("part%d", i), "--stream", streams[i],
-			"--subject-prefix", fmt.Sprintf("part%d", i), "--publication", migrations.PartitionPublication("outbox_pub", i, n)}); err != nil {
-			return nil, err
-		}
-		defer procs[i].stop() //nolint:errcheck
+	res, err := e.relaysDrain(ctx, d, o.events, runs)
+	if err != nil {
+		return nil, fmt.Errorf("scale: %w", err)
 	}
-	deadline := time.Now().Add(5 * time.Minute)
-	var total uint64
-	for total < uint64(o.events) {
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("scale: %d of %d events after 5 minutes", total, o.events)
-		}
-		total = 0
-		for _, s := range streams {
-			m, err := e.streamMsgs(ctx, s)
-			if err != nil {
-				return nil, err
-			}
-			total += m
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-	end := time.Now()
-	if total != uint64(o.events) {
-		return nil, fmt.Errorf("scale: %d events stored, want %d", total, o.events)
-	}
-	var cpu time.Duration
-	for _, p := range procs {
-		u, err := p.stop()
-		if err != nil {
-			return nil, err
-		}
-		cpu += u.cpu
-	}
-	many := float64(o.events) / end.Sub(procs[0].start).Seconds()
-	f[fmt.Sprintf("scale: %d relays, events/s", n)] = many
-	f[fmt.Sprintf("scale: %d relays / 1 relay", n)] = many / one
-	f[fmt.Sprintf("scale: %d relays: relay CPU s per 100k events (sum)", n)] = cpu.Seconds() * 100000 / float64(o.events)
+	f[fmt.Sprintf("scale: %d relays, events/s", n)] = res.rate
+	f[fmt.Sprintf("scale: %d relays / 1 relay", n)] = res.rate / one
+	f[fmt.Sprintf("scale: %d relays: relay CPU s per 100k events (sum)", n)] = res.relay.Seconds() * 100000 / float64(o.events)
 	return f, nil
 }

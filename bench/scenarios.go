@@ -502,6 +502,11 @@ func (e *env) runBigTx(ctx context.Context, o opts, _ int) (figures, error) {
 	if err := d.createSlots(ctx, "relay"); err != nil {
 		return nil, err
 	}
+	for _, mode := range batchModes {
+		if err := d.createSlots(ctx, "relay_"+mode); err != nil {
+			return nil, err
+		}
+	}
 	if _, err := e.newStream(ctx, "BIG", "big"); err != nil {
 		return nil, err
 	}
@@ -532,6 +537,16 @@ func (e *env) runBigTx(ctx context.Context, o opts, _ int) (figures, error) {
 		"big-tx: events/s":              float64(o.bigEvents) / el,
 	}
 	addUsage(f, "big-tx:", u, o.bigEvents)
+	// The other modes drain the same transaction afterwards, each from a slot of its own
+	// created before the commit: their peak RSS with the whole transaction waiting.
+	for _, mode := range batchModes {
+		rate, u, err := e.relayDrain(ctx, e.relayBin, d, "relay_"+mode, "BIG_"+strings.ToUpper(mode), "big"+mode, o.bigEvents, nil, "--publish", mode)
+		if err != nil {
+			return nil, fmt.Errorf("big-tx %s: %w", mode, err)
+		}
+		f["big-tx "+mode+": drain, events/s"] = rate
+		addUsage(f, "big-tx "+mode+":", u, o.bigEvents)
+	}
 	return f, nil
 }
 

@@ -19,7 +19,9 @@ type Store interface {
 // caps one (the Tracker).
 type FlushSource interface {
 	Flushed() (lsn pglogrepl.LSN, idle bool)
-	Pending() int
+	// Awaited is what a drain waits for before its final status update: the events whose
+	// confirmation can still move the position (see Tracker.Awaited).
+	Awaited() int
 }
 
 // Recorder stores the source's flushed position in a Store off the hot path, and reports
@@ -53,10 +55,10 @@ func (r *Recorder) Flushed() (pglogrepl.LSN, bool) {
 	return lsn, idle
 }
 
-// Pending counts a flushed position not yet recorded as one more pending item, so a drain
+// Awaited counts a flushed position not yet recorded as one more awaited item, so a drain
 // waits for the record before its final status update.
-func (r *Recorder) Pending() int {
-	n := r.src.Pending()
+func (r *Recorder) Awaited() int {
+	n := r.src.Awaited()
 	if lsn, _ := r.src.Flushed(); lsn > r.Recorded() {
 		n++
 	}

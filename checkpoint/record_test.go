@@ -37,14 +37,14 @@ func TestRecorder_NeverReportsAnUnrecordedPosition(t *testing.T) {
 	if lsn, _ := r.Flushed(); lsn != 100 {
 		t.Fatalf("Flushed = %s before recording, want 0/64", lsn)
 	}
-	if r.Pending() != 1 {
-		t.Fatalf("an unrecorded position counts as pending: got %d", r.Pending())
+	if r.Awaited() != 1 {
+		t.Fatalf("an unrecorded position counts as pending: got %d", r.Awaited())
 	}
 	if err := r.Record(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if lsn, _ := r.Flushed(); lsn != 200 || st.lsn != 200 || r.Pending() != 0 {
-		t.Fatalf("after recording: Flushed %s, store %s, pending %d", lsn, st.lsn, r.Pending())
+	if lsn, _ := r.Flushed(); lsn != 200 || st.lsn != 200 || r.Awaited() != 0 {
+		t.Fatalf("after recording: Flushed %s, store %s, pending %d", lsn, st.lsn, r.Awaited())
 	}
 
 	st.setDown(true)

@@ -180,3 +180,16 @@ func (t *Tracker) Pending() int {
 	defer t.mu.Unlock()
 	return t.pending
 }
+
+// Awaited returns the number of events added and not yet confirmed in transactions whose
+// Commit arrived: the events whose confirmation can still move the flush position. The open
+// transaction's events cannot until its Commit arrives, so a drain (which stops reading) does
+// not wait for them.
+func (t *Tracker) Awaited() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.open {
+		return t.pending - t.at(t.head+uint64(t.n)-1).pending
+	}
+	return t.pending
+}

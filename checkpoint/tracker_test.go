@@ -182,3 +182,24 @@ func BenchmarkTracker_PerEvent(b *testing.B) {
 		}
 	}
 }
+
+// Awaited leaves out the open transaction's events: a drain waits only for events whose
+// confirmation can move the position.
+func TestTracker_AwaitedLeavesOutTheOpenTransaction(t *testing.T) {
+	trk := checkpoint.New(100)
+	trk.Begin()
+	a := trk.Add()
+	trk.Commit(200)
+	trk.Begin()
+	b := trk.Add()
+	trk.Add()
+	require.Equal(t, 3, trk.Pending())
+	require.Equal(t, 1, trk.Awaited(), "the committed transaction's one event")
+	trk.Confirm(a)
+	require.Equal(t, 0, trk.Awaited())
+	lsn, _ := trk.Flushed()
+	require.Equal(t, pglogrepl.LSN(200), lsn)
+	trk.Confirm(b)
+	require.Equal(t, 0, trk.Awaited())
+	require.Equal(t, 1, trk.Pending())
+}

@@ -189,7 +189,7 @@ func (c *replayCheck) Flushed() (pglogrepl.LSN, bool) {
 	return lsn, idle
 }
 
-func (c *replayCheck) Pending() int { return c.src.Pending() }
+func (c *replayCheck) Awaited() int { return c.src.Awaited() }
 
 // keepalive checks a keepalive: Postgres sends one with a WAL end past the stream's last
 // event's commit only after it decoded (and sent) that commit's transaction.

@@ -8,6 +8,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
@@ -23,17 +24,17 @@ func TestHTTP_ProbePathsOfAStandbyPair(t *testing.T) {
 	require.NoError(t, err)
 	defer o.serveHTTP(ln)()
 	base := "http://" + ln.Addr().String()
-	code, _ := get(t, base+liveness)
+	code, _ := testenv.HTTPGet(t, base+liveness)
 	require.Equal(t, http.StatusOK, code)
-	code, body := get(t, base+"/metrics")
+	code, body := testenv.HTTPGet(t, base+"/metrics")
 	require.Equal(t, http.StatusOK, code)
 	require.Contains(t, body, "outbox_relay_")
 	o.nc.Store(natsembed.JetStream(t).Connect(t))
-	code, _ = get(t, base+readiness)
+	code, _ = testenv.HTTPGet(t, base+readiness)
 	require.Equal(t, http.StatusServiceUnavailable, code, "not relaying, not standing by")
 	o.standingBy.Store(true)
-	code, body = get(t, base+readiness)
+	code, body = testenv.HTTPGet(t, base+readiness)
 	require.Equal(t, http.StatusOK, code, body)
-	code, _ = get(t, base+"/readyz")
+	code, _ = testenv.HTTPGet(t, base+"/readyz")
 	require.Equal(t, http.StatusServiceUnavailable, code)
 }

@@ -1,12 +1,9 @@
 package relay
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
-	"io"
-	"net/http"
 	"strings"
 	"sync"
 	"testing"
@@ -90,33 +87,27 @@ func (e *testEnv) streamIDs(t *testing.T) []string {
 	return ids
 }
 
+// waitStream waits until the stream holds at least n messages.
 func (e *testEnv) waitStream(t *testing.T, n int) {
 	t.Helper()
-	require.Eventually(t, func() bool { return len(e.streamIDs(t)) >= n }, 30*time.Second, 50*time.Millisecond,
-		"the stream never reached %d messages", n)
-}
-
-// syncBuffer is a log both the relay and the test use.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+	nc, err := nats.Connect(e.nats.URL)
+	require.NoError(t, err)
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		s, err := js.Stream(context.Background(), sink.DefaultStream)
+		if err != nil {
+			return false
+		}
+		info, err := s.Info(context.Background())
+		return err == nil && info.State.Msgs >= uint64(n)
+	}, 30*time.Second, 5*time.Millisecond, "the stream never reached %d messages", n)
 }
 
 // running is a relay.Run in the background.
 type running struct {
-	log      *syncBuffer
+	log      *testenv.SyncBuffer
 	sessions chan *Session
 	stop     func() error
 }
@@ -124,7 +115,7 @@ type running struct {
 // start runs Run with cfg until stop; each session is sent on sessions.
 func start(t *testing.T, cfg Config, opts ...Option) *running {
 	t.Helper()
-	r := &running{log: &syncBuffer{}, sessions: make(chan *Session, 16)}
+	r := &running{log: &testenv.SyncBuffer{}, sessions: make(chan *Session, 16)}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	opts = append([]Option{WithLogger(zerolog.New(r.log).Level(zerolog.DebugLevel)),
@@ -186,16 +177,6 @@ func (r *running) httpAddr(t *testing.T) string {
 		return false
 	}, 30*time.Second, 20*time.Millisecond, "the relay never logged its HTTP address")
 	return addr
-}
-
-func get(t *testing.T, url string) (int, string) {
-	t.Helper()
-	resp, err := http.Get(url)
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	return resp.StatusCode, string(b)
 }
 
 // Run, embedded: a session goes from starting to streaming, relays the outbox's inserts with

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -25,7 +26,7 @@ func TestSlotGap_RecordFailuresReachReadyz(t *testing.T) {
 	r.streaming(t)
 	e.insert(t, "one", 1)
 	e.waitStream(t, 1)
-	require.Eventually(t, func() bool { code, _ := get(t, base+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
+	require.Eventually(t, func() bool { code, _ := testenv.HTTPGet(t, base+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
 
 	nc, err := nats.Connect(e.nats.URL)
 	require.NoError(t, err)
@@ -40,7 +41,7 @@ func TestSlotGap_RecordFailuresReachReadyz(t *testing.T) {
 	var body string
 	require.Eventually(t, func() bool {
 		var code int
-		code, body = get(t, base+"/readyz")
+		code, body = testenv.HTTPGet(t, base+"/readyz")
 		return code == http.StatusServiceUnavailable
 	}, 20*time.Second, 50*time.Millisecond, "/readyz stayed ready while the record could not be written")
 	require.Contains(t, body, "the position record cannot be written")

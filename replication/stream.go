@@ -312,11 +312,11 @@ func (s *Stream) Confirmed() pglogrepl.LSN { return s.lastSent }
 func (s *Stream) Drain(ctx context.Context, flush checkpoint.FlushSource) error {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
-	for flush.Pending() > 0 {
+	for flush.Awaited() > 0 {
 		select {
 		case <-ctx.Done():
 			lsn, _ := flush.Flushed()
-			s.log.Warn().Int("pending", flush.Pending()).Stringer("lsn", lsn).
+			s.log.Warn().Int("pending", flush.Awaited()).Stringer("lsn", lsn).
 				Msg("drain timed out; events after the confirmed position will be re-published and deduplicated on restart")
 			return s.final(flush)
 		case <-t.C:

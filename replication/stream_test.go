@@ -50,7 +50,7 @@ func (r *recorder) Keepalive(pglogrepl.LSN) error {
 	return nil
 }
 func (r *recorder) Flushed() (pglogrepl.LSN, bool) { return pglogrepl.LSN(r.flushed.Load()), true }
-func (r *recorder) Pending() int                   { return 0 }
+func (r *recorder) Awaited() int                   { return 0 }
 
 func (r *recorder) state() (messages, keepalives int, commitEnd pglogrepl.LSN) {
 	r.mu.Lock()

@@ -1,38 +1,20 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
-
-// syncBuffer is the demo's output, written by several goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 var (
 	createdRE  = regexp.MustCompile(`(?m)^producer +\| created order ([0-9a-f-]{36})`)
@@ -51,7 +33,7 @@ func TestDemo_OrdersFlowFromProducerToConsumerAndStopCleansUp(t *testing.T) {
 	bins := t.TempDir()
 	require.NoError(t, build(context.Background(), bins))
 
-	out := &syncBuffer{}
+	out := &testenv.SyncBuffer{}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("demo output:\n%s", out.String())

@@ -31,11 +31,23 @@ type clusterEnv struct {
 
 func newClusterEnv(t *testing.T) *clusterEnv {
 	t.Helper()
-	return newClusterEnvReplicas(t, 3)
+	return newClusterEnvStream(t, func(*jetstream.StreamConfig) {})
 }
 
 // newClusterEnvReplicas is newClusterEnv with the stream created with the given replicas.
 func newClusterEnvReplicas(t *testing.T, replicas int) *clusterEnv {
+	t.Helper()
+	return newClusterEnvStream(t, func(c *jetstream.StreamConfig) { c.Replicas = replicas })
+}
+
+// newClusterEnvMode is newClusterEnv with the stream options --publish mode needs.
+func newClusterEnvMode(t *testing.T, mode string) *clusterEnv {
+	t.Helper()
+	return newClusterEnvStream(t, func(c *jetstream.StreamConfig) { c.AllowAtomicPublish = mode == "atomic" })
+}
+
+// newClusterEnvStream is newClusterEnv with the stream's config changed by edit.
+func newClusterEnvStream(t *testing.T, edit func(*jetstream.StreamConfig)) *clusterEnv {
 	t.Helper()
 	e := &clusterEnv{pg: testenv.Postgres(t), cluster: testenv.StartNATSCluster(t, 3)}
 	(&env{pg: e.pg}).migrate(t)
@@ -43,10 +55,12 @@ func newClusterEnvReplicas(t *testing.T, replicas int) *clusterEnv {
 	defer closeNC()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	_, err := js.CreateStream(ctx, jetstream.StreamConfig{
+	cfg := jetstream.StreamConfig{
 		Name: sink.DefaultStream, Subjects: []string{sink.DefaultSubjectPrefix + ".>"},
-		Storage: jetstream.FileStorage, Replicas: replicas, Duplicates: sink.DefaultDuplicateWindow,
-	})
+		Storage: jetstream.FileStorage, Replicas: 3, Duplicates: sink.DefaultDuplicateWindow,
+	}
+	edit(&cfg)
+	_, err := js.CreateStream(ctx, cfg)
 	require.NoError(t, err)
 	for _, n := range e.cluster.Nodes {
 		dumpOnFailure(t, "nats-server "+n.URL, stringerFunc(n.Log))
@@ -133,25 +147,30 @@ func (f stringerFunc) String() string { return f() }
 // time out, stream requests get 10008 "JetStream system temporarily unavailable"). The relay
 // must get past the lost publish in about an ack timeout.
 func TestRelay_R3LostPublishDoesNotStallTheChain(t *testing.T) {
-	e := newClusterEnv(t)
-	proxy := e.leaderProxyDropping(t, 300, 2000) // a lost publish in the middle of a full window, twice
-	args := []string{"run", "--pg-url", e.pg.URL, "--nats-url", "nats://" + proxy.Addr(), "--create-slot",
-		"--log-format", "json", "--log-level", "info", "--ack-timeout", "1s", "--max-in-flight", "256"}
-	stop, log := inProcess(t, args)
-	waitStreaming(t, e.pg, "outbox_relay")
+	// atomic: the lost message is part of a batch, which the server then refuses whole.
+	for _, mode := range []string{"single", "atomic"} {
+		t.Run(mode, func(t *testing.T) {
+			e := newClusterEnvMode(t, mode)
+			proxy := e.leaderProxyDropping(t, 300, 2000) // a lost publish in the middle of a full window, twice
+			args := []string{"run", "--pg-url", e.pg.URL, "--nats-url", "nats://" + proxy.Addr(), "--create-slot",
+				"--log-format", "json", "--log-level", "debug", "--ack-timeout", "1s", "--max-in-flight", "256", "--publish", mode}
+			stop, log := inProcess(t, args)
+			waitStreaming(t, e.pg, "outbox_relay")
 
-	start := time.Now()
-	total := workload{Writers: 4, Aggregates: 30, Txs: 60, MaxTx: 30, Seed: 51}.run(t, e.pg)
-	// Two lost publishes cost about two ack timeouts plus backoff; a stall lasts 20 minutes.
-	waitStream(t, e.cluster.URL, uint64(total), 30*time.Second)
-	t.Logf("events %d stored in %s (2 publishes dropped)", total, time.Since(start).Round(time.Millisecond))
-	require.NoError(t, stop())
-	_, dropped := proxy.Stats()
-	require.Equal(t, 2, dropped)
-	requireClean(t, check(t, outboxRows(t, e.pg), readClusterStream(t, e.cluster.URL)))
-	require.Contains(t, log.String(), "re-publishing from the first event not stored")
-	for _, n := range e.cluster.Nodes {
-		require.NotContains(t, n.Log(), "critical write error")
+			start := time.Now()
+			total := workload{Writers: 4, Aggregates: 30, Txs: 60, MaxTx: 30, Seed: 51}.run(t, e.pg)
+			// Two lost publishes cost about two ack timeouts plus backoff; a stall lasts 20 minutes.
+			waitStream(t, e.cluster.URL, uint64(total), 30*time.Second)
+			t.Logf("events %d stored in %s (2 publishes dropped)", total, time.Since(start).Round(time.Millisecond))
+			require.NoError(t, stop())
+			_, dropped := proxy.Stats()
+			require.Equal(t, 2, dropped)
+			requireClean(t, check(t, outboxRows(t, e.pg), readClusterStream(t, e.cluster.URL)))
+			require.Contains(t, log.String(), "re-publishing from the first event not stored")
+			for _, n := range e.cluster.Nodes {
+				require.NotContains(t, n.Log(), "critical write error")
+			}
+		})
 	}
 }
 

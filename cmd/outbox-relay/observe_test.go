@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -10,6 +9,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
 // httpAddrOf waits for the relay to log the address its HTTP server listens on.
@@ -32,16 +33,6 @@ func httpAddrOf(t *testing.T, log *testLog) string {
 	return "http://" + addr
 }
 
-func get(t *testing.T, url string) (int, string) {
-	t.Helper()
-	resp, err := http.Get(url)
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	return resp.StatusCode, string(b)
-}
-
 // metric returns the value of the sample whose name and labels are exactly series
 // (e.g. `outbox_relay_events_published_total{stream="OUTBOX",table="public.outbox"}`), or -1 when absent.
 func metric(t *testing.T, body, series string) float64 {
@@ -61,8 +52,8 @@ func TestHTTP_MetricsCountEveryEventAndReadiness(t *testing.T) {
 	stop, log := inProcess(t, e.args("--max-in-flight", "32"))
 	base := httpAddrOf(t, log)
 	waitStreaming(t, e.pg, "outbox_relay")
-	require.Eventually(t, func() bool { code, _ := get(t, base+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
-	code, body := get(t, base+"/healthz")
+	require.Eventually(t, func() bool { code, _ := testenv.HTTPGet(t, base+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
+	code, body := testenv.HTTPGet(t, base+"/healthz")
 	require.Equal(t, http.StatusOK, code)
 	require.Equal(t, "ok\n", body)
 
@@ -70,7 +61,7 @@ func TestHTTP_MetricsCountEveryEventAndReadiness(t *testing.T) {
 	waitStream(t, e.nats.URL, uint64(n), 30*time.Second)
 	var m string
 	require.Eventually(t, func() bool {
-		_, m = get(t, base+"/metrics")
+		_, m = testenv.HTTPGet(t, base+"/metrics")
 		return metric(t, m, "outbox_relay_events_in_flight") == 0 && metric(t, m, "outbox_relay_bytes_in_flight") == 0
 	}, 10*time.Second, 20*time.Millisecond)
 	require.Equal(t, float64(n), metric(t, m, `outbox_relay_events_published_total{stream="OUTBOX",table="public.outbox"}`), "counter equals the events sent")
@@ -87,7 +78,7 @@ func TestHTTP_MetricsCountEveryEventAndReadiness(t *testing.T) {
 	// The slot first, then the record: a keepalive may move both in between, never the slot
 	// past the record.
 	confirmed := float64(confirmedFlush(t, e.pg, "outbox_relay"))
-	_, m2 := get(t, base+"/metrics")
+	_, m2 := testenv.HTTPGet(t, base+"/metrics")
 	require.GreaterOrEqual(t, metric(t, m2, "outbox_relay_recorded_lsn"), confirmed, "the record holds at least what the slot confirmed")
 	require.Zero(t, metric(t, m, "outbox_relay_position_record_failures_total"))
 	require.GreaterOrEqual(t, metric(t, m, "outbox_relay_slot_lag_bytes"), 0.0)
@@ -104,19 +95,19 @@ func TestHTTP_StallTurnsReadyzTo503AndNamesWhatIsStuck(t *testing.T) {
 	stop, log := inProcess(t, e.args("--stall-timeout", "1s", "--ack-timeout", "500ms"))
 	base := httpAddrOf(t, log)
 	waitStreaming(t, e.pg, "outbox_relay")
-	require.Eventually(t, func() bool { code, _ := get(t, base+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
+	require.Eventually(t, func() bool { code, _ := testenv.HTTPGet(t, base+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
 
 	e.nats.Shutdown()
 	e.pg.Exec(t, `INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) SELECT 'o', g::text, 'E', '{}' FROM generate_series(1, 5) g`)
 	var body string
 	require.Eventually(t, func() bool {
 		var code int
-		code, body = get(t, base+"/readyz")
+		code, body = testenv.HTTPGet(t, base+"/readyz")
 		return code == http.StatusServiceUnavailable && strings.Contains(body, "stalled")
 	}, 20*time.Second, 50*time.Millisecond)
 	require.Contains(t, body, "5 events waiting for JetStream acknowledgements")
 	require.Contains(t, body, "not connected to NATS")
-	_, m := get(t, base+"/metrics")
+	_, m := testenv.HTTPGet(t, base+"/metrics")
 	require.Equal(t, 1.0, metric(t, m, "outbox_relay_stalled"))
 	require.Equal(t, 5.0, metric(t, m, "outbox_relay_events_in_flight"))
 	require.Greater(t, metric(t, m, "outbox_relay_bytes_in_flight"), 5*100.0, "5 messages of at least 100 bytes")
@@ -125,8 +116,8 @@ func TestHTTP_StallTurnsReadyzTo503AndNamesWhatIsStuck(t *testing.T) {
 	// The broker comes back: the events are stored and the relay is ready again.
 	e.nats.Restart(t)
 	waitStream(t, e.nats.URL, 5, 30*time.Second)
-	require.Eventually(t, func() bool { code, _ := get(t, base+"/readyz"); return code == http.StatusOK }, 20*time.Second, 50*time.Millisecond)
-	_, m = get(t, base+"/metrics")
+	require.Eventually(t, func() bool { code, _ := testenv.HTTPGet(t, base+"/readyz"); return code == http.StatusOK }, 20*time.Second, 50*time.Millisecond)
+	_, m = testenv.HTTPGet(t, base+"/metrics")
 	require.Zero(t, metric(t, m, "outbox_relay_stalled"))
 	require.Contains(t, log.String(), "relay moving again")
 	require.NoError(t, stop())

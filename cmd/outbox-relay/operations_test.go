@@ -10,6 +10,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
 // The shipped alert rules and dashboard name only metrics the relay exports.
@@ -20,7 +22,7 @@ func TestOperations_MetricNamesExist(t *testing.T) {
 	waitStreaming(t, e.pg, "outbox_relay")
 	insertGapEvents(t, e.pg, "one", 1)
 	waitStream(t, e.nats.URL, 1, 30*time.Second)
-	_, m := get(t, base+"/metrics")
+	_, m := testenv.HTTPGet(t, base+"/metrics")
 	require.NoError(t, stop())
 	exported := map[string]bool{}
 	for _, line := range strings.Split(m, "\n") {

@@ -252,7 +252,7 @@ func TestSlotGap_NoPositionConfirmedBeforeItIsRecorded(t *testing.T) {
 	}
 	time.Sleep(4 * time.Second) // keepalives past that traffic arrive within a second or two
 	require.Equal(t, recorded, confirmedFlush(t, e.pg, "outbox_relay"), "a position was confirmed that the record does not hold")
-	_, m := get(t, base+"/metrics")
+	_, m := testenv.HTTPGet(t, base+"/metrics")
 	require.Greater(t, metric(t, m, "outbox_relay_position_record_failures_total"), 0.0, "the failed writes are counted")
 	require.Equal(t, float64(recorded), metric(t, m, "outbox_relay_recorded_lsn"))
 

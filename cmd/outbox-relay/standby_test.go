@@ -8,6 +8,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -25,17 +26,17 @@ func TestStandby_SecondRelayTakesOverWhenTheFirstStops(t *testing.T) {
 	baseB := httpAddrOf(t, logB)
 	require.Eventually(t, func() bool { return strings.Contains(logB.String(), "standing by: another relay holds the slot") },
 		30*time.Second, 20*time.Millisecond)
-	code, body := get(t, baseB+"/readyz")
+	code, body := testenv.HTTPGet(t, baseB+"/readyz")
 	require.Equal(t, http.StatusServiceUnavailable, code)
 	require.Contains(t, body, "standing by")
 	// /readyz?standby=ok: a standby waiting for the slot counts as ready (the Kubernetes
 	// readiness probe of the pair in deploy/kubernetes); the active relay is ready either way.
-	code, body = get(t, baseB+"/readyz?standby=ok")
+	code, body = testenv.HTTPGet(t, baseB+"/readyz?standby=ok")
 	require.Equal(t, http.StatusOK, code, body)
 	// The active relay is ready once its session is set up, a moment after the slot turns
 	// active (waitStreaming): it then checks the slot against its position record.
 	require.Eventually(t, func() bool {
-		code, _ := get(t, httpAddrOf(t, logA)+"/readyz?standby=ok")
+		code, _ := testenv.HTTPGet(t, httpAddrOf(t, logA)+"/readyz?standby=ok")
 		return code == http.StatusOK
 	}, 10*time.Second, 20*time.Millisecond)
 
@@ -45,7 +46,7 @@ func TestStandby_SecondRelayTakesOverWhenTheFirstStops(t *testing.T) {
 
 	require.NoError(t, stopA())
 	require.Eventually(t, func() bool { return strings.Contains(logB.String(), "replication started") }, 30*time.Second, 20*time.Millisecond)
-	require.Eventually(t, func() bool { code, _ := get(t, baseB+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
+	require.Eventually(t, func() bool { code, _ := testenv.HTTPGet(t, baseB+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
 	insertEvents(t, e, "b", 50)
 	waitStream(t, e.nats.URL, 100, 30*time.Second)
 	require.NoError(t, stopB())

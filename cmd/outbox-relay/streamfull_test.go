@@ -9,6 +9,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -38,7 +39,7 @@ func TestStreamFullStallsThenResumes(t *testing.T) {
 	time.Sleep(time.Second) // status updates go out meanwhile
 	confirmed := confirmedFlush(t, e.pg, "outbox_relay")
 	require.Equal(t, stored, streamMsgs(t, e.nats.URL, sink.DefaultStream), "the full stream took more")
-	_, m := get(t, base+"/metrics")
+	_, m := testenv.HTTPGet(t, base+"/metrics")
 	require.Greater(t, metric(t, m, `outbox_relay_stream_full_total{stream="OUTBOX"}`), 0.0)
 
 	// Space frees: the relay goes on by itself.
