@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -169,7 +170,7 @@ func TestTables_MetricsLabelledPerTable(t *testing.T) {
 	waitStream(t, e.nats.URL, uint64(len(want)), 30*time.Second)
 	var m string
 	require.Eventually(t, func() bool {
-		_, m = get(t, base+"/metrics")
+		_, m = testenv.HTTPGet(t, base+"/metrics")
 		return metric(t, m, "outbox_relay_events_in_flight") == 0
 	}, 10*time.Second, 20*time.Millisecond)
 	for table, n := range map[string]float64{"orders.outbox": 6, "billing.outbox": 8} {
@@ -179,7 +180,7 @@ func TestTables_MetricsLabelledPerTable(t *testing.T) {
 		require.InDelta(t, float64(time.Now().Unix()), metric(t, m, `outbox_relay_last_event_timestamp_seconds{table="`+table+`"}`), 60, table)
 	}
 	require.Equal(t, -1.0, metric(t, m, `outbox_relay_events_published_total{stream="OUTBOX",table="public.outbox"}`), "public.outbox is not relayed")
-	code, _ := get(t, base+"/readyz")
+	code, _ := testenv.HTTPGet(t, base+"/readyz")
 	require.Equal(t, http.StatusOK, code)
 	require.NoError(t, stop())
 }
