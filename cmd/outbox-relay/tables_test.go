@@ -102,14 +102,20 @@ func requireSent(t *testing.T, want []sent, recs []record) {
 
 // Two tables, each with its own columns and subject template, through one slot, publication
 // and stream: every event once, in commit order across the tables; a transaction writing to
-// both keeps its order.
+// both keeps its order (under --publish atomic it is one batch).
 func TestTables_TwoTablesOneSlotInCommitOrder(t *testing.T) {
+	for _, mode := range []string{"single", "atomic"} {
+		t.Run(mode, func(t *testing.T) { testTwoTables(t, mode) })
+	}
+}
+
+func testTwoTables(t *testing.T, mode string) {
 	e := newTwoTables(t)
 	var tables []string
 	require.NoError(t, e.pg.QueryRow(t, `SELECT array_agg(schemaname || '.' || tablename ORDER BY 1) FROM pg_publication_tables WHERE pubname = 'tables_pub'`).Scan(&tables))
 	require.Equal(t, []string{"billing.outbox", "orders.outbox"}, tables, "migrate put both tables into the publication")
 
-	stop, _ := inProcess(t, e.args("--config", tablesConfig(t)))
+	stop, _ := inProcess(t, e.args("--config", tablesConfig(t), "--publish", mode))
 	waitStreaming(t, e.pg, "outbox_relay")
 	want := writeBoth(t, e, 12)
 	waitStream(t, e.nats.URL, uint64(len(want)), 30*time.Second)
