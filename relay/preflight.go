@@ -253,6 +253,17 @@ func checkPublication(ctx context.Context, conn *pgx.Conn, cfg Config, user stri
 	if !missing && !pubn.Insert {
 		r.fail("publication %q does not publish INSERTs. Fix:\nALTER PUBLICATION %s SET (publish = 'insert');", cfg.Publication, pub)
 	}
+	// A table left out of Config.Tables by mistake: its inserts reach the relay, which does not
+	// publish them (the session warns at the first one; this says so before any is lost).
+	relayed := map[string]bool{}
+	for _, t := range cfg.tables {
+		relayed[t.String()] = true
+	}
+	for _, name := range pubn.Tables {
+		if !relayed[name] && !pubn.AllTables {
+			r.warn("publication %q also publishes %s, which is not one of the relay's outbox tables (Config.Tables): its inserts are not relayed. Add it to Config.Tables, or remove it from the publication", cfg.Publication, name)
+		}
+	}
 }
 
 // pgConnectHint names the fix for a failed Postgres connection.

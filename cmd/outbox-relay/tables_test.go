@@ -164,6 +164,14 @@ func TestTables_PreflightNamesTheWrongTable(t *testing.T) {
 	require.Contains(t, msg, `table "billing"."outbox" has no column "nope" (the event's payload)`)
 	require.Contains(t, msg, `publication "tables_pub" does not include "orders"."outbox"`)
 	require.Contains(t, msg, `ALTER PUBLICATION "tables_pub" ADD TABLE "orders"."outbox";`)
+
+	// A table of the publication the relay's list leaves out is warned about before it starts.
+	e.pg.Exec(t, `ALTER PUBLICATION tables_pub ADD TABLE orders.outbox`)
+	e.createSlot(t)
+	stop, log := inProcess(t, e.args("--config", writeConfig(t, "publication: tables_pub\ntable:\n"+billingEntry)))
+	waitStreaming(t, e.pg, "outbox_relay")
+	require.NoError(t, stop())
+	require.Contains(t, log.String(), `publication \"tables_pub\" also publishes orders.outbox, which is not one of the relay's outbox tables (--table): its inserts are not relayed`)
 }
 
 // The event metrics carry the table.
