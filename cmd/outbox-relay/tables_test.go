@@ -199,13 +199,17 @@ func TestTables_MetricsLabelledPerTable(t *testing.T) {
 	require.NoError(t, stop())
 }
 
-// --table given twice on the command line relays both tables with the global flags' columns
-// and subject template.
+// --table given twice on the command line: migrate creates both tables, publication create
+// publishes both, and run relays both with the global flags' columns and subject template.
 func TestTables_RepeatedTableFlag(t *testing.T) {
 	e := newEnv(t)
 	out, err := runCmd("migrate", "--pg-url", e.pg.URL, "--table", "orders.outbox", "--table", "shipping.outbox", "--publication", "tables_pub", "--log-level", "warn")
 	require.NoError(t, err, out)
 	require.Contains(t, out, "schema shipping created")
+	out, err = runCmd("publication", "create", "--pg-url", e.pg.URL, "--publication", "other_pub", "--table", "orders.outbox", "--table", "shipping.outbox")
+	require.NoError(t, err, out)
+	require.Contains(t, out, `created publication other_pub of the inserts into "orders"."outbox"`)
+	require.Contains(t, out, `added "shipping"."outbox" to publication other_pub`)
 	stop, _ := inProcess(t, e.args("--table", "orders.outbox", "--table", "shipping.outbox", "--publication", "tables_pub",
 		"--subject-template", "{prefix}.{aggregate_type}.{aggregate_id}"))
 	waitStreaming(t, e.pg, "outbox_relay")
