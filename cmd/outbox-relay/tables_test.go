@@ -174,21 +174,29 @@ func TestTables_PreflightNamesTheWrongTable(t *testing.T) {
 	require.Contains(t, log.String(), `publication \"tables_pub\" also publishes orders.outbox, which is not one of the relay's outbox tables (--table): its inserts are not relayed`)
 }
 
-// The event metrics carry the table.
+// The event metrics carry the table; a poison row of the second table goes to the dead-letter
+// subject and counts as that table's.
 func TestTables_MetricsLabelledPerTable(t *testing.T) {
 	e := newTwoTables(t)
-	stop, log := inProcess(t, e.args("--config", tablesConfig(t)))
+	stop, log := inProcess(t, e.args("--config", tablesConfig(t), "--on-poison", "dead-letter"))
 	base := httpAddrOf(t, log)
 	waitStreaming(t, e.pg, "outbox_relay")
 	want := writeBoth(t, e, 4) // 4 orders and 4 invoices, and 2 transactions of 1 order and 2 invoices
-	waitStream(t, e.nats.URL, uint64(len(want)), 30*time.Second)
+	e.pg.Exec(t, `INSERT INTO billing.outbox (kind, account, name, body) VALUES ('invoice', 'acc-0', '', '{}')`)
+	waitStream(t, e.nats.URL, uint64(len(want)+1), 30*time.Second)
+	recs := readStream(t, e.nats.URL, sink.DefaultStream)
+	require.Equal(t, "outbox."+sink.DeadLetterToken, recs[len(want)].Subject)
 	var m string
 	require.Eventually(t, func() bool {
 		_, m = testenv.HTTPGet(t, base+"/metrics")
 		return metric(t, m, "outbox_relay_events_in_flight") == 0
 	}, 10*time.Second, 20*time.Millisecond)
 	for table, n := range map[string]float64{"orders.outbox": 6, "billing.outbox": 8} {
-		require.Equal(t, n, metric(t, m, `outbox_relay_events_published_total{stream="OUTBOX",table="`+table+`"}`), table)
+		dead := 0.0
+		if table == "billing.outbox" {
+			dead = 1
+		}
+		require.Equal(t, n+dead, metric(t, m, `outbox_relay_events_published_total{stream="OUTBOX",table="`+table+`"}`), table)
 		require.Equal(t, n, metric(t, m, `outbox_relay_publish_ack_seconds_count{table="`+table+`"}`), table)
 		require.Equal(t, n, metric(t, m, `outbox_relay_commit_to_ack_seconds_count{table="`+table+`"}`), table)
 		require.InDelta(t, float64(time.Now().Unix()), metric(t, m, `outbox_relay_last_event_timestamp_seconds{table="`+table+`"}`), 60, table)
