@@ -69,7 +69,7 @@ func (e *testEnv) streamIDs(t *testing.T) []string {
 	defer nc.Close()
 	js, err := jetstream.New(nc)
 	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	s, err := js.Stream(ctx, sink.DefaultStream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
@@ -78,11 +78,24 @@ func (e *testEnv) streamIDs(t *testing.T) []string {
 	require.NoError(t, err)
 	info, err := s.Info(ctx)
 	require.NoError(t, err)
-	var ids []string
-	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
-		m, err := s.GetMsg(ctx, seq)
+	ids := make([]string, 0, info.State.Msgs)
+	if info.State.Msgs == 0 {
+		return ids
+	}
+	// An ordered consumer, not a GetMsg per message: tens of thousands of those under -race
+	// outlast the deadline.
+	c, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	require.NoError(t, err)
+	for uint64(len(ids)) < info.State.Msgs {
+		batch, err := c.Fetch(1000, jetstream.FetchMaxWait(5*time.Second))
 		require.NoError(t, err)
-		ids = append(ids, m.Header.Get(nats.MsgIdHdr))
+		n := 0
+		for m := range batch.Messages() {
+			ids = append(ids, m.Headers().Get(nats.MsgIdHdr))
+			n++
+		}
+		require.NoError(t, batch.Error())
+		require.NotZero(t, n, "the stream read stopped at %d of %d messages", len(ids), info.State.Msgs)
 	}
 	return ids
 }
