@@ -59,6 +59,17 @@ type Config struct {
 	MessagePrefix string
 	// Subject, when set, builds each subject instead of <prefix>.<aggregate_type>.<event_type>.
 	Subject *SubjectTemplate
+	// Tables, when set, are several outbox tables, each with its own columns and subject;
+	// Schema, Table, Columns and Subject above are then not used. Event.Table is the index
+	// of an event's table here.
+	Tables []Table
+}
+
+// Table is one of several outbox tables (Config.Tables).
+type Table struct {
+	Schema, Table string
+	Columns       Columns          // zero value: DefaultColumns
+	Subject       *SubjectTemplate // nil: <prefix>.<aggregate_type>.<event_type>
 }
 
 // Event is one outbox row. Every byte slice aliases either the message passed to Decode or the
@@ -76,8 +87,11 @@ type Event struct {
 	// CommitLSN is the start of the transaction's commit record (BeginMessage.FinalLSN); it is
 	// the same for every event of a transaction and orders transactions.
 	CommitLSN pglogrepl.LSN
-	// TxIndex is the 0-based position of the event among the transaction's events.
+	// TxIndex is the 0-based position of the event among the transaction's events (of every
+	// outbox table).
 	TxIndex int
+	// Table is the index of the event's outbox table in Config.Tables (0 without them).
+	Table int
 }
 
 // Header is one string entry of the headers JSON column.
@@ -121,6 +135,7 @@ type Change struct {
 // use: one replication loop owns it.
 type Decoder struct {
 	cfg       Config
+	tables    []Table // Config.Tables, or the one table of Config
 	relations map[uint32]*relation
 
 	inTx      bool
@@ -149,6 +164,7 @@ type relation struct {
 	namespace string
 	name      string
 	outbox    bool
+	tbl       int  // index in Decoder.tables of an outbox relation
 	reported  bool // a foreign relation's first insert was reported (OnForeign)
 	// indexes into the tuple; -1 when the optional column is absent
 	idCol, aggType, aggID, evType, payload, headers, createdAt int
@@ -170,7 +186,29 @@ func New(cfg Config) *Decoder {
 	if cfg.SubjectPrefix == "" {
 		cfg.SubjectPrefix = "outbox"
 	}
-	return &Decoder{cfg: cfg, relations: make(map[uint32]*relation)}
+	tables := append([]Table(nil), cfg.Tables...)
+	if len(tables) == 0 {
+		tables = []Table{{Schema: cfg.Schema, Table: cfg.Table, Columns: cfg.Columns, Subject: cfg.Subject}}
+	}
+	for i := range tables {
+		if tables[i].Schema == "" {
+			tables[i].Schema = "public"
+		}
+		if tables[i].Columns == (Columns{}) {
+			tables[i].Columns = DefaultColumns
+		}
+	}
+	return &Decoder{cfg: cfg, tables: tables, relations: make(map[uint32]*relation)}
+}
+
+// tableOf is the index of schema.table among the outbox tables, -1 for another relation.
+func (d *Decoder) tableOf(schema, table string) int {
+	for i, t := range d.tables {
+		if t.Schema == schema && t.Table == table {
+			return i
+		}
+	}
+	return -1
 }
 
 // pgEpoch is the origin of Postgres timestamps in the replication protocol.
@@ -256,7 +294,8 @@ func (d *Decoder) decodeRelation(r *reader) error {
 		return fmt.Errorf("decode Relation: %w", r.err)
 	}
 	rel.ncols = n
-	rel.outbox = rel.namespace == d.cfg.Schema && rel.name == d.cfg.Table
+	rel.tbl = d.tableOf(rel.namespace, rel.name)
+	rel.outbox = rel.tbl >= 0
 	var cols []RowColumn
 	for i := 0; i < n; i++ {
 		r.u8() // flags
@@ -285,7 +324,7 @@ func (d *Decoder) mapColumns(rel *relation, cols []RowColumn) error {
 	if !rel.outbox {
 		return nil
 	}
-	c := d.cfg.Columns
+	c := d.tables[rel.tbl].Columns
 	for i, col := range cols {
 		name, typ := col.Name, col.TypeOID
 		switch name {
@@ -333,9 +372,11 @@ type RowColumn struct {
 }
 
 // SetRowColumns declares the columns of the rows DecodeRow reads, in their order, from the
-// outbox table (Config.Schema and Config.Table). It checks them as a Relation message's.
+// outbox table (Config.Schema and Config.Table, or the first of Config.Tables). It checks them
+// as a Relation message's.
 func (d *Decoder) SetRowColumns(cols []RowColumn) error {
-	rel := &relation{namespace: d.cfg.Schema, name: d.cfg.Table, outbox: true, ncols: len(cols)}
+	t := d.tables[0]
+	rel := &relation{namespace: t.Schema, name: t.Table, outbox: true, ncols: len(cols)}
 	if err := d.mapColumns(rel, cols); err != nil {
 		return err
 	}
@@ -431,7 +472,7 @@ func (d *Decoder) decodeInsert(r *reader) (Change, error) {
 // idx.
 func (d *Decoder) event(rel *relation, commitLSN pglogrepl.LSN, idx int) (Change, error) {
 	ev := &d.ev
-	*ev = Event{CommitLSN: commitLSN, TxIndex: idx, Headers: ev.Headers[:0]}
+	*ev = Event{CommitLSN: commitLSN, TxIndex: idx, Table: rel.tbl, Headers: ev.Headers[:0]}
 	poison := func(format string, args ...any) (Change, error) {
 		// The row is consumed (the decoder stays in step); what is known of it goes back
 		// with the error so a dead-letter policy can publish it.
@@ -441,7 +482,7 @@ func (d *Decoder) event(rel *relation, commitLSN pglogrepl.LSN, idx int) (Change
 		return Change{Kind: Poison, Event: ev}, Poisonf(commitLSN, idx, string(ev.ID), "outbox row cannot become an event: row %d of transaction committed at %s (id %q): %s",
 			idx, commitLSN, ev.ID, fmt.Sprintf(format, args...))
 	}
-	c := d.cfg.Columns
+	c := &d.tables[rel.tbl].Columns
 	get := func(i int) column { return d.cols[i] }
 	for _, f := range []struct {
 		dst  *[]byte
@@ -490,14 +531,15 @@ func (d *Decoder) event(rel *relation, commitLSN pglogrepl.LSN, idx int) (Change
 			d.created, ev.CreatedAt = t, t
 		}
 	}
-	d.setSubject(ev)
+	d.setSubject(ev, d.tables[rel.tbl].Subject)
 	return Change{Kind: Insert, Event: ev}, nil
 }
 
-// setSubject builds ev's subject with the template, or <prefix>.<aggregate_type>.<event_type>.
-func (d *Decoder) setSubject(ev *Event) {
-	if d.cfg.Subject != nil {
-		d.subject = d.cfg.Subject.Append(d.subject[:0], ev)
+// setSubject builds ev's subject with its table's template t, or
+// <prefix>.<aggregate_type>.<event_type> (t nil).
+func (d *Decoder) setSubject(ev *Event, t *SubjectTemplate) {
+	if t != nil {
+		d.subject = t.Append(d.subject[:0], ev)
 	} else {
 		d.subject = AppendSubject(d.subject[:0], d.cfg.SubjectPrefix, ev.AggregateType, ev.EventType)
 	}

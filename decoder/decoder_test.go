@@ -248,3 +248,35 @@ func BenchmarkDecode_InsertSubjectTemplate(b *testing.B) {
 		}
 	}
 }
+
+// Several outbox tables: each row is read with its own table's columns and subject, the
+// transaction index runs across the tables, and a relation that is none of them is foreign.
+func TestDecode_SeveralTablesEachWithItsColumnsAndSubject(t *testing.T) {
+	billing, err := decoder.ParseSubjectTemplate("{prefix}.billing.{event_type}", "outbox")
+	require.NoError(t, err)
+	d := decoder.New(decoder.Config{Tables: []decoder.Table{
+		{Schema: "orders", Table: "outbox"},
+		{Schema: "billing", Table: "outbox", Subject: billing, Columns: decoder.Columns{ID: "event_id", AggregateType: "kind", AggregateID: "account", EventType: "name", Payload: "body"}},
+	}})
+	decodeAll(t, d,
+		relation(1, "orders", "outbox", outboxCols...),
+		relation(2, "billing", "outbox", col{"event_id", 25}, col{"kind", 25}, col{"account", 25}, col{"name", 25}, col{"body", 25}),
+		relation(3, "public", "outbox", outboxCols...),
+		begin(0x200))
+	ch, err := d.Decode(insert(2, s("b-1"), s("invoice"), s("acc-1"), s("Invoiced"), s("x")))
+	require.NoError(t, err)
+	require.Equal(t, decoder.Insert, ch.Kind)
+	require.Equal(t, "b-1", string(ch.Event.ID))
+	require.Equal(t, "outbox.billing.Invoiced", string(ch.Event.Subject))
+	require.Equal(t, 1, ch.Event.Table)
+	require.Equal(t, 0, ch.Event.TxIndex)
+	ch, err = d.Decode(insert(1, s("o-1"), s("order"), s("7"), s("Created"), s(`{}`), nil, nil))
+	require.NoError(t, err)
+	require.Equal(t, "outbox.order.Created", string(ch.Event.Subject))
+	require.Equal(t, 0, ch.Event.Table)
+	require.Equal(t, 1, ch.Event.TxIndex)
+	ch, err = d.Decode(insert(3, s("p-1"), s("order"), s("7"), s("Created"), s(`{}`), nil, nil))
+	require.NoError(t, err)
+	require.Equal(t, decoder.Skip, ch.Kind, "public.outbox is not one of the tables")
+	require.Equal(t, uint64(1), d.Foreign)
+}

@@ -93,6 +93,6 @@ func (d *Decoder) decodeMessage(r *reader) (Change, error) {
 		d.created = t.UTC().AppendFormat(d.created[:0], "2006-01-02T15:04:05.000000Z07:00")
 		ev.CreatedAt = d.created
 	}
-	d.setSubject(ev)
+	d.setSubject(ev, d.tables[0].Subject)
 	return Change{Kind: Insert, Event: ev}, nil
 }

@@ -44,6 +44,9 @@ func Backfill(ctx context.Context, cfg Config, r BackfillRange, opts ...Option) 
 	if err != nil {
 		return res, err
 	}
+	if err := cfg.oneTable("backfill"); err != nil {
+		return res, err
+	}
 	if cfg.Columns.CreatedAt == "" {
 		return res, configErr("backfill selects rows by Config.Columns.CreatedAt, which must name a column")
 	}

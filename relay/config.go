@@ -16,6 +16,7 @@ package relay
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -72,9 +73,15 @@ type Config struct {
 	// StartLSN starts there instead of the slot's confirmed_flush_lsn (0: the slot's).
 	StartLSN pglogrepl.LSN
 
+	// Tables are several outbox tables relayed from the one slot and publication, in commit
+	// order across them; empty: the one table Schema.Table. With Tables, Schema and Table are
+	// not used, and Columns and SubjectTemplate are the defaults of the tables that do not set
+	// their own.
+	Tables  []Table
 	Columns decoder.Columns // the table's columns mapped to the event
 	// SubjectTemplate is the subject of each event; placeholders {prefix}, {aggregate_type},
-	// {aggregate_id}, {event_type}.
+	// {aggregate_id}, {event_type}. Its leading literal tokens bind the relay to the stream:
+	// the stream must cover <them>.>, and the position record is keyed by them.
 	SubjectTemplate string
 	Source          string // SourceTable or SourceMessages
 	MessagePrefix   string // with SourceMessages: the prefix of the messages that are events
@@ -98,9 +105,40 @@ type Config struct {
 	Failpoint string
 
 	subject    *decoder.SubjectTemplate // parsed SubjectTemplate, set by resolve
+	tables     []table                  // the outbox tables (Tables, or Schema.Table), set by resolve
 	obs        *observer                // metrics, readiness, stall detection; set by Run
 	natsHintFn func(error) string       // WithNATSConnectHint
 }
+
+// Table is one of several outbox tables a relay serves (Config.Tables).
+type Table struct {
+	Schema string // "": Config.Schema
+	Name   string // the table's name (required)
+	// Columns maps this table's columns to the event; the zero value: Config.Columns.
+	Columns decoder.Columns
+	// SubjectTemplate is the subject of this table's events; "": Config.SubjectTemplate. Its
+	// leading literal tokens must be those of Config.SubjectTemplate, or start with them
+	// ({prefix}.billing.{event_type}): the stream and the position record are bound to those.
+	SubjectTemplate string
+	// Stream: "" or Config.Sink.Stream. A table's own stream is refused (a ConfigError): every
+	// table's events go to Config.Sink.Stream, in commit order; run a relay per stream, each
+	// with its own Config.Slot, to split them.
+	Stream string
+}
+
+// table is a resolved Table.
+type table struct {
+	schema, name string
+	columns      decoder.Columns
+	subject      *decoder.SubjectTemplate
+}
+
+// String is schema.name, the table's label in metrics and logs.
+func (t table) String() string { return t.schema + "." + t.name }
+
+// maxTables is the most Config.Tables a relay serves: an event's table travels in the top byte
+// of its sink ticket (see tableTicket).
+const maxTables = 255
 
 // DefaultConfig returns the defaults of every field; set PGURL (and NATSURL) and run.
 func DefaultConfig() Config {
@@ -160,7 +198,7 @@ func (c Config) resolve() (Config, error) {
 	if c.PGURL == "" {
 		return c, configErr("Config.PGURL is required")
 	}
-	if c.Schema == "" || c.Table == "" {
+	if len(c.Tables) == 0 && (c.Schema == "" || c.Table == "") {
 		return c, configErr("Config.Table %q (schema %q): name the outbox table and its schema", c.Table, c.Schema)
 	}
 	if c.Slot == "" || c.Publication == "" {
@@ -169,18 +207,24 @@ func (c Config) resolve() (Config, error) {
 	if !decoder.ValidPrefix(c.Sink.SubjectPrefix) {
 		return c, configErr("Config.Sink.SubjectPrefix %q is not a valid NATS subject prefix (tokens separated by dots, no spaces, '*' or '>')", c.Sink.SubjectPrefix)
 	}
-	subject, err := decoder.ParseSubjectTemplate(c.SubjectTemplate, c.Sink.SubjectPrefix)
+	prefix := c.Sink.SubjectPrefix
+	subject, err := decoder.ParseSubjectTemplate(c.SubjectTemplate, prefix)
 	if err != nil {
 		return c, &ConfigError{fmt.Errorf("Config.SubjectTemplate: %w", err)}
 	}
 	// The feed is bound to the template's literal leading tokens: the stream must cover
 	// <them>.>, and the position record is keyed by them.
 	c.subject, c.Sink.SubjectPrefix = subject, subject.Prefix()
-	for _, col := range []struct{ field, v string }{{"ID", c.Columns.ID}, {"AggregateType", c.Columns.AggregateType},
-		{"AggregateID", c.Columns.AggregateID}, {"EventType", c.Columns.EventType}, {"Payload", c.Columns.Payload}} {
-		if col.v == "" {
-			return c, configErr("Config.Columns.%s must name a column", col.field)
-		}
+	if err := checkColumns("Config.Columns", c.Columns); err != nil {
+		return c, err
+	}
+	if c.tables, err = c.resolveTables(prefix); err != nil {
+		return c, err
+	}
+	if len(c.tables) == 1 {
+		// One table (Config.Tables of one): what backfill, prune and the rest read.
+		t := c.tables[0]
+		c.Schema, c.Table, c.Columns, c.subject = t.schema, t.name, t.columns, t.subject
 	}
 	if c.TemporarySlot && c.Standby {
 		return c, configErr("Config.TemporarySlot and Config.Standby exclude each other: a temporary slot belongs to one relay's connection and cannot be taken over")
@@ -224,6 +268,85 @@ func (c Config) resolve() (Config, error) {
 	}
 	c.Replication.Slot, c.Replication.Publication = c.Slot, c.Publication
 	return c, nil
+}
+
+// checkColumns checks that the required columns of cols are named; field names cols in errors.
+func checkColumns(field string, cols decoder.Columns) error {
+	for _, col := range []struct{ field, v string }{{"ID", cols.ID}, {"AggregateType", cols.AggregateType},
+		{"AggregateID", cols.AggregateID}, {"EventType", cols.EventType}, {"Payload", cols.Payload}} {
+		if col.v == "" {
+			return configErr("%s.%s must name a column", field, col.field)
+		}
+	}
+	return nil
+}
+
+// resolveTables resolves Config.Tables (or the one table Schema.Table); prefix is
+// Config.Sink.SubjectPrefix as given, the {prefix} of every template.
+func (c Config) resolveTables(prefix string) ([]table, error) {
+	if len(c.Tables) == 0 {
+		return []table{{schema: c.Schema, name: c.Table, columns: c.Columns, subject: c.subject}}, nil
+	}
+	if c.Source == SourceMessages {
+		return nil, configErr("Config.Tables name outbox tables; Config.Source messages reads no table: leave one of them out")
+	}
+	if len(c.Tables) > maxTables {
+		return nil, configErr("Config.Tables: %d tables, at most %d", len(c.Tables), maxTables)
+	}
+	feed := c.subject.Prefix()
+	out := make([]table, 0, len(c.Tables))
+	seen := map[string]bool{}
+	for i, t := range c.Tables {
+		r := table{schema: t.Schema, name: t.Name, columns: t.Columns, subject: c.subject}
+		if r.schema == "" {
+			r.schema = c.Schema
+		}
+		if r.name == "" || r.schema == "" {
+			return nil, configErr("Config.Tables: table %d has no name", i+1)
+		}
+		if seen[r.String()] {
+			return nil, configErr("Config.Tables: %s is named twice", r)
+		}
+		seen[r.String()] = true
+		if r.columns == (decoder.Columns{}) {
+			r.columns = c.Columns
+		} else if err := checkColumns(fmt.Sprintf("Config.Tables %s: Columns", r), r.columns); err != nil {
+			return nil, err
+		}
+		if t.SubjectTemplate != "" {
+			s, err := decoder.ParseSubjectTemplate(t.SubjectTemplate, prefix)
+			if err != nil {
+				return nil, &ConfigError{fmt.Errorf("Config.Tables %s: subject template: %w", r, err)}
+			}
+			if p := s.Prefix(); p != feed && !strings.HasPrefix(p, feed+".") {
+				return nil, configErr("Config.Tables %s: subject template %q puts events under %s, outside %s.>: the stream and the position record are bound to the leading literal tokens of Config.SubjectTemplate (%s), and every table's subjects must start with them (e.g. {prefix}.billing.{event_type})",
+					r, t.SubjectTemplate, p, feed, feed)
+			}
+			r.subject = s
+		}
+		if t.Stream != "" && t.Stream != c.Sink.Stream {
+			return nil, configErr("Config.Tables %s: stream %q: a table's own stream is not supported; every table's events go to Config.Sink.Stream %q, in commit order across the tables. To split them, run a relay per stream, each with its own Config.Slot and publication", r, t.Stream, c.Sink.Stream)
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// oneTable refuses several tables to what works on one table at a time (backfill, prune).
+func (c Config) oneTable(what string) error {
+	if len(c.tables) > 1 {
+		return configErr("%s works on one outbox table at a time, Config.Tables names %d: run it once per table, with that table alone", what, len(c.tables))
+	}
+	return nil
+}
+
+// tableNames are the tables' schema.name.
+func (c Config) tableNames() []string {
+	names := make([]string, len(c.tables))
+	for i, t := range c.tables {
+		names[i] = t.String()
+	}
+	return names
 }
 
 // IsConfigError reports whether err is (or wraps) a *ConfigError.

@@ -31,10 +31,12 @@ type observer struct {
 	stream string
 	log    zerolog.Logger
 
-	ackLatency    prometheus.Histogram
-	commitLatency prometheus.Histogram
+	// Per table (index of Config.tables): the event metrics.
+	ackLatency    []prometheus.Observer
+	commitLatency []prometheus.Observer
+	lastEvent     []prometheus.Gauge
+	storedN       []atomic.Uint64 // events of the table JetStream stored, duplicates included
 	reconnects    prometheus.Counter
-	lastEvent     prometheus.Gauge
 	slotLag       prometheus.Gauge
 	slotSafeWAL   prometheus.Gauge
 	stalledGauge  prometheus.Gauge
@@ -52,30 +54,44 @@ type observer struct {
 	prev sink.Stats // counters of ended sessions
 	pub  *sink.Publisher
 	trk  *checkpoint.Tracker
-	// times of the events published and not yet stored, oldest first (the sink confirms in
-	// publish order, except after a retry where an event stored out of turn is attributed
-	// the time of the oldest one: the histograms are approximate under retries).
-	times []eventTimes
+	// times of each table's events published and not yet stored, oldest first (the sink
+	// confirms in publish order, except after a retry where an event stored out of turn is
+	// attributed the time of the table's oldest one: the histograms are approximate under
+	// retries).
+	times [][]eventTimes
 }
 
 type eventTimes struct{ published, committed time.Time }
 
 // newObserver registers the metrics in reg; nil: a registry of its own, with the Go and
-// process collectors.
-func newObserver(stream string, log zerolog.Logger, reg *prometheus.Registry) *observer {
+// process collectors. tables are the outbox tables (schema.name), the table label of the event
+// metrics.
+func newObserver(stream string, tables []string, log zerolog.Logger, reg *prometheus.Registry) *observer {
 	own := reg == nil
 	if own {
 		reg = prometheus.NewRegistry()
 	}
-	o := &observer{reg: reg, stream: stream, log: log}
+	o := &observer{reg: reg, stream: stream, log: log, times: make([][]eventTimes, len(tables)), storedN: make([]atomic.Uint64, len(tables))}
 	o.stalled.Store("")
 	f := promauto.With(o.reg)
 	labels := prometheus.Labels{"stream": stream}
 	stats := func(pick func(sink.Stats) uint64) func() float64 {
 		return func() float64 { return float64(pick(o.stats())) }
 	}
-	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_events_published_total", ConstLabels: labels,
-		Help: "Events stored by JetStream (acknowledged), duplicates included."}, stats(func(s sink.Stats) uint64 { return s.Published }))
+	ackLatency := f.NewHistogramVec(prometheus.HistogramOpts{Name: "outbox_relay_publish_ack_seconds",
+		Help: "Time from publishing an event to JetStream's acknowledgement, retries included.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}, []string{"table"})
+	commitLatency := f.NewHistogramVec(prometheus.HistogramOpts{Name: "outbox_relay_commit_to_ack_seconds",
+		Help: "Time from the transaction's commit in Postgres to JetStream's acknowledgement of its event.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 18)}, []string{"table"})
+	lastEvent := f.NewGaugeVec(prometheus.GaugeOpts{Name: "outbox_relay_last_event_timestamp_seconds",
+		Help: "Unix time at which JetStream last stored an event of the table."}, []string{"table"})
+	for i, t := range tables {
+		stored := &o.storedN[i]
+		f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_events_published_total", ConstLabels: prometheus.Labels{"stream": stream, "table": t},
+			Help: "Events of the table stored by JetStream (acknowledged), duplicates included."}, func() float64 { return float64(stored.Load()) })
+		o.ackLatency = append(o.ackLatency, ackLatency.WithLabelValues(t))
+		o.commitLatency = append(o.commitLatency, commitLatency.WithLabelValues(t))
+		o.lastEvent = append(o.lastEvent, lastEvent.WithLabelValues(t))
+	}
 	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_events_duplicate_total", ConstLabels: labels,
 		Help: "Acknowledgements JetStream marked duplicate (an event re-sent within the duplicate window)."}, stats(func(s sink.Stats) uint64 { return s.Duplicates }))
 	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_publish_errors_total", ConstLabels: labels,
@@ -84,10 +100,6 @@ func newObserver(stream string, log zerolog.Logger, reg *prometheus.Registry) *o
 		Help: "Publishes the stream refused at a limit with discard: new (the relay retries; nothing after them is confirmed)."}, stats(func(s sink.Stats) uint64 { return s.StreamFull }))
 	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_publish_retries_total", ConstLabels: labels,
 		Help: "Events re-published after a failure."}, stats(func(s sink.Stats) uint64 { return s.Retries }))
-	o.ackLatency = f.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_publish_ack_seconds",
-		Help: "Time from publishing an event to JetStream's acknowledgement, retries included.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)})
-	o.commitLatency = f.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_commit_to_ack_seconds",
-		Help: "Time from the transaction's commit in Postgres to JetStream's acknowledgement of its event.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 18)})
 	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_events_in_flight",
 		Help: "Events received from Postgres and not yet stored by JetStream."}, func() float64 {
 		o.mu.Lock()
@@ -120,8 +132,6 @@ func newObserver(stream string, log zerolog.Logger, reg *prometheus.Registry) *o
 		Help: "safe_wal_size of the slot: WAL that may still be written before the slot is invalidated; -1 when max_slot_wal_keep_size is unlimited (polled)."})
 	o.reconnects = f.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_replication_reconnects_total",
 		Help: "Replication sessions that ended with an error and were started again."})
-	o.lastEvent = f.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_last_event_timestamp_seconds",
-		Help: "Unix time at which JetStream last stored an event."})
 	o.stalledGauge = f.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_stalled",
 		Help: "1 while the relay is stalled (events pending and nothing acknowledged for --stall-timeout, or no replication session for --stall-timeout)."})
 	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_replicating",
@@ -172,6 +182,15 @@ func addStats(s *sink.Stats, c sink.Stats) {
 	s.StreamFull += c.StreamFull
 }
 
+// storedTotal is the number of events JetStream stored, of every table.
+func (o *observer) storedTotal() uint64 {
+	var n uint64
+	for i := range o.storedN {
+		n += o.storedN[i].Load()
+	}
+	return n
+}
+
 func (o *observer) ackedLSN() pglogrepl.LSN {
 	o.mu.Lock()
 	defer o.mu.Unlock()
@@ -188,7 +207,8 @@ func (o *observer) startSession(pub *sink.Publisher, trk *checkpoint.Tracker) {
 		return
 	}
 	o.mu.Lock()
-	o.pub, o.trk, o.times = pub, trk, o.times[:0]
+	o.pub, o.trk = pub, trk
+	o.clearTimes()
 	o.mu.Unlock()
 	o.standingBy.Store(false)
 	o.replicating.Store(true)
@@ -219,7 +239,15 @@ func (o *observer) endSession() {
 	if o.pub != nil {
 		addStats(&o.prev, o.pub.Stats())
 	}
-	o.pub, o.trk, o.times = nil, nil, o.times[:0]
+	o.pub, o.trk = nil, nil
+	o.clearTimes()
+}
+
+// clearTimes forgets the events in flight (o.mu held).
+func (o *observer) clearTimes() {
+	for i := range o.times {
+		o.times[i] = o.times[i][:0]
+	}
 }
 
 func (o *observer) reconnected() {
@@ -234,51 +262,53 @@ func (o *observer) keepalive(walEnd pglogrepl.LSN) {
 	}
 }
 
-// publishing records an event about to be published; committed is its transaction's commit.
-func (o *observer) publishing(committed time.Time) {
+// publishing records an event of table about to be published; committed is its
+// transaction's commit.
+func (o *observer) publishing(table int, committed time.Time) {
 	if o == nil {
 		return
 	}
 	o.mu.Lock()
-	o.times = append(o.times, eventTimes{published: time.Now(), committed: committed})
+	o.times[table] = append(o.times[table], eventTimes{published: time.Now(), committed: committed})
 	o.mu.Unlock()
 }
 
-// publishFailed takes back the last publishing call (the event was not published).
-func (o *observer) publishFailed() {
+// publishFailed takes back the last publishing call of table (the event was not published).
+func (o *observer) publishFailed(table int) {
 	if o == nil {
 		return
 	}
 	o.mu.Lock()
-	if n := len(o.times); n > 0 {
-		o.times = o.times[:n-1]
+	if n := len(o.times[table]); n > 0 {
+		o.times[table] = o.times[table][:n-1]
 	}
 	o.mu.Unlock()
 }
 
-// stored records that JetStream stored the oldest event in flight.
-func (o *observer) stored() {
+// stored records that JetStream stored the oldest event of table in flight.
+func (o *observer) stored(table int) {
 	if o == nil {
 		return
 	}
 	now := time.Now()
 	o.mu.Lock()
 	var et eventTimes
-	if len(o.times) > 0 {
-		et = o.times[0]
-		o.times = o.times[1:]
-		if len(o.times) == 0 {
-			o.times = o.times[:0:0]
+	if ts := o.times[table]; len(ts) > 0 {
+		et = ts[0]
+		o.times[table] = ts[1:]
+		if len(ts) == 1 {
+			o.times[table] = ts[:0:0]
 		}
 	}
 	o.mu.Unlock()
+	o.storedN[table].Add(1)
 	if !et.published.IsZero() {
-		o.ackLatency.Observe(now.Sub(et.published).Seconds())
+		o.ackLatency[table].Observe(now.Sub(et.published).Seconds())
 	}
 	if !et.committed.IsZero() {
-		o.commitLatency.Observe(max(now.Sub(et.committed).Seconds(), 0))
+		o.commitLatency[table].Observe(max(now.Sub(et.committed).Seconds(), 0))
 	}
-	o.lastEvent.Set(float64(now.UnixNano()) / 1e9)
+	o.lastEvent[table].Set(float64(now.UnixNano()) / 1e9)
 }
 
 // recordFailingReady: failed writes of the position record for this long turn /readyz to 503.
@@ -381,7 +411,7 @@ func (o *observer) watch(ctx context.Context, cfg Config) {
 		if trk != nil {
 			pending = trk.Pending()
 		}
-		lsn, stored := o.ackedLSN(), o.stats().Published
+		lsn, stored := o.ackedLSN(), o.storedTotal()
 		var stuck string
 		switch {
 		case !o.replicating.Load():

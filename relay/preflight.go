@@ -140,8 +140,7 @@ func checkPostgres(ctx context.Context, cfg Config, r *preflightReport) (createS
 		r.fail("role %q lacks the REPLICATION attribute, which a logical replication connection needs. Fix, as a superuser: ALTER ROLE %s REPLICATION;", user, pgx.Identifier{user}.Sanitize())
 	}
 
-	table := pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize()
-	owner, tableOK := "", false
+	var tables []checkedTable
 	if cfg.Source == "messages" {
 		var version int
 		if q("server_version_num", `SELECT current_setting('server_version_num')::int`, &version) && version < 140000 {
@@ -155,27 +154,12 @@ func checkPostgres(ctx context.Context, cfg Config, r *preflightReport) (createS
 			r.warn("PUBLIC can execute pg_logical_emit_message (Postgres' default): with Config.Source messages any role that can connect to this database can inject events into the stream. Fix, as a superuser:\nREVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text), pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC;\nGRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <the producers' role>;\n(see docs/cli.md, Table-less mode)")
 		}
 	} else {
-		owner, tableOK = checkTable(ctx, conn, cfg, r)
+		for _, t := range cfg.tables {
+			owner, ok := checkTable(ctx, conn, t, r)
+			tables = append(tables, checkedTable{table: t, owner: owner, ok: ok})
+		}
 	}
-
-	pubn, pubExists, err := pgcatalog.ReadPublication(ctx, conn, cfg.Publication)
-	_, pubHasTable := pubn.Table(cfg.Schema, cfg.Table)
-	pubInsert := pubExists && pubn.Insert
-	asOwner := ""
-	if owner != "" && owner != user {
-		asOwner = fmt.Sprintf(" as the table's owner %q (or a superuser)", owner)
-	}
-	switch {
-	case err != nil:
-		r.fail("look up publication %q: %v", cfg.Publication, err)
-	case !pubExists:
-		r.fail("publication %q does not exist. Fix: run outbox-relay publication create (or migrate for the default table), or%s:\n%s", cfg.Publication, asOwner,
-			migrations.PublicationSQL(migrations.Options{Schema: cfg.Schema, Table: cfg.Table, Publication: cfg.Publication}))
-	case !pubHasTable && tableOK && cfg.Source != "messages":
-		r.fail("publication %q does not include %s. Fix: run outbox-relay publication create, or%s:\nALTER PUBLICATION %s ADD TABLE %s;", cfg.Publication, table, asOwner, pgx.Identifier{cfg.Publication}.Sanitize(), table)
-	case !pubInsert && cfg.Source != "messages":
-		r.fail("publication %q does not publish INSERTs. Fix:\nALTER PUBLICATION %s SET (publish = 'insert');", cfg.Publication, pgx.Identifier{cfg.Publication}.Sanitize())
-	}
+	checkPublication(ctx, conn, cfg, user, tables, r)
 
 	if cfg.TemporarySlot {
 		if s, err := replication.GetSlot(ctx, conn, cfg.Slot); err == nil {
@@ -215,6 +199,73 @@ func checkPostgres(ctx context.Context, cfg Config, r *preflightReport) (createS
 	return false
 }
 
+// checkedTable is an outbox table preflight looked up: its owner, and whether it exists.
+type checkedTable struct {
+	table
+	owner string
+	ok    bool
+}
+
+// asOwner names the role that can change the publication of t, when user cannot.
+func (t checkedTable) asOwner(user string) string {
+	if t.owner != "" && t.owner != user {
+		return fmt.Sprintf(" as the table's owner %q (or a superuser)", t.owner)
+	}
+	return ""
+}
+
+// checkPublication records the problems of the publication: it must exist, publish inserts and
+// include every outbox table (each named in its problem).
+func checkPublication(ctx context.Context, conn *pgx.Conn, cfg Config, user string, tables []checkedTable, r *preflightReport) {
+	pubn, pubExists, err := pgcatalog.ReadPublication(ctx, conn, cfg.Publication)
+	pub := pgx.Identifier{cfg.Publication}.Sanitize()
+	switch {
+	case err != nil:
+		r.fail("look up publication %q: %v", cfg.Publication, err)
+		return
+	case !pubExists && len(cfg.tables) > 1 && cfg.Source != SourceMessages:
+		idents := make([]string, len(cfg.tables))
+		for i, t := range cfg.tables {
+			idents[i] = pgx.Identifier{t.schema, t.name}.Sanitize()
+		}
+		r.fail("publication %q does not exist. Fix: run outbox-relay migrate with a --table for each table, or as the tables' owner:\nCREATE PUBLICATION %s FOR TABLE %s WITH (publish = 'insert');", cfg.Publication, pub, strings.Join(idents, ", "))
+		return
+	case !pubExists:
+		asOwner := ""
+		if len(tables) > 0 {
+			asOwner = tables[0].asOwner(user)
+		}
+		r.fail("publication %q does not exist. Fix: run outbox-relay publication create (or migrate for the default table), or%s:\n%s", cfg.Publication, asOwner,
+			migrations.PublicationSQL(migrations.Options{Schema: cfg.Schema, Table: cfg.Table, Publication: cfg.Publication}))
+		return
+	}
+	if cfg.Source == SourceMessages {
+		return
+	}
+	missing := false
+	for _, t := range tables {
+		if _, ok := pubn.Table(t.schema, t.name); !ok && t.ok {
+			missing = true
+			ident := pgx.Identifier{t.schema, t.name}.Sanitize()
+			r.fail("publication %q does not include %s. Fix: run outbox-relay publication create (or migrate) with --table %s, or%s:\nALTER PUBLICATION %s ADD TABLE %s;", cfg.Publication, ident, t, t.asOwner(user), pub, ident)
+		}
+	}
+	if !missing && !pubn.Insert {
+		r.fail("publication %q does not publish INSERTs. Fix:\nALTER PUBLICATION %s SET (publish = 'insert');", cfg.Publication, pub)
+	}
+	// A table left out of Config.Tables by mistake: its inserts reach the relay, which does not
+	// publish them (the session warns at the first one; this says so before any is lost).
+	relayed := map[string]bool{}
+	for _, t := range cfg.tables {
+		relayed[t.String()] = true
+	}
+	for _, name := range pubn.Tables {
+		if !relayed[name] && !pubn.AllTables {
+			r.warn("publication %q also publishes %s, which is not one of the relay's outbox tables (Config.Tables): its inserts are not relayed. Add it to Config.Tables, or remove it from the publication", cfg.Publication, name)
+		}
+	}
+}
+
 // pgConnectHint names the fix for a failed Postgres connection.
 func pgConnectHint(err error) string {
 	msg := strings.ToLower(err.Error())
@@ -237,11 +288,20 @@ func lostSlotMessage(cfg Config, s replication.Slot) string {
 	if cfg.Columns.CreatedAt != "" {
 		createdAt = cfg.Columns.CreatedAt
 	}
-	table := pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize()
+	names := make([]string, len(cfg.tables))
+	for i, t := range cfg.tables {
+		names[i] = pgx.Identifier{t.schema, t.name}.Sanitize()
+	}
+	table := strings.Join(names, ", ")
+	if len(names) > 1 {
+		table = "tables " + table + "; backfill takes one --table at a time"
+	} else {
+		table = "table " + table
+	}
 	return fmt.Sprintf(`replication slot %q is invalidated (wal_status = lost): Postgres removed WAL the slot still needed (it fell more than max_slot_wal_keep_size behind), so the events committed after its confirmed_flush_lsn %s can no longer be decoded and will never be relayed from this slot. Recovery:
 (a) note the time of the last event in the stream (header Outbox-Created-At of the stream's last message; nats stream info / nats stream get %s --last-for '%s.>');
 (b) drop and recreate the slot: outbox-relay slot drop Config.Slot %s --force && outbox-relay slot create Config.Slot %s;
-(c) start the relay, then republish the gap from the table (rows by %s, table %s): outbox-relay backfill --since <that time minus a safety margin>; JetStream drops the ones it still has within its duplicate window.
+(c) start the relay, then republish the gap from the table (rows by %s, %s): outbox-relay backfill --since <that time minus a safety margin>; JetStream drops the ones it still has within its duplicate window.
 To stop it from happening again, alert on the slot lag (outbox_relay_slot_lag_bytes) well before max_slot_wal_keep_size.`,
 		cfg.Slot, s.ConfirmedFlush, cfg.Sink.Stream, cfg.Sink.SubjectPrefix, cfg.Slot, cfg.Slot, createdAt, table)
 }
@@ -263,13 +323,13 @@ var (
 	createdAtTypes = []string{"timestamp with time zone", "timestamp without time zone"}
 )
 
-// checkTable records problems with the outbox table and its mapped columns; it returns the
+// checkTable records problems with an outbox table and its mapped columns; it returns the
 // table's owner and whether it exists.
-func checkTable(ctx context.Context, conn *pgx.Conn, cfg Config, r *preflightReport) (owner string, ok bool) {
-	table := pgx.Identifier{cfg.Schema, cfg.Table}.Sanitize()
+func checkTable(ctx context.Context, conn *pgx.Conn, t table, r *preflightReport) (owner string, ok bool) {
+	table := pgx.Identifier{t.schema, t.name}.Sanitize()
 	var oid uint32
 	err := conn.QueryRow(ctx, `SELECT c.oid, pg_get_userbyid(c.relowner)::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-		WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')`, cfg.Schema, cfg.Table).Scan(&oid, &owner)
+		WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')`, t.schema, t.name).Scan(&oid, &owner)
 	if errors.Is(err, pgx.ErrNoRows) {
 		r.fail("table %s does not exist. Fix: run outbox-relay migrate to create the default outbox table, or point Config.Table at your table (and map its columns with Config.Columns)", table)
 		return "", false
@@ -291,7 +351,7 @@ func checkTable(ctx context.Context, conn *pgx.Conn, cfg Config, r *preflightRep
 		}
 	}
 	rows.Close()
-	cols := cfg.Columns
+	cols := t.columns
 	if cols == (decoder.Columns{}) {
 		cols = decoder.DefaultColumns
 	}

@@ -61,6 +61,9 @@ func Prune(ctx context.Context, cfg Config, p PruneOptions, opts ...Option) (Pru
 	if err != nil {
 		return res, err
 	}
+	if err := cfg.oneTable("prune"); err != nil {
+		return res, err
+	}
 	if cfg.Columns.CreatedAt == "" {
 		return res, configErr("prune selects rows by Config.Columns.CreatedAt, which must name a column")
 	}

@@ -15,6 +15,8 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
 
+	"github.com/outbox-relay/outbox-relay/decoder"
+
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/internal/testenv/natsembed"
 	"github.com/outbox-relay/outbox-relay/migrations"
@@ -67,7 +69,7 @@ func (e *testEnv) streamIDs(t *testing.T) []string {
 	defer nc.Close()
 	js, err := jetstream.New(nc)
 	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	s, err := js.Stream(ctx, sink.DefaultStream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
@@ -76,11 +78,24 @@ func (e *testEnv) streamIDs(t *testing.T) []string {
 	require.NoError(t, err)
 	info, err := s.Info(ctx)
 	require.NoError(t, err)
-	var ids []string
-	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
-		m, err := s.GetMsg(ctx, seq)
+	ids := make([]string, 0, info.State.Msgs)
+	if info.State.Msgs == 0 {
+		return ids
+	}
+	// An ordered consumer, not a GetMsg per message: tens of thousands of those under -race
+	// outlast the deadline.
+	c, err := s.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{})
+	require.NoError(t, err)
+	for uint64(len(ids)) < info.State.Msgs {
+		batch, err := c.Fetch(1000, jetstream.FetchMaxWait(5*time.Second))
 		require.NoError(t, err)
-		ids = append(ids, m.Header.Get(nats.MsgIdHdr))
+		n := 0
+		for m := range batch.Messages() {
+			ids = append(ids, m.Headers().Get(nats.MsgIdHdr))
+			n++
+		}
+		require.NoError(t, batch.Error())
+		require.NotZero(t, n, "the stream read stopped at %d of %d messages", len(ids), info.State.Msgs)
 	}
 	return ids
 }
@@ -229,6 +244,12 @@ func TestConfig_Validate(t *testing.T) {
 		{"Config.Columns.Payload", func(c *Config) { c.Columns.Payload = "" }},
 		{"Config.TemporarySlot", func(c *Config) { c.TemporarySlot, c.Standby = true, true }},
 		{"Config.ReconnectMin", func(c *Config) { c.ReconnectMin = 0 }},
+		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Schema: "public", Name: "a"}} }},
+		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Name: "b", Stream: "B"}} }},
+		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Name: "b", SubjectTemplate: "b.{event_type}"}} }},
+		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Name: "b", Columns: decoder.Columns{ID: "id"}}} }},
+		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Schema: "b"}} }},
+		{"Config.Tables", func(c *Config) { c.Source, c.Tables = SourceMessages, []Table{{Name: "a"}} }},
 	} {
 		c := ok
 		tc.modify(&c)
@@ -239,6 +260,31 @@ func TestConfig_Validate(t *testing.T) {
 		require.NotContains(t, err.Error(), "--", "a library error names no command-line flag")
 		require.ErrorContains(t, Run(context.Background(), c), tc.field, "Run validates too")
 	}
+}
+
+// Config.Tables: a table's own subject template under the feed's tokens, its own columns, the
+// relay's stream named; one table of Tables is what backfill and prune read, several they refuse.
+func TestConfig_Tables(t *testing.T) {
+	c := DefaultConfig()
+	c.PGURL = "postgres://localhost/db"
+	c.Tables = []Table{{Schema: "orders", Name: "outbox"}, {Schema: "billing", Name: "outbox", SubjectTemplate: "{prefix}.billing.{event_type}",
+		Columns: decoder.Columns{ID: "event_id", AggregateType: "kind", AggregateID: "account", EventType: "name", Payload: "body"}, Stream: c.Sink.Stream}}
+	r, err := c.resolve()
+	require.NoError(t, err)
+	require.Equal(t, []string{"orders.outbox", "billing.outbox"}, r.tableNames())
+	require.Equal(t, "outbox", r.Sink.SubjectPrefix, "the feed stays bound to Config.SubjectTemplate's tokens")
+	require.Equal(t, decoder.DefaultColumns, r.tables[0].columns)
+	require.Equal(t, "event_id", r.tables[1].columns.ID)
+	require.Equal(t, "outbox.billing", r.tables[1].subject.Prefix())
+	require.ErrorContains(t, r.oneTable("backfill"), "backfill works on one outbox table at a time, Config.Tables names 2")
+
+	c.Tables = c.Tables[1:]
+	r, err = c.resolve()
+	require.NoError(t, err)
+	require.NoError(t, r.oneTable("backfill"))
+	require.Equal(t, "billing", r.Schema)
+	require.Equal(t, "event_id", r.Columns.ID)
+	require.Equal(t, "outbox", r.Sink.SubjectPrefix)
 }
 
 // Preflight, on its own: a missing slot is a *PreflightError whose fix names the Config field

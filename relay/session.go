@@ -270,14 +270,19 @@ func (s *Session) checkPositions(ctx context.Context) error {
 // newPipeline builds the decoder, the publisher and the handler the stream feeds.
 func (s *Session) newPipeline() {
 	cfg, log, trk := s.cfg, s.log, s.trk
-	dec := decoder.New(decoder.Config{Schema: cfg.Schema, Table: cfg.Table, Columns: cfg.Columns, Subject: cfg.subject, MessagePrefix: cfg.MessagePrefix})
-	dec.OnForeign = func(schema, table string) {
-		log.Warn().Str("relation", schema+"."+table).Str("table", cfg.Schema+"."+cfg.Table).Str("publication", cfg.Replication.Publication).
-			Msg("the publication sends inserts into another table than the outbox table: they are NOT published (nor will they be). Was the outbox table renamed (rename it back, or restart with Config.Table), is it partitioned without publish_via_partition_root = true (ALTER PUBLICATION ... SET (publish_via_partition_root = true)), or was another table added to the publication (remove it)? Rows inserted meanwhile need outbox-relay backfill")
+	dcfg := decoder.Config{MessagePrefix: cfg.MessagePrefix}
+	for _, t := range cfg.tables {
+		dcfg.Tables = append(dcfg.Tables, decoder.Table{Schema: t.schema, Table: t.name, Columns: t.columns, Subject: t.subject})
 	}
-	confirm := trk.Confirm
+	dec := decoder.New(dcfg)
+	dec.OnForeign = func(schema, table string) {
+		log.Warn().Str("relation", schema+"."+table).Strs("tables", cfg.tableNames()).Str("publication", cfg.Replication.Publication).
+			Msg("the publication sends inserts into another table than the outbox table(s): they are NOT published (nor will they be). Was an outbox table renamed (rename it back, or restart with Config.Table), is it partitioned without publish_via_partition_root = true (ALTER PUBLICATION ... SET (publish_via_partition_root = true)), or was another table added to the publication (remove it, or add it to Config.Tables)? Rows inserted meanwhile need outbox-relay backfill")
+	}
+	// The sink's tickets carry the event's table (tableTicket), for the metrics.
+	confirm := func(t checkpoint.Ticket) { trk.Confirm(untable(t)) }
 	if cfg.obs != nil {
-		confirm = func(t checkpoint.Ticket) { cfg.obs.stored(); trk.Confirm(t) }
+		confirm = func(t checkpoint.Ticket) { cfg.obs.stored(ticketTable(t)); trk.Confirm(untable(t)) }
 	}
 	if n, ok := failpointN(cfg.Failpoint, "kill_after_acks"); ok {
 		stored := confirm
@@ -455,7 +460,7 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 			if err := p.pub.Wait(ctx); err != nil {
 				return err
 			}
-			return p.pub.PublishDeadLetter(ctx, ch.Event, err.Error(), p.trk.Add())
+			return p.pub.PublishDeadLetter(ctx, ch.Event, err.Error(), tableTicket(p.trk.Add(), ch.Event.Table))
 		}
 		return fatalError{fmt.Errorf("decode: %w", err)}
 	}
@@ -477,11 +482,11 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 			return err
 		}
 		if p.obs == nil {
-			return p.pub.Publish(ctx, ch.Event, p.trk.Add())
+			return p.pub.Publish(ctx, ch.Event, tableTicket(p.trk.Add(), ch.Event.Table))
 		}
-		p.obs.publishing(p.commit)
-		if err := p.pub.Publish(ctx, ch.Event, p.trk.Add()); err != nil {
-			p.obs.publishFailed()
+		p.obs.publishing(ch.Event.Table, p.commit)
+		if err := p.pub.Publish(ctx, ch.Event, tableTicket(p.trk.Add(), ch.Event.Table)); err != nil {
+			p.obs.publishFailed(ch.Event.Table)
 			return err
 		}
 	case decoder.Commit:
@@ -513,6 +518,18 @@ func (p *pipeline) stored(ev *decoder.Event) (bool, error) {
 	p.haveLast = false // positions only grow from here
 	return false, nil
 }
+
+// An event's sink ticket is its tracker ticket with the index of its table in the top byte
+// (Config.Tables has at most maxTables): the confirm of a stored event tells its table.
+const ticketTableShift = 56
+
+func tableTicket(t checkpoint.Ticket, table int) checkpoint.Ticket {
+	return t | checkpoint.Ticket(table)<<ticketTableShift
+}
+
+func ticketTable(t checkpoint.Ticket) int { return int(t >> ticketTableShift) }
+
+func untable(t checkpoint.Ticket) checkpoint.Ticket { return t & (1<<ticketTableShift - 1) }
 
 // failpointN parses "name:N" from the OUTBOX_RELAY_FAILPOINT test hook.
 func failpointN(fp, name string) (int64, bool) {

@@ -24,16 +24,18 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 	d := relay.DefaultConfig()
 	cfg := d
 	var (
-		lf                  logFlags
-		auth                natsAuth
-		table, since, until string
-		headers             string
-		dryRun              bool
+		lf           logFlags
+		auth         natsAuth
+		since, until string
+		headers      string
+		dryRun       bool
 	)
 	fs.StringVar(&cfg.PGURL, "pg-url", d.PGURL, "Postgres connection URL or DSN (required)")
 	fs.StringVar(&cfg.NATSURL, "nats-url", d.NATSURL, "NATS server URL(s), comma separated")
 	auth.register(fs)
-	fs.StringVar(&table, "table", d.Schema+"."+d.Table, "outbox table, schema.table")
+	table := newTableFlag(d.Schema + "." + d.Table)
+	table.single = true
+	fs.Var(table, "table", "outbox table, schema.table (one: run backfill once per table; the config file's entry of that name lends its columns and subject template)")
 	fs.StringVar(&cfg.Sink.Stream, "stream", d.Sink.Stream, "JetStream stream (must exist)")
 	fs.StringVar(&cfg.Sink.SubjectPrefix, "subject-prefix", d.Sink.SubjectPrefix, "as for run")
 	fs.StringVar(&cfg.SubjectTemplate, "subject-template", d.SubjectTemplate, "as for run")
@@ -68,7 +70,7 @@ func cmdBackfill(ctx context.Context, args []string, stdout, stderr io.Writer, e
 		r.Until = &t
 	}
 	r.DryRun = dryRun
-	if cfg.Schema, cfg.Table, err = splitTable(table); err != nil {
+	if err := table.apply(&cfg, "backfill"); err != nil {
 		return usageError{err}
 	}
 	if cfg.NATSOptions, err = auth.options(cfg.NATSURL); err != nil {

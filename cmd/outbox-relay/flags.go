@@ -93,7 +93,15 @@ func applyConfigFile(fs *flag.FlagSet, path string, set map[string]bool) error {
 		case f == nil && fs.Name() == "run":
 			errs = append(errs, fmt.Errorf("--config %s: unknown key %q (keys are the flag names, e.g. pg-url)", path, key))
 			continue
-		case f == nil || set[name]:
+		case f != nil:
+			if cs, ok := f.Value.(configSetter); ok {
+				if err := cs.setConfig(m[key], set[name]); err != nil {
+					errs = append(errs, fmt.Errorf("--config %s: key %s: %w", path, key, err))
+				}
+				continue
+			}
+		}
+		if f == nil || set[name] {
 			continue
 		}
 		v, err := configValue(m[key])
@@ -105,6 +113,12 @@ func applyConfigFile(fs *flag.FlagSet, path string, set map[string]bool) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// configSetter is a flag that reads its config-file value itself (--table's list of mappings);
+// given: the flag was set on the command line or from the environment.
+type configSetter interface {
+	setConfig(v any, given bool) error
 }
 
 func configValue(v any) (string, error) {

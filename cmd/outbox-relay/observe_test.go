@@ -34,7 +34,7 @@ func httpAddrOf(t *testing.T, log *testLog) string {
 }
 
 // metric returns the value of the sample whose name and labels are exactly series
-// (e.g. `outbox_relay_events_published_total{stream="OUTBOX"}`), or -1 when absent.
+// (e.g. `outbox_relay_events_published_total{stream="OUTBOX",table="public.outbox"}`), or -1 when absent.
 func metric(t *testing.T, body, series string) float64 {
 	t.Helper()
 	for _, line := range strings.Split(body, "\n") {
@@ -64,16 +64,16 @@ func TestHTTP_MetricsCountEveryEventAndReadiness(t *testing.T) {
 		_, m = testenv.HTTPGet(t, base+"/metrics")
 		return metric(t, m, "outbox_relay_events_in_flight") == 0 && metric(t, m, "outbox_relay_bytes_in_flight") == 0
 	}, 10*time.Second, 20*time.Millisecond)
-	require.Equal(t, float64(n), metric(t, m, `outbox_relay_events_published_total{stream="OUTBOX"}`), "counter equals the events sent")
-	require.Equal(t, float64(n), metric(t, m, "outbox_relay_publish_ack_seconds_count"))
-	require.Equal(t, float64(n), metric(t, m, "outbox_relay_commit_to_ack_seconds_count"))
+	require.Equal(t, float64(n), metric(t, m, `outbox_relay_events_published_total{stream="OUTBOX",table="public.outbox"}`), "counter equals the events sent")
+	require.Equal(t, float64(n), metric(t, m, `outbox_relay_publish_ack_seconds_count{table="public.outbox"}`))
+	require.Equal(t, float64(n), metric(t, m, `outbox_relay_commit_to_ack_seconds_count{table="public.outbox"}`))
 	require.Zero(t, metric(t, m, `outbox_relay_events_duplicate_total{stream="OUTBOX"}`))
 	require.Zero(t, metric(t, m, `outbox_relay_publish_errors_total{stream="OUTBOX"}`))
 	require.Zero(t, metric(t, m, "outbox_relay_replication_reconnects_total"))
 	require.Equal(t, 1.0, metric(t, m, "outbox_relay_replicating"))
 	require.Equal(t, 1.0, metric(t, m, "outbox_relay_nats_connected"))
 	require.Zero(t, metric(t, m, "outbox_relay_stalled"))
-	require.InDelta(t, float64(time.Now().Unix()), metric(t, m, "outbox_relay_last_event_timestamp_seconds"), 60)
+	require.InDelta(t, float64(time.Now().Unix()), metric(t, m, `outbox_relay_last_event_timestamp_seconds{table="public.outbox"}`), 60)
 	require.Greater(t, metric(t, m, "outbox_relay_acked_lsn"), 0.0)
 	// The slot first, then the record: a keepalive may move both in between, never the slot
 	// past the record.

@@ -14,13 +14,14 @@ func cmdPrune(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	d := relay.DefaultConfig()
 	cfg := d
 	var (
-		lf    logFlags
-		auth  natsAuth
-		table string
-		p     relay.PruneOptions
+		lf   logFlags
+		auth natsAuth
+		p    relay.PruneOptions
 	)
 	fs.StringVar(&cfg.PGURL, "pg-url", d.PGURL, "Postgres connection URL or DSN (required)")
-	fs.StringVar(&table, "table", d.Schema+"."+d.Table, "outbox table, schema.table")
+	table := newTableFlag(d.Schema + "." + d.Table)
+	table.single = true
+	fs.Var(table, "table", "outbox table, schema.table (one: run prune once per table; the config file's entry of that name lends its column-created-at)")
 	fs.StringVar(&cfg.Slot, "slot", d.Slot, "the relay's replication slot: only rows it has confirmed are deleted")
 	fs.DurationVar(&p.OlderThan, "older-than", 0, "delete rows whose --column-created-at is older than this, e.g. 72h (required)")
 	fs.StringVar(&cfg.Columns.CreatedAt, "column-created-at", d.Columns.CreatedAt, "as for run: the timestamp column --older-than compares")
@@ -44,7 +45,7 @@ func cmdPrune(ctx context.Context, args []string, stdout, stderr io.Writer, env 
 	if p.Batch < 1 {
 		return usageError{errors.New("--batch must be at least 1")}
 	}
-	if cfg.Schema, cfg.Table, err = splitTable(table); err != nil {
+	if err := table.apply(&cfg, "prune"); err != nil {
 		return usageError{err}
 	}
 	if cfg.PositionBucket == "" && !p.SkipSourceCheck {

@@ -30,16 +30,17 @@ func cmdPublication(ctx context.Context, args []string, stdout, stderr io.Writer
 	sub := args[0]
 	fs := newFlagSet("publication "+sub, publicationUsage, stderr)
 	var (
-		lf                        logFlags
-		pgURL, publication, table string
-		output                    = "table"
-		ifExists                  bool
+		lf                 logFlags
+		pgURL, publication string
+		output             = "table"
+		ifExists           bool
+		table              = newTableFlag("public.outbox")
 	)
 	fs.StringVar(&pgURL, "pg-url", "", "Postgres connection URL or DSN (required)")
 	fs.StringVar(&publication, "publication", "outbox_pub", "publication name")
 	switch sub {
 	case "create":
-		fs.StringVar(&table, "table", "public.outbox", "table whose inserts are published, schema.table")
+		fs.Var(table, "table", "table whose inserts are published, schema.table; give it once per table to publish several")
 	case "drop":
 		fs.BoolVar(&ifExists, "if-exists", false, "succeed when the publication does not exist")
 	case "show":
@@ -61,11 +62,16 @@ func cmdPublication(ctx context.Context, args []string, stdout, stderr io.Writer
 	defer conn.Close(context.Background())
 	switch sub {
 	case "create":
-		schema, tbl, err := splitTable(table)
-		if err != nil {
-			return usageError{err}
+		for _, t := range table.tables() {
+			schema, tbl, err := splitTable(t.name)
+			if err != nil {
+				return usageError{err}
+			}
+			if err := publicationCreate(ctx, conn, stdout, publication, schema, tbl); err != nil {
+				return err
+			}
 		}
-		return publicationCreate(ctx, conn, stdout, publication, schema, tbl)
+		return nil
 	case "drop":
 		existed, err := relay.DropPublication(ctx, conn, publication)
 		if err != nil {

@@ -16,9 +16,10 @@ import (
 
 // runFlags are the run command's flags that are not Config fields as they are.
 type runFlags struct {
-	table, template, startLSN, headers string
-	auth                               natsAuth
-	embedded                           embeddedNATS
+	tables                      *tableFlag
+	template, startLSN, headers string
+	auth                        natsAuth
+	embedded                    embeddedNATS
 }
 
 // spanExporter replaces the OTLP exporter of the relay's spans (tests); nil: OTLP.
@@ -35,7 +36,8 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	fs.StringVar(&cfg.PGURL, "pg-url", d.PGURL, "Postgres connection URL or DSN (required); the relay adds replication=database for its replication connection")
 	fs.StringVar(&cfg.NATSURL, "nats-url", d.NATSURL, "NATS server URL(s), comma separated")
 	f.auth.register(fs)
-	fs.StringVar(&f.table, "table", d.Schema+"."+d.Table, "outbox table, schema.table")
+	f.tables = newTableFlag(d.Schema + "." + d.Table)
+	fs.Var(f.tables, "table", "outbox table, schema.table; give it once per table to relay several from the one slot and publication, in commit order (the config file's table list may give each its own columns, subject template: see docs/cli.md)")
 	fs.StringVar(&cfg.Publication, "publication", d.Publication, "publication of the outbox table's inserts")
 	fs.StringVar(&cfg.Slot, "slot", d.Slot, "logical replication slot (pgoutput)")
 	fs.BoolVar(&cfg.CreateSlot, "create-slot", false, "create the slot if it does not exist")
@@ -73,10 +75,10 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer, env func(strin
 	if err != nil {
 		return err
 	}
-	if cfg.Schema, cfg.Table, err = splitTable(f.table); err != nil {
+	cfg.SubjectTemplate = f.template
+	if err := f.tables.apply(&cfg, "run"); err != nil {
 		return usageError{err}
 	}
-	cfg.SubjectTemplate = f.template
 	if cfg.StartLSN, err = parseStartLSN(f.startLSN); err != nil {
 		return usageError{err}
 	}

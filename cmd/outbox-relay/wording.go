@@ -15,6 +15,7 @@ var configFlags = map[string]string{
 	"Config.PGURL":                 "--pg-url",
 	"Config.NATSURL":               "--nats-url",
 	"Config.Table":                 "--table",
+	"Config.Tables":                "--table",
 	"Config.Publication":           "--publication",
 	"Config.Slot":                  "--slot",
 	"Config.CreateSlot":            "--create-slot",
