@@ -277,3 +277,27 @@ func TestJetStream_FastRepublishedStoredEventsAreNotStoredTwice(t *testing.T) {
 	t.Logf("re-published: %+v", st)
 	require.Equal(t, uint64(250), st.Published)
 }
+
+// Core NATS subscribers of the stream's subjects see the events and nothing else: the sink
+// ends a batch with an event as its commit, never with an end-of-batch commit, which is a
+// message without payload on an event subject that every such subscriber receives.
+func TestJetStream_FastSendsNoMessageButEvents(t *testing.T) {
+	r := newSinkRig(t, Config{Publish: PublishFast, Window: 64})
+	nc := r.nats.Connect(t)
+	got := make(chan *nats.Msg, 1000)
+	_, err := nc.ChanSubscribe("outbox.>", got)
+	require.NoError(t, err)
+	require.NoError(t, nc.Flush())
+	for i := 0; i < 20; i++ { // pauses end batches
+		r.publishFrom(t, i*5, i*5+5)
+		time.Sleep(5 * time.Millisecond)
+	}
+	r.waitConfirmed(t, 100)
+	time.Sleep(100 * time.Millisecond)
+	require.Len(t, got, 100)
+	for len(got) > 0 {
+		m := <-got
+		require.NotEmpty(t, m.Header.Get(HeaderMsgID), "a message that is no event: %+v", m)
+	}
+	require.Greater(t, r.sink.fastN, uint64(10), "batches ended")
+}
