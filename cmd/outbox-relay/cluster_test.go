@@ -244,16 +244,25 @@ func backfill(t *testing.T, pgURL, natsURL, since, until string) (string, time.D
 // in chunks through its position bucket (sink.Handover). The backfill must finish; the stream
 // must hold every backfilled row and every live event once, the live events in commit order
 // (an event the relay stored after a gap would come back later, out of it). Without the
-// bucket, backfill refuses while the relay streams.
+// bucket, backfill refuses while the relay streams. Also with --publish fast (the hand-over
+// pauses a relay whose newest event may be held back, and its first message after the
+// hand-back is a batch of its own).
 func TestBackfill_NextToALiveRelayOnAnR3Stream(t *testing.T) {
-	e := newClusterEnv(t)
+	for _, mode := range []string{"single", "fast"} {
+		t.Run(mode, func(t *testing.T) { backfillNextToR3Relay(t, mode) })
+	}
+}
+
+// backfillNextToR3Relay runs TestBackfill_NextToALiveRelayOnAnR3Stream with --publish mode.
+func backfillNextToR3Relay(t *testing.T, mode string) {
+	e := newClusterEnvMode(t, mode)
 	since := time.Now().Add(-time.Minute).UTC().Format(time.RFC3339Nano)
 	const gap = 3000
 	insertGapEvents(t, e.pg, "lost", gap) // committed before the relay's slot exists
 	time.Sleep(10 * time.Millisecond)
 	until := time.Now().UTC().Format(time.RFC3339Nano)
 	stop, log := inProcess(t, []string{"run", "--pg-url", e.pg.URL, "--nats-url", e.cluster.URL, "--create-slot",
-		"--log-format", "json", "--log-level", "info", "--ack-timeout", "2s", "--max-in-flight", "256"})
+		"--log-format", "json", "--log-level", "info", "--ack-timeout", "2s", "--max-in-flight", "256", "--publish", mode})
 	waitStreaming(t, e.pg, "outbox_relay")
 	insertGapEvents(t, e.pg, "first", 1) // the relay streams once it published it (the slot is active while it is created, too)
 	waitStream(t, e.cluster.URL, 1, 30*time.Second)
