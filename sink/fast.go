@@ -144,7 +144,17 @@ func (p *Publisher) fastEnqueue(e *entry) {
 func (p *Publisher) fastLingerEnd() (at time.Time, ok bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.fastHeldAt.Add(fastLinger), p.fastHeld != nil && !p.fastDefer()
+	return p.fastDue(), p.fastHeld != nil && !p.fastDefer()
+}
+
+// fastDue is when the held event goes out: fastLinger after it was held, or at once when
+// everything before it is confirmed (as fastEnqueue sends an event that finds the window
+// empty: waiting for a next event only delays this one). p.mu is held.
+func (p *Publisher) fastDue() time.Time {
+	if len(p.q) > 0 && p.q[0] == p.fastHeld {
+		return p.fastHeldAt
+	}
+	return p.fastHeldAt.Add(fastLinger)
 }
 
 // fastDefer reports whether the held event's commit waits for flow acks: with two ack
@@ -160,7 +170,7 @@ func (p *Publisher) fastDefer() bool { return len(p.sem) >= 2*p.fastFlow }
 func (p *Publisher) fastFlush(now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if h := p.fastHeld; h != nil && !p.paused && !p.recovering && !p.fastDefer() && now.Sub(p.fastHeldAt) >= fastLinger {
+	if h := p.fastHeld; h != nil && !p.paused && !p.recovering && !p.fastDefer() && !now.Before(p.fastDue()) {
 		p.fastHeld = nil
 		p.fastCommitNext = true
 		p.send(h)
