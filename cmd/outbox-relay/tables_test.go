@@ -233,7 +233,7 @@ func TestTables_RepeatedTableFlag(t *testing.T) {
 func TestTables_ConfigErrors(t *testing.T) {
 	for _, c := range []struct{ file, want string }{
 		{"table:\n  - orders.outbox\n  - name: billing.outbox\n    stream: BILLING\n",
-			`--table billing.outbox: stream "BILLING": a table's own stream is not supported`},
+			`--table: stream OUTBOX (table orders.outbox) and stream BILLING (table billing.outbox) would both take subjects under outbox.>: a table of its own stream needs subjects of its own`},
 		{"table:\n  - orders.outbox\n  - name: billing.outbox\n    subject-template: billing.{event_type}\n",
 			`--table billing.outbox: subject template "billing.{event_type}" puts events under billing, outside outbox.>`},
 		{"table:\n  - orders.outbox\n  - public.orders\n  - orders.outbox\n", "--table: orders.outbox is named twice"},
