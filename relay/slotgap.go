@@ -65,15 +65,15 @@ type gapInput struct {
 type gapKind int
 
 const (
-	gapNone         gapKind = iota // the slot continues the record
-	gapFirstStart                  // no record: first start
-	gapOtherCluster                // another Postgres cluster feeds the stream
-	gapForkedRecord                // the server's history no longer holds the recorded position
-	gapForkedLast                  // ... or the stream's last event
-	gapStreamLost                  // the stream ends before the recorded sequence
-	gapOtherSlot                   // another slot feeds the stream
-	gapSlotAhead                   // the slot is ahead of the record
-	gapRecordMissing               // no record for this stream, while another stream has one
+	gapNone          gapKind = iota // the slot continues the record
+	gapFirstStart                   // no record: first start
+	gapOtherCluster                 // another Postgres cluster feeds the stream
+	gapForkedRecord                 // the server's history no longer holds the recorded position
+	gapForkedLast                   // ... or the stream's last event
+	gapStreamLost                   // the stream ends before the recorded sequence
+	gapOtherSlot                    // another slot feeds the stream
+	gapSlotAhead                    // the slot is ahead of the record
+	gapRecordMissing                // no record for this stream, while another stream has one
 )
 
 // gapDecision is decideSlotGap's verdict, with its reason.
