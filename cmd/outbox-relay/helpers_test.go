@@ -289,8 +289,14 @@ func streamMsgs(t *testing.T, url, stream string) uint64 {
 
 func waitStream(t *testing.T, url string, atLeast uint64, timeout time.Duration) {
 	t.Helper()
-	require.Eventually(t, func() bool { return streamMsgs(t, url, sink.DefaultStream) >= atLeast },
-		timeout, 50*time.Millisecond, "stream never reached %d messages", atLeast)
+	waitStreamOf(t, url, sink.DefaultStream, atLeast, timeout)
+}
+
+// waitStreamOf waits until the named stream holds at least atLeast messages.
+func waitStreamOf(t *testing.T, url, stream string, atLeast uint64, timeout time.Duration) {
+	t.Helper()
+	require.Eventually(t, func() bool { return streamMsgs(t, url, stream) >= atLeast },
+		timeout, 50*time.Millisecond, "stream %s never reached %d messages", stream, atLeast)
 }
 
 // waitStreaming waits until a relay holds the slot, so that what is committed from now on is
