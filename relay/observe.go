@@ -42,7 +42,7 @@ type observer struct {
 	stalledGauge  prometheus.Gauge
 
 	recordFailures prometheus.Counter
-	recorder       atomic.Pointer[checkpoint.Recorder] // the session's, nil without a record
+	recorders      atomic.Pointer[[]*checkpoint.Recorder] // the session's, one per stream; nil without records
 
 	serverWALEnd atomic.Uint64
 	replicating  atomic.Bool
@@ -148,10 +148,15 @@ func newObserver(streams, tables []string, tableStream []int, log zerolog.Logger
 	})
 	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_recorded_lsn",
 		Help: "Position held by the relay's position record (the most it may confirm to Postgres), as a number; 0 without a record."}, func() float64 {
-		if r := o.recorder.Load(); r != nil {
-			return float64(r.Recorded())
+		rs := o.recorders.Load()
+		if rs == nil || len(*rs) == 0 {
+			return 0
 		}
-		return 0
+		min := (*rs)[0].Recorded()
+		for _, r := range (*rs)[1:] {
+			min = minLSN(min, r.Recorded())
+		}
+		return float64(min)
 	})
 	o.recordFailures = f.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_position_record_failures_total",
 		Help: "Failed writes of the position record (retried; meanwhile nothing newer is confirmed to Postgres)."})
@@ -225,11 +230,18 @@ func (o *observer) startSession(pubs []*sink.Publisher, trk *checkpoint.Tracker)
 	o.replicating.Store(true)
 }
 
-// setRecorder publishes the session's position recorder (nil: none).
-func (o *observer) setRecorder(r *checkpoint.Recorder) {
+// setRecorders publishes the session's position recorders, one per stream (none: no record).
+func (o *observer) setRecorders(rs []*checkpoint.Recorder) {
 	if o != nil {
-		o.recorder.Store(r)
+		o.recorders.Store(&rs)
 	}
+}
+
+func minLSN(a, b pglogrepl.LSN) pglogrepl.LSN {
+	if a < b {
+		return a
+	}
+	return b
 }
 
 // recordFailed counts a failed write of the position record.
@@ -340,9 +352,12 @@ func (o *observer) ready(standbyOK bool) (bool, string) {
 	if s, _ := o.stalled.Load().(string); s != "" {
 		why = append(why, "stalled: "+s)
 	}
-	if r := o.recorder.Load(); r != nil {
-		if d := r.FailingFor(); d >= recordFailingReady {
-			why = append(why, fmt.Sprintf("the position record cannot be written (for %s): nothing newer is confirmed to Postgres", d.Round(time.Second)))
+	if rs := o.recorders.Load(); rs != nil {
+		for _, r := range *rs {
+			if d := r.FailingFor(); d >= recordFailingReady {
+				why = append(why, fmt.Sprintf("the position record cannot be written (for %s): nothing newer is confirmed to Postgres", d.Round(time.Second)))
+				break
+			}
 		}
 	}
 	return len(why) == 0, strings.Join(why, "; ")

@@ -234,6 +234,7 @@ func (s *Session) checkPositions(ctx context.Context) error {
 	s.trk = checkpoint.New(s.start)
 	s.flush = s.trk
 	var stops []func()
+	var recs []*checkpoint.Recorder
 	s.stopRec = func() {
 		for _, stop := range stops {
 			stop()
@@ -264,8 +265,10 @@ func (s *Session) checkPositions(ctx context.Context) error {
 		if rec != nil {
 			s.flush = rec
 			stops = append(stops, stop)
+			recs = append(recs, rec)
 		}
 	}
+	s.cfg.obs.setRecorders(recs)
 	// A replay from the slot's position that reaches a stream's last event must yield it.
 	for _, f := range s.feeds {
 		if f.haveLast {

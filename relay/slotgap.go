@@ -266,7 +266,6 @@ func startRecorder(cfg Config, src checkpoint.FlushSource, guard slotGuard, log 
 			}
 		})
 	}()
-	cfg.obs.setRecorder(rec)
 	return rec, func() { cancel(); <-done }
 }
 
