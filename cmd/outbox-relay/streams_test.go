@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -82,6 +81,23 @@ func TestStreams_TableOfItsOwnStream(t *testing.T) {
 	}
 }
 
+// createBilling creates the BILLING stream before the relay runs; update changes its config.
+func createBilling(t *testing.T, e *env, cfg jetstream.StreamConfig) (update func(jetstream.StreamConfig)) {
+	t.Helper()
+	js, closeNC := connectJS(t, e.nats.URL)
+	t.Cleanup(closeNC)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := js.CreateStream(ctx, cfg)
+	require.NoError(t, err)
+	return func(cfg jetstream.StreamConfig) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, err := js.UpdateStream(ctx, cfg)
+		require.NoError(t, err)
+	}
+}
+
 // positionRecordOf reads the position record of a stream and subject prefix.
 func positionRecordOf(t *testing.T, e *env, stream, prefix string) sink.SourcePosition {
 	t.Helper()
@@ -102,8 +118,7 @@ func TestStreams_KillMidStreamDeliversExactlyOnce(t *testing.T) {
 	e.createSlot(t)
 	want := writeBoth(t, e, 300)
 	args := e.args("--config", streamsConfig(t))
-	p := startProc(t, append(args, "--status-interval", "1h", "--max-in-flight", "8"), "OUTBOX_RELAY_FAILPOINT=kill_after_acks:150")
-	require.Equal(t, -1, p.wait(t, 60*time.Second), "the failpoint kills the relay")
+	killAfterAcks(t, args, 150)
 	a, b := streamMsgs(t, e.nats.URL, sink.DefaultStream), streamMsgs(t, e.nats.URL, billingStream)
 	require.GreaterOrEqual(t, a+b, uint64(150))
 	require.Less(t, a+b, uint64(len(want)))
@@ -111,12 +126,11 @@ func TestStreams_KillMidStreamDeliversExactlyOnce(t *testing.T) {
 	require.NotZero(t, b)
 
 	orders, invoices := splitSent(want)
-	p = startProc(t, args)
+	p := startProc(t, args)
 	waitStream(t, e.nats.URL, uint64(len(orders)), 60*time.Second)
 	waitStreamOf(t, e.nats.URL, billingStream, uint64(len(invoices)), 60*time.Second)
 	waitSlotCaughtUp(t, e.pg, "outbox_relay", "after the restart")
-	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
-	require.Equal(t, 0, p.wait(t, 30*time.Second))
+	p.stop(t)
 	requireBothStreams(t, e, want)
 }
 
@@ -125,14 +139,9 @@ func TestStreams_KillMidStreamDeliversExactlyOnce(t *testing.T) {
 // arrives, once and in order, and the slot catches up.
 func TestStreams_SlotWaitsForEveryStream(t *testing.T) {
 	e := newTwoTables(t)
-	js, closeNC := connectJS(t, e.nats.URL)
-	defer closeNC()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
 	cfg := jetstream.StreamConfig{Name: billingStream, Subjects: []string{"billing.>"}, Storage: jetstream.FileStorage,
 		Discard: jetstream.DiscardNew, MaxMsgs: 3, Duplicates: 20 * time.Minute}
-	_, err := js.CreateStream(ctx, cfg)
-	require.NoError(t, err)
+	update := createBilling(t, e, cfg)
 
 	stop, log := inProcess(t, e.args("--config", streamsConfig(t), "--status-interval", "100ms"))
 	base := httpAddrOf(t, log)
@@ -151,8 +160,7 @@ func TestStreams_SlotWaitsForEveryStream(t *testing.T) {
 	require.Equal(t, 0.0, metric(t, m, `outbox_relay_stream_full_total{stream="OUTBOX"}`))
 
 	cfg.MaxMsgs = -1
-	_, err = js.UpdateStream(ctx, cfg)
-	require.NoError(t, err)
+	update(cfg)
 	waitStreamOf(t, e.nats.URL, billingStream, uint64(len(invoices)), 60*time.Second)
 	waitSlotCaughtUp(t, e.pg, "outbox_relay", "after BILLING took messages again")
 	require.NoError(t, stop())
@@ -219,13 +227,8 @@ func TestStreams_RecordBehindOrMissingForOneStreamIsASlotGap(t *testing.T) {
 // Preflight checks each stream and names the one that is wrong, with its table.
 func TestStreams_PreflightNamesTheStream(t *testing.T) {
 	e := newTwoTables(t)
-	js, closeNC := connectJS(t, e.nats.URL)
-	defer closeNC()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
 	cfg := jetstream.StreamConfig{Name: billingStream, Subjects: []string{"invoices.>"}, Storage: jetstream.FileStorage}
-	_, err := js.CreateStream(ctx, cfg)
-	require.NoError(t, err)
+	update := createBilling(t, e, cfg)
 	args := []string{"--pg-url", e.pg.URL, "--nats-url", e.nats.URL, "--create-slot", "--config", streamsConfig(t)}
 	msg, _ := runPreflight(t, args...)
 	require.Contains(t, msg, "preflight check failed")
@@ -233,8 +236,7 @@ func TestStreams_PreflightNamesTheStream(t *testing.T) {
 	require.Contains(t, msg, "(the stream of billing.outbox)")
 
 	cfg.Subjects = []string{"billing.>"}
-	_, err = js.UpdateStream(ctx, cfg)
-	require.NoError(t, err)
+	update(cfg)
 	msg, _ = runPreflight(t, append(args, "--publish", "atomic")...)
 	require.Contains(t, msg, "stream BILLING does not allow atomic batch publishing")
 	require.Contains(t, msg, "preflight found 2 problems")
