@@ -302,12 +302,19 @@ func lostSlotMessage(cfg Config, s replication.Slot) string {
 	} else {
 		table = "table " + table
 	}
+	last := make([]string, len(cfg.feeds))
+	for i, f := range cfg.feeds {
+		last[i] = fmt.Sprintf("nats stream get %s --last-for '%s.>'", f.stream, f.prefix)
+	}
+	if len(last) > 1 {
+		last = append(last, "with several streams, the earliest of their last events")
+	}
 	return fmt.Sprintf(`replication slot %q is invalidated (wal_status = lost): Postgres removed WAL the slot still needed (it fell more than max_slot_wal_keep_size behind), so the events committed after its confirmed_flush_lsn %s can no longer be decoded and will never be relayed from this slot. Recovery:
-(a) note the time of the last event in the stream (header Outbox-Created-At of the stream's last message; nats stream info / nats stream get %s --last-for '%s.>');
+(a) note the time of the last event in the stream (header Outbox-Created-At of the stream's last message; nats stream info / %s);
 (b) drop and recreate the slot: outbox-relay slot drop Config.Slot %s --force && outbox-relay slot create Config.Slot %s;
 (c) start the relay, then republish the gap from the table (rows by %s, %s): outbox-relay backfill --since <that time minus a safety margin>; JetStream drops the ones it still has within its duplicate window.
 To stop it from happening again, alert on the slot lag (outbox_relay_slot_lag_bytes) well before max_slot_wal_keep_size.`,
-		cfg.Slot, s.ConfirmedFlush, cfg.Sink.Stream, cfg.Sink.SubjectPrefix, cfg.Slot, cfg.Slot, createdAt, table)
+		cfg.Slot, s.ConfirmedFlush, strings.Join(last, "; "), cfg.Slot, cfg.Slot, createdAt, table)
 }
 
 // holderInfo describes the backend holding a slot, for the error naming it.
