@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -75,8 +76,9 @@ func TestStreams_TableOfItsOwnStream(t *testing.T) {
 			recs := readStream(t, e.nats.URL, billingStream)
 			require.Equal(t, []string{"0", "0", "2"}, []string{recs[0].Header.Get(sink.HeaderTxIndex), recs[1].Header.Get(sink.HeaderTxIndex), recs[2].Header.Get(sink.HeaderTxIndex)})
 			require.Equal(t, recs[1].Header.Get(sink.HeaderCommitLSN), recs[2].Header.Get(sink.HeaderCommitLSN))
-			rec := positionRecordOf(t, e, billingStream, "billing")
-			require.LessOrEqual(t, confirmedFlush(t, e.pg, "outbox_relay"), rec.LSN, "the slot is past BILLING's record")
+			slot := confirmedFlush(t, e.pg, "outbox_relay")
+			require.LessOrEqual(t, slot, positionRecordOf(t, e, billingStream, "billing").LSN, "the slot is past BILLING's record")
+			require.LessOrEqual(t, slot, positionRecordOf(t, e, sink.DefaultStream, "outbox").LSN, "the slot is past OUTBOX's record")
 		})
 	}
 }
@@ -143,7 +145,7 @@ func TestStreams_SlotWaitsForEveryStream(t *testing.T) {
 		Discard: jetstream.DiscardNew, MaxMsgs: 3, Duplicates: 20 * time.Minute}
 	update := createBilling(t, e, cfg)
 
-	stop, log := inProcess(t, e.args("--config", streamsConfig(t), "--status-interval", "100ms"))
+	stop, log := inProcess(t, e.args("--config", streamsConfig(t), "--status-interval", "100ms", "--stall-timeout", "1s"))
 	base := httpAddrOf(t, log)
 	waitStreaming(t, e.pg, "outbox_relay")
 	want := writeBoth(t, e, 8)
@@ -158,6 +160,13 @@ func TestStreams_SlotWaitsForEveryStream(t *testing.T) {
 	_, m := testenv.HTTPGet(t, base+"/metrics")
 	require.Greater(t, metric(t, m, `outbox_relay_stream_full_total{stream="BILLING"}`), 0.0)
 	require.Equal(t, 0.0, metric(t, m, `outbox_relay_stream_full_total{stream="OUTBOX"}`))
+	var body string
+	require.Eventually(t, func() bool {
+		var code int
+		code, body = testenv.HTTPGet(t, base+"/readyz")
+		return code == http.StatusServiceUnavailable && strings.Contains(body, "stalled")
+	}, 20*time.Second, 50*time.Millisecond, "the stall is not reported")
+	require.Contains(t, body, "check the NATS server, the stream BILLING and", "the stall names the stream that holds events")
 
 	cfg.MaxMsgs = -1
 	update(cfg)
