@@ -42,7 +42,8 @@ test: fmt-check vet unit integration
 # kill -9 (then restarted), leader step-down, a follower down 30 s, a rolling restart of all three, a
 # node frozen with SIGSTOP for at least 30 s; recovery after each fault measured (target < 30 s) and the
 # stream's commit order checked too. Each writes its section of docs/reliability.md. Short versions (a
-# minute each) run in `make test`.
+# minute each) run in `make test`. OUTBOX_RELAY_CHAOS_PUBLISH=fast runs the relay's
+# suite with that --publish mode.
 chaos:
 	OUTBOX_RELAY_CHAOS=long OUTBOX_RELAY_CHAOS_REPORT=$(CURDIR)/docs/reliability.md \
 		$(GO) test -count=1 -timeout 45m -v -run TestChaos ./cmd/outbox-relay/

@@ -197,6 +197,7 @@ func (e *env) newStream(ctx context.Context, name, prefix string) (jetstream.Str
 	return e.js.CreateStream(ctx, jetstream.StreamConfig{
 		Name: name, Subjects: []string{prefix + ".>"}, Storage: jetstream.FileStorage, Duplicates: 20 * time.Minute,
 		AllowAtomicPublish: true, // for --publish atomic and ceiling D-atomic
+		AllowBatchPublish:  true, // for --publish fast and ceiling D-fast
 	})
 }
 

@@ -28,15 +28,15 @@ func addUsage(f figures, prefix string, u usage, events int) {
 	f[prefix+" relay peak RSS MiB"] = float64(u.maxRSS) / mib
 }
 
-// runDrain measures ceilings A, B, D, D-atomic and the relay's drain (--publish single and
-// atomic) on the same 200,000 committed events in transactions of 100: the slots are created
+// runDrain measures ceilings A, B, D, D-atomic, D-fast and the relay's drain (--publish
+// single, atomic and fast) on the same 200,000 committed events in transactions of 100: the slots are created
 // before the events are inserted, one for each consumer.
 func (e *env) runDrain(ctx context.Context, o opts, rep int) (figures, error) {
 	return e.drainTxs(ctx, o, rep, o.events, 100, "")
 }
 
 // runDrain1 is runDrain with single-event transactions (a tenth of -events: each is a commit):
-// D, D-atomic and the relay in both modes.
+// D and the relay in each mode.
 func (e *env) runDrain1(ctx context.Context, o opts, rep int) (figures, error) {
 	return e.drainTxs(ctx, o, rep, o.events/10, 1, "1-event tx ")
 }
@@ -48,7 +48,7 @@ func (e *env) drainTxs(ctx context.Context, o opts, rep, events, perTx int, labe
 		return nil, err
 	}
 	defer e.drop(context.Background(), d)
-	slots := []string{"ceil_d", "ceil_datomic", "relay", "relay_atomic"}
+	slots := []string{"ceil_d", "ceil_datomic", "ceil_dfast", "relay", "relay_atomic", "relay_fast"}
 	if full {
 		slots = append(slots, "ceil_a", "ceil_dh")
 	}
@@ -87,6 +87,13 @@ func (e *env) drainTxs(ctx context.Context, o opts, rep, events, perTx int, labe
 		}
 		f[label+"ceiling D-atomic: CPU s per 100k rows (bench process)"] = (selfCPU() - cpu0).Seconds() * 100000 / float64(events)
 		f[label+"ceiling D-atomic / D"] = f[daKey] / f[dKey]
+		dfKey := label + "ceiling D-fast: bare pipe, one fast batch, rows/s"
+		cpu0 = selfCPU()
+		if f[dfKey], err = e.ceilingDFast(ctx, d, "ceil_dfast", "CEIL_DF", "ceildf", events); err != nil {
+			return nil, err
+		}
+		f[label+"ceiling D-fast: CPU s per 100k rows (bench process)"] = (selfCPU() - cpu0).Seconds() * 100000 / float64(events)
+		f[label+"ceiling D-fast / D"] = f[dfKey] / f[dKey]
 		if f["diagnostic D+h: bare pipe with the relay's headers, rows/s"], err = e.ceilingD(ctx, d, "ceil_dh", "CEIL_DH", "ceildh", events, true); err != nil {
 			return nil, err
 		}
@@ -102,6 +109,21 @@ func (e *env) drainTxs(ctx context.Context, o opts, rep, events, perTx int, labe
 		f[label+"drain atomic: relay / D-atomic"] = rate / f[daKey]
 	}
 	addUsage(f, label+"drain atomic:", u, events)
+	// The relay in fast mode, on its own slot and stream.
+	profile := "drain1-fast"
+	if full {
+		profile = "drain-fast"
+	}
+	rate, u, err = e.relayDrain(ctx, e.relayBin, d, "relay_fast", "DRAINF", "drainf", events, append(o.profileEnv(profile, rep), o.relayEnv...), append([]string{"--publish", "fast"}, o.relayArgs...)...)
+	if err != nil {
+		return nil, err
+	}
+	f[label+"drain fast: relay, events/s"] = rate
+	f[label+"drain fast: relay / D"] = rate / f[dKey]
+	if full {
+		f[label+"drain fast: relay / D-fast"] = rate / f[label+"ceiling D-fast: bare pipe, one fast batch, rows/s"]
+	}
+	addUsage(f, label+"drain fast:", u, events)
 	if !full {
 		rate, u, err := e.relayDrain(ctx, e.relayBin, d, "relay", "DRAIN", "drain", events, o.relayEnv, o.relayArgs...)
 		if err != nil {
@@ -427,23 +449,11 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 		return nil, err
 	}
 
-	// --publish atomic on a slot created now: no backlog to drain first.
-	if err := d.createSlots(ctx, "relay_atomic"); err != nil {
+	// --publish atomic and fast, each on a slot created now: no backlog to drain first.
+	if err := e.modeLatency(ctx, d, o, f, "atomic", "relay_atomic", "LATA", "lata"); err != nil {
 		return nil, err
 	}
-	if _, err := e.newStream(ctx, "LATA", "lata"); err != nil {
-		return nil, err
-	}
-	defer e.js.DeleteStream(context.Background(), "LATA")
-	pa, err := e.startRelayArgs(d, []string{"--slot", "relay_atomic", "--stream", "LATA", "--subject-prefix", "lata", "--publish", "atomic"})
-	if err != nil {
-		return nil, err
-	}
-	defer pa.stop() //nolint:errcheck
-	if err := d.waitSlotActive(ctx, "relay_atomic", pa); err != nil {
-		return nil, err
-	}
-	if err := e.relayLatency(ctx, d, pa, "LATA", o, f, "latency atomic"); err != nil {
+	if err := e.modeLatency(ctx, d, o, f, "fast", "relay_fast", "LATF", "latf"); err != nil {
 		return nil, err
 	}
 	if o.relayB == "" {
@@ -470,6 +480,27 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 		return nil, err
 	}
 	return f, nil
+}
+
+// modeLatency starts the relay with --publish mode on a slot created now (no backlog to drain
+// first) publishing to a new stream, and adds its latency figures as "latency <mode>".
+func (e *env) modeLatency(ctx context.Context, d *db, o opts, f figures, mode, slot, stream, prefix string) error {
+	if err := d.createSlots(ctx, slot); err != nil {
+		return err
+	}
+	if _, err := e.newStream(ctx, stream, prefix); err != nil {
+		return err
+	}
+	defer e.js.DeleteStream(context.Background(), stream)
+	p, err := e.startRelayArgs(d, []string{"--slot", slot, "--stream", stream, "--subject-prefix", prefix, "--publish", mode})
+	if err != nil {
+		return err
+	}
+	defer p.stop() //nolint:errcheck
+	if err := d.waitSlotActive(ctx, slot, p); err != nil {
+		return err
+	}
+	return e.relayLatency(ctx, d, p, stream, o, f, "latency "+mode)
 }
 
 // relayLatency runs the latency harness against the running relay p publishing to stream,

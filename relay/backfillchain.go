@@ -44,18 +44,20 @@ const (
 	handoverGap = 100 * time.Millisecond
 )
 
-// newBackfillChain returns nil for a single-replica stream that does not take atomic batches:
+// newBackfillChain returns nil for a single-replica stream that takes neither atomic nor fast
+// batches:
 // there the relay chains on message ids and a backfill next to it only costs re-chains, and the
-// backfill publishes freely. A relay publishing atomic batches (--publish atomic, which needs
-// allow_atomic) chains on the sequence on any stream, as on a replicated one.
+// backfill publishes freely. A relay publishing atomic or fast batches (--publish atomic, which
+// needs allow_atomic, or fast, which needs allow_batched) chains on the sequence on any stream,
+// as on a replicated one.
 func newBackfillChain(ctx context.Context, conn *pgx.Conn, js jetstream.JetStream, pgURL, bucket string, scfg sink.Config, log zerolog.Logger) (*backfillChain, error) {
 	s, err := js.Stream(ctx, scfg.Stream)
 	if err != nil {
 		return nil, fmt.Errorf("look up stream %s: %w", scfg.Stream, err)
 	}
 	replicas := s.CachedInfo().Config.Replicas
-	atomicOK := s.CachedInfo().Config.AllowAtomicPublish
-	if replicas <= 1 && !atomicOK {
+	cfg := s.CachedInfo().Config
+	if replicas <= 1 && !cfg.AllowAtomicPublish && !cfg.AllowBatchPublish {
 		return nil, nil
 	}
 	c := &backfillChain{js: js, stream: scfg.Stream, log: log,
@@ -89,7 +91,7 @@ func newBackfillChain(ctx context.Context, conn *pgx.Conn, js jetstream.JetStrea
 	if len(slots) > 0 {
 		kind := fmt.Sprintf("is replicated (R%d)", replicas)
 		if replicas <= 1 {
-			kind = "takes atomic batches (allow_atomic)"
+			kind = "takes atomic or fast batches (allow_atomic or allow_batched)"
 		}
 		return nil, fmt.Errorf("stream %s %s and slot(s) %v are streaming, but there is no position bucket %q through which the relay could hand the stream over: a backfill next to a live relay that chains on the stream's sequence could let one of the relay's events be stored after a gap. Run the relay with a position bucket (the default) and give backfill the same, or stop the relay for the backfill (it resumes from its slot afterwards)",
 			scfg.Stream, kind, slots, bucket)

@@ -251,9 +251,9 @@ func (c Config) resolve() (Config, error) {
 		return c, configErr("Config.OnPoison must be stop or dead-letter, not %q", c.OnPoison)
 	}
 	switch c.Sink.Publish {
-	case "", sink.PublishSingle, sink.PublishAtomic:
+	case "", sink.PublishSingle, sink.PublishAtomic, sink.PublishFast:
 	default:
-		return c, configErr("Config.Sink.Publish must be single or atomic, not %q", c.Sink.Publish)
+		return c, configErr("Config.Sink.Publish must be single, atomic or fast, not %q", c.Sink.Publish)
 	}
 	if c.Sink.Window < 1 {
 		return c, configErr("Config.Sink.Window must be at least 1")

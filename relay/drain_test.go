@@ -15,7 +15,7 @@ import (
 // batch is never sent, so a drain waiting for them waited out Config.DrainTimeout in full. The
 // restarted relay then publishes the whole transaction, each event once.
 func TestRun_StopMidTransactionDrainsWithoutWaitingForIt(t *testing.T) {
-	for _, mode := range []sink.PublishMode{sink.PublishSingle, sink.PublishAtomic} {
+	for _, mode := range []sink.PublishMode{sink.PublishSingle, sink.PublishAtomic, sink.PublishFast} {
 		t.Run(string(mode), func(t *testing.T) {
 			e := newTestEnv(t)
 			cfg := e.config()

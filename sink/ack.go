@@ -28,7 +28,11 @@ func (p *Publisher) listen() error {
 		return nil
 	}
 	inbox := p.nc.NewInbox() + "."
-	sub, err := p.nc.ChanSubscribe(inbox+"*", p.replies)
+	wildcard := "*"
+	if p.fast {
+		wildcard = ">" // <inbox><batch id>.<ack every>.fail.<batch sequence>.<operation>.$FI
+	}
+	sub, err := p.nc.ChanSubscribe(inbox+wildcard, p.replies)
 	if err != nil {
 		return fmt.Errorf("subscribe to the publish ack subject: %w", err)
 	}
@@ -90,6 +94,10 @@ func (p *Publisher) Run(ctx context.Context) error {
 			p.idle(ctx, status)
 			continue
 		}
+		if e.token == 0 && p.fast && p.fastHolds(e) {
+			p.fastWaitHeld(ctx, timer, status)
+			continue
+		}
 		if e.token == 0 {
 			if err := p.recover(ctx, backoff, timer, status); err != nil {
 				return err
@@ -143,9 +151,16 @@ func (p *Publisher) idle(ctx context.Context, status <-chan nats.Status) {
 func (p *Publisher) await(ctx context.Context, e *entry, timer *time.Timer, status <-chan nats.Status) bool {
 	for !e.resolved {
 		deadline := e.sent.Add(p.cfg.AckTimeout)
-		if p.timerAt.IsZero() || deadline.Before(p.timerAt) {
-			timer.Reset(time.Until(deadline))
-			p.timerAt = deadline
+		wake := deadline
+		if p.fast {
+			// The held event goes out as its batch's commit once nothing more came.
+			if at, open := p.fastLingerEnd(); open && at.Before(wake) {
+				wake = at
+			}
+		}
+		if p.timerAt.IsZero() || wake.Before(p.timerAt) {
+			timer.Reset(time.Until(wake))
+			p.timerAt = wake
 		}
 		select {
 		case m := <-p.replies:
@@ -157,7 +172,11 @@ func (p *Publisher) await(ctx context.Context, e *entry, timer *time.Timer, stat
 			p.disconnected()
 		case <-timer.C:
 			p.timerAt = time.Time{}
-			if !time.Now().Before(deadline) {
+			now := time.Now()
+			if p.fast {
+				p.fastFlush(now)
+			}
+			if !now.Before(deadline) {
 				p.resolve(e, jetstream.ErrAsyncPublishTimeout)
 			}
 		case <-ctx.Done():
@@ -170,6 +189,10 @@ func (p *Publisher) await(ctx context.Context, e *entry, timer *time.Timer, stat
 // reply resolves the entry waiting for m (an ack or error reply); a reply nothing waits for
 // (its send timed out, or the entry was re-sent under a new token) is dropped.
 func (p *Publisher) reply(m *nats.Msg) {
+	if p.fast {
+		p.fastReplyMsg(m)
+		return
+	}
 	tok, ok := replyToken(m.Subject)
 	if !ok {
 		return

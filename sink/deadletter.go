@@ -167,6 +167,9 @@ func (p *Publisher) failed(e *entry, err error) error {
 	p.mu.Lock()
 	p.stats.Errors++
 	p.mu.Unlock()
+	if apiErrorCode(err) == jsErrCodeBatchDisabled {
+		return fmt.Errorf("stream %s refuses fast batches (%v): set allow_batched: true in its config (nats-server 2.14+), or set Config.Sink.Publish to single", p.cfg.Stream, err)
+	}
 	var reason string
 	switch code := apiErrorCode(err); {
 	case code == jetstream.JSErrCodeStreamMessageExceedsMaximum:

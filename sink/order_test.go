@@ -64,9 +64,12 @@ func newSinkRigWith(t *testing.T, cfg Config, log zerolog.Logger, opts ...nats.O
 	return r
 }
 
-func (r *sinkRig) publish(t *testing.T, n int) {
+func (r *sinkRig) publish(t *testing.T, n int) { r.publishFrom(t, 0, n) }
+
+// publishFrom publishes events from..to-1 (ids ev-NNNNN, ticket N).
+func (r *sinkRig) publishFrom(t *testing.T, from, to int) {
 	t.Helper()
-	for i := 0; i < n; i++ {
+	for i := from; i < to; i++ {
 		id := fmt.Sprintf("ev-%05d", i)
 		ev := &decoder.Event{ID: []byte(id), AggregateType: []byte("a"), AggregateID: []byte("1"), EventType: []byte("E"),
 			Subject: []byte("outbox.a.E"), Payload: []byte(`{"i":` + fmt.Sprint(i) + `}`), TxIndex: i}
@@ -138,9 +141,10 @@ func TestJetStream_LostPublishMidWindowKeepsOrder(t *testing.T) {
 	for _, c := range []struct {
 		name      string
 		unchained bool
-	}{{"chained", false}, {"unchained", true}} {
+		mode      PublishMode
+	}{{"chained", false, PublishSingle}, {"unchained", true, PublishSingle}, {"fast", false, PublishFast}} {
 		t.Run(c.name, func(t *testing.T) {
-			r := newSinkRig(t, Config{Window: 64, AckTimeout: 500 * time.Millisecond, unchained: c.unchained})
+			r := newSinkRig(t, Config{Window: 64, AckTimeout: 500 * time.Millisecond, unchained: c.unchained, Publish: c.mode})
 			r.proxy.DropNATSPublish(dropOnce("ev-00050"))
 			r.publish(t, n)
 			r.waitConfirmed(t, n)
@@ -168,21 +172,25 @@ func TestJetStream_LostPublishMidWindowKeepsOrder(t *testing.T) {
 }
 
 // Connection resets and a cut in the middle of a message, repeatedly, under a full window:
-// every event stored once, in order.
+// every event stored once, in order (single events, and one fast batch).
 func TestJetStream_ResetsAndCutsMidWindowKeepOrder(t *testing.T) {
 	const n = 3000
-	r := newSinkRig(t, Config{Window: 128, AckTimeout: time.Second})
-	done := r.resetsAndCuts()
-	r.publish(t, n)
-	<-done
-	r.waitConfirmed(t, n)
-	ids := streamIDs(t, r.nats.URL)
-	require.Len(t, ids, n)
-	for i, id := range ids {
-		require.Equal(t, fmt.Sprintf("ev-%05d", i), id)
+	for _, mode := range []PublishMode{PublishSingle, PublishFast} {
+		t.Run(string(mode), func(t *testing.T) {
+			r := newSinkRig(t, Config{Window: 128, AckTimeout: time.Second, Publish: mode})
+			done := r.resetsAndCuts()
+			r.publish(t, n)
+			<-done
+			r.waitConfirmed(t, n)
+			ids := streamIDs(t, r.nats.URL)
+			require.Len(t, ids, n)
+			for i, id := range ids {
+				require.Equal(t, fmt.Sprintf("ev-%05d", i), id)
+			}
+			accepted, _ := r.proxy.Stats()
+			require.Greater(t, accepted, 1, "the client reconnected")
+		})
 	}
-	accepted, _ := r.proxy.Stats()
-	require.Greater(t, accepted, 1, "the client reconnected")
 }
 
 // Acks lost for longer than the stream's duplicate window: the events were stored, the sink

@@ -29,6 +29,12 @@ import (
 // per event.
 func BenchmarkJetStream_PublishConfirm(b *testing.B) { benchPublishConfirm(b, sink.Config{}) }
 
+// BenchmarkJetStream_PublishConfirmFast is BenchmarkJetStream_PublishConfirm in fast mode (one
+// fast batch, confirmed by flow acks).
+func BenchmarkJetStream_PublishConfirmFast(b *testing.B) {
+	benchPublishConfirm(b, sink.Config{Publish: sink.PublishFast})
+}
+
 // BenchmarkJetStream_PublishConfirmTraced is BenchmarkJetStream_PublishConfirm with tracing on
 // (every span sampled, exported in batches to a discarding exporter).
 func BenchmarkJetStream_PublishConfirmTraced(b *testing.B) {

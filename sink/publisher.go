@@ -99,6 +99,23 @@ type Publisher struct {
 	batchN       uint64
 	batchID      []string
 
+	// Fast mode (guarded by mu, see fast.go): fastOpen: a fast batch is open, numbered
+	// fastN, with id fastID (fastPrefix and fastN), asking for a flow ack every fastFlow
+	// messages; fastSeq is the last batch sequence sent in it.
+	fast       bool
+	fastFlow   int
+	fastPrefix string
+	fastN      uint64
+	fastID     string
+	fastOpen   bool
+	fastSeq    uint64
+	// fastHeld: the newest event, not sent yet (since fastHeldAt; see fastEnqueue);
+	// fastCommitNext: send sends the entry as its batch's commit.
+	fastHeld       *entry
+	fastHeldAt     time.Time
+	fastCommitNext bool
+	streamBytes    []byte // the stream's name, as a flow-acked entry's ackStream
+
 	// Publish-goroutine state: msgs builds the messages.
 	msgs        msgBuilder
 	prevIDLen   int      // length of the previous event's id (its Nats-Expected-Last-Msg-Id)
@@ -153,6 +170,8 @@ type entry struct {
 	unsealed   bool
 	batch      *entry
 	incomplete int
+	// Fast mode: the fast batch (its number) and batch sequence of the entry's latest send.
+	fb, fseq uint64
 
 	// schedKey is a headers-column key asking for a JetStream message schedule (the smallest
 	// one), which the relay refuses (see scheduleRefused).
@@ -195,6 +214,14 @@ func NewPublisher(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ti
 	}
 	if js != nil {
 		p.nc = js.Conn()
+	}
+	if cfg.Publish == PublishFast {
+		p.fast = true
+		p.fastFlow = fastAckEvery(cfg.Window)
+		p.streamBytes = []byte(cfg.Stream)
+		var b [8]byte
+		_, _ = rand.Read(b[:])
+		p.fastPrefix = hex.EncodeToString(b[:]) + "-"
 	}
 	if cfg.Publish == PublishAtomic {
 		p.atomic = true
@@ -364,6 +391,8 @@ func (p *Publisher) enqueue(ctx context.Context, e *entry, size int) error {
 	}
 	if p.paused {
 		// Run sends it after Resume.
+	} else if p.fast && !p.recovering {
+		p.fastEnqueue(e)
 	} else if !p.recovering {
 		p.send(e)
 	} else if e.failed == nil {
@@ -375,8 +404,8 @@ func (p *Publisher) enqueue(ctx context.Context, e *entry, size int) error {
 }
 
 // seqChained reports a chain on the stream's sequence whatever the stream's replicas (atomic
-// batches), which another publisher can break as on a replicated stream.
-func (p *Publisher) seqChained() bool { return p.atomic }
+// and fast batches), which another publisher can break as on a replicated stream.
+func (p *Publisher) seqChained() bool { return p.atomic || p.fast }
 
 // wake tells Run that the window changed.
 func (p *Publisher) wake() {
@@ -401,6 +430,23 @@ func (p *Publisher) maxPayload() int {
 		return 0
 	}
 	return int(p.nc.MaxPayload())
+}
+
+// sendTo publishes e's message with headers h and reply subject reply (built in p.replyBuf)
+// under the next send token, awaited in p.pending. p.mu is held.
+func (p *Publisher) sendTo(e *entry, h nats.Header, reply []byte) error {
+	p.token++
+	tok := p.token
+	p.replyBuf = reply
+	m := nats.Msg{Subject: e.msg.Subject, Reply: string(reply), Header: h, Data: e.msg.Data}
+	e.token, e.resolved, e.ackErr = tok, false, nil
+	p.pending[tok] = e // before the publish: p.mu keeps Run from reading the reply earlier
+	e.sent = time.Now()
+	err := p.nc.PublishMsg(&m)
+	if err != nil {
+		delete(p.pending, tok)
+	}
+	return err
 }
 
 // send publishes e as the next link of the chain. p.mu is held.
@@ -449,26 +495,20 @@ func (p *Publisher) send(e *entry) {
 		delete(h, headerBatchCommit)
 	}
 	err := p.listen()
-	if err == nil && e.batch != nil && e.batch != e {
+	if err == nil && p.fast {
+		err = p.fastSend(e, h, p.fastCommitNext, p.fenced && p.seqChain)
+	} else if err == nil && e.batch != nil && e.batch != e {
 		// Inside an atomic batch: no reply (the server would answer each message with an
 		// empty ack); the commit's ack or error stands for the whole batch.
 		e.token, e.resolved, e.ackErr = 0, false, nil
 		e.sent = time.Now()
 		err = p.nc.PublishMsg(&nats.Msg{Subject: e.msg.Subject, Header: h, Data: e.msg.Data})
 	} else if err == nil {
-		p.token++
-		tok := p.token
-		p.replyBuf = strconv.AppendUint(append(p.replyBuf[:0], p.inbox...), tok, 10)
-		m := nats.Msg{Subject: e.msg.Subject, Reply: string(p.replyBuf), Header: h, Data: e.msg.Data}
-		e.token, e.resolved, e.ackErr = tok, false, nil
-		p.pending[tok] = e // before the publish: p.mu keeps Run from reading the reply earlier
-		e.sent = time.Now()
-		if err = p.nc.PublishMsg(&m); err != nil {
-			delete(p.pending, tok)
-		}
+		err = p.sendTo(e, h, strconv.AppendUint(append(p.replyBuf[:0], p.inbox...), p.token+1, 10))
 	}
 	if err != nil {
 		p.sendingBatch = nil // the batch is re-sent whole, under a new id
+		p.fastOpen = false   // the fast batch too: the next send starts a new one
 		// Disconnected (no reconnect buffer) or closed: the chain is broken here; Run
 		// re-publishes from this entry once what is in flight has resolved. A refusal of
 		// the message itself (refused) is made poison by recover.

@@ -28,6 +28,11 @@ type refusalRig struct {
 }
 
 func newRefusalRig(t *testing.T, ctx context.Context, deadLetter bool, maxPayload int32) *refusalRig {
+	return newRefusalRigMode(t, ctx, deadLetter, maxPayload, PublishSingle)
+}
+
+// newRefusalRigMode is newRefusalRig publishing in mode.
+func newRefusalRigMode(t *testing.T, ctx context.Context, deadLetter bool, maxPayload int32, mode PublishMode) *refusalRig {
 	t.Helper()
 	var opts []natsembed.NATSOption
 	if maxPayload > 0 {
@@ -39,7 +44,7 @@ func newRefusalRig(t *testing.T, ctx context.Context, deadLetter bool, maxPayloa
 	t.Cleanup(nc.Close)
 	r.js, err = jetstream.New(nc)
 	require.NoError(t, err)
-	cfg := Config{Stream: DefaultStream, SubjectPrefix: "outbox", DeadLetter: deadLetter}
+	cfg := Config{Stream: DefaultStream, SubjectPrefix: "outbox", DeadLetter: deadLetter, Publish: mode}
 	_, err = EnsureStream(ctx, r.js, cfg, zerologNop())
 	require.NoError(t, err)
 	r.sink = NewPublisher(r.js, cfg, func(checkpoint.Ticket) {}, zerologNop())
@@ -68,11 +73,15 @@ func TestJetStream_MessageRefusedForWhatItIsIsPoison(t *testing.T) {
 		{name: "bad header key", maxPayload: 4096, spoil: func(e *entry) { e.header()["content type"] = []string{"json"} }, reason: "could not decode headers"},
 		{name: "headers over 64k", spoil: func(e *entry) { e.header()["big"] = []string{strings.Repeat("x", 70000)} }, reason: "header size exceeds maximum allowed of 64k"},
 	} {
-		for _, deadLetter := range []bool{false, true} {
-			t.Run(fmt.Sprintf("%s/dead-letter=%v", c.name, deadLetter), func(t *testing.T) {
+		for _, v := range []struct {
+			deadLetter bool
+			mode       PublishMode
+		}{{false, PublishSingle}, {true, PublishSingle}, {false, PublishFast}, {true, PublishFast}} {
+			deadLetter := v.deadLetter
+			t.Run(fmt.Sprintf("%s/dead-letter=%v/%s", c.name, deadLetter, v.mode), func(t *testing.T) {
 				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 				defer cancel()
-				r := newRefusalRig(t, ctx, deadLetter, c.maxPayload)
+				r := newRefusalRigMode(t, ctx, deadLetter, c.maxPayload, v.mode)
 				j := r.sink
 				require.NoError(t, j.Publish(ctx, refusalEvent(1), 1))
 

@@ -35,8 +35,9 @@ func (p *Publisher) startChain(ctx context.Context) {
 		p.stats.Errors++
 		return
 	}
-	// Atomic batches refuse Nats-Expected-Last-Msg-Id: they chain on the sequence.
-	p.seqChain = info.Config.Replicas > 1 || p.atomic
+	// Atomic batches refuse Nats-Expected-Last-Msg-Id, fast batches chain from one batch to
+	// the next: they chain on the sequence.
+	p.seqChain = info.Config.Replicas > 1 || p.seqChained()
 	p.lastSeq, p.recovering = info.State.LastSeq, false
 	// A session's first message on a replicated stream goes alone (see Pause).
 	p.fenced = p.seqChain
@@ -215,11 +216,13 @@ func (p *Publisher) resync(ctx context.Context) bool {
 			drained = true
 		}
 	}
-	p.seqChain = info.Config.Replicas > 1 || p.atomic
+	p.seqChain = info.Config.Replicas > 1 || p.seqChained()
 	p.lastSeq = info.State.LastSeq
 	p.lastID = ""
 	p.recovering = false
 	p.sendingBatch = nil
+	p.fastOpen = false // re-published events start a new fast batch
+	p.fastHeld = nil   // sent below
 	if p.paused {
 		return true // Run restarts the chain after Resume
 	}
@@ -230,7 +233,7 @@ func (p *Publisher) resync(ctx context.Context) bool {
 // sendQueued sends, in order, the window's entries not yet sent in the current chain, until
 // a send fails or the chain holds the rest behind a probe. p.mu is held.
 func (p *Publisher) sendQueued() {
-	for _, e := range p.q {
+	for i, e := range p.q {
 		if e.unsealed {
 			break // its batch is still open: sealBatch sends it
 		}
@@ -242,6 +245,11 @@ func (p *Publisher) sendQueued() {
 		}
 		if e.token != 0 {
 			continue // sent in this chain (the probe)
+		}
+		if p.fast && i == len(p.q)-1 && !p.fenced {
+			// The newest event waits for the next one, or goes as the batch's commit.
+			p.fastHeld, p.fastHeldAt = e, time.Now()
+			break
 		}
 		if e.sent != (time.Time{}) {
 			p.stats.Retries++

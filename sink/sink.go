@@ -27,7 +27,8 @@
 // The Publisher by concern: publisher.go holds the window and publishing (Publish, send),
 // ack.go the ack loop (Run: reply routing, the ack timer, confirms), resync.go the chain's start
 // and its recovery after a failure, deadletter.go refusals and dead-letter messages, atomic.go
-// atomic batches (PublishAtomic), message.go the message of an event (msgBuilder).
+// atomic batches (PublishAtomic), fast.go fast-ingest batches (PublishFast), message.go the
+// message of an event (msgBuilder).
 package sink
 
 import (
@@ -125,8 +126,8 @@ type Config struct {
 	Tracer Tracer
 
 	// Publish is how events are published: PublishSingle (default: each event its own
-	// publish and ack) or PublishAtomic (each transaction one atomic batch, see
-	// PublishAtomic).
+	// publish and ack), PublishAtomic (each transaction one atomic batch, see PublishAtomic)
+	// or PublishFast (one long-lived fast-ingest batch, see PublishFast).
 	Publish PublishMode
 
 	// unchained leaves out Nats-Expected-Last-Sequence (tests only: shows what the chain
@@ -146,6 +147,12 @@ const (
 	// more than the window, or more bytes than the byte bound) is split into consecutive
 	// batches, each stored whole or not at all, in order.
 	PublishAtomic PublishMode = "atomic"
+	// PublishFast publishes the events as one long-lived JetStream fast-ingest batch
+	// (nats-server 2.14+, stream allow_batched): the stream stores each message as it
+	// arrives and acknowledges the batch every few hundred messages with a flow ack, which
+	// confirms every event up to it. The batch ends when the relay has nothing more to send
+	// (or on a failure) and the next event starts a new one. See fast.go.
+	PublishFast PublishMode = "fast"
 )
 
 // MaxAtomicBatch is the most messages nats-server stores in one atomic batch (its
@@ -255,6 +262,10 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg Config, log z
 		return nil, fmt.Errorf("stream %s does not allow atomic batch publishing, which Config.Sink.Publish atomic needs: set allow_atomic: true in its config (its JSON config from nats stream info with the field added, applied with nats stream edit %s --config <file>; nats-server 2.12+), or set Config.Sink.Publish to single",
 			cfg.Stream, cfg.Stream)
 	}
+	if cfg.Publish == PublishFast && !info.Config.AllowBatchPublish {
+		return nil, fmt.Errorf("stream %s does not allow fast batch publishing, which Config.Sink.Publish fast needs: set allow_batched: true in its config (its JSON config from nats stream info with the field added, applied with nats stream edit %s --config <file>; nats-server 2.14+), or set Config.Sink.Publish to single",
+			cfg.Stream, cfg.Stream)
+	}
 	if len(info.Config.Sources) > 0 {
 		return nil, fmt.Errorf("stream %s sources messages from other streams: the relay chains its publishes on the stream's last sequence and must be the only publisher on its stream. Give this relay a stream of its own (Config.Sink.Stream)", cfg.Stream)
 	}
@@ -325,6 +336,8 @@ func createStream(ctx context.Context, js jetstream.JetStream, cfg Config, want 
 		// Atomic batches need it (nats-server 2.12+); a server that does not know the
 		// field refuses the stream, which the error below names.
 		AllowAtomicPublish: cfg.Publish == PublishAtomic,
+		// Fast batches need it (nats-server 2.14+).
+		AllowBatchPublish: cfg.Publish == PublishFast,
 	})
 	if err != nil {
 		hint := ""

@@ -23,9 +23,11 @@ import (
 )
 
 // chaosConfig: OUTBOX_RELAY_CHAOS=long (make chaos) runs the long suite, anything else the
-// short one (part of the normal test run, skipped with -short).
+// short one (part of the normal test run, skipped with -short). OUTBOX_RELAY_CHAOS_PUBLISH
+// runs the relay with that --publish mode (default single; e.g. fast).
 type chaosConfig struct {
 	name      string
+	publish   string        // --publish
 	duration  time.Duration // of fault injection
 	natsDown  time.Duration // one long broker outage
 	bigTx     int           // rows of one big transaction (0: none)
@@ -35,6 +37,14 @@ type chaosConfig struct {
 }
 
 func chaosSettings(t *testing.T) chaosConfig {
+	cc := chaosSettingsFor(t)
+	if cc.publish = os.Getenv("OUTBOX_RELAY_CHAOS_PUBLISH"); cc.publish == "" {
+		cc.publish = "single"
+	}
+	return cc
+}
+
+func chaosSettingsFor(t *testing.T) chaosConfig {
 	if os.Getenv("OUTBOX_RELAY_CHAOS") == "long" {
 		return chaosConfig{name: "long", duration: 6 * time.Minute, natsDown: 60 * time.Second, bigTx: 1_000_000, minKills: 30,
 			reportTo: os.Getenv("OUTBOX_RELAY_CHAOS_REPORT"), faultGaps: [2]time.Duration{1 * time.Second, 4 * time.Second}}
@@ -56,7 +66,7 @@ func chaosSettings(t *testing.T) chaosConfig {
 func TestChaos_RelayUnderFaultsLosesNothingDuplicatesNothingKeepsOrder(t *testing.T) {
 	cc := chaosSettings(t)
 	seed := uint64(time.Now().UnixNano())
-	t.Logf("chaos %s run, seed %d", cc.name, seed)
+	t.Logf("chaos %s run, --publish %s, seed %d", cc.name, cc.publish, seed)
 	rng := rand.New(rand.NewPCG(seed, 7))
 
 	cluster := testenv.NewCluster(t)
@@ -65,7 +75,7 @@ func TestChaos_RelayUnderFaultsLosesNothingDuplicatesNothingKeepsOrder(t *testin
 	e.migrate(t)
 	np := testenv.StartNATSProcess(t, 0, "")
 	args := []string{"run", "--pg-url", pg.URL, "--nats-url", np.URL, "--create-slot", "--log-format", "json",
-		"--log-level", "info", "--ack-timeout", "2s", "--max-in-flight", "512"}
+		"--log-level", "info", "--ack-timeout", "2s", "--max-in-flight", "512", "--publish", cc.publish}
 
 	var (
 		relay   *proc

@@ -43,7 +43,9 @@ func newClusterEnvReplicas(t *testing.T, replicas int) *clusterEnv {
 // newClusterEnvMode is newClusterEnv with the stream options --publish mode needs.
 func newClusterEnvMode(t *testing.T, mode string) *clusterEnv {
 	t.Helper()
-	return newClusterEnvStream(t, func(c *jetstream.StreamConfig) { c.AllowAtomicPublish = mode == "atomic" })
+	return newClusterEnvStream(t, func(c *jetstream.StreamConfig) {
+		c.AllowAtomicPublish, c.AllowBatchPublish = mode == "atomic", mode == "fast"
+	})
 }
 
 // newClusterEnvStream is newClusterEnv with the stream's config changed by edit.
@@ -147,8 +149,10 @@ func (f stringerFunc) String() string { return f() }
 // time out, stream requests get 10008 "JetStream system temporarily unavailable"). The relay
 // must get past the lost publish in about an ack timeout.
 func TestRelay_R3LostPublishDoesNotStallTheChain(t *testing.T) {
-	// atomic: the lost message is part of a batch, which the server then refuses whole.
-	for _, mode := range []string{"single", "atomic"} {
+	// atomic: the lost message is part of a batch, which the server then refuses whole. fast:
+	// it is a gap in the fast batch, which the stream leader finds before proposing the next
+	// message.
+	for _, mode := range []string{"single", "atomic", "fast"} {
 		t.Run(mode, func(t *testing.T) {
 			e := newClusterEnvMode(t, mode)
 			proxy := e.leaderProxyDropping(t, 300, 2000) // a lost publish in the middle of a full window, twice
@@ -179,10 +183,11 @@ func TestRelay_R3LostPublishDoesNotStallTheChain(t *testing.T) {
 // relay must keep up, and the stream must hold every event once, the live ones in
 // per-aggregate order.
 func TestBackfill_NextToALiveRelayKeepsOrder(t *testing.T) {
-	// single: the relay chains on message ids and the backfill publishes freely. atomic: the
-	// relay chains its batches on the stream's sequence, so the backfill publishes through the
-	// hand-over even on a single-replica stream, and transactions stay whole.
-	for _, mode := range []string{"single", "atomic"} {
+	// single: the relay chains on message ids and the backfill publishes freely. atomic and
+	// fast: the relay chains its batches on the stream's sequence, so the backfill publishes
+	// through the hand-over even on a single-replica stream (and atomic transactions stay
+	// whole).
+	for _, mode := range []string{"single", "atomic", "fast"} {
 		t.Run(mode, func(t *testing.T) {
 			e := newEnv(t)
 			since := time.Now().Add(-time.Minute).UTC().Format(time.RFC3339Nano)
@@ -209,7 +214,7 @@ func TestBackfill_NextToALiveRelayKeepsOrder(t *testing.T) {
 			require.NoError(t, stop())
 			recs := readStream(t, e.nats.URL, sink.DefaultStream)
 			requireClean(t, check(t, outboxRows(t, e.pg), recs))
-			if mode == "atomic" {
+			if mode != "single" {
 				require.GreaterOrEqual(t, strings.Count(log.String(), "hand-over: publishing paused"), 1, "the backfill goes through the hand-over")
 			}
 		})
@@ -239,16 +244,25 @@ func backfill(t *testing.T, pgURL, natsURL, since, until string) (string, time.D
 // in chunks through its position bucket (sink.Handover). The backfill must finish; the stream
 // must hold every backfilled row and every live event once, the live events in commit order
 // (an event the relay stored after a gap would come back later, out of it). Without the
-// bucket, backfill refuses while the relay streams.
+// bucket, backfill refuses while the relay streams. Also with --publish fast (the hand-over
+// pauses a relay whose newest event may be held back, and its first message after the
+// hand-back is a batch of its own).
 func TestBackfill_NextToALiveRelayOnAnR3Stream(t *testing.T) {
-	e := newClusterEnv(t)
+	for _, mode := range []string{"single", "fast"} {
+		t.Run(mode, func(t *testing.T) { backfillNextToR3Relay(t, mode) })
+	}
+}
+
+// backfillNextToR3Relay runs TestBackfill_NextToALiveRelayOnAnR3Stream with --publish mode.
+func backfillNextToR3Relay(t *testing.T, mode string) {
+	e := newClusterEnvMode(t, mode)
 	since := time.Now().Add(-time.Minute).UTC().Format(time.RFC3339Nano)
 	const gap = 3000
 	insertGapEvents(t, e.pg, "lost", gap) // committed before the relay's slot exists
 	time.Sleep(10 * time.Millisecond)
 	until := time.Now().UTC().Format(time.RFC3339Nano)
 	stop, log := inProcess(t, []string{"run", "--pg-url", e.pg.URL, "--nats-url", e.cluster.URL, "--create-slot",
-		"--log-format", "json", "--log-level", "info", "--ack-timeout", "2s", "--max-in-flight", "256"})
+		"--log-format", "json", "--log-level", "info", "--ack-timeout", "2s", "--max-in-flight", "256", "--publish", mode})
 	waitStreaming(t, e.pg, "outbox_relay")
 	insertGapEvents(t, e.pg, "first", 1) // the relay streams once it published it (the slot is active while it is created, too)
 	waitStream(t, e.cluster.URL, 1, 30*time.Second)

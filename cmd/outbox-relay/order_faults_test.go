@@ -15,8 +15,18 @@ import (
 // The relay talks to NATS through a fault proxy while writers commit continuously. Mid-window
 // the proxy drops single publishes silently (the later ones reach the server: the case that
 // reorders a plain async window), resets the connection, cuts it in the middle of a message
-// and blackholes it. The stream must hold every committed event once, in per-aggregate order.
+// and blackholes it. The stream must hold every committed event once, in per-aggregate order:
+// publishing single events, and publishing one fast batch (where a lost publish is a gap the
+// server ends the batch at).
 func TestRelay_PublishLossResetsAndBlackholeKeepOrderNoLossNoDup(t *testing.T) {
+	for _, mode := range []string{"single", "fast"} {
+		t.Run(mode, func(t *testing.T) { publishLossResetsAndBlackhole(t, mode) })
+	}
+}
+
+// publishLossResetsAndBlackhole runs the faults above against a relay publishing in mode
+// (--publish).
+func publishLossResetsAndBlackhole(t *testing.T, mode string) {
 	e := newEnv(t)
 	proxy, err := faultproxy.StartNATS(fmt.Sprintf("127.0.0.1:%d", e.nats.Port))
 	require.NoError(t, err)
@@ -30,7 +40,7 @@ func TestRelay_PublishLossResetsAndBlackholeKeepOrderNoLossNoDup(t *testing.T) {
 		return n%700 == 0 && n <= 700*6 // six losses, each costs an ack timeout
 	})
 	args := []string{"run", "--pg-url", e.pg.URL, "--nats-url", "nats://" + proxy.Addr(), "--create-slot",
-		"--log-format", "json", "--log-level", "info", "--ack-timeout", "1s", "--max-in-flight", "256"}
+		"--log-format", "json", "--log-level", "info", "--ack-timeout", "1s", "--max-in-flight", "256", "--publish", mode}
 	stop, log := inProcess(t, args)
 	waitStreaming(t, e.pg, "outbox_relay")
 

@@ -21,16 +21,7 @@ import (
 // metadata) to outbox.dead-letter in its place in the order and goes on. The table has text
 // columns so that the database lets the bad rows in.
 func TestRelay_PoisonEventsStopOrGoToDeadLetter(t *testing.T) {
-	for _, c := range []struct {
-		name        string
-		insert      string // the poison row's VALUES
-		maxPayload  int32
-		maxMsgSize  int32
-		wantErr     string // in the stop error
-		wantReason  string // in the dead-letter reason header
-		keepPayload bool
-		wantDropped string // Outbox-Dropped-Headers of the dead letter
-	}{
+	for _, c := range []poisonCase{
 		{name: "null id", insert: `(NULL, 'order', 'p', 'Bad', '{"p": 1}', NULL)`, wantErr: `(id ""): column id is NULL or empty`, wantReason: "column id is NULL or empty", keepPayload: true},
 		{name: "empty id", insert: `('', 'order', 'p', 'Bad', '{"p": 1}', NULL)`, wantErr: `column id is NULL or empty`, wantReason: "column id is NULL or empty", keepPayload: true},
 		{name: "invalid headers json", insert: `('p1', 'order', 'p', 'Bad', '{"p": 1}', '{bad')`, wantErr: `(id "p1"): column headers is not a JSON object`, wantReason: "column headers is not a JSON object", keepPayload: true},
@@ -54,44 +45,66 @@ func TestRelay_PoisonEventsStopOrGoToDeadLetter(t *testing.T) {
 		{name: "headers over 64k", insert: `('p1', 'order', 'p', 'Big', '{"p": 1}', (SELECT json_object_agg('h' || i, repeat('v', 1000))::text FROM generate_series(1, 70) i))`, wantErr: "over the 65535 JetStream stores", wantReason: "65535"},
 		{name: "headers over max_payload", insert: `('p1', 'order', 'p', 'Big', '{"p": 1}', (SELECT json_object_agg('h' || i, repeat('v', 600))::text FROM generate_series(1, 10) i))`, maxPayload: 4096, wantErr: "over the server's max_payload of 4096", wantReason: "max_payload"},
 	} {
-		t.Run(c.name, func(t *testing.T) {
-			pg, ns := looseOutbox(t, c.maxPayload, c.maxMsgSize, false)
-			ins := `INSERT INTO loose_outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) VALUES `
-			pg.Exec(t, ins+`('g1', 'order', 'g', 'Good', '{"n": 1}', NULL)`)
-			pg.Exec(t, ins+c.insert)
-			pg.Exec(t, ins+`('g2', 'order', 'g', 'Good', '{"n": 2}', NULL)`)
-			args := []string{"run", "--pg-url", pg.URL, "--nats-url", ns.URL, "--table", "public.loose_outbox", "--log-format", "json"}
-
-			err := runToStop(t, args)
-			require.Error(t, err, "the default policy stops the relay")
-			require.ErrorContains(t, err, c.wantErr)
-			require.ErrorContains(t, err, "--on-poison dead-letter")
-			require.Contains(t, err.Error(), "committed at")
-			recs := readStream(t, ns.URL, sink.DefaultStream)
-			require.Len(t, recs, 1, "nothing after the poison event is published")
-
-			stop, _ := inProcess(t, append(args, "--on-poison", "dead-letter"))
-			waitStream(t, ns.URL, 3, 30*time.Second)
-			require.NoError(t, stop())
-			recs = readStream(t, ns.URL, sink.DefaultStream)
-			require.Len(t, recs, 3, "the poison transaction was not confirmed by the stopped relay, and g1 is not stored twice")
-			require.Equal(t, "g1", recs[0].Header.Get(sink.HeaderMsgID))
-			dl := recs[1]
-			require.Equal(t, "outbox.dead-letter", dl.Subject)
-			require.Contains(t, dl.Header.Get(sink.HeaderPoisonReason), c.wantReason)
-			require.NotEmpty(t, dl.Header.Get(sink.HeaderCommitLSN))
-			if c.keepPayload {
-				require.Equal(t, `{"p": 1}`, string(dl.Data))
-			} else {
-				require.Empty(t, dl.Data, "too big: metadata only")
-			}
-			if c.wantDropped != "" {
-				require.Equal(t, c.wantDropped, dl.Header.Get(sink.HeaderDroppedHeaders))
-			}
-			require.Equal(t, "g2", recs[2].Header.Get(sink.HeaderMsgID))
-			require.True(t, strings.HasPrefix(recs[2].Subject, "outbox.order."))
-		})
+		modes := []string{"single"}
+		if c.maxMsgSize > 0 {
+			// Refused by the stream itself: in a fast batch the refusal ends the batch.
+			modes = append(modes, "fast")
+		}
+		for _, mode := range modes {
+			t.Run(c.name+"/"+mode, func(t *testing.T) { c.run(t, mode) })
+		}
 	}
+}
+
+// poisonCase is a case of TestRelay_PoisonEventsStopOrGoToDeadLetter.
+type poisonCase struct {
+	name        string
+	insert      string // the poison row's VALUES
+	maxPayload  int32
+	maxMsgSize  int32
+	wantErr     string // in the stop error
+	wantReason  string // in the dead-letter reason header
+	keepPayload bool
+	wantDropped string // Outbox-Dropped-Headers of the dead letter
+}
+
+// run runs the case with --publish mode.
+func (c poisonCase) run(t *testing.T, mode string) {
+	pg, ns := looseOutbox(t, c.maxPayload, c.maxMsgSize, mode)
+	ins := `INSERT INTO loose_outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) VALUES `
+	pg.Exec(t, ins+`('g1', 'order', 'g', 'Good', '{"n": 1}', NULL)`)
+	pg.Exec(t, ins+c.insert)
+	pg.Exec(t, ins+`('g2', 'order', 'g', 'Good', '{"n": 2}', NULL)`)
+	args := []string{"run", "--pg-url", pg.URL, "--nats-url", ns.URL, "--table", "public.loose_outbox", "--log-format", "json", "--publish", mode}
+
+	err := runToStop(t, args)
+	require.Error(t, err, "the default policy stops the relay")
+	require.ErrorContains(t, err, c.wantErr)
+	require.ErrorContains(t, err, "--on-poison dead-letter")
+	require.Contains(t, err.Error(), "committed at")
+	recs := readStream(t, ns.URL, sink.DefaultStream)
+	require.Len(t, recs, 1, "nothing after the poison event is published")
+
+	stop, _ := inProcess(t, append(args, "--on-poison", "dead-letter"))
+	waitStream(t, ns.URL, 3, 30*time.Second)
+	require.NoError(t, stop())
+	recs = readStream(t, ns.URL, sink.DefaultStream)
+	require.Len(t, recs, 3, "the poison transaction was not confirmed by the stopped relay, and g1 is not stored twice")
+	require.Equal(t, "g1", recs[0].Header.Get(sink.HeaderMsgID))
+	dl := recs[1]
+	require.Equal(t, "outbox.dead-letter", dl.Subject)
+	require.Contains(t, dl.Header.Get(sink.HeaderPoisonReason), c.wantReason)
+	require.NotEmpty(t, dl.Header.Get(sink.HeaderCommitLSN))
+	if c.keepPayload {
+		require.Equal(t, `{"p": 1}`, string(dl.Data))
+	} else {
+		require.Empty(t, dl.Data, "too big: metadata only")
+	}
+	if c.wantDropped != "" {
+		require.Equal(t, c.wantDropped, dl.Header.Get(sink.HeaderDroppedHeaders))
+	}
+	require.Equal(t, "g2", recs[2].Header.Get(sink.HeaderMsgID))
+	require.True(t, strings.HasPrefix(recs[2].Subject, "outbox.order."))
 }
 
 // Table-less mode: a malformed logical decoding message with the prefix stops the relay, or
@@ -143,8 +156,8 @@ func TestMessageMode_MalformedMessageStopsOrGoesToDeadLetter(t *testing.T) {
 // looseOutbox is a Postgres database with an outbox table that takes rows the relay refuses
 // (a NULL id, headers as any text), its publication and slot, and a JetStream server with
 // max_payload maxPayload and, when maxMsgSize > 0, the relay's stream with that max_msg_size
-// (allowing atomic batches when atomic); 0 leaves the server's defaults.
-func looseOutbox(t *testing.T, maxPayload, maxMsgSize int32, atomic bool) (*testenv.PG, *natsembed.NATS) {
+// (allowing the batches --publish mode needs); 0 leaves the server's defaults.
+func looseOutbox(t *testing.T, maxPayload, maxMsgSize int32, mode string) (*testenv.PG, *natsembed.NATS) {
 	t.Helper()
 	pg := testenv.Postgres(t)
 	var opts []natsembed.NATSOption
@@ -156,7 +169,7 @@ func looseOutbox(t *testing.T, maxPayload, maxMsgSize int32, atomic bool) (*test
 		js, err := jetstream.New(ns.Connect(t))
 		require.NoError(t, err)
 		_, err = js.CreateStream(context.Background(), jetstream.StreamConfig{Name: sink.DefaultStream, Subjects: []string{"outbox.>"},
-			MaxMsgSize: maxMsgSize, Duplicates: 20 * time.Minute, AllowAtomicPublish: atomic})
+			MaxMsgSize: maxMsgSize, Duplicates: 20 * time.Minute, AllowAtomicPublish: mode == "atomic", AllowBatchPublish: mode == "fast"})
 		require.NoError(t, err)
 	}
 	pg.Exec(t, `CREATE TABLE loose_outbox (id text, aggregate_type text NOT NULL, aggregate_id text NOT NULL, event_type text NOT NULL,

@@ -34,6 +34,7 @@ type natsConfig struct {
 	port       int
 	storeDir   string
 	maxPayload int32
+	limits     server.JSLimitOpts
 }
 
 // WithPort makes JetStream listen on port instead of a random free port.
@@ -44,6 +45,14 @@ func WithStoreDir(dir string) NATSOption { return func(c *natsConfig) { c.storeD
 
 // WithMaxPayload sets the server's max_payload in bytes (default 1MB).
 func WithMaxPayload(bytes int32) NATSOption { return func(c *natsConfig) { c.maxPayload = bytes } }
+
+// WithBatchLimits sets the server's JetStream batch limits: how long an idle batch lives
+// (default 10s) and how many fast batches may be open on one stream (default 1,000).
+func WithBatchLimits(timeout time.Duration, inflightPerStream int) NATSOption {
+	return func(c *natsConfig) {
+		c.limits.MaxBatchTimeout, c.limits.MaxBatchInflightPerStream = timeout, inflightPerStream
+	}
+}
 
 // JetStream starts an in-process nats-server with JetStream on 127.0.0.1
 // and shuts it down in t.Cleanup.
@@ -59,13 +68,14 @@ func JetStream(t testing.TB, opts ...NATSOption) *NATS {
 	n := &NATS{
 		StoreDir: cfg.storeDir,
 		opts: server.Options{
-			Host:       "127.0.0.1",
-			Port:       cfg.port,
-			JetStream:  true,
-			StoreDir:   cfg.storeDir,
-			MaxPayload: cfg.maxPayload,
-			NoLog:      true,
-			NoSigs:     true,
+			Host:            "127.0.0.1",
+			Port:            cfg.port,
+			JetStream:       true,
+			StoreDir:        cfg.storeDir,
+			MaxPayload:      cfg.maxPayload,
+			JetStreamLimits: cfg.limits,
+			NoLog:           true,
+			NoSigs:          true,
 		},
 	}
 	if err := n.start(); err != nil {

@@ -1,0 +1,145 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Ceiling D-fast's flow: the server acks every fastFlow messages, and at most fastWindows acks
+// are outstanding (the best of the settings measured for the issue on this machine kind).
+const (
+	fastFlow    = 500
+	fastWindows = 8
+)
+
+// ceilingDFast: ceiling D with every row published in one JetStream fast-ingest batch (stream
+// allow_batched; batch state in the reply subject, gap mode fail): the server acks every
+// fastFlow messages, the loop stalls while fastWindows acks are outstanding, and at the end an
+// end-of-batch commit's PubAck confirms the last messages. rows/s from the start until that
+// PubAck.
+func (e *env) ceilingDFast(ctx context.Context, d *db, slot, stream, prefix string, n int) (float64, error) {
+	if _, err := e.newStream(ctx, stream, prefix); err != nil {
+		return 0, err
+	}
+	defer e.js.DeleteStream(context.Background(), stream)
+	start := time.Now()
+	if err := e.barePipeFast(ctx, d, slot, prefix, n); err != nil {
+		return 0, fmt.Errorf("ceiling D-fast: %w", err)
+	}
+	el := time.Since(start)
+	if got, _ := e.streamMsgs(ctx, stream); got != uint64(n) {
+		return 0, fmt.Errorf("ceiling D-fast: stream has %d of %d messages", got, n)
+	}
+	return float64(n) / el.Seconds(), nil
+}
+
+// fastAcks follows the server's answers to a fast batch: the highest flow-acked batch
+// sequence, the end PubAck, and the first error.
+type fastAcks struct {
+	mu     sync.Mutex
+	cond   *sync.Cond
+	acked  uint64
+	done   bool
+	err    error
+	closed bool
+}
+
+func (a *fastAcks) handle(m *nats.Msg) {
+	var r struct {
+		Type   string              `json:"type"`
+		Seq    uint64              `json:"seq"`
+		Stream string              `json:"stream"`
+		Count  uint64              `json:"count"`
+		Error  *jetstream.APIError `json:"error"`
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	defer a.cond.Broadcast()
+	if err := json.Unmarshal(m.Data, &r); err != nil {
+		a.err = fmt.Errorf("fast batch answer %q: %w", m.Data, err)
+		return
+	}
+	switch {
+	case r.Type == "ack":
+		a.acked = max(a.acked, r.Seq)
+	case r.Type == "gap" || r.Type == "err" || r.Error != nil:
+		if a.err == nil {
+			a.err = fmt.Errorf("fast batch: %s", m.Data)
+		}
+	case r.Stream != "":
+		a.acked, a.done = max(a.acked, r.Count), true
+	}
+}
+
+// wait blocks until cond holds or an error came.
+func (a *fastAcks) wait(cond func() bool) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for !cond() && a.err == nil && !a.closed {
+		a.cond.Wait()
+	}
+	return a.err
+}
+
+func (e *env) barePipeFast(ctx context.Context, d *db, slot, prefix string, n int) error {
+	acks := &fastAcks{}
+	acks.cond = sync.NewCond(&acks.mu)
+	inbox := e.nc.NewInbox()
+	sub, err := e.nc.Subscribe(inbox+".>", acks.handle)
+	if err != nil {
+		return err
+	}
+	defer sub.Unsubscribe() //nolint:errcheck
+	stop := context.AfterFunc(ctx, func() {
+		acks.mu.Lock()
+		acks.closed = true
+		acks.cond.Broadcast()
+		acks.mu.Unlock()
+	})
+	defer stop()
+	replyPrefix := inbox + ".b1." + strconv.Itoa(fastFlow) + ".fail."
+	var oc outboxCols
+	var seq uint64
+	subject := ""
+	err = drainSlot(ctx, d.url, slot, n, func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error {
+		oc.find(rel)
+		cols := ins.Tuple.Columns
+		m := nats.NewMsg(prefix + "." + string(cols[oc.typ].Data) + "." + string(cols[oc.event].Data))
+		m.Data = cols[oc.payload].Data
+		m.Header.Set(jetstream.MsgIDHeader, string(cols[oc.id].Data))
+		seq++
+		op := "1"
+		if seq == 1 {
+			op = "0"
+		}
+		m.Reply = replyPrefix + strconv.FormatUint(seq, 10) + "." + op + ".$FI"
+		subject = m.Subject
+		if err := acks.wait(func() bool { return seq <= acks.acked+fastFlow*fastWindows }); err != nil {
+			return err
+		}
+		return e.nc.PublishMsg(m)
+	}, nil)
+	if err != nil {
+		return err
+	}
+	// End of batch: commit without a message; its PubAck comes once every message is stored.
+	eob := &nats.Msg{Subject: subject, Reply: replyPrefix + strconv.FormatUint(seq+1, 10) + ".3.$FI"}
+	if err := e.nc.PublishMsg(eob); err != nil {
+		return err
+	}
+	if err := acks.wait(func() bool { return acks.done }); err != nil {
+		return err
+	}
+	if acks.acked != seq {
+		return fmt.Errorf("the batch's PubAck counts %d of %d messages", acks.acked, seq)
+	}
+	return ctx.Err()
+}
