@@ -51,9 +51,9 @@ func requireBothStreams(t *testing.T, e *env, want []sent) {
 
 // Two tables, one of them with a stream of its own: each stream gets exactly its table's
 // events, in commit order; under --publish atomic too, where a transaction writing to both
-// tables is one batch per stream.
+// tables is one batch per stream, and under --publish fast (a fast batch per stream).
 func TestStreams_TableOfItsOwnStream(t *testing.T) {
-	for _, mode := range []string{"single", "atomic"} {
+	for _, mode := range []string{"single", "atomic", "fast"} {
 		t.Run(mode, func(t *testing.T) {
 			e := newTwoTables(t)
 			stop, log := inProcess(t, e.args("--config", streamsConfig(t), "--publish", mode))
