@@ -253,3 +253,45 @@ func TestStreams_PreflightNamesTheStream(t *testing.T) {
 	require.Contains(t, msg, "stream OUTBOX does not allow atomic batch publishing", "created by the first run, for single publishing")
 	require.Contains(t, msg, "or set --publish to single (the stream of orders.outbox)")
 }
+
+// backfill --table of the table with its own stream goes to that stream, next to the live
+// relay under --publish atomic (which chains on the stream's sequence): through the hand-over
+// the relay serves for that stream. Every invoice once, the live ones in commit order.
+func TestStreams_BackfillIntoTheTablesOwnStream(t *testing.T) {
+	e := newTwoTables(t)
+	since := time.Now().Add(-time.Minute).UTC().Format(time.RFC3339Nano)
+	const lost = 200 // committed before the relay's slot exists
+	e.pg.Exec(t, `INSERT INTO billing.outbox (kind, account, name, body) SELECT 'invoice', 'lost-' || g, 'Invoiced', '{}' FROM generate_series(1, `+itoa(lost)+`) g`)
+	time.Sleep(10 * time.Millisecond)
+	until := time.Now().UTC().Format(time.RFC3339Nano)
+
+	cfg := streamsConfig(t)
+	stop, log := inProcess(t, e.args("--config", cfg, "--publish", "atomic"))
+	waitStreaming(t, e.pg, "outbox_relay")
+	written := make(chan []sent, 1)
+	go func() { written <- writeBoth(t, e, 60) }()
+	waitStreamOf(t, e.nats.URL, billingStream, 10, 30*time.Second)
+	out, took := backfill(t, e.pg.URL, e.nats.URL, since, until, "--config", cfg, "--table", "billing.outbox")
+	require.Contains(t, out, itoa(lost)+" newly stored")
+	want := <-written
+	orders, invoices := splitSent(want)
+	waitStream(t, e.nats.URL, uint64(len(orders)), 30*time.Second)
+	waitStreamOf(t, e.nats.URL, billingStream, uint64(lost+len(invoices)), 30*time.Second)
+	require.NoError(t, stop())
+	t.Logf("backfill of %d rows next to the live relay took %s", lost, took)
+	require.Contains(t, log.String(), `"key":"BILLING.billing.handover"`, "the relay served BILLING's hand-over")
+
+	requireSent(t, orders, readStream(t, e.nats.URL, sink.DefaultStream))
+	var live []record
+	backfilled := 0
+	for _, r := range readStream(t, e.nats.URL, billingStream) {
+		if r.Header.Get(sink.HeaderBackfill) != "" {
+			backfilled++
+			require.True(t, strings.HasPrefix(r.Subject, "billing.lost-"), r.Subject)
+			continue
+		}
+		live = append(live, r)
+	}
+	require.Equal(t, lost, backfilled)
+	requireSent(t, invoices, live)
+}
