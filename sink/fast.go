@@ -112,7 +112,9 @@ func (p *Publisher) fastReply(seq uint64, op int) []byte {
 
 // fastEnqueue sends the event held back (if any) as the next message of the batch and holds
 // e back in its place: the newest event waits until the next one comes (and is then sent in
-// the batch) or fastLinger passed (and Run sends it as the batch's commit). p.mu is held.
+// the batch) or fastLinger passed (and Run sends it as the batch's commit). An event that
+// finds nothing else in flight is not held: it goes out at once as its batch's commit. p.mu
+// is held.
 func (p *Publisher) fastEnqueue(e *entry) {
 	if h := p.fastHeld; h != nil {
 		p.fastHeld = nil
@@ -123,6 +125,15 @@ func (p *Publisher) fastEnqueue(e *entry) {
 		if e.failed == nil {
 			e.failed = p.startErr
 		}
+		return
+	}
+	if len(p.q) == 1 {
+		// Nothing else is in flight: no next event is on its way behind e (at a trickle each
+		// one finds the window empty), and holding e back would only delay it. It goes out
+		// now as its batch's commit, whose PubAck confirms it as a plain publish's would.
+		p.fastCommitNext = true
+		p.send(e)
+		p.fastCommitNext = false
 		return
 	}
 	p.fastHeld, p.fastHeldAt = e, time.Now()
