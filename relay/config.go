@@ -106,6 +106,7 @@ type Config struct {
 
 	subject    *decoder.SubjectTemplate // parsed SubjectTemplate, set by resolve
 	tables     []table                  // the outbox tables (Tables, or Schema.Table), set by resolve
+	feeds      []feed                   // the streams of the tables, set by resolve
 	obs        *observer                // metrics, readiness, stall detection; set by Run
 	natsHintFn func(error) string       // WithNATSConnectHint
 }
@@ -120,9 +121,12 @@ type Table struct {
 	// leading literal tokens must be those of Config.SubjectTemplate, or start with them
 	// ({prefix}.billing.{event_type}): the stream and the position record are bound to those.
 	SubjectTemplate string
-	// Stream: "" or Config.Sink.Stream. A table's own stream is refused (a ConfigError): every
-	// table's events go to Config.Sink.Stream, in commit order; run a relay per stream, each
-	// with its own Config.Slot, to split them.
+	// Stream is the stream of this table's events; "": Config.Sink.Stream. A table of its own
+	// stream has subjects of their own: the leading literal tokens of its template (say
+	// billing.{aggregate_id}.{event_type}) must not overlap another stream's, and that stream
+	// and its position record are bound to them (tables sharing the stream start with the first
+	// one's). Order: commit order within each stream; Postgres is told of a position only once
+	// every stream stored every event up to it.
 	Stream string
 }
 
@@ -131,7 +135,12 @@ type table struct {
 	schema, name string
 	columns      decoder.Columns
 	subject      *decoder.SubjectTemplate
+	feed         int // index of its stream in Config.feeds
 }
+
+// feed is one stream the relay publishes to: its name and subject prefix (the leading literal
+// tokens its tables' templates share), which its position record is keyed by.
+type feed struct{ stream, prefix string }
 
 // String is schema.name, the table's label in metrics and logs.
 func (t table) String() string { return t.schema + "." + t.name }
@@ -218,8 +227,12 @@ func (c Config) resolve() (Config, error) {
 	if err := checkColumns("Config.Columns", c.Columns); err != nil {
 		return c, err
 	}
-	if c.tables, err = c.resolveTables(prefix); err != nil {
+	if c.tables, c.feeds, err = c.resolveTables(prefix); err != nil {
 		return c, err
+	}
+	if len(c.feeds) == 1 {
+		// One stream (the tables' own, perhaps): what the sink, backfill and prune read.
+		c.Sink.Stream, c.Sink.SubjectPrefix = c.feeds[0].stream, c.feeds[0].prefix
 	}
 	if len(c.tables) == 1 {
 		// One table (Config.Tables of one): what backfill, prune and the rest read.
@@ -281,20 +294,22 @@ func checkColumns(field string, cols decoder.Columns) error {
 	return nil
 }
 
-// resolveTables resolves Config.Tables (or the one table Schema.Table); prefix is
-// Config.Sink.SubjectPrefix as given, the {prefix} of every template.
-func (c Config) resolveTables(prefix string) ([]table, error) {
+// resolveTables resolves Config.Tables (or the one table Schema.Table) and their streams;
+// prefix is Config.Sink.SubjectPrefix as given, the {prefix} of every template.
+func (c Config) resolveTables(prefix string) ([]table, []feed, error) {
+	main := feed{stream: c.Sink.Stream, prefix: c.subject.Prefix()}
 	if len(c.Tables) == 0 {
-		return []table{{schema: c.Schema, name: c.Table, columns: c.Columns, subject: c.subject}}, nil
+		return []table{{schema: c.Schema, name: c.Table, columns: c.Columns, subject: c.subject}}, []feed{main}, nil
 	}
 	if c.Source == SourceMessages {
-		return nil, configErr("Config.Tables name outbox tables; Config.Source messages reads no table: leave one of them out")
+		return nil, nil, configErr("Config.Tables name outbox tables; Config.Source messages reads no table: leave one of them out")
 	}
 	if len(c.Tables) > maxTables {
-		return nil, configErr("Config.Tables: %d tables, at most %d", len(c.Tables), maxTables)
+		return nil, nil, configErr("Config.Tables: %d tables, at most %d", len(c.Tables), maxTables)
 	}
-	feed := c.subject.Prefix()
 	out := make([]table, 0, len(c.Tables))
+	var feeds []feed
+	firstOf := map[string]string{} // stream: the first table naming it
 	seen := map[string]bool{}
 	for i, t := range c.Tables {
 		r := table{schema: t.Schema, name: t.Name, columns: t.Columns, subject: c.subject}
@@ -302,34 +317,109 @@ func (c Config) resolveTables(prefix string) ([]table, error) {
 			r.schema = c.Schema
 		}
 		if r.name == "" || r.schema == "" {
-			return nil, configErr("Config.Tables: table %d has no name", i+1)
+			return nil, nil, configErr("Config.Tables: table %d has no name", i+1)
 		}
 		if seen[r.String()] {
-			return nil, configErr("Config.Tables: %s is named twice", r)
+			return nil, nil, configErr("Config.Tables: %s is named twice", r)
 		}
 		seen[r.String()] = true
 		if r.columns == (decoder.Columns{}) {
 			r.columns = c.Columns
 		} else if err := checkColumns(fmt.Sprintf("Config.Tables %s: Columns", r), r.columns); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if t.SubjectTemplate != "" {
 			s, err := decoder.ParseSubjectTemplate(t.SubjectTemplate, prefix)
 			if err != nil {
-				return nil, &ConfigError{fmt.Errorf("Config.Tables %s: subject template: %w", r, err)}
-			}
-			if p := s.Prefix(); p != feed && !strings.HasPrefix(p, feed+".") {
-				return nil, configErr("Config.Tables %s: subject template %q puts events under %s, outside %s.>: the stream and the position record are bound to the leading literal tokens of Config.SubjectTemplate (%s), and every table's subjects must start with them (e.g. {prefix}.billing.{event_type})",
-					r, t.SubjectTemplate, p, feed, feed)
+				return nil, nil, &ConfigError{fmt.Errorf("Config.Tables %s: subject template: %w", r, err)}
 			}
 			r.subject = s
 		}
-		if t.Stream != "" && t.Stream != c.Sink.Stream {
-			return nil, configErr("Config.Tables %s: stream %q: a table's own stream is not supported; every table's events go to Config.Sink.Stream %q, in commit order across the tables. To split them, run a relay per stream, each with its own Config.Slot and publication", r, t.Stream, c.Sink.Stream)
+		stream := t.Stream
+		if stream == "" {
+			stream = c.Sink.Stream
+		}
+		r.feed = -1
+		for j, f := range feeds {
+			if f.stream == stream {
+				r.feed = j
+			}
+		}
+		if r.feed < 0 {
+			f := feed{stream: stream, prefix: r.subject.Prefix()}
+			if stream == c.Sink.Stream {
+				f = main
+			}
+			r.feed, feeds = len(feeds), append(feeds, f)
+			firstOf[stream] = r.String()
+		}
+		f := feeds[r.feed]
+		if p := r.subject.Prefix(); !underPrefix(p, f.prefix) {
+			if stream == c.Sink.Stream {
+				return nil, nil, configErr("Config.Tables %s: subject template %q puts events under %s, outside %s.>: the stream and the position record are bound to the leading literal tokens of Config.SubjectTemplate (%s), and every table's subjects must start with them (e.g. {prefix}.billing.{event_type}), or give the table a stream of its own",
+					r, t.SubjectTemplate, p, f.prefix, f.prefix)
+			}
+			return nil, nil, configErr("Config.Tables %s: subject template puts events under %s, outside %s.>: stream %s and its position record are bound to the leading literal tokens of the first table of that stream (%s), and every table of the stream must start with them",
+				r, p, f.prefix, f.stream, firstOf[stream])
 		}
 		out = append(out, r)
 	}
-	return out, nil
+	// Streams must not share subjects: JetStream refuses overlapping streams, and each
+	// stream's position record and replay check read its subjects alone.
+	for i, a := range feeds {
+		for _, b := range feeds[i+1:] {
+			if underPrefix(a.prefix, b.prefix) || underPrefix(b.prefix, a.prefix) {
+				return nil, nil, configErr("Config.Tables: stream %s (table %s) and stream %s (table %s) would both take subjects under %s.>: a table of its own stream needs subjects of its own, a template whose leading literal tokens are not under another stream's (e.g. billing.{aggregate_id}.{event_type} next to {prefix}.{aggregate_type}.{aggregate_id})",
+					a.stream, firstOf[a.stream], b.stream, firstOf[b.stream], min(a.prefix, b.prefix))
+			}
+		}
+	}
+	return out, feeds, nil
+}
+
+// underPrefix reports whether subjects under p (p.>) are all under prefix.>.
+func underPrefix(p, prefix string) bool { return p == prefix || strings.HasPrefix(p, prefix+".") }
+
+// feedSink is the sink configuration of feed i: Config.Sink with its stream and prefix.
+func (c Config) feedSink(i int) sink.Config {
+	s := c.Sink
+	s.Stream, s.SubjectPrefix = c.feeds[i].stream, c.feeds[i].prefix
+	return s
+}
+
+// forFeed is c with Sink set to feed i's (what the per-stream checks read).
+func (c Config) forFeed(i int) Config {
+	c.Sink = c.feedSink(i)
+	return c
+}
+
+// tableFeeds maps each table (index of Config.tables) to its feed.
+func (c Config) tableFeeds() []int {
+	out := make([]int, len(c.tables))
+	for i, t := range c.tables {
+		out[i] = t.feed
+	}
+	return out
+}
+
+// feedTables names the tables of feed i.
+func (c Config) feedTables(i int) []string {
+	var out []string
+	for _, t := range c.tables {
+		if t.feed == i {
+			out = append(out, t.String())
+		}
+	}
+	return out
+}
+
+// streamNames are the feeds' streams.
+func (c Config) streamNames() []string {
+	out := make([]string, len(c.feeds))
+	for i, f := range c.feeds {
+		out[i] = f.stream
+	}
+	return out
 }
 
 // oneTable refuses several tables to what works on one table at a time (backfill, prune).

@@ -30,9 +30,9 @@ type resumePoint struct {
 	lsn      pglogrepl.LSN
 	systemID string // "" for Config.StartLSN, set by the first session
 	timeline int32  // 0: not known
-	// seqFloor: without a position record, stream messages up to this sequence came from a
-	// forked history accepted in this process (Config.AcceptSlotGap).
-	seqFloor uint64
+	// seqFloor: without a position record, messages of a stream (by name) up to this sequence
+	// came from a forked history accepted in this process (Config.AcceptSlotGap).
+	seqFloor map[string]uint64
 }
 
 func (r resumePoint) String() string { return r.lsn.String() }
@@ -231,7 +231,10 @@ func (c *replayCheck) mismatch(got string) error {
 func acceptReplayFork(cfg Config, forkErr error, guard slotGuard, stopRec func(), sys replication.System, start pglogrepl.LSN, last sink.StoredMsg, resume *resumePoint, log zerolog.Logger) error {
 	log.Warn().Str("fork", forkErr.Error()).Msg("Config.AcceptSlotGap: the stream's events are from another history; publishing everything from the slot's position")
 	if guard.record == nil {
-		resume.seqFloor = max(resume.seqFloor, last.Seq)
+		if resume.seqFloor == nil {
+			resume.seqFloor = map[string]uint64{}
+		}
+		resume.seqFloor[cfg.Sink.Stream] = max(resume.seqFloor[cfg.Sink.Stream], last.Seq)
 		return errors.New("restarting the session past an accepted fork")
 	}
 	stopRec()

@@ -27,9 +27,9 @@ import (
 // observer holds the relay's metrics, readiness and stall state. Every method is safe on a nil
 // observer (no metrics), and safe for concurrent use.
 type observer struct {
-	reg    *prometheus.Registry
-	stream string
-	log    zerolog.Logger
+	reg     *prometheus.Registry
+	streams []string // the relay's streams (Config.feeds)
+	log     zerolog.Logger
 
 	// Per table (index of Config.tables): the event metrics.
 	ackLatency    []prometheus.Observer
@@ -42,7 +42,7 @@ type observer struct {
 	stalledGauge  prometheus.Gauge
 
 	recordFailures prometheus.Counter
-	recorder       atomic.Pointer[checkpoint.Recorder] // the session's, nil without a record
+	recorders      atomic.Pointer[[]*checkpoint.Recorder] // the session's, one per stream; nil without records
 
 	serverWALEnd atomic.Uint64
 	replicating  atomic.Bool
@@ -51,8 +51,8 @@ type observer struct {
 	nc           atomic.Pointer[nats.Conn]
 
 	mu   sync.Mutex
-	prev sink.Stats // counters of ended sessions
-	pub  *sink.Publisher
+	prev []sink.Stats // per stream: counters of ended sessions
+	pubs []*sink.Publisher
 	trk  *checkpoint.Tracker
 	// times of each table's events published and not yet stored, oldest first (the sink
 	// confirms in publish order, except after a retry where an event stored out of turn is
@@ -64,20 +64,18 @@ type observer struct {
 type eventTimes struct{ published, committed time.Time }
 
 // newObserver registers the metrics in reg; nil: a registry of its own, with the Go and
-// process collectors. tables are the outbox tables (schema.name), the table label of the event
-// metrics.
-func newObserver(stream string, tables []string, log zerolog.Logger, reg *prometheus.Registry) *observer {
+// process collectors. streams are the relay's streams, the stream label of the sink metrics;
+// tables are the outbox tables (schema.name), the table label of the event metrics, and
+// tableStream the index in streams of each table's stream.
+func newObserver(streams, tables []string, tableStream []int, log zerolog.Logger, reg *prometheus.Registry) *observer {
 	own := reg == nil
 	if own {
 		reg = prometheus.NewRegistry()
 	}
-	o := &observer{reg: reg, stream: stream, log: log, times: make([][]eventTimes, len(tables)), storedN: make([]atomic.Uint64, len(tables))}
+	o := &observer{reg: reg, streams: streams, log: log, times: make([][]eventTimes, len(tables)), storedN: make([]atomic.Uint64, len(tables)),
+		prev: make([]sink.Stats, len(streams))}
 	o.stalled.Store("")
 	f := promauto.With(o.reg)
-	labels := prometheus.Labels{"stream": stream}
-	stats := func(pick func(sink.Stats) uint64) func() float64 {
-		return func() float64 { return float64(pick(o.stats())) }
-	}
 	ackLatency := f.NewHistogramVec(prometheus.HistogramOpts{Name: "outbox_relay_publish_ack_seconds",
 		Help: "Time from publishing an event to JetStream's acknowledgement, retries included.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}, []string{"table"})
 	commitLatency := f.NewHistogramVec(prometheus.HistogramOpts{Name: "outbox_relay_commit_to_ack_seconds",
@@ -86,20 +84,26 @@ func newObserver(stream string, tables []string, log zerolog.Logger, reg *promet
 		Help: "Unix time at which JetStream last stored an event of the table."}, []string{"table"})
 	for i, t := range tables {
 		stored := &o.storedN[i]
-		f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_events_published_total", ConstLabels: prometheus.Labels{"stream": stream, "table": t},
+		f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_events_published_total", ConstLabels: prometheus.Labels{"stream": streams[tableStream[i]], "table": t},
 			Help: "Events of the table stored by JetStream (acknowledged), duplicates included."}, func() float64 { return float64(stored.Load()) })
 		o.ackLatency = append(o.ackLatency, ackLatency.WithLabelValues(t))
 		o.commitLatency = append(o.commitLatency, commitLatency.WithLabelValues(t))
 		o.lastEvent = append(o.lastEvent, lastEvent.WithLabelValues(t))
 	}
-	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_events_duplicate_total", ConstLabels: labels,
-		Help: "Acknowledgements JetStream marked duplicate (an event re-sent within the duplicate window)."}, stats(func(s sink.Stats) uint64 { return s.Duplicates }))
-	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_publish_errors_total", ConstLabels: labels,
-		Help: "Failed publish attempts (each is retried)."}, stats(func(s sink.Stats) uint64 { return s.Errors }))
-	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_stream_full_total", ConstLabels: labels,
-		Help: "Publishes the stream refused at a limit with discard: new (the relay retries; nothing after them is confirmed)."}, stats(func(s sink.Stats) uint64 { return s.StreamFull }))
-	f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_publish_retries_total", ConstLabels: labels,
-		Help: "Events re-published after a failure."}, stats(func(s sink.Stats) uint64 { return s.Retries }))
+	for i, stream := range streams {
+		labels := prometheus.Labels{"stream": stream}
+		stats := func(pick func(sink.Stats) uint64) func() float64 {
+			return func() float64 { return float64(pick(o.stats(i))) }
+		}
+		f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_events_duplicate_total", ConstLabels: labels,
+			Help: "Acknowledgements JetStream marked duplicate (an event re-sent within the duplicate window)."}, stats(func(s sink.Stats) uint64 { return s.Duplicates }))
+		f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_publish_errors_total", ConstLabels: labels,
+			Help: "Failed publish attempts (each is retried)."}, stats(func(s sink.Stats) uint64 { return s.Errors }))
+		f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_stream_full_total", ConstLabels: labels,
+			Help: "Publishes the stream refused at a limit with discard: new (the relay retries; nothing after them is confirmed)."}, stats(func(s sink.Stats) uint64 { return s.StreamFull }))
+		f.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_publish_retries_total", ConstLabels: labels,
+			Help: "Events re-published after a failure."}, stats(func(s sink.Stats) uint64 { return s.Retries }))
+	}
 	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_events_in_flight",
 		Help: "Events received from Postgres and not yet stored by JetStream."}, func() float64 {
 		o.mu.Lock()
@@ -113,10 +117,11 @@ func newObserver(stream string, tables []string, log zerolog.Logger, reg *promet
 		Help: "Bytes of messages published and not yet acknowledged by JetStream (bounded by --max-in-flight-bytes)."}, func() float64 {
 		o.mu.Lock()
 		defer o.mu.Unlock()
-		if o.pub == nil {
-			return 0
+		var n int64
+		for _, pub := range o.pubs {
+			n += pub.InFlightBytes()
 		}
-		return float64(o.pub.InFlightBytes())
+		return float64(n)
 	})
 	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_acked_lsn",
 		Help: "WAL position up to which every event is stored by JetStream (what the relay confirms to Postgres), as a number."}, func() float64 {
@@ -143,10 +148,15 @@ func newObserver(stream string, tables []string, log zerolog.Logger, reg *promet
 	})
 	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "outbox_relay_recorded_lsn",
 		Help: "Position held by the relay's position record (the most it may confirm to Postgres), as a number; 0 without a record."}, func() float64 {
-		if r := o.recorder.Load(); r != nil {
-			return float64(r.Recorded())
+		rs := o.recorders.Load()
+		if rs == nil || len(*rs) == 0 {
+			return 0
 		}
-		return 0
+		min := (*rs)[0].Recorded()
+		for _, r := range (*rs)[1:] {
+			min = minLSN(min, r.Recorded())
+		}
+		return float64(min)
 	})
 	o.recordFailures = f.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_position_record_failures_total",
 		Help: "Failed writes of the position record (retried; meanwhile nothing newer is confirmed to Postgres)."})
@@ -163,9 +173,14 @@ func b2f(b bool) float64 {
 	return 0
 }
 
-func (o *observer) stats() sink.Stats {
+// stats are the sink counters of stream i (index of o.streams), over the sessions.
+func (o *observer) stats(i int) sink.Stats {
 	o.mu.Lock()
-	s, pub := o.prev, o.pub
+	s := o.prev[i]
+	var pub *sink.Publisher
+	if o.pubs != nil {
+		pub = o.pubs[i]
+	}
 	o.mu.Unlock()
 	if pub != nil {
 		addStats(&s, pub.Stats())
@@ -201,24 +216,32 @@ func (o *observer) ackedLSN() pglogrepl.LSN {
 	return lsn
 }
 
-// startSession is called once a session streams: its sink and tracker feed the metrics.
-func (o *observer) startSession(pub *sink.Publisher, trk *checkpoint.Tracker) {
+// startSession is called once a session streams: its sinks (one per stream, in the order of
+// o.streams) and tracker feed the metrics.
+func (o *observer) startSession(pubs []*sink.Publisher, trk *checkpoint.Tracker) {
 	if o == nil {
 		return
 	}
 	o.mu.Lock()
-	o.pub, o.trk = pub, trk
+	o.pubs, o.trk = pubs, trk
 	o.clearTimes()
 	o.mu.Unlock()
 	o.standingBy.Store(false)
 	o.replicating.Store(true)
 }
 
-// setRecorder publishes the session's position recorder (nil: none).
-func (o *observer) setRecorder(r *checkpoint.Recorder) {
+// setRecorders publishes the session's position recorders, one per stream (none: no record).
+func (o *observer) setRecorders(rs []*checkpoint.Recorder) {
 	if o != nil {
-		o.recorder.Store(r)
+		o.recorders.Store(&rs)
 	}
+}
+
+func minLSN(a, b pglogrepl.LSN) pglogrepl.LSN {
+	if a < b {
+		return a
+	}
+	return b
 }
 
 // recordFailed counts a failed write of the position record.
@@ -236,10 +259,10 @@ func (o *observer) endSession() {
 	o.replicating.Store(false)
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	if o.pub != nil {
-		addStats(&o.prev, o.pub.Stats())
+	for i, pub := range o.pubs {
+		addStats(&o.prev[i], pub.Stats())
 	}
-	o.pub, o.trk = nil, nil
+	o.pubs, o.trk = nil, nil
 	o.clearTimes()
 }
 
@@ -329,9 +352,12 @@ func (o *observer) ready(standbyOK bool) (bool, string) {
 	if s, _ := o.stalled.Load().(string); s != "" {
 		why = append(why, "stalled: "+s)
 	}
-	if r := o.recorder.Load(); r != nil {
-		if d := r.FailingFor(); d >= recordFailingReady {
-			why = append(why, fmt.Sprintf("the position record cannot be written (for %s): nothing newer is confirmed to Postgres", d.Round(time.Second)))
+	if rs := o.recorders.Load(); rs != nil {
+		for _, r := range *rs {
+			if d := r.FailingFor(); d >= recordFailingReady {
+				why = append(why, fmt.Sprintf("the position record cannot be written (for %s): nothing newer is confirmed to Postgres", d.Round(time.Second)))
+				break
+			}
 		}
 	}
 	return len(why) == 0, strings.Join(why, "; ")
@@ -406,6 +432,7 @@ func (o *observer) watch(ctx context.Context, cfg Config) {
 		}
 		o.mu.Lock()
 		trk := o.trk
+		streams := o.waitingStreams()
 		o.mu.Unlock()
 		pending := 0
 		if trk != nil {
@@ -432,7 +459,7 @@ func (o *observer) watch(ctx context.Context, cfg Config) {
 				broker = "NATS disconnected"
 			}
 			stuck = fmt.Sprintf("%d events waiting for JetStream acknowledgements for %s, acknowledged LSN stuck at %s (%s): check the NATS server, the stream %s and the publish errors above",
-				pending, now.Sub(lastProgress).Round(time.Second), lsn, broker, cfg.Sink.Stream)
+				pending, now.Sub(lastProgress).Round(time.Second), lsn, broker, streams)
 		default:
 			idleSince = now
 		}
@@ -451,6 +478,21 @@ func (o *observer) watch(ctx context.Context, cfg Config) {
 			o.log.Info().Stringer("lsn", lsn).Msg("relay moving again")
 		}
 	}
+}
+
+// waitingStreams names the streams with events in flight (all of them when none has), for the
+// stall message; o.mu is held.
+func (o *observer) waitingStreams() string {
+	var names []string
+	for i, pub := range o.pubs {
+		if pub.InFlight() > 0 {
+			names = append(names, o.streams[i])
+		}
+	}
+	if len(names) == 0 {
+		names = o.streams
+	}
+	return strings.Join(names, ", ")
 }
 
 // pollSlot updates the slot gauges from pg_replication_slots.

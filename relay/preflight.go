@@ -71,11 +71,15 @@ func preflight(ctx context.Context, cfg Config, log zerolog.Logger, natsOpts ...
 	}
 	if len(r.problems) == 0 && createSlot && cfg.PositionBucket != "" && !cfg.AcceptSlotGap {
 		// After the first start a missing slot is a gap: never replace it silently.
-		if rec, ok, err := sink.ReadPositionRecord(ctx, b.js, cfg.PositionBucket, cfg.Sink); err != nil {
-			r.fail("%v", err)
-		} else if ok {
-			r.fail("Config.CreateSlot refuses to create a replacement: %s", slotGapMessage(cfg, rec, sink.PositionKey(cfg.Sink.Stream, cfg.Sink.SubjectPrefix),
-				fmt.Sprintf("replication slot %q does not exist", cfg.Slot), "the slot was dropped, or the database replaced, while the relay was away"))
+		for i := range cfg.feeds {
+			fcfg := cfg.forFeed(i)
+			if rec, ok, err := sink.ReadPositionRecord(ctx, b.js, cfg.PositionBucket, fcfg.Sink); err != nil {
+				r.fail("%v", err)
+			} else if ok {
+				r.fail("Config.CreateSlot refuses to create a replacement: %s", slotGapMessage(fcfg, rec, sink.PositionKey(fcfg.Sink.Stream, fcfg.Sink.SubjectPrefix),
+					fmt.Sprintf("replication slot %q does not exist", cfg.Slot), "the slot was dropped, or the database replaced, while the relay was away"))
+				break
+			}
 		}
 	}
 	if len(r.problems) == 0 && createSlot {
@@ -298,12 +302,19 @@ func lostSlotMessage(cfg Config, s replication.Slot) string {
 	} else {
 		table = "table " + table
 	}
+	last := make([]string, len(cfg.feeds))
+	for i, f := range cfg.feeds {
+		last[i] = fmt.Sprintf("nats stream get %s --last-for '%s.>'", f.stream, f.prefix)
+	}
+	if len(last) > 1 {
+		last = append(last, "with several streams, the earliest of their last events")
+	}
 	return fmt.Sprintf(`replication slot %q is invalidated (wal_status = lost): Postgres removed WAL the slot still needed (it fell more than max_slot_wal_keep_size behind), so the events committed after its confirmed_flush_lsn %s can no longer be decoded and will never be relayed from this slot. Recovery:
-(a) note the time of the last event in the stream (header Outbox-Created-At of the stream's last message; nats stream info / nats stream get %s --last-for '%s.>');
+(a) note the time of the last event in the stream (header Outbox-Created-At of the stream's last message; nats stream info / %s);
 (b) drop and recreate the slot: outbox-relay slot drop Config.Slot %s --force && outbox-relay slot create Config.Slot %s;
 (c) start the relay, then republish the gap from the table (rows by %s, %s): outbox-relay backfill --since <that time minus a safety margin>; JetStream drops the ones it still has within its duplicate window.
 To stop it from happening again, alert on the slot lag (outbox_relay_slot_lag_bytes) well before max_slot_wal_keep_size.`,
-		cfg.Slot, s.ConfirmedFlush, cfg.Sink.Stream, cfg.Sink.SubjectPrefix, cfg.Slot, cfg.Slot, createdAt, table)
+		cfg.Slot, s.ConfirmedFlush, strings.Join(last, "; "), cfg.Slot, cfg.Slot, createdAt, table)
 }
 
 // holderInfo describes the backend holding a slot, for the error naming it.
@@ -389,7 +400,7 @@ func contains(list []string, s string) bool {
 	return false
 }
 
-// checkBroker connects to NATS and checks the stream; it records the problems and returns the
+// checkBroker connects to NATS and checks the streams; it records the problems and returns the
 // connection when it is usable.
 func checkBroker(ctx context.Context, cfg Config, r *preflightReport, log zerolog.Logger, opts ...nats.Option) *broker {
 	nc, err := sink.Connect(cfg.NATSURL, append(append([]nats.Option(nil), cfg.NATSOptions...), opts...)...)
@@ -408,10 +419,29 @@ func checkBroker(ctx context.Context, cfg Config, r *preflightReport, log zerolo
 		r.fail("JetStream: %v", err)
 		return nil
 	}
+	for i := range cfg.feeds {
+		if len(cfg.feeds) == 1 {
+			checkStream(ctx, cfg.forFeed(i), js, r, log)
+			continue
+		}
+		// Name the stream's tables in its problems.
+		fr := &preflightReport{checkpointTimeout: r.checkpointTimeout}
+		checkStream(ctx, cfg.forFeed(i), js, fr, log)
+		for _, p := range fr.problems {
+			r.fail("%s (the stream of %s)", p, strings.Join(cfg.feedTables(i), ", "))
+		}
+		r.warnings = append(r.warnings, fr.warnings...)
+	}
+	return &broker{nc: nc, js: js}
+}
+
+// checkStream checks the stream of cfg.Sink (one of the relay's streams) and its position
+// record.
+func checkStream(ctx context.Context, cfg Config, js jetstream.JetStream, r *preflightReport, log zerolog.Logger) {
 	info, err := sink.EnsureStream(ctx, js, cfg.Sink, log)
 	if err != nil {
 		r.fail("%v", err)
-		return &broker{nc: nc, js: js}
+		return
 	}
 	c := info.Config
 	// The replay horizon: after a Postgres crash the slot resumes from its last checkpointed
@@ -445,5 +475,4 @@ func checkBroker(ctx context.Context, cfg Config, r *preflightReport, log zerolo
 	case c.NoAck:
 		r.fail("stream %s has no_ack set: JetStream would store events without acknowledging them, so the relay could never confirm a position. Fix: nats stream edit %s --ack, or choose another Config.Sink.Stream", c.Name, c.Name)
 	}
-	return &broker{nc: nc, js: js}
 }

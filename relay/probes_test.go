@@ -19,7 +19,7 @@ import (
 // nor standing by.
 func TestHTTP_ProbePathsOfAStandbyPair(t *testing.T) {
 	const liveness, readiness = "/healthz", "/readyz?standby=ok"
-	o := newObserver(sink.DefaultStream, []string{"public.outbox"}, zerolog.Nop(), nil)
+	o := newObserver([]string{sink.DefaultStream}, []string{"public.outbox"}, []int{0}, zerolog.Nop(), nil)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	defer o.serveHTTP(ln)()

@@ -78,7 +78,7 @@ func Run(ctx context.Context, cfg Config, opts ...Option) error {
 	}
 	cfg.natsHintFn = o.natsHint
 	log := o.log.With().Str("slot", cfg.Slot).Logger()
-	obs := newObserver(cfg.Sink.Stream, cfg.tableNames(), log, o.reg)
+	obs := newObserver(cfg.streamNames(), cfg.tableNames(), cfg.tableFeeds(), log, o.reg)
 	cfg.obs = obs
 	var httpLn net.Listener
 	if cfg.HTTPAddr != "" && cfg.HTTPAddr != "off" {

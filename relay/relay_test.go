@@ -245,7 +245,13 @@ func TestConfig_Validate(t *testing.T) {
 		{"Config.TemporarySlot", func(c *Config) { c.TemporarySlot, c.Standby = true, true }},
 		{"Config.ReconnectMin", func(c *Config) { c.ReconnectMin = 0 }},
 		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Schema: "public", Name: "a"}} }},
-		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Name: "b", Stream: "B"}} }},
+		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Name: "b", Stream: "B"}} }}, // both under outbox.>
+		{"Config.Tables", func(c *Config) {
+			c.Tables = []Table{{Name: "a"}, {Name: "b", SubjectTemplate: "outbox.b.{event_type}", Stream: "B"}}
+		}},
+		{"Config.Tables", func(c *Config) {
+			c.Tables = []Table{{Name: "b", SubjectTemplate: "b.{event_type}", Stream: "B"}, {Name: "c", SubjectTemplate: "c.{event_type}", Stream: "B"}}
+		}},
 		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Name: "b", SubjectTemplate: "b.{event_type}"}} }},
 		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Name: "b", Columns: decoder.Columns{ID: "id"}}} }},
 		{"Config.Tables", func(c *Config) { c.Tables = []Table{{Name: "a"}, {Schema: "b"}} }},
@@ -285,6 +291,23 @@ func TestConfig_Tables(t *testing.T) {
 	require.Equal(t, "billing", r.Schema)
 	require.Equal(t, "event_id", r.Columns.ID)
 	require.Equal(t, "outbox", r.Sink.SubjectPrefix)
+
+	// A table of its own stream: subjects of its own, its stream's prefix; one such table
+	// alone is what backfill and prune read.
+	c.Tables = []Table{{Schema: "orders", Name: "outbox"}, {Schema: "billing", Name: "outbox", SubjectTemplate: "billing.{aggregate_id}.{event_type}", Stream: "BILLING"},
+		{Schema: "billing", Name: "refunds", SubjectTemplate: "billing.refund.{event_type}", Stream: "BILLING"}}
+	r, err = c.resolve()
+	require.NoError(t, err)
+	require.Equal(t, []feed{{sink.DefaultStream, "outbox"}, {"BILLING", "billing"}}, r.feeds)
+	require.Equal(t, []int{0, 1, 1}, r.tableFeeds())
+	require.Equal(t, sink.DefaultStream, r.Sink.Stream)
+	require.Equal(t, "BILLING", r.feedSink(1).Stream)
+	require.Equal(t, "billing", r.feedSink(1).SubjectPrefix)
+	c.Tables = c.Tables[1:2]
+	r, err = c.resolve()
+	require.NoError(t, err)
+	require.Equal(t, "BILLING", r.Sink.Stream)
+	require.Equal(t, "billing", r.Sink.SubjectPrefix)
 }
 
 // Preflight, on its own: a missing slot is a *PreflightError whose fix names the Config field

@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -65,18 +66,33 @@ type Session struct {
 	slotLSN pglogrepl.LSN // the slot's confirmed_flush_lsn
 	trk     *checkpoint.Tracker
 	flush   checkpoint.FlushSource
-	guard   slotGuard
-	record  *sink.PositionRecord // nil: no position record (temporary slot, no bucket)
 	stopRec func()
-	lastMsg sink.StoredMsg
-	check   *replayCheck // nil: the replay does not reach the stream's last event
-	pub     *sink.Publisher
+	feeds   []*feedState // per stream, in the order of Config.feeds
 	p       *pipeline
 }
 
+// feedState is a session's state of one stream: its position record, what the stream held at
+// the start, the replay check and the publisher.
+type feedState struct {
+	cfg     Config               // the session's Config with Sink set to this stream's
+	record  *sink.PositionRecord // nil: no position record (temporary slot, no bucket)
+	guard   slotGuard
+	lastMsg sink.StoredMsg
+	// last is the stream's newest event when the session started (haveLast); replayed events
+	// at or before it are already stored and skipped.
+	last     sink.Position
+	haveLast bool
+	check    *replayCheck // nil: the replay does not reach the stream's last event
+	pub      *sink.Publisher
+}
+
 func newSession(cfg Config, js jetstream.JetStream, resume resumePoint, log zerolog.Logger) *Session {
-	return &Session{cfg: cfg, js: js, log: log, resume: resume, stopRec: func() {},
+	s := &Session{cfg: cfg, js: js, log: log, resume: resume, stopRec: func() {},
 		streaming: make(chan struct{}), done: make(chan struct{})}
+	for i := range cfg.feeds {
+		s.feeds = append(s.feeds, &feedState{cfg: cfg.forFeed(i)})
+	}
+	return s
 }
 
 // State is where the session is now.
@@ -130,7 +146,7 @@ func (s *Session) run(ctx context.Context) error {
 		return err
 	}
 	s.newPipeline()
-	s.cfg.obs.startSession(s.pub, s.trk)
+	s.cfg.obs.startSession(s.pubs(), s.trk)
 	defer s.cfg.obs.endSession()
 	s.state.Store(int32(SessionStreaming))
 	close(s.streaming)
@@ -158,8 +174,10 @@ func (s *Session) startReplication(ctx context.Context) error {
 	if !cfg.TemporarySlot && cfg.PositionBucket != "" {
 		// Before START_REPLICATION: a bucket that does not answer fails the session (retried)
 		// before it holds the slot, and before the walsender waits on it.
-		if s.record, err = openRecord(ctx, cfg, s.js); err != nil {
-			return err
+		for _, f := range s.feeds {
+			if f.record, err = openRecord(ctx, f.cfg, s.js); err != nil {
+				return err
+			}
 		}
 	}
 	if cfg.TemporarySlot {
@@ -208,63 +226,118 @@ func (s *Session) startReplication(ctx context.Context) error {
 	return nil
 }
 
-// checkPositions compares the slot, the server and the stream: the slot-gap rule with a
+// checkPositions compares the slot, the server and each stream: the slot-gap rule with a
 // position record, the fork rule without one, and the replay check of the stream's last event.
+// Postgres is told of a position only once every stream's record holds it (the recorders
+// are nested) and every stream's replay check passed.
 func (s *Session) checkPositions(ctx context.Context) error {
-	cfg, log := s.cfg, s.log
+	s.trk = checkpoint.New(s.start)
+	s.flush = s.trk
+	var stops []func()
+	var recs []*checkpoint.Recorder
+	s.stopRec = func() {
+		for _, stop := range stops {
+			stop()
+		}
+	}
+	// Which streams have a record: one missing next to another's was lost (a slot gap).
+	recorded := make([]bool, len(s.feeds))
+	for i, f := range s.feeds {
+		if f.record != nil {
+			gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_, ok, err := f.record.Get(gctx)
+			cancel()
+			if err != nil {
+				return err
+			}
+			recorded[i] = ok
+		}
+	}
+	for i, f := range s.feeds {
+		other := false
+		for j, ok := range recorded {
+			other = other || (ok && j != i)
+		}
+		rec, stop, err := s.checkFeed(ctx, f, other)
+		if err != nil {
+			return err
+		}
+		if rec != nil {
+			s.flush = rec
+			stops = append(stops, stop)
+			recs = append(recs, rec)
+		}
+	}
+	s.cfg.obs.setRecorders(recs)
+	// A replay from the slot's position that reaches a stream's last event must yield it.
+	for _, f := range s.feeds {
+		if f.haveLast {
+			if f.check = newReplayCheck(s.flush, s.start, f.lastMsg); f.check != nil {
+				s.flush = f.check
+			}
+			s.log.Info().Str("stream", f.cfg.Sink.Stream).Stringer("position", f.last).Msg("stream holds events up to this position; replayed events up to it are skipped")
+		}
+	}
+	s.p = &pipeline{feeds: s.feeds, tableFeed: s.cfg.tableFeeds()}
+	return nil
+}
+
+// checkFeed checks one stream against the slot and the server; with a position record it
+// returns the stream's recorder of s.flush (and its stop).
+func (s *Session) checkFeed(ctx context.Context, f *feedState, otherRecorded bool) (*checkpoint.Recorder, func(), error) {
+	cfg, log := f.cfg, s.log.With().Str("stream", f.cfg.Sink.Stream).Logger()
 	// Events already in the stream are skipped, not re-published: after an outage longer than
 	// the stream's duplicate window, JetStream would store them again.
 	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	lastMsg, haveLast, err := sink.LastStoredMsg(lctx, s.js, cfg.Sink)
 	cancel()
 	if errors.Is(err, sink.ErrForeignPublisher) {
-		return fatalError{err}
+		return nil, nil, fatalError{err}
 	}
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	s.lastMsg = lastMsg
+	f.lastMsg, f.last = lastMsg, lastMsg.Position
 	last, lastSeq := lastMsg.Position, lastMsg.Seq
-
-	s.trk = checkpoint.New(s.start)
-	s.flush = s.trk
-	if s.record != nil {
+	defer func() { f.haveLast = haveLast }()
+	if f.record != nil {
 		// The slot is ours now (Start acquired it): compare it with the position record.
 		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		g, err := checkSlotGap(gctx, cfg, s.js, s.record, s.sys, s.slotLSN, s.start, lastMsg, haveLast, log)
+		g, err := checkSlotGap(gctx, cfg, s.js, f.record, s.sys, s.slotLSN, s.start, lastMsg, haveLast, otherRecorded, log)
 		cancel()
 		if err != nil {
-			return err
+			return nil, nil, err
 		}
-		s.guard = g
-		if haveLast && lastSeq <= s.guard.seqFloor {
+		f.guard = g
+		if haveLast && lastSeq <= f.guard.seqFloor {
 			haveLast = false // stored from another cluster or history: positions do not compare
 		}
 		// Postgres is only told of positions the record holds.
-		rec, stop := startRecorder(cfg, s.trk, s.guard, log)
-		s.stopRec = stop
-		s.flush = rec
-	} else if haveLast && lastSeq <= s.resume.seqFloor {
+		rec, stop := startRecorder(cfg, s.flush, f.guard, log)
+		return rec, stop, nil
+	}
+	if haveLast && lastSeq <= s.resume.seqFloor[cfg.Sink.Stream] {
 		haveLast = false // accepted in this process: stored from another history
 	} else if haveLast {
 		if forkAt, ok := s.sys.Holds(last.CommitLSN, 0); !ok {
-			msg := forkMessage(s.sys, fmt.Sprintf("the stream's last event %s (stream sequence %d)", last, lastSeq), forkAt)
+			msg := forkMessage(s.sys, fmt.Sprintf("the last event %s of stream %s (stream sequence %d)", last, cfg.Sink.Stream, lastSeq), forkAt)
 			if !cfg.AcceptSlotGap {
-				return fatalError{fmt.Errorf("%w: %s. Without a position record (Config.PositionBucket) the relay cannot remember an acceptance: give it a new stream or Config.Sink.SubjectPrefix, or purge the stream", ErrForkedHistory, msg)}
+				return nil, nil, fatalError{fmt.Errorf("%w: %s. Without a position record (Config.PositionBucket) the relay cannot remember an acceptance: give it a new stream or Config.Sink.SubjectPrefix, or purge the stream", ErrForkedHistory, msg)}
 			}
 			log.Warn().Str("fork", msg).Msg("Config.AcceptSlotGap: publishing this session's events whatever the stream's last position; without a position record the next session checks again")
 			haveLast = false
 		}
 	}
-	// A replay from the slot's position that reaches the stream's last event must yield it.
-	if haveLast {
-		if s.check = newReplayCheck(s.flush, s.start, lastMsg); s.check != nil {
-			s.flush = s.check
-		}
-		log.Info().Stringer("position", last).Msg("stream holds events up to this position; replayed events up to it are skipped")
+	return nil, nil, nil
+}
+
+// pubs are the session's publishers, one per stream.
+func (s *Session) pubs() []*sink.Publisher {
+	out := make([]*sink.Publisher, len(s.feeds))
+	for i, f := range s.feeds {
+		out[i] = f.pub
 	}
-	s.p = &pipeline{last: last, haveLast: haveLast, check: s.check}
-	return nil
+	return out
 }
 
 // newPipeline builds the decoder, the publisher and the handler the stream feeds.
@@ -296,11 +369,13 @@ func (s *Session) newPipeline() {
 			stored(t)
 		}
 	}
-	scfg := cfg.Sink
-	scfg.SeqFloor = s.guard.seqFloor
-	s.pub = sink.NewPublisher(s.js, scfg, confirm, log)
+	for _, f := range s.feeds {
+		scfg := f.cfg.Sink
+		scfg.SeqFloor = f.guard.seqFloor
+		f.pub = sink.NewPublisher(s.js, scfg, confirm, log.With().Str("stream", scfg.Stream).Logger())
+	}
 	p := s.p
-	p.dec, p.trk, p.pub, p.log, p.obs, p.deadLetter = dec, trk, s.pub, log, cfg.obs, cfg.Sink.DeadLetter
+	p.dec, p.trk, p.log, p.obs, p.deadLetter = dec, trk, log, cfg.obs, cfg.Sink.DeadLetter
 	if cfg.SyncStandbySlot != "" {
 		p.gate = newStandbyGate(cfg.PGURL, cfg.SyncStandbySlot, log)
 	}
@@ -317,19 +392,23 @@ func (s *Session) stream(ctx context.Context) error {
 	defer stopDrain()
 	sinkCtx, stopSink := context.WithCancel(context.Background())
 	defer stopSink()
+	// Any sink ending (an error) ends the session.
 	sinkDone := make(chan struct{})
-	g.Go(func() error {
-		defer stopDrain()
-		defer stopRead()
-		defer close(sinkDone)
-		return s.pub.Run(sinkCtx)
-	})
+	var sinkEnded sync.Once
+	for _, f := range s.feeds {
+		g.Go(func() error {
+			defer stopDrain()
+			defer stopRead()
+			defer sinkEnded.Do(func() { close(sinkDone) })
+			return f.pub.Run(sinkCtx)
+		})
+		if f.guard.record != nil {
+			// backfill on a replicated stream publishes only while the relay hands it over.
+			g.Go(func() error { return f.guard.record.ServeHandover(gctx, f.pub, s.log) })
+		}
+	}
 	if s.p.gate != nil {
 		g.Go(func() error { return s.p.gate.run(gctx) })
-	}
-	if s.guard.record != nil {
-		// backfill on a replicated stream publishes only while the relay hands it over.
-		g.Go(func() error { return s.guard.record.ServeHandover(gctx, s.pub, s.log) })
 	}
 	g.Go(func() error {
 		defer stopSink()
@@ -350,6 +429,16 @@ func (s *Session) stream(ctx context.Context) error {
 	return g.Wait()
 }
 
+// replayPending reports whether a stream's replay check has not reached its last event.
+func (s *Session) replayPending() bool {
+	for _, f := range s.feeds {
+		if f.check != nil && f.check.pending.Load() {
+			return true
+		}
+	}
+	return false
+}
+
 // advance moves the resume point to what the session confirmed.
 func (s *Session) advance() {
 	lsn, _ := s.flush.Flushed()
@@ -359,17 +448,31 @@ func (s *Session) advance() {
 // finish turns the streaming error into the session's and logs the session's counts.
 func (s *Session) finish(err error) error {
 	cfg := s.cfg
-	if errors.Is(err, ErrForkedHistory) && cfg.AcceptSlotGap && s.check != nil {
-		// The replay found another history under the stream's positions; nothing past start
-		// was confirmed. The next session publishes everything from the slot's position.
-		err = acceptReplayFork(cfg, err, s.guard, s.stopRec, s.sys, s.start, s.lastMsg, &s.resume, s.log)
+	if errors.Is(err, ErrForkedHistory) && cfg.AcceptSlotGap && s.replayPending() {
+		// The replay found another history under a stream's positions; nothing past start
+		// was confirmed. The next session publishes everything from the slot's position, to
+		// every stream whose last event the replay had not reached.
+		forkErr := err
+		for _, f := range s.feeds {
+			if f.check != nil && f.check.pending.Load() {
+				err = acceptReplayFork(f.cfg, forkErr, f.guard, s.stopRec, s.sys, s.start, f.lastMsg, &s.resume, s.log)
+			}
+		}
 	}
 	if errors.As(err, new(*decoder.PoisonError)) {
 		err = fmt.Errorf("%w. Nothing from this event on is confirmed; the relay stops. Way out: remove the cause and restart, or restart with Config.OnPoison dead-letter to publish the event (or its metadata) to %s.%s and go on",
 			err, cfg.Sink.SubjectPrefix, sink.DeadLetterToken)
 	}
 	s.advance()
-	stats := s.pub.Stats()
+	var stats sink.Stats
+	for _, f := range s.feeds {
+		if f.pub != nil {
+			st := f.pub.Stats()
+			addStats(&stats, st)
+			stats.Skipped += st.Skipped
+			stats.DeadLetter += st.DeadLetter
+		}
+	}
 	s.log.Info().Uint64("published", stats.Published).Uint64("duplicates", stats.Duplicates).
 		Uint64("retries", stats.Retries).Uint64("publish_errors", stats.Errors).
 		Uint64("skipped_stored", s.p.skipped+stats.Skipped).Uint64("dead_letter", stats.DeadLetter).Uint64("foreign_inserts", s.p.dec.Foreign).Stringer("lsn", s.resume).
@@ -399,22 +502,18 @@ func settle(trk *checkpoint.Tracker, sinkDone <-chan struct{}, max time.Duration
 	}
 }
 
-// pipeline is the replication handler: decode, track, publish.
+// pipeline is the replication handler: decode, track, publish to the event's stream.
 type pipeline struct {
-	dec *decoder.Decoder
-	trk *checkpoint.Tracker
-	pub *sink.Publisher
-	log zerolog.Logger
-	obs *observer // nil: no metrics
+	dec       *decoder.Decoder
+	trk       *checkpoint.Tracker
+	feeds     []*feedState // the streams, each with its publisher
+	tableFeed []int        // the feed of each table (index of Config.tables)
+	log       zerolog.Logger
+	obs       *observer // nil: no metrics
 	// commit time of the open transaction (for the commit-to-ack histogram)
 	commit time.Time
 
-	// last is the stream's newest event when the session started (haveLast); replayed events
-	// at or before it are already stored and counted in skipped.
-	last     sink.Position
-	haveLast bool
-	skipped  uint64
-	check    *replayCheck // nil: the replay does not reach the stream's last event
+	skipped uint64 // replayed events the streams already held
 
 	deadLetter bool // Config.OnPoison dead-letter
 
@@ -424,11 +523,20 @@ type pipeline struct {
 	ticket uint64
 }
 
+// feed is the stream state of an event of table i.
+func (p *pipeline) feed(table int) *feedState { return p.feeds[p.tableFeed[table]] }
+
+// Ready reports whether an event of any stream can be taken without blocking.
 func (p *pipeline) Ready() bool {
 	if p.gate != nil && !p.gate.passed(p.ticket) {
 		return false
 	}
-	return !p.pub.Full()
+	for _, f := range p.feeds {
+		if f.pub.Full() {
+			return false
+		}
+	}
+	return true
 }
 
 func (p *pipeline) Wait(ctx context.Context) error {
@@ -437,12 +545,20 @@ func (p *pipeline) Wait(ctx context.Context) error {
 			return err
 		}
 	}
-	return p.pub.Wait(ctx)
-}
-func (p *pipeline) Keepalive(walEnd pglogrepl.LSN) error {
-	if p.check != nil {
-		if err := p.check.keepalive(walEnd); err != nil {
+	for _, f := range p.feeds {
+		if err := f.pub.Wait(ctx); err != nil {
 			return err
+		}
+	}
+	return nil
+}
+
+func (p *pipeline) Keepalive(walEnd pglogrepl.LSN) error {
+	for _, f := range p.feeds {
+		if f.check != nil {
+			if err := f.check.keepalive(walEnd); err != nil {
+				return err
+			}
 		}
 	}
 	p.obs.keepalive(walEnd)
@@ -454,13 +570,14 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 	ch, err := p.dec.Decode(data)
 	if err != nil {
 		if ch.Kind == decoder.Poison && p.deadLetter {
-			if stored, err := p.stored(ch.Event); stored || err != nil {
+			f := p.feed(ch.Event.Table)
+			if stored, err := p.stored(f, ch.Event); stored || err != nil {
 				return err
 			}
-			if err := p.pub.Wait(ctx); err != nil {
+			if err := f.pub.Wait(ctx); err != nil {
 				return err
 			}
-			return p.pub.PublishDeadLetter(ctx, ch.Event, err.Error(), tableTicket(p.trk.Add(), ch.Event.Table))
+			return f.pub.PublishDeadLetter(ctx, ch.Event, err.Error(), tableTicket(p.trk.Add(), ch.Event.Table))
 		}
 		return fatalError{fmt.Errorf("decode: %w", err)}
 	}
@@ -474,24 +591,27 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 		}
 		p.trk.Begin()
 	case decoder.Insert:
-		if stored, err := p.stored(ch.Event); stored || err != nil {
+		f := p.feed(ch.Event.Table)
+		if stored, err := p.stored(f, ch.Event); stored || err != nil {
 			return err
 		}
 		// Take the window slot first: a ticket must only exist for an event that is sent.
-		if err := p.pub.Wait(ctx); err != nil {
+		if err := f.pub.Wait(ctx); err != nil {
 			return err
 		}
 		if p.obs == nil {
-			return p.pub.Publish(ctx, ch.Event, tableTicket(p.trk.Add(), ch.Event.Table))
+			return f.pub.Publish(ctx, ch.Event, tableTicket(p.trk.Add(), ch.Event.Table))
 		}
 		p.obs.publishing(ch.Event.Table, p.commit)
-		if err := p.pub.Publish(ctx, ch.Event, tableTicket(p.trk.Add(), ch.Event.Table)); err != nil {
+		if err := f.pub.Publish(ctx, ch.Event, tableTicket(p.trk.Add(), ch.Event.Table)); err != nil {
 			p.obs.publishFailed(ch.Event.Table)
 			return err
 		}
 	case decoder.Commit:
-		// --publish atomic: the transaction's events go out as one batch now.
-		p.pub.EndTx()
+		// --publish atomic: the transaction's events go out as one batch now, one per stream.
+		for _, f := range p.feeds {
+			f.pub.EndTx()
+		}
 		p.trk.Commit(ch.CommitEnd)
 	case decoder.NonTransactional:
 		p.log.Warn().Msg("ignored a non-transactional logical decoding message with the event prefix: it is not tied to a commit (it is decoded even if its transaction rolls back), so it is not published; emit events with pg_logical_emit_message(true, ...) or outbox_emit")
@@ -499,23 +619,23 @@ func (p *pipeline) Handle(ctx context.Context, data []byte) error {
 	return nil
 }
 
-// stored reports (and counts) a replayed event the stream already holds: nothing to publish or
+// stored reports (and counts) a replayed event its stream already holds: nothing to publish or
 // wait for, its transaction's entry stays confirmable. A replay reaching the stream's last
 // event must yield that event (replayCheck).
-func (p *pipeline) stored(ev *decoder.Event) (bool, error) {
-	if !p.haveLast {
+func (p *pipeline) stored(f *feedState, ev *decoder.Event) (bool, error) {
+	if !f.haveLast {
 		return false, nil
 	}
-	if p.check != nil {
-		if err := p.check.event(ev); err != nil {
+	if f.check != nil {
+		if err := f.check.event(ev); err != nil {
 			return false, err
 		}
 	}
-	if (sink.Position{CommitLSN: ev.CommitLSN, TxIndex: ev.TxIndex}).AtOrBefore(p.last) {
+	if (sink.Position{CommitLSN: ev.CommitLSN, TxIndex: ev.TxIndex}).AtOrBefore(f.last) {
 		p.skipped++
 		return true, nil
 	}
-	p.haveLast = false // positions only grow from here
+	f.haveLast = false // positions only grow from here
 	return false, nil
 }
 

@@ -51,6 +51,9 @@ type gapInput struct {
 
 	Record     sink.SourcePosition
 	HaveRecord bool
+	// OtherRecorded: another stream of the relay (Config.Tables) has a position record, so a
+	// record missing for this one was lost, not yet written.
+	OtherRecorded bool
 
 	Last     sink.StoredMsg
 	HaveLast bool
@@ -62,14 +65,15 @@ type gapInput struct {
 type gapKind int
 
 const (
-	gapNone         gapKind = iota // the slot continues the record
-	gapFirstStart                  // no record: first start
-	gapOtherCluster                // another Postgres cluster feeds the stream
-	gapForkedRecord                // the server's history no longer holds the recorded position
-	gapForkedLast                  // ... or the stream's last event
-	gapStreamLost                  // the stream ends before the recorded sequence
-	gapOtherSlot                   // another slot feeds the stream
-	gapSlotAhead                   // the slot is ahead of the record
+	gapNone          gapKind = iota // the slot continues the record
+	gapFirstStart                   // no record: first start
+	gapOtherCluster                 // another Postgres cluster feeds the stream
+	gapForkedRecord                 // the server's history no longer holds the recorded position
+	gapForkedLast                   // ... or the stream's last event
+	gapStreamLost                   // the stream ends before the recorded sequence
+	gapOtherSlot                    // another slot feeds the stream
+	gapSlotAhead                    // the slot is ahead of the record
+	gapRecordMissing                // no record for this stream, while another stream has one
 )
 
 // gapDecision is decideSlotGap's verdict, with its reason.
@@ -108,8 +112,16 @@ func decideSlotGap(in gapInput) gapDecision {
 	sys, rec, last := in.Sys, in.Record, in.Last
 	now := sink.SourcePosition{SystemID: sys.ID, Slot: in.Slot, LSN: in.Start, Timeline: sys.Timeline, StreamSeq: last.StreamLastSeq}
 	if !in.HaveRecord {
-		return gapDecision{Kind: gapFirstStart, Next: now, Write: true,
+		d := gapDecision{Kind: gapFirstStart, Next: now, Write: true,
 			UnknownContinuity: in.HaveLast && in.SlotLSN > last.Position.CommitLSN}
+		if d.UnknownContinuity && in.OtherRecorded {
+			// The relay keeps records (another stream has one) and this stream holds its
+			// events, but its record is gone: nothing shows the slot continues them.
+			d.Kind = gapRecordMissing
+			d.Found = fmt.Sprintf("stream %s holds the relay's events up to %s and replication slot %q is at %s, but the stream's position record is missing while another stream of the relay has one", in.Stream, last.Position, in.Slot, in.SlotLSN)
+			d.Cause = "the record was deleted (or the bucket restored without it); nothing shows the slot did not move past events of this stream meanwhile"
+		}
+		return d
 	}
 	// The stream's last event, unless it came from an earlier cluster or history.
 	liveLast := in.HaveLast && last.Seq > rec.SeqFloor
@@ -171,14 +183,15 @@ func decideSlotGap(in gapInput) gapDecision {
 // decideSlotGap. A gap is fatal, or with Config.AcceptSlotGap logged and recorded as the new
 // truth.
 // The record was opened by openRecord before START_REPLICATION.
-func checkSlotGap(ctx context.Context, cfg Config, js jetstream.JetStream, record *sink.PositionRecord, sys replication.System, slotLSN, start pglogrepl.LSN, last sink.StoredMsg, haveLast bool, log zerolog.Logger) (slotGuard, error) {
+// otherRecorded: another stream of the relay has a record.
+func checkSlotGap(ctx context.Context, cfg Config, js jetstream.JetStream, record *sink.PositionRecord, sys replication.System, slotLSN, start pglogrepl.LSN, last sink.StoredMsg, haveLast, otherRecorded bool, log zerolog.Logger) (slotGuard, error) {
 	g := slotGuard{record: record}
 	rec, ok, err := record.Get(ctx)
 	if err != nil {
 		return g, err
 	}
 	d := decideSlotGap(gapInput{Slot: cfg.Slot, SlotLSN: slotLSN, Start: start, Stream: cfg.Sink.Stream,
-		Record: rec, HaveRecord: ok, Last: last, HaveLast: haveLast, Sys: sys})
+		Record: rec, HaveRecord: ok, OtherRecorded: otherRecorded, Last: last, HaveLast: haveLast, Sys: sys})
 	switch d.Kind {
 	case gapFirstStart:
 		if d.UnknownContinuity {
@@ -206,7 +219,14 @@ func checkSlotGap(ctx context.Context, cfg Config, js jetstream.JetStream, recor
 		return g, nil
 	}
 	var msg string
-	if d.Forked() {
+	if d.Kind == gapRecordMissing {
+		msg = fmt.Sprintf("%s: %s. Events committed in between may be missing from the stream. Way out: restart once with Config.AcceptSlotGap, then republish from the stream's last event on: outbox-relay backfill Config.PGURL ... Config.NATSURL ... --table <the stream's table> --since <the Outbox-Created-At of the stream's last message, minus a margin>",
+			d.Found, d.Cause)
+		if !cfg.AcceptSlotGap {
+			return g, fatalError{fmt.Errorf("%w: %s", ErrSlotGap, msg)}
+		}
+		rec.UpdatedAt = time.Now()
+	} else if d.Forked() {
 		note := forkedEventsNote(ctx, js, cfg.Sink, d.ForkAt, rec.SeqFloor, last.Seq)
 		msg = fmt.Sprintf("%s.%s This relay last confirmed %s on slot %q (recorded %s in %s/%s). Way out: restart once with Config.AcceptSlotGap (the relay then publishes the new history from the slot's position %s, ignoring the stream's older positions); if the slot was recreated after the fork, republish what was committed before it: outbox-relay backfill Config.PGURL ... Config.NATSURL ... --since %s",
 			d.Found, note, rec.LSN, rec.Slot, rec.UpdatedAt.UTC().Format(time.RFC3339), cfg.PositionBucket, record.Key(), slotLSN, backfillSince(rec.UpdatedAt))
@@ -228,10 +248,11 @@ func checkSlotGap(ctx context.Context, cfg Config, js jetstream.JetStream, recor
 	return g, nil
 }
 
-// startRecorder runs a Recorder of trk's position into the session's record until stop is
-// called (after the session's final status update).
-func startRecorder(cfg Config, trk *checkpoint.Tracker, guard slotGuard, log zerolog.Logger) (rec *checkpoint.Recorder, stop func()) {
-	rec = checkpoint.NewRecorder(trk, guard.record, guard.recorded)
+// startRecorder runs a Recorder of src's position (the Tracker's, or the recorder of another
+// stream) into the stream's record until stop is called (after the session's final status
+// update).
+func startRecorder(cfg Config, src checkpoint.FlushSource, guard slotGuard, log zerolog.Logger) (rec *checkpoint.Recorder, stop func()) {
+	rec = checkpoint.NewRecorder(src, guard.record, guard.recorded)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	var warned time.Time
@@ -245,7 +266,6 @@ func startRecorder(cfg Config, trk *checkpoint.Tracker, guard slotGuard, log zer
 			}
 		})
 	}()
-	cfg.obs.setRecorder(rec)
 	return rec, func() { cancel(); <-done }
 }
 

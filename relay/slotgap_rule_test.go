@@ -46,6 +46,15 @@ func TestDecideSlotGap(t *testing.T) {
 			in.HaveRecord, in.Record, in.SlotLSN = false, sink.SourcePosition{}, 0x5000
 		}), kind: gapFirstStart, write: true, warn: true,
 			next: sink.SourcePosition{SystemID: "7000", Slot: "outbox", LSN: 0x4000, Timeline: 1, StreamSeq: 10}},
+		{name: "record missing while another stream of the relay has one", in: with(func(in *gapInput) {
+			in.HaveRecord, in.Record, in.SlotLSN, in.OtherRecorded = false, sink.SourcePosition{}, 0x5000, true
+		}), kind: gapRecordMissing, write: true, warn: true,
+			next:  sink.SourcePosition{SystemID: "7000", Slot: "outbox", LSN: 0x4000, Timeline: 1, StreamSeq: 10},
+			found: "stream OUTBOX holds the relay's events up to 0/3F00#1", cause: "the record was deleted"},
+		{name: "record missing next to another's, the replay reaching the stream's last event", in: with(func(in *gapInput) {
+			in.HaveRecord, in.Record, in.SlotLSN, in.OtherRecorded = false, sink.SourcePosition{}, 0x3f00, true
+		}), kind: gapFirstStart, write: true,
+			next: sink.SourcePosition{SystemID: "7000", Slot: "outbox", LSN: 0x4000, Timeline: 1, StreamSeq: 10}},
 		{name: "another cluster", in: with(func(in *gapInput) { in.Sys.ID = "8000" }), kind: gapOtherCluster, write: true,
 			next:  sink.SourcePosition{SystemID: "8000", Slot: "outbox", LSN: 0x4000, Timeline: 1, SeqFloor: 10, StreamSeq: 10},
 			found: `replication slot "outbox" is on Postgres cluster 8000 (system identifier)`, cause: "the database was replaced"},

@@ -221,15 +221,16 @@ func TestBackfill_NextToALiveRelayKeepsOrder(t *testing.T) {
 	}
 }
 
-// backfill runs the backfill command and fails the test unless it succeeds within 60s.
-func backfill(t *testing.T, pgURL, natsURL, since, until string) (string, time.Duration) {
+// backfill runs the backfill command (with extra arguments) and fails the test unless it
+// succeeds within 60s.
+func backfill(t *testing.T, pgURL, natsURL, since, until string, extra ...string) (string, time.Duration) {
 	t.Helper()
 	var out testLog
 	done := make(chan error, 1)
 	start := time.Now()
 	go func() {
-		done <- dispatch(context.Background(), []string{"backfill", "--pg-url", pgURL, "--nats-url", natsURL,
-			"--since", since, "--until", until, "--log-level", "warn"}, &out, &out, noEnv)
+		done <- dispatch(context.Background(), append([]string{"backfill", "--pg-url", pgURL, "--nats-url", natsURL,
+			"--since", since, "--until", until, "--log-level", "warn"}, extra...), &out, &out, noEnv)
 	}()
 	select {
 	case err := <-done:

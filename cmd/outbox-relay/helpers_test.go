@@ -208,6 +208,21 @@ func (p *proc) wait(t *testing.T, timeout time.Duration) int {
 	return p.cmd.ProcessState.ExitCode()
 }
 
+// stop sends SIGTERM and requires a clean exit.
+func (p *proc) stop(t *testing.T) {
+	t.Helper()
+	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+	require.Equal(t, 0, p.wait(t, 30*time.Second))
+}
+
+// killAfterAcks runs the relay with a small window and no status updates until the failpoint
+// kills it, after JetStream stored n events and before their position reached Postgres.
+func killAfterAcks(t *testing.T, args []string, n int) {
+	t.Helper()
+	p := startProc(t, append(args, "--status-interval", "1h", "--max-in-flight", "8"), fmt.Sprintf("OUTBOX_RELAY_FAILPOINT=kill_after_acks:%d", n))
+	require.Equal(t, -1, p.wait(t, 60*time.Second), "the failpoint kills the relay")
+}
+
 func (p *proc) exited() bool {
 	select {
 	case <-p.done:
@@ -289,8 +304,14 @@ func streamMsgs(t *testing.T, url, stream string) uint64 {
 
 func waitStream(t *testing.T, url string, atLeast uint64, timeout time.Duration) {
 	t.Helper()
-	require.Eventually(t, func() bool { return streamMsgs(t, url, sink.DefaultStream) >= atLeast },
-		timeout, 50*time.Millisecond, "stream never reached %d messages", atLeast)
+	waitStreamOf(t, url, sink.DefaultStream, atLeast, timeout)
+}
+
+// waitStreamOf waits until the named stream holds at least atLeast messages.
+func waitStreamOf(t *testing.T, url, stream string, atLeast uint64, timeout time.Duration) {
+	t.Helper()
+	require.Eventually(t, func() bool { return streamMsgs(t, url, stream) >= atLeast },
+		timeout, 50*time.Millisecond, "stream %s never reached %d messages", stream, atLeast)
 }
 
 // waitStreaming waits until a relay holds the slot, so that what is committed from now on is
