@@ -518,6 +518,10 @@ func (e *env) relayLatency(ctx context.Context, d *db, p *relayProc, stream stri
 	}
 	latencyFigures(f, label+": relay", lat, true)
 	latencyFigures(f, label+": relay, published", pub, true)
+	// Against the bare pipe of the same repeat (the targets: p99 at most 1.5 x, p50 at most
+	// 1 ms more).
+	f[label+": relay p99 / bare pipe p99"] = f[label+": relay p99 ms"] / f["latency: bare pipe (D's loop) p99 ms"]
+	f[label+": relay p50 - bare pipe p50, ms"] = f[label+": relay p50 ms"] - f["latency: bare pipe (D's loop) p50 ms"]
 	addUsage(f, label+":", u, len(lat))
 	return nil
 }
