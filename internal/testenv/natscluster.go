@@ -134,7 +134,44 @@ cluster {
 		kill()
 		return nil, fmt.Errorf("start a %d-node nats-server cluster: %w", n, err)
 	}
+	if err := c.waitPlacement(n, natsProcReadyWait); err != nil {
+		kill()
+		return nil, fmt.Errorf("start a %d-node nats-server cluster: %w", n, err)
+	}
 	return c, nil
+}
+
+// waitPlacement waits until the cluster places a stream of n replicas: a node answers
+// JetStream requests once a meta leader is elected, but the leader may not yet count every
+// peer, and a stream created then fails with "no suitable peers for placement" (10005).
+func (c *NATSCluster) waitPlacement(n int, wait time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	const probe = "TESTENV_PLACEMENT_PROBE"
+	var lastErr error
+	for ctx.Err() == nil {
+		lastErr = func() error {
+			nc, err := c.connect()
+			if err != nil {
+				return err
+			}
+			defer nc.Close()
+			js, err := jetstream.New(nc)
+			if err != nil {
+				return err
+			}
+			if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: probe, Subjects: []string{"testenv.placement.probe"},
+				Replicas: n, Storage: jetstream.MemoryStorage}); err != nil {
+				return err
+			}
+			return js.DeleteStream(ctx, probe)
+		}()
+		if lastErr == nil {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("no stream of %d replicas could be placed within %s: %w", n, wait, lastErr)
 }
 
 // Node returns the node whose server_name is name, or nil.
