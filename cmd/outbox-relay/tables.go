@@ -1,6 +1,7 @@
 package main
 
 import (
+	"flag"
 	"fmt"
 	"slices"
 	"sort"
@@ -177,25 +178,16 @@ func (f *tableFlag) apply(cfg *relay.Config, command string) error {
 	return nil
 }
 
-// columnsOver is def with the table's own columns.
+// columnsOver is def with the table's own columns: its --column-* keys set through the flags
+// themselves (registerColumnFlags), so a column flag is mapped to its field in one place.
 func (t tableSpec) columnsOver(def decoder.Columns) decoder.Columns {
-	c := def
+	var c decoder.Columns
+	fs := flag.NewFlagSet("columns", flag.ContinueOnError)
+	registerColumnFlags(fs, &c)
+	c = def // the flags point into c: their defaults give way to def
 	for key, v := range t.columns {
-		switch key {
-		case "column-id":
-			c.ID = v
-		case "column-aggregate-type":
-			c.AggregateType = v
-		case "column-aggregate-id":
-			c.AggregateID = v
-		case "column-event-type":
-			c.EventType = v
-		case "column-payload":
-			c.Payload = v
-		case "column-headers":
-			c.Headers = v
-		case "column-created-at":
-			c.CreatedAt = v
+		if err := fs.Set(key, v); err != nil {
+			panic(fmt.Sprintf("table key %s: %v", key, err)) // parseTableEntry admits column flags only
 		}
 	}
 	return c
