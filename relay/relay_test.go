@@ -61,14 +61,18 @@ func (e *testEnv) insert(t *testing.T, tag string, n int) {
 	}
 }
 
+// js is a JetStream client of the test's server (its connection closed in t.Cleanup).
+func (e *testEnv) js(t *testing.T) jetstream.JetStream {
+	t.Helper()
+	js, err := jetstream.New(e.nats.Connect(t))
+	require.NoError(t, err)
+	return js
+}
+
 // streamIDs returns the Nats-Msg-Id of every message of the stream, in stream order.
 func (e *testEnv) streamIDs(t *testing.T) []string {
 	t.Helper()
-	nc, err := nats.Connect(e.nats.URL)
-	require.NoError(t, err)
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	require.NoError(t, err)
+	js := e.js(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	s, err := js.Stream(ctx, sink.DefaultStream)
@@ -103,11 +107,7 @@ func (e *testEnv) streamIDs(t *testing.T) []string {
 // waitStream waits until the stream holds at least n messages.
 func (e *testEnv) waitStream(t *testing.T, n int) {
 	t.Helper()
-	nc, err := nats.Connect(e.nats.URL)
-	require.NoError(t, err)
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	require.NoError(t, err)
+	js := e.js(t)
 	require.Eventually(t, func() bool {
 		s, err := js.Stream(context.Background(), sink.DefaultStream)
 		if err != nil {

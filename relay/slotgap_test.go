@@ -6,8 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/stretchr/testify/require"
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
@@ -28,11 +26,7 @@ func TestSlotGap_RecordFailuresReachReadyz(t *testing.T) {
 	e.waitStream(t, 1)
 	require.Eventually(t, func() bool { code, _ := testenv.HTTPGet(t, base+"/readyz"); return code == http.StatusOK }, 10*time.Second, 20*time.Millisecond)
 
-	nc, err := nats.Connect(e.nats.URL)
-	require.NoError(t, err)
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	require.NoError(t, err)
+	js := e.js(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	require.NoError(t, js.DeleteKeyValue(ctx, sink.DefaultPositionBucket))
