@@ -195,8 +195,8 @@ func (c *Config) fill() {
 
 // Connect opens a NATS connection with the settings the relay's guarantees need: reconnect
 // forever, no reconnect buffer (a publish while disconnected fails at once instead of being
-// replayed late, after the relay already re-published it), and a short ping interval so a dead
-// connection is noticed in seconds.
+// replayed late, after the relay already re-published it), and a short ping interval and write
+// timeout so a dead or frozen server is noticed in seconds.
 func Connect(url string, opts ...nats.Option) (*nats.Conn, error) {
 	base := []nats.Option{
 		nats.Name("outbox-relay"),
@@ -205,6 +205,12 @@ func Connect(url string, opts ...nats.Option) (*nats.Conn, error) {
 		nats.ReconnectWait(500 * time.Millisecond),
 		nats.PingInterval(5 * time.Second),
 		nats.MaxPingsOutstanding(2),
+		// A write blocked on a server that stopped reading (frozen, its TCP window full of the
+		// window's publishes) holds the connection's lock, so the pings above cannot even be
+		// sent: nats.go's default flusher timeout (1 minute) was the detection time. A write
+		// making no progress for 10 s ends the connection and reconnects to another server.
+		nats.FlusherTimeout(10 * time.Second),
+		nats.ReconnectOnFlusherError(),
 		nats.Timeout(5 * time.Second),
 	}
 	nc, err := nats.Connect(url, append(base, opts...)...)
