@@ -187,7 +187,7 @@ func TestChaos_RelayUnderFaultsLosesNothingDuplicatesNothingKeepsOrder(t *testin
 
 	var committed int
 	require.NoError(t, pg.QueryRow(t, `SELECT count(*) FROM outbox`).Scan(&committed))
-	waitStream(t, np.URL, uint64(committed), 5*time.Minute)
+	awaitStream(t, np.URL, pg, "outbox_relay", uint64(committed), 5*time.Minute)
 	require.NoError(t, relay.cmd.Process.Signal(syscall.SIGTERM))
 	require.Equal(t, 0, relay.wait(t, 60*time.Second))
 	reap()

@@ -314,6 +314,30 @@ func waitStreamOf(t *testing.T, url, stream string, atLeast uint64, timeout time
 		timeout, 50*time.Millisecond, "stream %s never reached %d messages", stream, atLeast)
 }
 
+// awaitStream is waitStream for the fault suites: when the stream does not reach atLeast in
+// time it records a failure naming the stream's count, the slot's confirmed position and the
+// server's WAL position (a slot confirmed past events the stream lacks is loss; one behind them
+// is a stall), and returns so that the test goes on to read the stream and name every event
+// missing, duplicated or out of order, and the fault it followed.
+func awaitStream(t *testing.T, url string, pg *testenv.PG, slot string, atLeast uint64, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var n uint64
+	for {
+		if n = streamMsgs(t, url, sink.DefaultStream); n >= atLeast || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n >= atLeast {
+		return
+	}
+	var confirmed, wal string
+	err := pg.QueryRow(t, `SELECT coalesce(confirmed_flush_lsn, '0/0')::text, pg_current_wal_lsn()::text FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&confirmed, &wal)
+	t.Errorf("stream %s holds %d of %d committed events after %s; slot %s confirmed %s, server WAL at %s (read error: %v)",
+		sink.DefaultStream, n, atLeast, timeout, slot, confirmed, wal, err)
+}
+
 // waitStreaming waits until a relay holds the slot, so that what is committed from now on is
 // decoded (a slot being created skips transactions committed before its consistent point).
 func waitStreaming(t *testing.T, pg *testenv.PG, slot string) {
