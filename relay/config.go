@@ -380,11 +380,23 @@ func (c Config) resolveTables(prefix string) ([]table, []feed, error) {
 // underPrefix reports whether subjects under p (p.>) are all under prefix.>.
 func underPrefix(p, prefix string) bool { return p == prefix || strings.HasPrefix(p, prefix+".") }
 
-// feedSink is the sink configuration of feed i: Config.Sink with its stream and prefix.
+// feedSink is the sink configuration of feed i: Config.Sink with its stream and prefix, and
+// its Tracer's for that stream when the tracer tells streams apart (StreamTracer).
 func (c Config) feedSink(i int) sink.Config {
 	s := c.Sink
 	s.Stream, s.SubjectPrefix = c.feeds[i].stream, c.feeds[i].prefix
+	if t, ok := s.Tracer.(StreamTracer); ok {
+		s.Tracer = t.ForStream(s.Stream)
+	}
 	return s
+}
+
+// StreamTracer is a sink.Tracer that makes the tracer of one stream's events: each stream's
+// publisher gets its own (Config.Tables of their own streams; one table's own stream in place
+// of Config.Sink.Stream).
+type StreamTracer interface {
+	sink.Tracer
+	ForStream(stream string) sink.Tracer
 }
 
 // forFeed is c with Sink set to feed i's (what the per-stream checks read).

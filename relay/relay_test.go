@@ -304,10 +304,12 @@ func TestConfig_Tables(t *testing.T) {
 	require.Equal(t, "BILLING", r.feedSink(1).Stream)
 	require.Equal(t, "billing", r.feedSink(1).SubjectPrefix)
 	c.Tables = c.Tables[1:2]
+	c.Sink.Tracer = streamTracer("")
 	r, err = c.resolve()
 	require.NoError(t, err)
 	require.Equal(t, "BILLING", r.Sink.Stream)
 	require.Equal(t, "billing", r.Sink.SubjectPrefix)
+	require.Equal(t, streamTracer("BILLING"), r.feedSink(0).Tracer, "the one feed's tracer names its stream, not Config.Sink.Stream as given")
 }
 
 // Preflight, on its own: a missing slot is a *PreflightError whose fix names the Config field
@@ -330,3 +332,10 @@ func TestPreflight_NamesConfigFieldsAndCreatesTheSlot(t *testing.T) {
 	require.NoError(t, e.pg.QueryRow(t, `SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_relay'`).Scan(&n))
 	require.Equal(t, 1, n)
 }
+
+// streamTracer is a StreamTracer that only remembers the stream it was made for.
+type streamTracer string
+
+func (streamTracer) Start(*decoder.Event) func(uint64, bool) { return nil }
+
+func (streamTracer) ForStream(stream string) sink.Tracer { return streamTracer(stream) }

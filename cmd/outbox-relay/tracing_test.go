@@ -125,3 +125,34 @@ func resourceAttr(s tracetest.SpanStub, key string) string {
 	v, _ := s.Resource.Set().Value(attribute.Key(key))
 	return v.AsString()
 }
+
+// A table of its own stream: its events' spans name that stream, the others' the relay's.
+func TestTracing_SpanNamesTheEventsStream(t *testing.T) {
+	e := newTwoTables(t)
+	exp := recordSpans(t)
+	stop, _ := inProcessEnv(t, e.args("--config", streamsConfig(t)), envOf("OTEL_TRACES_EXPORTER", "otlp"))
+	waitStreaming(t, e.pg, "outbox_relay")
+	want := writeBoth(t, e, 3)
+	orders, invoices := splitSent(want)
+	waitStream(t, e.nats.URL, uint64(len(orders)), 30*time.Second)
+	waitStreamOf(t, e.nats.URL, billingStream, uint64(len(invoices)), 30*time.Second)
+	require.NoError(t, stop()) // exports the spans
+
+	streamOf := map[string]string{}
+	for _, s := range orders {
+		streamOf[s.id] = sink.DefaultStream
+	}
+	for _, s := range invoices {
+		streamOf[s.id] = billingStream
+	}
+	spans := exp.GetSpans()
+	require.Len(t, spans, len(want), "one span per published event")
+	for _, s := range spans {
+		id := attr(s, "messaging.message.id").AsString()
+		stream, ok := streamOf[id]
+		require.True(t, ok, "a span for event %s, which was not written", id)
+		require.Equal(t, "send "+stream, s.Name, "event %s", id)
+		require.Equal(t, stream, attr(s, tracing.AttrStream).AsString(), "event %s", id)
+		require.NotZero(t, attr(s, tracing.AttrStreamSequence).AsInt64(), "event %s", id)
+	}
+}

@@ -23,6 +23,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/sink"
 )
 
 // Span attribute keys besides the messaging.* ones of OpenTelemetry's semantic conventions.
@@ -83,7 +84,8 @@ type Tracer struct {
 	name   string // span name: "send <stream>"
 	stream attribute.KeyValue
 	// decodeStart: when the message being handled started decoding (Decoding); zero: none.
-	decodeStart time.Time
+	// Shared with the tracers ForStream makes: the relay marks decoding on one of them.
+	decodeStart *time.Time
 }
 
 // Setup returns the relay's tracer for events published to stream, or nil when the OTEL_*
@@ -123,25 +125,35 @@ func Setup(ctx context.Context, env func(string) (string, bool), stream string, 
 	}))
 	log.Info().Str("stream", stream).Str("protocol", protocol).Msg("tracing: recording a span per published event, exported over OTLP")
 	return &Tracer{
-		tracer: tp.Tracer("github.com/outbox-relay/outbox-relay"),
-		name:   "send " + stream,
-		stream: attribute.String(AttrStream, stream),
+		tracer:      tp.Tracer("github.com/outbox-relay/outbox-relay"),
+		name:        "send " + stream,
+		stream:      attribute.String(AttrStream, stream),
+		decodeStart: new(time.Time),
 	}, tp.Shutdown, nil
+}
+
+// ForStream is t for the events published to another stream (a table of its own stream): its
+// spans are named after that stream and carry it. It shares t's exporter and decoding mark, and
+// is used on the same goroutine.
+func (t *Tracer) ForStream(stream string) sink.Tracer {
+	c := *t
+	c.name, c.stream = "send "+stream, attribute.String(AttrStream, stream)
+	return &c
 }
 
 // Decoding marks the start of the decoding of a WAL message: the span of the event it yields
 // (if any) starts here.
-func (t *Tracer) Decoding() { t.decodeStart = time.Now() }
+func (t *Tracer) Decoding() { *t.decodeStart = time.Now() }
 
 // Start starts ev's span and returns what ends it once the stream stored the event (see
 // sink.Tracer); nil when the sampler does not record it. The parent is the trace context of
 // ev's headers (traceparent, tracestate); an event without one gets a root span.
 func (t *Tracer) Start(ev *decoder.Event) func(seq uint64, duplicate bool) {
-	start := t.decodeStart
+	start := *t.decodeStart
 	if start.IsZero() {
 		start = time.Now()
 	}
-	t.decodeStart = time.Time{}
+	*t.decodeStart = time.Time{}
 	parent := propagation.TraceContext{}.Extract(context.Background(), headerCarrier(ev.Headers))
 	_, span := t.tracer.Start(parent, t.name, trace.WithSpanKind(trace.SpanKindProducer), trace.WithTimestamp(start))
 	if !span.IsRecording() {
