@@ -143,3 +143,68 @@ func (e *env) barePipeFast(ctx context.Context, d *db, slot, prefix string, n in
 	}
 	return ctx.Err()
 }
+
+// barePipeFastEach is the latency counterpart of barePipeFast: D's loop with every row
+// published at once as a fast-ingest batch of its own (its first message is its commit), which
+// is what --publish fast does with an event that finds nothing else in flight. It waits for
+// every PubAck at the end. Beside the bare pipe's latency it shows what a fast batch costs on
+// the server, apart from the relay.
+func (e *env) barePipeFastEach(ctx context.Context, d *db, slot, prefix string, n int) error {
+	var mu sync.Mutex
+	cond := sync.NewCond(&mu)
+	var acked int
+	var firstErr error
+	inbox := e.nc.NewInbox()
+	sub, err := e.nc.Subscribe(inbox+".>", func(m *nats.Msg) {
+		var r struct {
+			Stream string              `json:"stream"`
+			Error  *jetstream.APIError `json:"error"`
+		}
+		err := json.Unmarshal(m.Data, &r)
+		mu.Lock()
+		defer mu.Unlock()
+		defer cond.Broadcast()
+		switch {
+		case err != nil || r.Error != nil:
+			if firstErr == nil {
+				firstErr = fmt.Errorf("fast batch answer %q: %v", m.Data, err)
+			}
+		case r.Stream != "":
+			acked++
+		}
+	})
+	if err != nil {
+		return err
+	}
+	defer sub.Unsubscribe() //nolint:errcheck
+	stop := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if firstErr == nil {
+			firstErr = ctx.Err()
+		}
+		cond.Broadcast()
+	})
+	defer stop()
+	var oc outboxCols
+	sent := 0
+	err = drainSlot(ctx, d.url, slot, n, func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error {
+		oc.find(rel)
+		cols := ins.Tuple.Columns
+		m := nats.NewMsg(prefix + "." + string(cols[oc.typ].Data) + "." + string(cols[oc.event].Data))
+		m.Data = cols[oc.payload].Data
+		m.Header.Set(jetstream.MsgIDHeader, string(cols[oc.id].Data))
+		sent++
+		m.Reply = inbox + ".e" + strconv.Itoa(sent) + "." + strconv.Itoa(fastFlow) + ".fail.1.2.$FI"
+		return e.nc.PublishMsg(m)
+	}, nil)
+	if err != nil {
+		return err
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for acked < sent && firstErr == nil {
+		cond.Wait()
+	}
+	return firstErr
+}

@@ -55,7 +55,7 @@ func main() {
 	flag.DurationVar(&o.liveDuration, "live-duration", 10*time.Second, "duration of each live run")
 	flag.DurationVar(&o.idleDuration, "idle-duration", 5*time.Second, "idle window for statements/s")
 	flag.StringVar(&o.scenarios, "scenarios", "drain,drain1,live,latency,latency-fsync,big-tx,polling,scale,tables,large", "comma-separated scenarios to run")
-	flag.StringVar(&o.profileDir, "profile", "", "write CPU and allocation profiles of the relay's first drain run to this directory")
+	flag.StringVar(&o.profileDir, "profile", "", "write CPU and allocation profiles of the relay's first drain and latency runs (each mode) to this directory")
 	flag.IntVar(&o.partitions, "partitions", 2, "relays in the scale scenario (compared with 1)")
 	relayArgs := flag.String("relay-args", "", "extra flags for the relay in the drain scenario, space separated (e.g. \"--max-in-flight 4096\")")
 	flag.StringVar(&o.relayB, "relay-b", "", "a second relay binary (e.g. built from another commit): drain and latency also run it, in the same repeat, and report it as \"B\"")

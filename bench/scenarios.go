@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"slices"
@@ -429,6 +430,14 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 	latencyFigures(f, "latency: bare pipe (D's loop)", lat, true)
 	latencyFigures(f, "latency: bare pipe (D's loop), published", pub, true)
 
+	// D's loop again, every event a fast batch of its own: the server's share of fast mode's
+	// latency (an event that finds nothing in flight goes out so). Its slot is created now; the
+	// relay's holds these events too.
+	if err := e.bareFastLatency(ctx, d, o, f); err != nil {
+		return nil, err
+	}
+	total *= 2
+
 	if _, err := e.newStream(ctx, "LAT", "lat"); err != nil {
 		return nil, err
 	}
@@ -450,10 +459,10 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 	}
 
 	// --publish atomic and fast, each on a slot created now: no backlog to drain first.
-	if err := e.modeLatency(ctx, d, o, f, "atomic", "relay_atomic", "LATA", "lata"); err != nil {
+	if err := e.modeLatency(ctx, d, o, rep, f, "atomic", "relay_atomic", "LATA", "lata"); err != nil {
 		return nil, err
 	}
-	if err := e.modeLatency(ctx, d, o, f, "fast", "relay_fast", "LATF", "latf"); err != nil {
+	if err := e.modeLatency(ctx, d, o, rep, f, "fast", "relay_fast", "LATF", "latf"); err != nil {
 		return nil, err
 	}
 	if o.relayB == "" {
@@ -484,7 +493,7 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 
 // modeLatency starts the relay with --publish mode on a slot created now (no backlog to drain
 // first) publishing to a new stream, and adds its latency figures as "latency <mode>".
-func (e *env) modeLatency(ctx context.Context, d *db, o opts, f figures, mode, slot, stream, prefix string) error {
+func (e *env) modeLatency(ctx context.Context, d *db, o opts, rep int, f figures, mode, slot, stream, prefix string) error {
 	if err := d.createSlots(ctx, slot); err != nil {
 		return err
 	}
@@ -492,7 +501,7 @@ func (e *env) modeLatency(ctx context.Context, d *db, o opts, f figures, mode, s
 		return err
 	}
 	defer e.js.DeleteStream(context.Background(), stream)
-	p, err := e.startRelayArgs(d, []string{"--slot", slot, "--stream", stream, "--subject-prefix", prefix, "--publish", mode})
+	p, err := e.startRelayArgs(d, []string{"--slot", slot, "--stream", stream, "--subject-prefix", prefix, "--publish", mode}, o.profileEnv("latency-"+mode, rep)...)
 	if err != nil {
 		return err
 	}
@@ -501,6 +510,41 @@ func (e *env) modeLatency(ctx context.Context, d *db, o opts, f figures, mode, s
 		return err
 	}
 	return e.relayLatency(ctx, d, p, stream, o, f, "latency "+mode)
+}
+
+// bareFastLatency runs the latency harness against barePipeFastEach on a slot and stream of
+// its own; figures under "latency: bare pipe, a fast batch per event".
+func (e *env) bareFastLatency(ctx context.Context, d *db, o opts, f figures) error {
+	if err := d.createSlots(ctx, "bare_fast"); err != nil {
+		return err
+	}
+	if _, err := e.newStream(ctx, "LATDF", "latdf"); err != nil {
+		return err
+	}
+	defer e.js.DeleteStream(context.Background(), "LATDF")
+	total := o.rate * int(o.latencyDuration/time.Second)
+	bctx, stop := context.WithCancel(ctx)
+	defer stop()
+	bare := make(chan error, 1)
+	go func() { bare <- e.barePipeFastEach(bctx, d, "bare_fast", "latdf", total) }()
+	if err := d.waitSlotActive(ctx, "bare_fast", nil); err != nil {
+		return err
+	}
+	lat, pub, err := e.latencyRun(ctx, d, "LATDF", o.rate, o.latencyDuration)
+	if err != nil {
+		return err
+	}
+	select {
+	case err = <-bare:
+	case <-time.After(30 * time.Second):
+		err = errors.New("bare pipe, a fast batch per event: PubAcks missing 30 s after the last event arrived")
+	}
+	if err != nil {
+		return err
+	}
+	latencyFigures(f, "latency: bare pipe, a fast batch per event", lat, true)
+	latencyFigures(f, "latency: bare pipe, a fast batch per event, published", pub, true)
+	return nil
 }
 
 // relayLatency runs the latency harness against the running relay p publishing to stream,

@@ -72,6 +72,11 @@ func (p *Publisher) Run(ctx context.Context) error {
 	timer.Stop()
 	p.timerAt = time.Time{}
 	defer timer.Stop()
+	if p.fast {
+		lctx, stop := context.WithCancel(ctx)
+		defer stop()
+		go p.linger.run(lctx)
+	}
 
 	backoff := newBackoff(100*time.Millisecond, 10*time.Second)
 	for {
@@ -95,7 +100,7 @@ func (p *Publisher) Run(ctx context.Context) error {
 			continue
 		}
 		if e.token == 0 && p.fast && p.fastHolds(e) {
-			p.fastWaitHeld(ctx, timer, status)
+			p.fastWaitHeld(ctx, status)
 			continue
 		}
 		if e.token == 0 {
@@ -149,18 +154,19 @@ func (p *Publisher) idle(ctx context.Context, status <-chan nats.Status) {
 // whole window: it is armed for the awaited entry's deadline unless it already fires earlier
 // (sends are awaited in send order, so deadlines only grow) and re-armed when it fires.
 func (p *Publisher) await(ctx context.Context, e *entry, timer *time.Timer, status <-chan nats.Status) bool {
+	var lingered <-chan struct{} // fast mode: the held event is due
+	if p.fast {
+		lingered = p.linger.C
+	}
 	for !e.resolved {
 		deadline := e.sent.Add(p.cfg.AckTimeout)
-		wake := deadline
 		if p.fast {
 			// The held event goes out as its batch's commit once nothing more came.
-			if at, open := p.fastLingerEnd(); open && at.Before(wake) {
-				wake = at
-			}
+			p.fastArmLinger()
 		}
-		if p.timerAt.IsZero() || wake.Before(p.timerAt) {
-			timer.Reset(time.Until(wake))
-			p.timerAt = wake
+		if p.timerAt.IsZero() || deadline.Before(p.timerAt) {
+			timer.Reset(time.Until(deadline))
+			p.timerAt = deadline
 		}
 		select {
 		case m := <-p.replies:
@@ -170,13 +176,11 @@ func (p *Publisher) await(ctx context.Context, e *entry, timer *time.Timer, stat
 			}
 		case <-status:
 			p.disconnected()
+		case <-lingered:
+			p.fastFlush(time.Now())
 		case <-timer.C:
 			p.timerAt = time.Time{}
-			now := time.Now()
-			if p.fast {
-				p.fastFlush(now)
-			}
-			if !now.Before(deadline) {
+			if !time.Now().Before(deadline) {
 				p.resolve(e, jetstream.ErrAsyncPublishTimeout)
 			}
 		case <-ctx.Done():

@@ -178,20 +178,29 @@ func (p *Publisher) fastFlush(now time.Time) {
 	}
 }
 
-// fastWaitHeld waits, with only the held event in the window to send, until it is due (and
-// sends it), the window changes, a reply or a disconnect comes, or ctx ends.
-func (p *Publisher) fastWaitHeld(ctx context.Context, timer *time.Timer, status <-chan nats.Status) {
+// fastArmLinger arms p.linger for when the held event is due; one due already is sent at once
+// (sent true). Run's goroutine.
+func (p *Publisher) fastArmLinger() (sent bool) {
 	at, ok := p.fastLingerEnd()
 	if !ok {
+		return false
+	}
+	if now := time.Now(); !now.Before(at) {
+		p.fastFlush(now)
+		return true
+	}
+	p.linger.arm(at)
+	return false
+}
+
+// fastWaitHeld waits, with only the held event in the window to send, until it is due (and
+// sends it), the window changes, a reply or a disconnect comes, or ctx ends.
+func (p *Publisher) fastWaitHeld(ctx context.Context, status <-chan nats.Status) {
+	if _, ok := p.fastLingerEnd(); !ok || p.fastArmLinger() {
 		return
 	}
-	if p.timerAt.IsZero() || at.Before(p.timerAt) {
-		timer.Reset(time.Until(at))
-		p.timerAt = at
-	}
 	select {
-	case <-timer.C:
-		p.timerAt = time.Time{}
+	case <-p.linger.C:
 		p.fastFlush(time.Now())
 	case <-p.notify:
 	case m := <-p.replies:

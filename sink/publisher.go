@@ -114,7 +114,8 @@ type Publisher struct {
 	fastHeld       *entry
 	fastHeldAt     time.Time
 	fastCommitNext bool
-	streamBytes    []byte // the stream's name, as a flow-acked entry's ackStream
+	linger         *lingerTimer // wakes Run when the held event is due (nil outside fast mode)
+	streamBytes    []byte       // the stream's name, as a flow-acked entry's ackStream
 
 	// Publish-goroutine state: msgs builds the messages.
 	msgs        msgBuilder
@@ -222,6 +223,7 @@ func NewPublisher(js jetstream.JetStream, cfg Config, confirm func(checkpoint.Ti
 		var b [8]byte
 		_, _ = rand.Read(b[:])
 		p.fastPrefix = hex.EncodeToString(b[:]) + "-"
+		p.linger = newLingerTimer()
 	}
 	if cfg.Publish == PublishAtomic {
 		p.atomic = true
