@@ -303,6 +303,8 @@ func TestChaos_R3ClusterFaultsUnderLoad(t *testing.T) {
 		for _, d := range f.recoveries {
 			if cc.target > 0 {
 				require.Less(t, d, cc.target, "%s: recovery took %s", f.name, d)
+			} else if d >= clusterRecoveryTarget {
+				t.Logf("%s: recovery took %s, over the %s target make chaos holds the relay to", f.name, d, clusterRecoveryTarget)
 			}
 		}
 	}
