@@ -75,6 +75,12 @@ func newClusterEnvStream(t *testing.T, edit func(*jetstream.StreamConfig)) *clus
 // created again from the next sequence, until the read ends at the stream's last sequence.
 func readClusterStream(t *testing.T, url string) []record {
 	t.Helper()
+	return readClusterStreamOf(t, url, sink.DefaultStream)
+}
+
+// readClusterStreamOf is readClusterStream for the named stream.
+func readClusterStreamOf(t *testing.T, url, stream string) []record {
+	t.Helper()
 	js, closeNC := connectJS(t, url)
 	defer closeNC()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -82,7 +88,7 @@ func readClusterStream(t *testing.T, url string) []record {
 	var s jetstream.Stream
 	require.Eventually(t, func() bool {
 		var err error
-		s, err = js.Stream(ctx, sink.DefaultStream)
+		s, err = js.Stream(ctx, stream)
 		return err == nil
 	}, 30*time.Second, 100*time.Millisecond)
 	st := s.CachedInfo().State

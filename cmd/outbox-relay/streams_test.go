@@ -295,3 +295,45 @@ func TestStreams_BackfillIntoTheTablesOwnStream(t *testing.T) {
 	require.Equal(t, lost, backfilled)
 	requireSent(t, invoices, live)
 }
+
+// Two tables, one of them with a stream of its own, on a 3-node cluster: the relay creates
+// BILLING with 3 replicas next to the R3 OUTBOX. While the events flow, BILLING's leader steps
+// down, then OUTBOX's leader is killed with SIGKILL and restarted. Each stream ends with
+// exactly its table's events, in commit order, and no node logs a critical write error.
+func TestStreams_R3TwoStreamsThroughLeaderFaults(t *testing.T) {
+	e := newClusterEnv(t)
+	addBillingTable(t, e.pg)
+	w := &env{pg: e.pg}
+	stop, _ := inProcess(t, []string{"run", "--pg-url", e.pg.URL, "--nats-url", e.cluster.URL, "--create-slot",
+		"--log-format", "json", "--config", streamsConfig(t)})
+	waitStreaming(t, e.pg, "outbox_relay")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	js, closeNC := connectJS(t, e.cluster.URL)
+	defer closeNC()
+	s, err := js.Stream(ctx, billingStream)
+	require.NoError(t, err)
+	require.Equal(t, 3, s.CachedInfo().Config.Replicas, "the relay creates a table's own stream with 3 replicas on a cluster of 3")
+
+	want := writeBoth(t, w, 40)
+	_, err = e.cluster.StepDown(ctx, billingStream)
+	require.NoError(t, err)
+	want = append(want, writeBoth(t, w, 40)...)
+	leader, err := e.cluster.StreamLeader(ctx, sink.DefaultStream)
+	require.NoError(t, err)
+	require.NoError(t, e.cluster.Node(leader).Kill())
+	want = append(want, writeBoth(t, w, 40)...)
+	require.NoError(t, e.cluster.Node(leader).Start())
+	want = append(want, writeBoth(t, w, 40)...)
+
+	orders, invoices := splitSent(want)
+	waitStreamOf(t, e.cluster.URL, sink.DefaultStream, uint64(len(orders)), 90*time.Second)
+	waitStreamOf(t, e.cluster.URL, billingStream, uint64(len(invoices)), 90*time.Second)
+	waitSlotCaughtUp(t, e.pg, "outbox_relay", "both streams stored everything")
+	require.NoError(t, stop())
+	requireSent(t, orders, readClusterStreamOf(t, e.cluster.URL, sink.DefaultStream))
+	requireSent(t, invoices, readClusterStreamOf(t, e.cluster.URL, billingStream))
+	for _, n := range e.cluster.Nodes {
+		require.NotContains(t, n.Log(), "critical write error")
+	}
+}

@@ -22,12 +22,18 @@ import (
 func newTwoTables(t *testing.T) *env {
 	t.Helper()
 	e := newEnv(t)
-	e.pg.Exec(t, `CREATE SCHEMA billing`)
-	e.pg.Exec(t, `CREATE TABLE billing.outbox (event_id uuid PRIMARY KEY DEFAULT gen_random_uuid(), kind text NOT NULL,
-		account text NOT NULL, name text NOT NULL, body jsonb NOT NULL, at timestamptz NOT NULL DEFAULT now())`)
-	out, err := runCmd("migrate", "--pg-url", e.pg.URL, "--table", "orders.outbox", "--table", "billing.outbox", "--publication", "tables_pub", "--log-level", "warn")
-	require.NoError(t, err, out)
+	addBillingTable(t, e.pg)
 	return e
+}
+
+// addBillingTable creates billing.outbox and migrates both tables into publication tables_pub.
+func addBillingTable(t *testing.T, pg *testenv.PG) {
+	t.Helper()
+	pg.Exec(t, `CREATE SCHEMA billing`)
+	pg.Exec(t, `CREATE TABLE billing.outbox (event_id uuid PRIMARY KEY DEFAULT gen_random_uuid(), kind text NOT NULL,
+		account text NOT NULL, name text NOT NULL, body jsonb NOT NULL, at timestamptz NOT NULL DEFAULT now())`)
+	out, err := runCmd("migrate", "--pg-url", pg.URL, "--table", "orders.outbox", "--table", "billing.outbox", "--publication", "tables_pub", "--log-level", "warn")
+	require.NoError(t, err, out)
 }
 
 // billingEntry is billing.outbox in a config file's table list: its columns and subject.
