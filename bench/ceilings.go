@@ -258,13 +258,7 @@ func (e *env) barePipeAtomic(ctx context.Context, d *db, slot, prefix string, n,
 	var tx []*nats.Msg
 	batches := 0
 	err = drainSlot(ctx, d.url, slot, n, func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error {
-		oc.find(rel)
-		idCol, payCol, typCol, evCol := oc.id, oc.payload, oc.typ, oc.event
-		cols := ins.Tuple.Columns
-		m := nats.NewMsg(prefix + "." + string(cols[typCol].Data) + "." + string(cols[evCol].Data))
-		m.Data = cols[payCol].Data
-		m.Header.Set(jetstream.MsgIDHeader, string(cols[idCol].Data))
-		tx = append(tx, m)
+		tx = append(tx, oc.msg(prefix, rel, ins))
 		return nil
 	}, func() error {
 		if len(tx) == 0 {
@@ -312,6 +306,17 @@ func (e *env) barePipeAtomic(ctx context.Context, d *db, slot, prefix string, n,
 type outboxCols struct {
 	found                                 bool
 	id, payload, typ, event, agg, created int
+}
+
+// msg is the bare pipes' message for ins: subject <prefix>.<aggregate_type>.<event_type>, the
+// payload, and the id as Nats-Msg-Id.
+func (o *outboxCols) msg(prefix string, rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) *nats.Msg {
+	o.find(rel)
+	cols := ins.Tuple.Columns
+	m := nats.NewMsg(prefix + "." + string(cols[o.typ].Data) + "." + string(cols[o.event].Data))
+	m.Data = cols[o.payload].Data
+	m.Header.Set(jetstream.MsgIDHeader, string(cols[o.id].Data))
+	return m
 }
 
 func (o *outboxCols) find(rel *pglogrepl.RelationMessage) {

@@ -110,11 +110,7 @@ func (e *env) barePipeFast(ctx context.Context, d *db, slot, prefix string, n in
 	var seq uint64
 	subject := ""
 	err = drainSlot(ctx, d.url, slot, n, func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error {
-		oc.find(rel)
-		cols := ins.Tuple.Columns
-		m := nats.NewMsg(prefix + "." + string(cols[oc.typ].Data) + "." + string(cols[oc.event].Data))
-		m.Data = cols[oc.payload].Data
-		m.Header.Set(jetstream.MsgIDHeader, string(cols[oc.id].Data))
+		m := oc.msg(prefix, rel, ins)
 		seq++
 		op := "1"
 		if seq == 1 {
@@ -189,11 +185,7 @@ func (e *env) barePipeFastEach(ctx context.Context, d *db, slot, prefix string, 
 	var oc outboxCols
 	sent := 0
 	err = drainSlot(ctx, d.url, slot, n, func(rel *pglogrepl.RelationMessage, ins *pglogrepl.InsertMessage) error {
-		oc.find(rel)
-		cols := ins.Tuple.Columns
-		m := nats.NewMsg(prefix + "." + string(cols[oc.typ].Data) + "." + string(cols[oc.event].Data))
-		m.Data = cols[oc.payload].Data
-		m.Header.Set(jetstream.MsgIDHeader, string(cols[oc.id].Data))
+		m := oc.msg(prefix, rel, ins)
 		sent++
 		m.Reply = inbox + ".e" + strconv.Itoa(sent) + "." + strconv.Itoa(fastFlow) + ".fail.1.2.$FI"
 		return e.nc.PublishMsg(m)
