@@ -167,11 +167,12 @@ func (p *Publisher) failed(e *entry, err error) error {
 	p.mu.Lock()
 	p.stats.Errors++
 	p.mu.Unlock()
-	if apiErrorCode(err) == jsErrCodeBatchDisabled {
+	code := apiErrorCode(err)
+	if code == jsErrCodeBatchDisabled {
 		return fmt.Errorf("stream %s refuses fast batches (%v): set allow_batched: true in its config (nats-server 2.14+), or set Config.Sink.Publish to single", p.cfg.Stream, err)
 	}
 	var reason string
-	switch code := apiErrorCode(err); {
+	switch {
 	case code == jetstream.JSErrCodeStreamMessageExceedsMaximum:
 		reason = fmt.Sprintf("larger than stream %s allows (max_msg_size): %v", p.cfg.Stream, err)
 	case code == jsErrCodeHeaderExceedsMaximum:

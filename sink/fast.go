@@ -113,8 +113,8 @@ func (p *Publisher) fastReply(seq uint64, op int) []byte {
 // fastEnqueue sends the event held back (if any) as the next message of the batch and holds
 // e back in its place: the newest event waits until the next one comes (and is then sent in
 // the batch) or fastLinger passed (and Run sends it as the batch's commit). An event that
-// finds nothing else in flight is not held: it goes out at once as its batch's commit. p.mu
-// is held.
+// finds fewer than fastFewInFlight others unconfirmed is not held: it goes out at once as its
+// batch's commit. p.mu is held.
 func (p *Publisher) fastEnqueue(e *entry) {
 	if h := p.fastHeld; h != nil {
 		p.fastHeld = nil
@@ -132,9 +132,7 @@ func (p *Publisher) fastEnqueue(e *entry) {
 		// one finds the window empty), and holding e back for a next one would only delay it.
 		// It goes out now as its batch's commit, whose PubAck confirms it as a plain
 		// publish's would.
-		p.fastCommitNext = true
-		p.send(e)
-		p.fastCommitNext = false
+		p.fastSendCommit(e)
 		return
 	}
 	p.fastHeld, p.fastHeldAt = e, time.Now()
@@ -148,9 +146,9 @@ func (p *Publisher) fastLingerEnd() (at time.Time, ok bool) {
 	return p.fastDue(), p.fastHeld != nil && !p.fastDefer()
 }
 
-// fastDue is when the held event goes out: fastLinger after it was held, or at once once
-// hardly anything before it is unconfirmed (as fastEnqueue sends an event that finds so:
-// waiting for a next event only delays this one). p.mu is held.
+// fastDue is when the held event goes out: fastLinger after it was held, or at once when
+// fewer than fastFewInFlight events before it are unconfirmed (as fastEnqueue sends an event
+// that finds so: waiting for a next event only delays this one). p.mu is held.
 func (p *Publisher) fastDue() time.Time {
 	if p.fastFew() {
 		return p.fastHeldAt
@@ -178,38 +176,43 @@ func (p *Publisher) fastFew() bool { return len(p.q) <= fastFewInFlight }
 // held.
 func (p *Publisher) fastDefer() bool { return len(p.sem) >= 2*p.fastFlow }
 
-// fastFlush sends the held event as its batch's commit once it waited fastLinger: nothing
-// more came to send after it.
+// fastSendCommit sends e as its batch's commit. p.mu is held.
+func (p *Publisher) fastSendCommit(e *entry) {
+	p.fastCommitNext = true
+	p.send(e)
+	p.fastCommitNext = false
+}
+
+// fastFlush sends the held event as its batch's commit once it is due (fastDue): nothing more
+// came to send after it.
 func (p *Publisher) fastFlush(now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if h := p.fastHeld; h != nil && !p.paused && !p.recovering && !p.fastDefer() && !now.Before(p.fastDue()) {
 		p.fastHeld = nil
-		p.fastCommitNext = true
-		p.send(h)
-		p.fastCommitNext = false
+		p.fastSendCommit(h)
 	}
 }
 
-// fastArmLinger arms p.linger for when the held event is due; one due already is sent at once
-// (sent true). Run's goroutine.
-func (p *Publisher) fastArmLinger() (sent bool) {
+// fastArmLinger arms p.linger for when the held event is due, and sends one due already at
+// once. armed: an event is held and p.linger fires when it is due. Run's goroutine.
+func (p *Publisher) fastArmLinger() (armed bool) {
 	at, ok := p.fastLingerEnd()
 	if !ok {
 		return false
 	}
 	if now := time.Now(); !now.Before(at) {
 		p.fastFlush(now)
-		return true
+		return false
 	}
 	p.linger.arm(at)
-	return false
+	return true
 }
 
 // fastWaitHeld waits, with only the held event in the window to send, until it is due (and
 // sends it), the window changes, a reply or a disconnect comes, or ctx ends.
 func (p *Publisher) fastWaitHeld(ctx context.Context, status <-chan nats.Status) {
-	if _, ok := p.fastLingerEnd(); !ok || p.fastArmLinger() {
+	if !p.fastArmLinger() {
 		return
 	}
 	select {
@@ -234,15 +237,13 @@ func (p *Publisher) fastHolds(e *entry) bool {
 
 // fastResponse is any of the server's answers on a fast batch reply subject.
 type fastResponse struct {
-	Type     string              `json:"type"`
-	Seq      uint64              `json:"seq"`
-	LastSeq  uint64              `json:"last_seq"`
-	Count    uint64              `json:"count"`
-	Stream   string              `json:"stream"`
-	Batch    string              `json:"batch"`
-	Error    *jetstream.APIError `json:"error"`
-	Dup      bool                `json:"duplicate"`
-	Messages int                 `json:"msgs"`
+	Type    string              `json:"type"`
+	Seq     uint64              `json:"seq"`
+	LastSeq uint64              `json:"last_seq"`
+	Count   uint64              `json:"count"`
+	Stream  string              `json:"stream"`
+	Error   *jetstream.APIError `json:"error"`
+	Dup     bool                `json:"duplicate"`
 }
 
 // parseFastSubject returns the batch number and batch sequence of one of p's fast batch reply
