@@ -152,11 +152,11 @@ func newObserver(streams, tables []string, tableStream []int, log zerolog.Logger
 		if rs == nil || len(*rs) == 0 {
 			return 0
 		}
-		min := (*rs)[0].Recorded()
+		lo := (*rs)[0].Recorded()
 		for _, r := range (*rs)[1:] {
-			min = minLSN(min, r.Recorded())
+			lo = min(lo, r.Recorded())
 		}
-		return float64(min)
+		return float64(lo)
 	})
 	o.recordFailures = f.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_position_record_failures_total",
 		Help: "Failed writes of the position record (retried; meanwhile nothing newer is confirmed to Postgres)."})
@@ -235,13 +235,6 @@ func (o *observer) setRecorders(rs []*checkpoint.Recorder) {
 	if o != nil {
 		o.recorders.Store(&rs)
 	}
-}
-
-func minLSN(a, b pglogrepl.LSN) pglogrepl.LSN {
-	if a < b {
-		return a
-	}
-	return b
 }
 
 // recordFailed counts a failed write of the position record.
