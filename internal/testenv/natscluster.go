@@ -151,15 +151,11 @@ func (c *NATSCluster) waitPlacement(n int, wait time.Duration) error {
 	var lastErr error
 	for ctx.Err() == nil {
 		lastErr = func() error {
-			nc, err := c.connect()
+			js, done, err := c.jetStream()
 			if err != nil {
 				return err
 			}
-			defer nc.Close()
-			js, err := jetstream.New(nc)
-			if err != nil {
-				return err
-			}
+			defer done()
 			if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: probe, Subjects: []string{"testenv.placement.probe"},
 				Replicas: n, Storage: jetstream.MemoryStorage}); err != nil {
 				return err
@@ -189,6 +185,35 @@ func (c *NATSCluster) connect() (*nats.Conn, error) {
 	return nats.Connect(c.URL, nats.Timeout(2*time.Second), nats.NoReconnect())
 }
 
+// jetStream is JetStream on a connection to any running node; done closes the connection.
+func (c *NATSCluster) jetStream() (js jetstream.JetStream, done func(), err error) {
+	nc, err := c.connect()
+	if err != nil {
+		return nil, nil, err
+	}
+	if js, err = jetstream.New(nc); err != nil {
+		nc.Close()
+		return nil, nil, err
+	}
+	return js, nc.Close, nil
+}
+
+// streamInfo reads stream's info from any running node.
+func (c *NATSCluster) streamInfo(ctx context.Context, stream string) (*jetstream.StreamInfo, error) {
+	js, done, err := c.jetStream()
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	s, err := js.Stream(rctx, stream)
+	if err != nil {
+		return nil, err
+	}
+	return s.CachedInfo(), nil
+}
+
 // StreamLeader returns the server_name of stream's current leader, asking the cluster until
 // one is elected or ctx ends.
 func (c *NATSCluster) StreamLeader(ctx context.Context, stream string) (string, error) {
@@ -211,22 +236,11 @@ func (c *NATSCluster) StreamLeader(ctx context.Context, stream string) (string, 
 }
 
 func (c *NATSCluster) streamLeader(ctx context.Context, stream string) (string, error) {
-	nc, err := c.connect()
+	info, err := c.streamInfo(ctx, stream)
 	if err != nil {
 		return "", err
 	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return "", err
-	}
-	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	s, err := js.Stream(rctx, stream)
-	if err != nil {
-		return "", err
-	}
-	if ci := s.CachedInfo().Cluster; ci != nil {
+	if ci := info.Cluster; ci != nil {
 		return ci.Leader, nil
 	}
 	return "", nil
@@ -309,22 +323,10 @@ func (c *NATSCluster) WaitStreamCurrent(ctx context.Context, stream string) (str
 
 // streamReplicas returns stream's leader and, when a replica is not current, what it is.
 func (c *NATSCluster) streamReplicas(ctx context.Context, stream string) (leader, notCurrent string, err error) {
-	nc, err := c.connect()
+	info, err := c.streamInfo(ctx, stream)
 	if err != nil {
 		return "", "", err
 	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return "", "", err
-	}
-	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	s, err := js.Stream(rctx, stream)
-	if err != nil {
-		return "", "", err
-	}
-	info := s.CachedInfo()
 	ci := info.Cluster
 	if ci == nil {
 		return "", "", fmt.Errorf("stream %s has no cluster info", stream)
