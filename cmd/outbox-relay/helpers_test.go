@@ -310,8 +310,22 @@ func waitStream(t *testing.T, url string, atLeast uint64, timeout time.Duration)
 // waitStreamOf waits until the named stream holds at least atLeast messages.
 func waitStreamOf(t *testing.T, url, stream string, atLeast uint64, timeout time.Duration) {
 	t.Helper()
-	require.Eventually(t, func() bool { return streamMsgs(t, url, stream) >= atLeast },
-		timeout, 50*time.Millisecond, "stream %s never reached %d messages", stream, atLeast)
+	if n := pollStream(t, url, stream, atLeast, timeout); n < atLeast {
+		t.Fatalf("stream %s never reached %d messages (holds %d after %s)", stream, atLeast, n, timeout)
+	}
+}
+
+// pollStream reads the named stream's message count until it is at least atLeast or timeout
+// passed, and returns the last count.
+func pollStream(t *testing.T, url, stream string, atLeast uint64, timeout time.Duration) uint64 {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		if n := streamMsgs(t, url, stream); n >= atLeast || !time.Now().Before(deadline) {
+			return n
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // awaitStream is waitStream for the fault suites: when the stream does not reach atLeast in
@@ -321,14 +335,7 @@ func waitStreamOf(t *testing.T, url, stream string, atLeast uint64, timeout time
 // missing, duplicated or out of order, and the fault it followed.
 func awaitStream(t *testing.T, url string, pg *testenv.PG, slot string, atLeast uint64, timeout time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	var n uint64
-	for {
-		if n = streamMsgs(t, url, sink.DefaultStream); n >= atLeast || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	n := pollStream(t, url, sink.DefaultStream, atLeast, timeout)
 	if n >= atLeast {
 		return
 	}
