@@ -41,15 +41,34 @@ func (e *env) ceilingDFast(ctx context.Context, d *db, slot, stream, prefix stri
 	return float64(n) / el.Seconds(), nil
 }
 
-// fastAcks follows the server's answers to a fast batch: the highest flow-acked batch
-// sequence, the end PubAck, and the first error.
+// fastAcks follows the server's answers to fast batches: the highest flow-acked batch
+// sequence, the PubAcks that end batches (commits, done: at least one), and the first error.
 type fastAcks struct {
-	mu     sync.Mutex
-	cond   *sync.Cond
-	acked  uint64
-	done   bool
-	err    error
-	closed bool
+	mu      sync.Mutex
+	cond    *sync.Cond
+	acked   uint64
+	done    bool
+	commits int
+	err     error
+	closed  bool
+}
+
+// subscribeFastAcks follows the answers on inbox.> until ctx ends or stop is called.
+func (e *env) subscribeFastAcks(ctx context.Context) (acks *fastAcks, inbox string, stop func(), err error) {
+	acks = &fastAcks{}
+	acks.cond = sync.NewCond(&acks.mu)
+	inbox = e.nc.NewInbox()
+	sub, err := e.nc.Subscribe(inbox+".>", acks.handle)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	stopClose := context.AfterFunc(ctx, func() {
+		acks.mu.Lock()
+		acks.closed = true
+		acks.cond.Broadcast()
+		acks.mu.Unlock()
+	})
+	return acks, inbox, func() { stopClose(); _ = sub.Unsubscribe() }, nil
 }
 
 func (a *fastAcks) handle(m *nats.Msg) {
@@ -76,6 +95,7 @@ func (a *fastAcks) handle(m *nats.Msg) {
 		}
 	case r.Stream != "":
 		a.acked, a.done = max(a.acked, r.Count), true
+		a.commits++
 	}
 }
 
@@ -90,20 +110,10 @@ func (a *fastAcks) wait(cond func() bool) error {
 }
 
 func (e *env) barePipeFast(ctx context.Context, d *db, slot, prefix string, n int) error {
-	acks := &fastAcks{}
-	acks.cond = sync.NewCond(&acks.mu)
-	inbox := e.nc.NewInbox()
-	sub, err := e.nc.Subscribe(inbox+".>", acks.handle)
+	acks, inbox, stop, err := e.subscribeFastAcks(ctx)
 	if err != nil {
 		return err
 	}
-	defer sub.Unsubscribe() //nolint:errcheck
-	stop := context.AfterFunc(ctx, func() {
-		acks.mu.Lock()
-		acks.closed = true
-		acks.cond.Broadcast()
-		acks.mu.Unlock()
-	})
 	defer stop()
 	replyPrefix := inbox + ".b1." + strconv.Itoa(fastFlow) + ".fail."
 	var oc outboxCols
@@ -142,45 +152,14 @@ func (e *env) barePipeFast(ctx context.Context, d *db, slot, prefix string, n in
 
 // barePipeFastEach is the latency counterpart of barePipeFast: D's loop with every row
 // published at once as a fast-ingest batch of its own (its first message is its commit), which
-// is what --publish fast does with an event that finds nothing else in flight. It waits for
+// is what --publish fast does with an event that finds hardly anything in flight. It waits for
 // every PubAck at the end. Beside the bare pipe's latency it shows what a fast batch costs on
 // the server, apart from the relay.
 func (e *env) barePipeFastEach(ctx context.Context, d *db, slot, prefix string, n int) error {
-	var mu sync.Mutex
-	cond := sync.NewCond(&mu)
-	var acked int
-	var firstErr error
-	inbox := e.nc.NewInbox()
-	sub, err := e.nc.Subscribe(inbox+".>", func(m *nats.Msg) {
-		var r struct {
-			Stream string              `json:"stream"`
-			Error  *jetstream.APIError `json:"error"`
-		}
-		err := json.Unmarshal(m.Data, &r)
-		mu.Lock()
-		defer mu.Unlock()
-		defer cond.Broadcast()
-		switch {
-		case err != nil || r.Error != nil:
-			if firstErr == nil {
-				firstErr = fmt.Errorf("fast batch answer %q: %v", m.Data, err)
-			}
-		case r.Stream != "":
-			acked++
-		}
-	})
+	acks, inbox, stop, err := e.subscribeFastAcks(ctx)
 	if err != nil {
 		return err
 	}
-	defer sub.Unsubscribe() //nolint:errcheck
-	stop := context.AfterFunc(ctx, func() {
-		mu.Lock()
-		defer mu.Unlock()
-		if firstErr == nil {
-			firstErr = ctx.Err()
-		}
-		cond.Broadcast()
-	})
 	defer stop()
 	var oc outboxCols
 	sent := 0
@@ -193,10 +172,8 @@ func (e *env) barePipeFastEach(ctx context.Context, d *db, slot, prefix string, 
 	if err != nil {
 		return err
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	for acked < sent && firstErr == nil {
-		cond.Wait()
+	if err := acks.wait(func() bool { return acks.commits >= sent }); err != nil {
+		return err
 	}
-	return firstErr
+	return ctx.Err()
 }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"path/filepath"
 	"slices"
@@ -407,36 +406,24 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 	if err := d.createSlots(ctx, "relay", "bare"); err != nil {
 		return nil, err
 	}
-	if _, err := e.newStream(ctx, "LATD", "latd"); err != nil {
+	if err := e.bareLatency(ctx, d, o, f, "latency: bare pipe (D's loop)", "bare", "LATD", "latd", func(ctx context.Context, n int) error {
+		return e.barePipe(ctx, d, "bare", "LATD", "latd", n)
+	}); err != nil {
 		return nil, err
 	}
-	defer e.js.DeleteStream(context.Background(), "LATD")
-	total := o.rate * int(o.latencyDuration/time.Second)
-	bctx, stop := context.WithCancel(ctx)
-	bare := make(chan error, 1)
-	go func() { bare <- e.barePipe(bctx, d, "bare", "LATD", "latd", total) }()
-	if err := d.waitSlotActive(ctx, "bare", nil); err != nil {
-		stop()
-		return nil, err
-	}
-	lat, pub, err := e.latencyRun(ctx, d, "LATD", o.rate, o.latencyDuration)
-	stop()
-	if berr := <-bare; err == nil && berr != nil && ctx.Err() == nil {
-		err = berr
-	}
-	if err != nil {
-		return nil, err
-	}
-	latencyFigures(f, "latency: bare pipe (D's loop)", lat, true)
-	latencyFigures(f, "latency: bare pipe (D's loop), published", pub, true)
 
 	// D's loop again, every event a fast batch of its own: the server's share of fast mode's
-	// latency (an event that finds nothing in flight goes out so). Its slot is created now; the
-	// relay's holds these events too.
-	if err := e.bareFastLatency(ctx, d, o, f); err != nil {
+	// latency (an event that finds hardly anything in flight goes out so). Its slot is created
+	// now; the relay's holds these events too.
+	if err := d.createSlots(ctx, "bare_fast"); err != nil {
 		return nil, err
 	}
-	total *= 2
+	if err := e.bareLatency(ctx, d, o, f, "latency: bare pipe, a fast batch per event", "bare_fast", "LATDF", "latdf", func(ctx context.Context, n int) error {
+		return e.barePipeFastEach(ctx, d, "bare_fast", "latdf", n)
+	}); err != nil {
+		return nil, err
+	}
+	total := 2 * o.rate * int(o.latencyDuration/time.Second)
 
 	if _, err := e.newStream(ctx, "LAT", "lat"); err != nil {
 		return nil, err
@@ -458,42 +445,28 @@ func (e *env) runLatency(ctx context.Context, o opts, rep int) (figures, error) 
 		return nil, err
 	}
 
-	// --publish atomic and fast, each on a slot created now: no backlog to drain first.
-	if err := e.modeLatency(ctx, d, o, rep, f, "atomic", "relay_atomic", "LATA", "lata"); err != nil {
+	// --publish atomic and fast, and -relay-b, each on a slot created now: no backlog to drain
+	// first.
+	if err := e.slotLatency(ctx, d, o, f, e.relayBin, "latency atomic", "relay_atomic", "LATA", "lata",
+		[]string{"--publish", "atomic"}, o.profileEnv("latency-atomic", rep)...); err != nil {
 		return nil, err
 	}
-	if err := e.modeLatency(ctx, d, o, rep, f, "fast", "relay_fast", "LATF", "latf"); err != nil {
+	if err := e.slotLatency(ctx, d, o, f, e.relayBin, "latency fast", "relay_fast", "LATF", "latf",
+		[]string{"--publish", "fast"}, o.profileEnv("latency-fast", rep)...); err != nil {
 		return nil, err
 	}
 	if o.relayB == "" {
 		return f, nil
 	}
-
-	// -relay-b on a slot created now: no backlog to drain first.
-	if err := d.createSlots(ctx, "relay_b"); err != nil {
-		return nil, err
-	}
-	if _, err := e.newStream(ctx, "LATB", "latb"); err != nil {
-		return nil, err
-	}
-	defer e.js.DeleteStream(context.Background(), "LATB")
-	pb, err := e.startRelayBin(o.relayB, d, []string{"--slot", "relay_b", "--stream", "LATB", "--subject-prefix", "latb"})
-	if err != nil {
-		return nil, err
-	}
-	defer pb.stop() //nolint:errcheck
-	if err := d.waitSlotActive(ctx, "relay_b", pb); err != nil {
-		return nil, err
-	}
-	if err := e.relayLatency(ctx, d, pb, "LATB", o, f, "latency B"); err != nil {
+	if err := e.slotLatency(ctx, d, o, f, o.relayB, "latency B", "relay_b", "LATB", "latb", nil); err != nil {
 		return nil, err
 	}
 	return f, nil
 }
 
-// modeLatency starts the relay with --publish mode on a slot created now (no backlog to drain
-// first) publishing to a new stream, and adds its latency figures as "latency <mode>".
-func (e *env) modeLatency(ctx context.Context, d *db, o opts, rep int, f figures, mode, slot, stream, prefix string) error {
+// slotLatency starts relay binary bin (with args) on a slot created now (no backlog to drain
+// first) publishing to a new stream, and adds its latency figures under label.
+func (e *env) slotLatency(ctx context.Context, d *db, o opts, f figures, bin, label, slot, stream, prefix string, args []string, environ ...string) error {
 	if err := d.createSlots(ctx, slot); err != nil {
 		return err
 	}
@@ -501,7 +474,7 @@ func (e *env) modeLatency(ctx context.Context, d *db, o opts, rep int, f figures
 		return err
 	}
 	defer e.js.DeleteStream(context.Background(), stream)
-	p, err := e.startRelayArgs(d, []string{"--slot", slot, "--stream", stream, "--subject-prefix", prefix, "--publish", mode}, o.profileEnv("latency-"+mode, rep)...)
+	p, err := e.startRelayBin(bin, d, append([]string{"--slot", slot, "--stream", stream, "--subject-prefix", prefix}, args...), environ...)
 	if err != nil {
 		return err
 	}
@@ -509,41 +482,37 @@ func (e *env) modeLatency(ctx context.Context, d *db, o opts, rep int, f figures
 	if err := d.waitSlotActive(ctx, slot, p); err != nil {
 		return err
 	}
-	return e.relayLatency(ctx, d, p, stream, o, f, "latency "+mode)
+	return e.relayLatency(ctx, d, p, stream, o, f, label)
 }
 
-// bareFastLatency runs the latency harness against barePipeFastEach on a slot and stream of
-// its own; figures under "latency: bare pipe, a fast batch per event".
-func (e *env) bareFastLatency(ctx context.Context, d *db, o opts, f figures) error {
-	if err := d.createSlots(ctx, "bare_fast"); err != nil {
+// bareLatency runs the latency harness against a bare pipe, pipe(ctx, n) draining the n events
+// from slot into stream (subjects under prefix), and adds its figures under label.
+func (e *env) bareLatency(ctx context.Context, d *db, o opts, f figures, label, slot, stream, prefix string, pipe func(ctx context.Context, n int) error) error {
+	if _, err := e.newStream(ctx, stream, prefix); err != nil {
 		return err
 	}
-	if _, err := e.newStream(ctx, "LATDF", "latdf"); err != nil {
-		return err
-	}
-	defer e.js.DeleteStream(context.Background(), "LATDF")
-	total := o.rate * int(o.latencyDuration/time.Second)
+	defer e.js.DeleteStream(context.Background(), stream)
 	bctx, stop := context.WithCancel(ctx)
 	defer stop()
 	bare := make(chan error, 1)
-	go func() { bare <- e.barePipeFastEach(bctx, d, "bare_fast", "latdf", total) }()
-	if err := d.waitSlotActive(ctx, "bare_fast", nil); err != nil {
+	go func() { bare <- pipe(bctx, o.rate*int(o.latencyDuration/time.Second)) }()
+	if err := d.waitSlotActive(ctx, slot, nil); err != nil {
 		return err
 	}
-	lat, pub, err := e.latencyRun(ctx, d, "LATDF", o.rate, o.latencyDuration)
+	lat, pub, err := e.latencyRun(ctx, d, stream, o.rate, o.latencyDuration)
 	if err != nil {
 		return err
 	}
 	select {
 	case err = <-bare:
 	case <-time.After(30 * time.Second):
-		err = errors.New("bare pipe, a fast batch per event: PubAcks missing 30 s after the last event arrived")
+		err = fmt.Errorf("%s: the pipe had not finished 30 s after the last event arrived", label)
 	}
 	if err != nil {
 		return err
 	}
-	latencyFigures(f, "latency: bare pipe, a fast batch per event", lat, true)
-	latencyFigures(f, "latency: bare pipe, a fast batch per event, published", pub, true)
+	latencyFigures(f, label, lat, true)
+	latencyFigures(f, label+", published", pub, true)
 	return nil
 }
 
